@@ -1,0 +1,177 @@
+"""REST routes under /api/v1, plus /healthz."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from service import repository as repo
+from service.db import session_scope
+from service.downsample import minmax_downsample
+from service.goodput import run_goodput
+from service.migrate import current_revision
+from service.models import Attempt, Run
+from service.schemas import (
+    AttemptRead,
+    GoodputRead,
+    Health,
+    RankGoodputRead,
+    RunList,
+    RunRead,
+    RunSummary,
+    StepPoint,
+    StepSeries,
+)
+from trainer_hooks.records import IngestBatch, IngestResult
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(request.app.state.sessionmaker) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+router = APIRouter(prefix="/api/v1")
+health_router = APIRouter()
+
+
+def run_status(attempts: list[Attempt]) -> str:
+    """running / completed / failed, from the newest attempt's ranks."""
+    if not attempts:
+        return "running"
+    last = max(a.attempt for a in attempts)
+    ranks = [a for a in attempts if a.attempt == last]
+    if any(a.status == "failed" for a in ranks):
+        return "failed"
+    if any(a.end is None for a in ranks):
+        return "running"
+    return "completed"
+
+
+def _summary(run: Run, attempts: list[Attempt]) -> RunSummary:
+    return RunSummary(
+        run_id=run.run_id,
+        name=run.name,
+        project=run.project,
+        created_at=run.created_at,
+        status=run_status(attempts),
+    )
+
+
+def _run_or_404(session: Session, run_id: str) -> Run:
+    run = repo.get_run(session, run_id)
+    if run is None:
+        raise HTTPException(404, detail=f"run_id {run_id!r} not found")
+    return run
+
+
+@router.post("/ingest", response_model=IngestResult)
+def ingest(batch: IngestBatch, session: SessionDep) -> IngestResult:
+    """Store a batch of records in one transaction; resent records count as duplicates."""
+    try:
+        return repo.ingest(session, batch.records)
+    except repo.IngestError as exc:
+        raise RequestValidationError(exc.errors) from exc
+
+
+@router.get("/runs", response_model=RunList)
+def list_runs(
+    session: SessionDep,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    project: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+) -> RunList:
+    """Runs, newest first, filtered by name and project; follow `next_cursor` for more."""
+    try:
+        after = repo.Cursor.decode(cursor) if cursor else None
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]
+        ) from exc
+    runs, nxt = repo.list_runs(session, name=name, project=project, limit=limit, cursor=after)
+    attempts: dict[str, list[Attempt]] = {}
+    for a in repo.attempts_of(session, [r.run_id for r in runs]):
+        attempts.setdefault(a.run_id, []).append(a)
+    return RunList(
+        runs=[_summary(r, attempts.get(r.run_id, [])) for r in runs],
+        next_cursor=nxt.encode() if nxt else None,
+    )
+
+
+@router.get("/runs/{run_id}", response_model=RunRead)
+def get_run(run_id: str, session: SessionDep) -> RunRead:
+    """One run: identity, receipt parts, attempts and step count."""
+    run = _run_or_404(session, run_id)
+    attempts = repo.attempts_of(session, [run_id])
+    return RunRead(
+        **_summary(run, attempts).model_dump(),
+        model_plan=run.model_plan,
+        runtime_policy=run.runtime_policy,
+        environment=run.environment,
+        attempts=[AttemptRead.model_validate(a, from_attributes=True) for a in attempts],
+        num_steps=repo.count_steps(session, run_id),
+    )
+
+
+@router.get("/runs/{run_id}/steps", response_model=StepSeries)
+def get_steps(
+    run_id: str,
+    session: SessionDep,
+    rank: Annotated[int, Query(ge=0)] = 0,
+    max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
+    start_step: Annotated[int | None, Query(ge=0)] = None,
+    end_step: Annotated[int | None, Query(ge=0)] = None,
+) -> StepSeries:
+    """Step series of one rank; downsampled keeping each bucket's fastest and slowest step."""
+    _run_or_404(session, run_id)
+    steps = repo.steps_of(session, run_id, rank=rank, start_step=start_step, end_step=end_step)
+    points = [
+        StepPoint(step=s.step, attempt=s.attempt, loss=s.loss, step_time_s=s.end - s.start,
+                  tokens=s.tokens, start=s.start)
+        for s in steps
+    ]
+    kept = minmax_downsample(points, max_points, lambda p: p.step_time_s)
+    return StepSeries(run_id=run_id, rank=rank, total=len(points), points=kept)
+
+
+@router.get("/runs/{run_id}/goodput", response_model=GoodputRead)
+def get_goodput(run_id: str, session: SessionDep) -> GoodputRead:
+    """Goodput and badput of the run; parts add up to total_s."""
+    _run_or_404(session, run_id)
+    g = run_goodput(repo.goodput_inputs(session, run_id))
+    return GoodputRead(
+        run_id=run_id,
+        total_s=g.total_s,
+        goodput_s=g.goodput_s,
+        goodput_fraction=g.goodput_fraction,
+        badput_s=g.badput_s,
+        other_s=g.other_s,
+        rank=g.rank,
+        steps=g.steps,
+        tokens=g.tokens,
+        ranks=[
+            RankGoodputRead(rank=r.rank, total_s=r.total_s, goodput_s=r.goodput_s,
+                            goodput_fraction=r.goodput_fraction, badput_s=r.badput_s,
+                            other_s=r.other_s, steps=r.steps)
+            for r in g.ranks
+        ],
+    )
+
+
+@health_router.get("/healthz", response_model=Health)
+def healthz(request: Request) -> Any:
+    """Liveness and database reachability; never needs a token."""
+    engine = request.app.state.engine
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return Health(status="ok", database="ok", revision=current_revision(engine))
+    except Exception as exc:
+        raise HTTPException(503, detail=f"database unreachable: {type(exc).__name__}") from exc

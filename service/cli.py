@@ -1,0 +1,190 @@
+"""The `goodput` command line.
+
+The service side never imports torch: `goodput train` hands over to `python -m moe_core.train`
+(its flags are documented by `goodput train --help`), and `goodput demo` runs that loop as a
+child process against a service it serves from a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.settings import DEFAULT_DATABASE_URL
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Goodput and receipt observability for MoE training.")
+spool_app = typer.Typer(no_args_is_help=True, help="Inspect and replay on-disk spools.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic) commands.")
+app.add_typer(spool_app, name="spool")
+app.add_typer(db_app, name="db")
+console = Console()
+
+DbOption = Annotated[str, typer.Option("--db", envvar="GOODPUT_DATABASE_URL",
+                                       help="SQLAlchemy database URL")]
+
+
+def _build_app(db: str) -> Any:
+    from service.app import create_app
+    from service.migrate import SchemaError
+    from service.settings import Settings
+
+    try:
+        return create_app(Settings(database_url=db))
+    except SchemaError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}; "
+                          "choose another with --port")
+            raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    db: DbOption = DEFAULT_DATABASE_URL,
+) -> None:
+    """Serve the REST API and dashboards (SQLite is migrated automatically at start)."""
+    import uvicorn
+
+    _check_port_free(host, port)
+    application = _build_app(db)
+    console.print(f"goodput serving on http://{host}:{port}  (dashboards: "
+                  f"http://{host}:{port}/dashboards/goodput, API docs: /docs)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Run the bundled MoE training loop with hooks attached (see goodput train --help)."""
+    argv = [sys.executable, "-m", "moe_core.train", *ctx.args]
+    os.execv(sys.executable, argv)
+
+
+@spool_app.command("replay")
+def spool_replay(
+    directory: Annotated[Path, typer.Argument(help="a spool, or a folder of spools")],
+    server: Annotated[str, typer.Option("--server", help="service URL")],
+    from_start: Annotated[bool, typer.Option("--all", help="resend acknowledged records")] = False,
+) -> None:
+    """Send what a spool holds; records already stored are counted as duplicates."""
+    from trainer_hooks.sink import replay
+    from trainer_hooks.spool import SpoolLockedError
+
+    if not directory.is_dir():
+        console.print(f"[red]error:[/red] {directory} is not a directory")
+        raise typer.Exit(2)
+    try:
+        result = replay(directory, server, from_start=from_start)
+    except (ConnectionError, SpoolLockedError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(" ".join(f"{k}={v}" for k, v in result.items()))
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOption = DEFAULT_DATABASE_URL, revision: str = "head") -> None:
+    """Run the Alembic migrations up to REVISION (default: head)."""
+    from service.migrate import upgrade
+
+    upgrade(db, revision)
+    console.print(f"database at revision {revision}")
+
+
+def print_goodput(summary: dict[str, Any]) -> None:
+    table = Table(title=f"goodput of run {summary['run_id']}", show_header=True)
+    table.add_column("part")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    total = summary["total_s"] or 0.0
+
+    def row(name: str, secs: float) -> None:
+        share = f"{100 * secs / total:.1f}%" if total else "-"
+        table.add_row(name, f"{secs:.3f}", share)
+
+    row("goodput", summary["goodput_s"])
+    for name, secs in summary["badput_s"].items():
+        if secs:
+            row(f"badput: {name}", secs)
+    row("other", summary["other_s"])
+    row("total", total)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    exit_: Annotated[bool, typer.Option("--exit", help="exit when done instead of serving")] = False,
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    db: DbOption = DEFAULT_DATABASE_URL,
+    steps: int = 60,
+    spool: Path = Path("./goodput-spool"),
+) -> None:
+    """Serve on SQLite, train the bundled MoE model against it, print its goodput."""
+    import uvicorn
+
+    _check_port_free(host, port)
+    server = uvicorn.Server(uvicorn.Config(_build_app(db), host=host, port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="goodput-server", daemon=True)
+    thread.start()
+    _wait_started(server, thread)
+    base = f"http://{host}:{port}"
+    run_id = uuid.uuid4().hex
+    console.print(f"service on {base} ({db}); training {steps} steps...")
+    rc = subprocess.call([sys.executable, "-m", "moe_core.train", "--server", base, "--steps",
+                          str(steps), "--run-name", "demo", "--run-id", run_id, "--spool",
+                          str(spool)])
+    if rc != 0:
+        server.should_exit = True
+        raise typer.Exit(rc)
+    summary = httpx.get(f"{base}/api/v1/runs/{run_id}/goodput", timeout=30).json()
+    print_goodput(summary)
+    console.print(f"dashboard: {base}/dashboards/goodput?run_id={run_id}")
+    console.print(f"API docs:  {base}/docs")
+    if not exit_:
+        console.print("serving; Ctrl-C to stop")
+        try:
+            while thread.is_alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    server.should_exit = True
+    thread.join(10)
+
+
+def _wait_started(server: Any, thread: threading.Thread, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            console.print("[red]error:[/red] the service did not start")
+            raise typer.Exit(1)
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""Dashboard routes: pages, their figure JSON, and plotly.js from the installed package."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, Response
+from plotly.utils import PlotlyJSONEncoder
+
+from dashboards import figures
+from dashboards.pages import goodput_page
+from service import api
+
+router = APIRouter()
+RunIdQuery = Annotated[str | None, Query(max_length=128)]
+
+
+@lru_cache(maxsize=1)
+def _plotly_js() -> bytes:
+    return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
+
+
+@router.get("/static/plotly.min.js", include_in_schema=False)
+def plotly_js() -> Response:
+    """plotly.js from the plotly package: these machines have no CDN."""
+    return Response(_plotly_js(), media_type="application/javascript",
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.get("/dashboards/goodput", response_class=HTMLResponse)
+def goodput_dashboard(session: api.SessionDep, run_id: RunIdQuery = None) -> HTMLResponse:
+    """Goodput dashboard of one run (the newest when none is named)."""
+    runs = api.list_runs(session, name=None, project=None, limit=100, cursor=None).runs
+    if run_id is None:
+        run = runs[0].model_dump() if runs else None
+    else:
+        run = api.get_run(run_id, session).model_dump()
+    return HTMLResponse(goodput_page(run, [r.model_dump() for r in runs]))
+
+
+@router.get("/dashboards/goodput/data")
+def goodput_data(
+    session: api.SessionDep, run_id: Annotated[str, Query(max_length=128)]
+) -> Response:
+    """Figure JSON of the goodput dashboard, for first draw and live refresh."""
+    summary = api.get_goodput(run_id, session).model_dump()
+    points = [p.model_dump() for p in api.get_steps(run_id, session, max_points=2000).points]
+    figs = {
+        "headline": figures.goodput_headline(summary),
+        "badput": figures.badput_breakdown(summary),
+        "step_time": figures.step_time_series(points),
+    }
+    body: dict[str, Any] = {
+        "run_id": run_id,
+        "summary": summary,
+        "figures": {k: f.to_plotly_json() for k, f in figs.items()},
+    }
+    return Response(json.dumps(body, cls=PlotlyJSONEncoder), media_type="application/json")

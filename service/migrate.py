@@ -1,0 +1,88 @@
+"""Alembic, driven from code: upgrade, downgrade, and the start-up schema check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+import migrations
+from service.db import make_engine, normalize_url
+
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+class SchemaError(RuntimeError):
+    """The database is not at the schema this code expects; the message says what to do."""
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None, "migrations/versions holds no revision"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def _check_known(engine: Engine, current: str | None) -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current is not None and current not in known:
+        url = engine.url.render_as_string(hide_password=True)
+        head = head_revision()
+        raise SchemaError(
+            f"database {url} is at revision {current!r}, which this goodput version does not "
+            f"know (its newest is {head!r}); it was written by a newer goodput: upgrade goodput"
+        )
+
+
+def check_schema(engine: Engine) -> str:
+    """Return the database's revision, or raise SchemaError naming the fix."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return current
+    _check_known(engine, current)
+    url = engine.url.render_as_string(hide_password=True)
+    if current is None:
+        raise SchemaError(f"database {url} has no goodput schema; run: goodput db upgrade --db URL")
+    raise SchemaError(
+        f"database {url} is at revision {current!r}, behind {head!r}; run: goodput db upgrade"
+    )
+
+
+def prepare_database(
+    url: str, auto_migrate_sqlite: bool = True, busy_timeout_ms: int = 10_000
+) -> Engine:
+    """Engine for serving: SQLite is upgraded in place, any database is then schema-checked."""
+    engine = make_engine(url, busy_timeout_ms)
+    _check_known(engine, current_revision(engine))
+    if auto_migrate_sqlite and engine.dialect.name == "sqlite":
+        with engine.begin() as conn:
+            cfg = alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    check_schema(engine)
+    return engine

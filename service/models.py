@@ -1,0 +1,126 @@
+"""ORM models: typed wide tables, one row per run, attempt rank, step and span.
+
+Natural-key unique constraints make ingest idempotent; CHECK constraints make the database
+itself refuse impossible rows (negative durations, unknown categories), not only pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from trainer_hooks.records import BADPUT_CATEGORIES
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+_CATEGORY_SQL = "category IN ({}) OR category LIKE 'custom:%'".format(
+    ", ".join(f"'{c}'" for c in BADPUT_CATEGORIES)
+)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    model_plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    runtime_policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    environment: Mapped[dict[str, Any]] = mapped_column(JSON)
+    ingested_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_runs_created_at_run_id", "created_at", "run_id"),)
+
+
+class Attempt(Base):
+    """One rank of one attempt; `end` and `status` arrive with the attempt_end record."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    world_size: Mapped[int] = mapped_column(Integer)
+    start: Mapped[float] = mapped_column(Double)
+    end: Mapped[float | None] = mapped_column(Double)
+    status: Mapped[str | None] = mapped_column(String(16))
+    cause: Mapped[str | None] = mapped_column(Text)
+    hook_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "attempt", "rank"),
+        CheckConstraint('"end" IS NULL OR "end" >= start', name="end_after_start"),
+        CheckConstraint("status IS NULL OR status IN ('completed', 'failed')", name="status"),
+        CheckConstraint("attempt >= 0 AND rank >= 0 AND world_size >= 1", name="non_negative"),
+    )
+
+
+class Step(Base):
+    __tablename__ = "steps"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger)
+    start: Mapped[float] = mapped_column(Double)
+    end: Mapped[float] = mapped_column(Double)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    loss: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "attempt", "rank", "step"),
+        CheckConstraint('"end" >= start', name="end_after_start"),
+        CheckConstraint("tokens >= 0 AND step >= 0", name="non_negative"),
+    )
+
+
+class Span(Base):
+    __tablename__ = "spans"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    category: Mapped[str] = mapped_column(String(80))
+    start: Mapped[float] = mapped_column(Double)
+    end: Mapped[float] = mapped_column(Double)
+    overlapped: Mapped[bool] = mapped_column(Boolean, default=False)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "attempt", "rank", "category", "start"),
+        CheckConstraint('"end" >= start', name="end_after_start"),
+        CheckConstraint(_CATEGORY_SQL, name="known_category"),
+    )

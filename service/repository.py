@@ -1,0 +1,225 @@
+"""Every SQL statement of the service. Callers pass a Session; nothing here commits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.goodput import AttemptIn, GoodputInputs, SpanIn, StepIn
+from service.models import Attempt, Base, Run, Span, Step
+from trainer_hooks.records import (
+    AttemptEndRecord,
+    AttemptStartRecord,
+    IngestResult,
+    Record,
+    RunRecord,
+    SpanRecord,
+    StepRecord,
+)
+
+
+class IngestError(ValueError):
+    """A batch that passed the schema but contradicts stored data; `errors` names the fields
+    in FastAPI's validation-error shape."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def _err(index: int, field: str, msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": ["body", "records", index, field], "msg": msg, "type": kind}
+
+
+def _insert_ignore(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were new."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    pk = model.__mapper__.primary_key[0]
+    stmt = ins(model).on_conflict_do_nothing().returning(pk)
+    return len(session.execute(stmt, rows).all())
+
+
+def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
+    """Store a batch; records already stored (same natural key) count as duplicates."""
+    by_kind: dict[str, list[tuple[int, Any]]] = {}
+    for i, rec in enumerate(records):
+        by_kind.setdefault(rec.kind, []).append((i, rec))
+    _check_runs_exist(session, records, by_kind.get("run", []))
+    now = time.time()
+    inserted = _insert_ignore(
+        session, Run, [{**r.model_dump(exclude={"kind", "schema_version"}), "ingested_at": now}
+                       for _, r in by_kind.get("run", [])]
+    )
+    inserted += _insert_ignore(session, Attempt, [_rank_row(r) for _, r in by_kind.get(
+        "attempt_start", [])])
+    inserted += _insert_ignore(session, Step, [_rank_row(r) for _, r in by_kind.get("step", [])])
+    inserted += _insert_ignore(session, Span, [_rank_row(r) for _, r in by_kind.get("span", [])])
+    inserted += _end_attempts(session, by_kind.get("attempt_end", []))
+    return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
+
+
+def _rank_row(rec: AttemptStartRecord | StepRecord | SpanRecord) -> dict[str, Any]:
+    return rec.model_dump(exclude={"kind", "schema_version"})
+
+
+def _check_runs_exist(
+    session: Session, records: Sequence[Record], runs: list[tuple[int, RunRecord]]
+) -> None:
+    declared = {r.run_id for _, r in runs}
+    wanted = {r.run_id for r in records if not isinstance(r, RunRecord)} - declared
+    if not wanted:
+        return
+    found = set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))
+    errors = [
+        _err(i, "run_id", f"unknown run_id {r.run_id!r}: send its run record first", "unknown_run")
+        for i, r in enumerate(records)
+        if not isinstance(r, RunRecord) and r.run_id not in declared | found
+    ]
+    if errors:
+        raise IngestError(errors)
+
+
+def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) -> int:
+    """Complete attempt rows; an end already stored is a duplicate, an end before the
+    attempt's start or for an attempt never started is refused."""
+    done = 0
+    errors: list[dict[str, Any]] = []
+    for i, rec in ends:
+        key = and_(
+            Attempt.run_id == rec.run_id, Attempt.attempt == rec.attempt, Attempt.rank == rec.rank
+        )
+        row = session.execute(select(Attempt.start, Attempt.end).where(key)).first()
+        if row is None:
+            errors.append(_err(i, "attempt", f"attempt {rec.attempt} of rank {rec.rank} was "
+                               "never started: send its attempt_start first", "unknown_attempt"))
+        elif row.end is not None:
+            continue
+        elif rec.end < row.start:
+            errors.append(_err(i, "end", f"end ({rec.end}) is before the attempt's start "
+                               f"({row.start})", "end_before_start"))
+        else:
+            session.execute(
+                update(Attempt).where(key).values(
+                    end=rec.end, status=rec.status, cause=rec.cause, hook_errors=rec.hook_errors
+                )
+            )
+            done += 1
+    if errors:
+        raise IngestError(errors)
+    return done
+
+
+# -- queries --
+
+@dataclass(frozen=True)
+class Cursor:
+    created_at: float
+    run_id: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.created_at, self.run_id]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            created_at, run_id = json.loads(raw)
+            return cls(float(created_at), str(run_id))
+        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise ValueError("cursor is not one this server issued") from exc
+
+
+def list_runs(
+    session: Session,
+    *,
+    name: str | None = None,
+    project: str | None = None,
+    limit: int = 50,
+    cursor: Cursor | None = None,
+) -> tuple[list[Run], Cursor | None]:
+    """Newest first, keyset-paginated on (created_at, run_id)."""
+    stmt: Select[tuple[Run]] = select(Run)
+    if name is not None:
+        stmt = stmt.where(Run.name == name)
+    if project is not None:
+        stmt = stmt.where(Run.project == project)
+    if cursor is not None:
+        stmt = stmt.where(
+            or_(
+                Run.created_at < cursor.created_at,
+                and_(Run.created_at == cursor.created_at, Run.run_id < cursor.run_id),
+            )
+        )
+    stmt = stmt.order_by(Run.created_at.desc(), Run.run_id.desc()).limit(limit + 1)
+    runs = list(session.scalars(stmt))
+    nxt = Cursor(runs[limit - 1].created_at, runs[limit - 1].run_id) if len(runs) > limit else None
+    return runs[:limit], nxt
+
+
+def get_run(session: Session, run_id: str) -> Run | None:
+    return session.get(Run, run_id)
+
+
+def attempts_of(session: Session, run_ids: Sequence[str]) -> list[Attempt]:
+    stmt = select(Attempt).where(Attempt.run_id.in_(run_ids))
+    return list(session.scalars(stmt.order_by(Attempt.run_id, Attempt.attempt, Attempt.rank)))
+
+
+def count_steps(session: Session, run_id: str) -> int:
+    from sqlalchemy import func
+
+    return int(session.scalar(select(func.count()).where(Step.run_id == run_id)) or 0)
+
+
+def steps_of(
+    session: Session,
+    run_id: str,
+    *,
+    rank: int = 0,
+    start_step: int | None = None,
+    end_step: int | None = None,
+) -> list[StepIn]:
+    stmt = select(Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens,
+                  Step.loss).where(Step.run_id == run_id, Step.rank == rank)
+    if start_step is not None:
+        stmt = stmt.where(Step.step >= start_step)
+    if end_step is not None:
+        stmt = stmt.where(Step.step <= end_step)
+    rows = session.execute(stmt.order_by(Step.step, Step.attempt))
+    return [StepIn(*row) for row in rows]
+
+
+def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
+    """Everything the goodput calculator needs, as plain data."""
+    attempts = [
+        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status)
+        for a in attempts_of(session, [run_id])
+    ]
+    steps = [
+        StepIn(*row)
+        for row in session.execute(
+            select(Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens,
+                   Step.loss).where(Step.run_id == run_id)
+        )
+    ]
+    spans = [
+        SpanIn(*row)
+        for row in session.execute(
+            select(Span.attempt, Span.rank, Span.category, Span.start, Span.end,
+                   Span.overlapped).where(Span.run_id == run_id)
+        )
+    ]
+    return GoodputInputs(attempts=attempts, steps=steps, spans=spans)

@@ -1,0 +1,84 @@
+"""Response schemas of the REST API (request schemas are the wire contract, trainer_hooks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class AttemptRead(BaseModel):
+    attempt: int
+    rank: int
+    world_size: int
+    start: float
+    end: float | None
+    status: str | None
+    cause: str | None
+    hook_errors: int
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    name: str
+    project: str
+    created_at: float
+    status: str = Field(description="running, completed or failed (from the last attempt)")
+
+
+class RunRead(RunSummary):
+    model_plan: dict[str, Any]
+    runtime_policy: dict[str, Any]
+    environment: dict[str, Any]
+    attempts: list[AttemptRead]
+    num_steps: int
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+    next_cursor: str | None
+
+
+class StepPoint(BaseModel):
+    step: int
+    attempt: int
+    loss: float | None
+    step_time_s: float
+    tokens: int
+    start: float
+
+
+class StepSeries(BaseModel):
+    run_id: str
+    rank: int
+    total: int = Field(description="steps in range before downsampling")
+    points: list[StepPoint]
+
+
+class RankGoodputRead(BaseModel):
+    rank: int
+    total_s: float
+    goodput_s: float
+    goodput_fraction: float | None
+    badput_s: dict[str, float]
+    other_s: float
+    steps: int
+
+
+class GoodputRead(BaseModel):
+    run_id: str
+    total_s: float
+    goodput_s: float
+    goodput_fraction: float | None
+    badput_s: dict[str, float] = Field(description="every category, zeros included")
+    other_s: float = Field(description="residual, unclamped: total - goodput - badput")
+    rank: int | None = Field(description="the rank whose figures these are (the slowest)")
+    steps: int
+    tokens: int
+    ranks: list[RankGoodputRead]
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    revision: str | None

@@ -1,0 +1,117 @@
+"""The goodput calculator on hand-built records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.goodput import AttemptIn, GoodputInputs, SpanIn, StepIn, rank_goodput, run_goodput
+
+T = 1_790_000_000.0
+
+
+def st(n: int, start: float, end: float, attempt: int = 0, rank: int = 0) -> StepIn:
+    return StepIn(attempt, rank, n, T + start, T + end, 100, 1.0)
+
+
+def sp(cat: str, start: float, end: float, attempt: int = 0, rank: int = 0,
+       overlapped: bool = False) -> SpanIn:
+    return SpanIn(attempt, rank, cat, T + start, T + end, overlapped)
+
+
+def at(start: float, end: float | None, status: str | None = "completed", attempt: int = 0,
+       rank: int = 0) -> AttemptIn:
+    return AttemptIn(attempt, rank, T + start, None if end is None else T + end, status)
+
+
+def assert_adds_up(g: object) -> None:
+    parts = g.goodput_s + sum(g.badput_s.values()) + g.other_s  # type: ignore[attr-defined]
+    assert math.isclose(parts, g.total_s, rel_tol=0, abs_tol=1e-9)  # type: ignore[attr-defined]
+
+
+def test_simple_run_splits_time_into_steps_startup_stalls_and_residual() -> None:
+    g = rank_goodput(
+        0,
+        [at(0, 20)],
+        [st(0, 5, 8), st(1, 9, 12)],
+        [sp("startup", 0, 4), sp("data_stall", 8, 9), sp("eval", 12, 14)],
+    )
+    assert g.total_s == pytest.approx(20)
+    assert g.goodput_s == pytest.approx(6)
+    assert g.badput_s["startup"] == pytest.approx(4)
+    assert g.badput_s["data_stall"] == pytest.approx(1)
+    assert g.badput_s["eval"] == pytest.approx(2)
+    assert g.other_s == pytest.approx(7)
+    assert g.goodput_fraction == pytest.approx(0.3)
+    assert_adds_up(g)
+
+
+def test_blocking_span_inside_a_step_is_taken_out_of_goodput() -> None:
+    g = rank_goodput(0, [at(0, 10)], [st(0, 0, 10)], [sp("checkpoint_save", 2, 5)])
+    assert g.goodput_s == pytest.approx(7)
+    assert g.badput_s["checkpoint_save"] == pytest.approx(3)
+    assert g.other_s == pytest.approx(0, abs=1e-9)
+
+
+def test_overlapped_span_is_not_charged() -> None:
+    g = rank_goodput(0, [at(0, 10)], [st(0, 0, 10)],
+                     [sp("checkpoint_save", 2, 5, overlapped=True)])
+    assert g.goodput_s == pytest.approx(10)
+    assert g.badput_s["checkpoint_save"] == 0
+
+
+def test_failed_attempt_steps_are_wasted_and_the_gap_is_infra_recovery() -> None:
+    attempts = [at(0, 10, "failed", attempt=0), at(15, 30, "completed", attempt=1)]
+    steps = [st(0, 1, 4, attempt=0), st(1, 4, 7, attempt=0), st(0, 16, 20, attempt=1)]
+    g = rank_goodput(0, attempts, steps, [])
+    assert g.total_s == pytest.approx(30)
+    assert g.badput_s["wasted_progress"] == pytest.approx(6)
+    assert g.badput_s["infra_recovery"] == pytest.approx(5)
+    assert g.goodput_s == pytest.approx(4)
+    assert_adds_up(g)
+
+
+def test_attempt_still_running_ends_at_the_last_record_seen() -> None:
+    g = rank_goodput(0, [at(0, None, None)], [st(0, 1, 3), st(1, 3, 9)], [sp("eval", 9, 12)])
+    assert g.total_s == pytest.approx(12)
+    assert g.goodput_s == pytest.approx(8)
+
+
+def test_nested_blocking_spans_show_up_as_negative_other() -> None:
+    g = rank_goodput(0, [at(0, 10)], [], [sp("eval", 0, 10), sp("checkpoint_save", 2, 4)])
+    assert g.other_s == pytest.approx(-2)
+    assert_adds_up(g)
+
+
+def test_steps_without_attempt_record_infer_the_attempt() -> None:
+    g = rank_goodput(0, [], [st(0, 2, 4), st(1, 4, 6)], [])
+    assert g.total_s == pytest.approx(4)
+    assert g.goodput_s == pytest.approx(4)
+
+
+def test_run_takes_the_slowest_rank_and_keeps_every_rank() -> None:
+    inputs = GoodputInputs(
+        attempts=[at(0, 10, rank=0), at(0, 14, rank=1)],
+        steps=[st(0, 1, 9, rank=0), st(0, 1, 13, rank=1)],
+        spans=[],
+    )
+    g = run_goodput(inputs)
+    assert g.rank == 1
+    assert g.total_s == pytest.approx(14)
+    assert [r.rank for r in g.ranks] == [0, 1]
+    assert_adds_up(g)
+
+
+def test_empty_run_has_zero_total_and_no_fraction() -> None:
+    g = run_goodput(GoodputInputs([], [], []))
+    assert g.total_s == 0 and g.goodput_fraction is None and g.rank is None
+
+
+def test_many_steps_and_spans_still_add_up() -> None:
+    steps = [st(i, 3 * i + 1, 3 * i + 3) for i in range(2000)]
+    spans = [sp("data_stall", 3 * i, 3 * i + 1) for i in range(2000)]
+    g = rank_goodput(0, [at(0, 6000)], steps, spans)
+    assert g.goodput_s == pytest.approx(4000)
+    assert g.badput_s["data_stall"] == pytest.approx(2000)
+    assert_adds_up(g)
