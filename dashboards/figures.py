@@ -38,9 +38,7 @@ def goodput_headline(summary: Mapping[str, Any]) -> go.Figure:
             value=100.0 * float(fraction),
             number={"suffix": "%", "valueformat": ".1f"},
             gauge={"axis": {"range": [0, 100]}, "bar": {"color": GOOD}},
-            title={
-                "text": f"goodput {summary['goodput_s']:.2f} s of {summary['total_s']:.2f} s"
-            },
+            title={"text": f"goodput {summary['goodput_s']:.2f} s of {summary['total_s']:.2f} s"},
         )
     )
     fig.update_layout(title="Goodput", margin={"t": 60, "b": 10})
@@ -108,8 +106,14 @@ def step_time_series(points: Sequence[Mapping[str, Any]]) -> go.Figure:
     losses = [p.get("loss") for p in points]
     if any(v is not None for v in losses):
         fig.add_trace(
-            go.Scatter(x=steps, y=losses, mode="lines", name="loss", yaxis="y2",
-                       line={"color": OTHER, "dash": "dot"})
+            go.Scatter(
+                x=steps,
+                y=losses,
+                mode="lines",
+                name="loss",
+                yaxis="y2",
+                line={"color": OTHER, "dash": "dot"},
+            )
         )
     fig.update_layout(
         title="Step time",

@@ -71,8 +71,12 @@ def _lm_loss(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-             n: int, device: torch.device) -> torch.Tensor:
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    device: torch.device,
+) -> torch.Tensor:
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(n):
@@ -90,8 +94,9 @@ class TrainResult:
     final_loss: float | None
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, rec: Recorder,
-          progress: Any = None) -> TrainResult:
+def train(
+    model_cfg: ModelConfig, cfg: TrainConfig, rec: Recorder, progress: Any = None
+) -> TrainResult:
     """Run the loop; every phase is timed by the recorder. Raises what training raises."""
     device = torch.device(cfg.device)
     with rec.span("startup"):
@@ -142,17 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--flush-timeout", type=float, default=10.0,
-                   help="seconds to keep sending at the end before leaving the rest spooled")
+    p.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to keep sending at the end before leaving the rest spooled",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    model_cfg = ModelConfig(pattern=args.pattern, d_model=args.d_model, seq_len=args.seq_len,
-                            num_experts=args.num_experts, top_k=args.top_k)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      eval_every=args.eval_every, seed=args.seed, device=args.device)
+    model_cfg = ModelConfig(
+        pattern=args.pattern,
+        d_model=args.d_model,
+        seq_len=args.seq_len,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+    )
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        device=args.device,
+    )
     return model_cfg, cfg
 
 
@@ -181,23 +201,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = args.run_id or uuid.uuid4().hex
     run_name = args.run_name or f"moe-{args.pattern}-{time.strftime('%Y%m%d-%H%M%S')}"
     sink = SpoolSink(Path(args.spool) / run_id, args.server)
-    rec = Recorder(run_name=run_name, project=args.project, run_id=run_id, sink=sink,
-                   model_plan=model_plan(model_cfg),
-                   runtime_policy=runtime_policy(model_cfg, cfg, 1))
+    rec = Recorder(
+        run_name=run_name,
+        project=args.project,
+        run_id=run_id,
+        sink=sink,
+        model_plan=model_plan(model_cfg),
+        runtime_policy=runtime_policy(model_cfg, cfg, 1),
+    )
     print(f"run_id {run_id}  name {run_name}", flush=True)
     try:
         result = _run_with_progress(model_cfg, cfg, rec, show=not args.no_progress)
     except BaseException as exc:
-        rec.close(status="failed", cause=f"{type(exc).__name__}: {exc}",
-                  flush_timeout_s=args.flush_timeout)
+        rec.close(
+            status="failed",
+            cause=f"{type(exc).__name__}: {exc}",
+            flush_timeout_s=args.flush_timeout,
+        )
         raise
     stats = rec.close(status="completed", flush_timeout_s=args.flush_timeout)
     _report(result, stats, Path(args.spool) / run_id)
     return 0
 
 
-def _run_with_progress(model_cfg: ModelConfig, cfg: TrainConfig, rec: Recorder,
-                       show: bool) -> TrainResult:
+def _run_with_progress(
+    model_cfg: ModelConfig, cfg: TrainConfig, rec: Recorder, show: bool
+) -> TrainResult:
     if not show:
         return train(model_cfg, cfg, rec)
     from rich.progress import Progress
@@ -212,11 +241,15 @@ def _report(result: TrainResult, stats: Any, spool_dir: Path) -> None:
     print(f"trained {result.steps} steps, final loss {loss}")
     if stats is None:
         return
-    print(f"records: spooled {stats.records_spooled}, sent {stats.records_sent}, "
-          f"dropped {stats.records_dropped}, rejected {stats.records_rejected}")
+    print(
+        f"records: spooled {stats.records_spooled}, sent {stats.records_sent}, "
+        f"dropped {stats.records_dropped}, rejected {stats.records_rejected}"
+    )
     if stats.pending_bytes:
-        print(f"{stats.pending_bytes} bytes not yet sent remain in {spool_dir}; send them with: "
-              f"goodput spool replay {spool_dir} --server URL")
+        print(
+            f"{stats.pending_bytes} bytes not yet sent remain in {spool_dir}; send them with: "
+            f"goodput spool replay {spool_dir} --server URL"
+        )
     print(f"run_id {result.run_id}", flush=True)
 
 

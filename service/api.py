@@ -133,8 +133,14 @@ def get_steps(
     _run_or_404(session, run_id)
     steps = repo.steps_of(session, run_id, rank=rank, start_step=start_step, end_step=end_step)
     points = [
-        StepPoint(step=s.step, attempt=s.attempt, loss=s.loss, step_time_s=s.end - s.start,
-                  tokens=s.tokens, start=s.start)
+        StepPoint(
+            step=s.step,
+            attempt=s.attempt,
+            loss=s.loss,
+            step_time_s=s.end - s.start,
+            tokens=s.tokens,
+            start=s.start,
+        )
         for s in steps
     ]
     kept = minmax_downsample(points, max_points, lambda p: p.step_time_s)
@@ -157,9 +163,15 @@ def get_goodput(run_id: str, session: SessionDep) -> GoodputRead:
         steps=g.steps,
         tokens=g.tokens,
         ranks=[
-            RankGoodputRead(rank=r.rank, total_s=r.total_s, goodput_s=r.goodput_s,
-                            goodput_fraction=r.goodput_fraction, badput_s=r.badput_s,
-                            other_s=r.other_s, steps=r.steps)
+            RankGoodputRead(
+                rank=r.rank,
+                total_s=r.total_s,
+                goodput_s=r.goodput_s,
+                goodput_fraction=r.goodput_fraction,
+                badput_s=r.badput_s,
+                other_s=r.other_s,
+                steps=r.steps,
+            )
             for r in g.ranks
         ],
     )

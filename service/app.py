@@ -38,13 +38,18 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
     orig = getattr(exc, "orig", exc)
     msg = f"a record violates a database constraint: {str(orig).splitlines()[0]}"
-    return JSONResponse({"detail": [{"loc": ["body"], "field": "", "msg": msg,
-                                     "type": "constraint"}]}, status_code=422)
+    return JSONResponse(
+        {"detail": [{"loc": ["body"], "field": "", "msg": msg, "type": "constraint"}]},
+        status_code=422,
+    )
 
 
 async def _db_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503,
-                        headers={"Retry-After": "1"})
+    return JSONResponse(
+        {"detail": "database unavailable, retry later"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 class BodyLimit:

@@ -24,16 +24,20 @@ from rich.table import Table
 
 from service.settings import DEFAULT_DATABASE_URL
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Goodput and receipt observability for MoE training.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Goodput and receipt observability for MoE training.",
+)
 spool_app = typer.Typer(no_args_is_help=True, help="Inspect and replay on-disk spools.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic) commands.")
 app.add_typer(spool_app, name="spool")
 app.add_typer(db_app, name="db")
 console = Console()
 
-DbOption = Annotated[str, typer.Option("--db", envvar="GOODPUT_DATABASE_URL",
-                                       help="SQLAlchemy database URL")]
+DbOption = Annotated[
+    str, typer.Option("--db", envvar="GOODPUT_DATABASE_URL", help="SQLAlchemy database URL")
+]
 
 
 def _build_app(db: str) -> Any:
@@ -54,8 +58,10 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}; "
-                          "choose another with --port")
+            console.print(
+                f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}; "
+                "choose another with --port"
+            )
             raise typer.Exit(2) from exc
 
 
@@ -70,8 +76,10 @@ def serve(
 
     _check_port_free(host, port)
     application = _build_app(db)
-    console.print(f"goodput serving on http://{host}:{port}  (dashboards: "
-                  f"http://{host}:{port}/dashboards/goodput, API docs: /docs)")
+    console.print(
+        f"goodput serving on http://{host}:{port}  (dashboards: "
+        f"http://{host}:{port}/dashboards/goodput, API docs: /docs)"
+    )
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
@@ -137,7 +145,9 @@ def print_goodput(summary: dict[str, Any]) -> None:
 
 @app.command()
 def demo(
-    exit_: Annotated[bool, typer.Option("--exit", help="exit when done instead of serving")] = False,
+    exit_: Annotated[
+        bool, typer.Option("--exit", help="exit when done instead of serving")
+    ] = False,
     host: str = "127.0.0.1",
     port: int = 8787,
     db: DbOption = DEFAULT_DATABASE_URL,
@@ -148,17 +158,32 @@ def demo(
     import uvicorn
 
     _check_port_free(host, port)
-    server = uvicorn.Server(uvicorn.Config(_build_app(db), host=host, port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(_build_app(db), host=host, port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, name="goodput-server", daemon=True)
     thread.start()
     _wait_started(server, thread)
     base = f"http://{host}:{port}"
     run_id = uuid.uuid4().hex
     console.print(f"service on {base} ({db}); training {steps} steps...")
-    rc = subprocess.call([sys.executable, "-m", "moe_core.train", "--server", base, "--steps",
-                          str(steps), "--run-name", "demo", "--run-id", run_id, "--spool",
-                          str(spool)])
+    rc = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "moe_core.train",
+            "--server",
+            base,
+            "--steps",
+            str(steps),
+            "--run-name",
+            "demo",
+            "--run-id",
+            run_id,
+            "--spool",
+            str(spool),
+        ]
+    )
     if rc != 0:
         server.should_exit = True
         raise typer.Exit(rc)

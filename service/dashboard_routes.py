@@ -27,8 +27,11 @@ def _plotly_js() -> bytes:
 @router.get("/static/plotly.min.js", include_in_schema=False)
 def plotly_js() -> Response:
     """plotly.js from the plotly package: these machines have no CDN."""
-    return Response(_plotly_js(), media_type="application/javascript",
-                    headers={"Cache-Control": "public, max-age=86400"})
+    return Response(
+        _plotly_js(),
+        media_type="application/javascript",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
 
 
 @router.get("/dashboards/goodput", response_class=HTMLResponse)

@@ -16,7 +16,6 @@ slowest rank (largest total; on a tie, least goodput); every rank stays listed.
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -165,8 +164,11 @@ def rank_goodput(
 
 def run_goodput(inputs: GoodputInputs) -> RunGoodput:
     """Account every rank; the run takes its slowest rank's figures."""
-    ranks = sorted({a.rank for a in inputs.attempts} | {s.rank for s in inputs.steps}
-                   | {s.rank for s in inputs.spans})
+    ranks = sorted(
+        {a.rank for a in inputs.attempts}
+        | {s.rank for s in inputs.steps}
+        | {s.rank for s in inputs.spans}
+    )
     per_rank = [
         rank_goodput(
             r,

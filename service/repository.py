@@ -59,11 +59,16 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     _check_runs_exist(session, records, by_kind.get("run", []))
     now = time.time()
     inserted = _insert_ignore(
-        session, Run, [{**r.model_dump(exclude={"kind", "schema_version"}), "ingested_at": now}
-                       for _, r in by_kind.get("run", [])]
+        session,
+        Run,
+        [
+            {**r.model_dump(exclude={"kind", "schema_version"}), "ingested_at": now}
+            for _, r in by_kind.get("run", [])
+        ],
     )
-    inserted += _insert_ignore(session, Attempt, [_rank_row(r) for _, r in by_kind.get(
-        "attempt_start", [])])
+    inserted += _insert_ignore(
+        session, Attempt, [_rank_row(r) for _, r in by_kind.get("attempt_start", [])]
+    )
     inserted += _insert_ignore(session, Step, [_rank_row(r) for _, r in by_kind.get("step", [])])
     inserted += _insert_ignore(session, Span, [_rank_row(r) for _, r in by_kind.get("span", [])])
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
@@ -102,16 +107,31 @@ def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) ->
         )
         row = session.execute(select(Attempt.start, Attempt.end).where(key)).first()
         if row is None:
-            errors.append(_err(i, "attempt", f"attempt {rec.attempt} of rank {rec.rank} was "
-                               "never started: send its attempt_start first", "unknown_attempt"))
+            errors.append(
+                _err(
+                    i,
+                    "attempt",
+                    f"attempt {rec.attempt} of rank {rec.rank} was "
+                    "never started: send its attempt_start first",
+                    "unknown_attempt",
+                )
+            )
         elif row.end is not None:
             continue
         elif rec.end < row.start:
-            errors.append(_err(i, "end", f"end ({rec.end}) is before the attempt's start "
-                               f"({row.start})", "end_before_start"))
+            errors.append(
+                _err(
+                    i,
+                    "end",
+                    f"end ({rec.end}) is before the attempt's start ({row.start})",
+                    "end_before_start",
+                )
+            )
         else:
             session.execute(
-                update(Attempt).where(key).values(
+                update(Attempt)
+                .where(key)
+                .values(
                     end=rec.end, status=rec.status, cause=rec.cause, hook_errors=rec.hook_errors
                 )
             )
@@ -122,6 +142,7 @@ def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) ->
 
 
 # -- queries --
+
 
 @dataclass(frozen=True)
 class Cursor:
@@ -192,8 +213,9 @@ def steps_of(
     start_step: int | None = None,
     end_step: int | None = None,
 ) -> list[StepIn]:
-    stmt = select(Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens,
-                  Step.loss).where(Step.run_id == run_id, Step.rank == rank)
+    stmt = select(
+        Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens, Step.loss
+    ).where(Step.run_id == run_id, Step.rank == rank)
     if start_step is not None:
         stmt = stmt.where(Step.step >= start_step)
     if end_step is not None:
@@ -211,15 +233,17 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     steps = [
         StepIn(*row)
         for row in session.execute(
-            select(Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens,
-                   Step.loss).where(Step.run_id == run_id)
+            select(
+                Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens, Step.loss
+            ).where(Step.run_id == run_id)
         )
     ]
     spans = [
         SpanIn(*row)
         for row in session.execute(
-            select(Span.attempt, Span.rank, Span.category, Span.start, Span.end,
-                   Span.overlapped).where(Span.run_id == run_id)
+            select(
+                Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
+            ).where(Span.run_id == run_id)
         )
     ]
     return GoodputInputs(attempts=attempts, steps=steps, spans=spans)

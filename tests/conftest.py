@@ -116,3 +116,45 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+class LiveServer:
+    """The app served by uvicorn from a thread on a loopback port; can stop and start again
+    on the same port, to play an outage."""
+
+    def __init__(self, url: str) -> None:
+        self.db_url = url
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import threading
+
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import Settings
+
+        app = create_app(Settings(database_url=self.db_url))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        wait_http(self.base + "/healthz")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server.config.app.state.engine.dispose()
+            self._server = None
+
+
+@pytest.fixture
+def live_server(migrated_url: str) -> Iterator[LiveServer]:
+    server = LiveServer(migrated_url)
+    server.start()
+    yield server
+    server.stop()

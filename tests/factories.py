@@ -15,22 +15,39 @@ def attempt_start(run_id: str = "run-a", start: float = T0, **kw: Any) -> dict[s
     return {"kind": "attempt_start", "run_id": run_id, "start": start, **kw}
 
 
-def attempt_end(run_id: str = "run-a", end: float = T0 + 100, status: str = "completed",
-                **kw: Any) -> dict[str, Any]:
+def attempt_end(
+    run_id: str = "run-a", end: float = T0 + 100, status: str = "completed", **kw: Any
+) -> dict[str, Any]:
     return {"kind": "attempt_end", "run_id": run_id, "end": end, "status": status, **kw}
 
 
-def step(n: int, run_id: str = "run-a", start: float | None = None, dur: float = 1.0,
-         **kw: Any) -> dict[str, Any]:
+def step(
+    n: int, run_id: str = "run-a", start: float | None = None, dur: float = 1.0, **kw: Any
+) -> dict[str, Any]:
     s = T0 + 10 + 2 * n if start is None else start
-    return {"kind": "step", "run_id": run_id, "step": n, "start": s, "end": s + dur,
-            "tokens": 512, "loss": 3.0 - 0.01 * n, **kw}
+    return {
+        "kind": "step",
+        "run_id": run_id,
+        "step": n,
+        "start": s,
+        "end": s + dur,
+        "tokens": 512,
+        "loss": 3.0 - 0.01 * n,
+        **kw,
+    }
 
 
-def span(category: str, start: float, end: float, run_id: str = "run-a",
-         **kw: Any) -> dict[str, Any]:
-    return {"kind": "span", "run_id": run_id, "category": category, "start": start, "end": end,
-            **kw}
+def span(
+    category: str, start: float, end: float, run_id: str = "run-a", **kw: Any
+) -> dict[str, Any]:
+    return {
+        "kind": "span",
+        "run_id": run_id,
+        "category": category,
+        "start": start,
+        "end": end,
+        **kw,
+    }
 
 
 def full_run(run_id: str = "run-a", steps: int = 5, name: str = "alpha") -> list[dict[str, Any]]:

@@ -172,8 +172,13 @@ class Recorder:
         self.closed = True
         self._safe_emit(
             "attempt_end",
-            {**self._key, "end": self.now(), "status": status, "cause": cause,
-             "hook_errors": self.errors},
+            {
+                **self._key,
+                "end": self.now(),
+                "status": status,
+                "cause": cause,
+                "hook_errors": self.errors,
+            },
         )
         try:
             return self.sink.close(timeout_s=flush_timeout_s)
@@ -185,15 +190,27 @@ class Recorder:
     def _emit_step(self, h: StepHandle, end: float) -> None:
         self._safe_emit(
             "step",
-            {**self._key, "step": h.step, "start": h.t0, "end": end, "tokens": h.tokens,
-             "loss": h.loss},
+            {
+                **self._key,
+                "step": h.step,
+                "start": h.t0,
+                "end": end,
+                "tokens": h.tokens,
+                "loss": h.loss,
+            },
         )
 
     def _emit_span(self, h: SpanHandle, end: float) -> None:
         self._safe_emit(
             "span",
-            {**self._key, "category": h.category, "start": h.t0, "end": end,
-             "overlapped": h.overlapped, "step": h.step},
+            {
+                **self._key,
+                "category": h.category,
+                "start": h.t0,
+                "end": end,
+                "overlapped": h.overlapped,
+                "step": h.step,
+            },
         )
 
     def _safe_emit(self, kind: str, fields: dict[str, Any]) -> None:

@@ -53,7 +53,6 @@ _MIN_EPOCH = 946_684_800.0
 _MAX_EPOCH = 7_258_118_400.0
 
 
-
 def _storable(text: str) -> str:
     """Text every database can hold: no NUL byte (PostgreSQL refuses it), valid UTF-8."""
     if "\x00" in text:

@@ -172,7 +172,7 @@ class Spool:
             existing = self.segments()
             index = existing[-1].index + 1 if existing else 1
             self._active = Segment(self.dir / f"{index:08d}{SEGMENT_SUFFIX}")
-            self._fh = open(self._active.path, "ab")
+            self._fh = open(self._active.path, "ab")  # noqa: SIM115 (held across appends)
         return self._active
 
     def close_writer(self) -> None:

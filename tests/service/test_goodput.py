@@ -15,13 +15,19 @@ def st(n: int, start: float, end: float, attempt: int = 0, rank: int = 0) -> Ste
     return StepIn(attempt, rank, n, T + start, T + end, 100, 1.0)
 
 
-def sp(cat: str, start: float, end: float, attempt: int = 0, rank: int = 0,
-       overlapped: bool = False) -> SpanIn:
+def sp(
+    cat: str, start: float, end: float, attempt: int = 0, rank: int = 0, overlapped: bool = False
+) -> SpanIn:
     return SpanIn(attempt, rank, cat, T + start, T + end, overlapped)
 
 
-def at(start: float, end: float | None, status: str | None = "completed", attempt: int = 0,
-       rank: int = 0) -> AttemptIn:
+def at(
+    start: float,
+    end: float | None,
+    status: str | None = "completed",
+    attempt: int = 0,
+    rank: int = 0,
+) -> AttemptIn:
     return AttemptIn(attempt, rank, T + start, None if end is None else T + end, status)
 
 
@@ -55,8 +61,7 @@ def test_blocking_span_inside_a_step_is_taken_out_of_goodput() -> None:
 
 
 def test_overlapped_span_is_not_charged() -> None:
-    g = rank_goodput(0, [at(0, 10)], [st(0, 0, 10)],
-                     [sp("checkpoint_save", 2, 5, overlapped=True)])
+    g = rank_goodput(0, [at(0, 10)], [st(0, 0, 10)], [sp("checkpoint_save", 2, 5, overlapped=True)])
     assert g.goodput_s == pytest.approx(10)
     assert g.badput_s["checkpoint_save"] == 0
 

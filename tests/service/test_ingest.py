@@ -12,8 +12,7 @@ from tests import factories as f
 def post(client: Any, records: list[dict[str, Any]]) -> Any:
     # allow_nan: Python's json writes Infinity/NaN, which the service must refuse itself
     body = json.dumps({"records": records}, allow_nan=True)
-    return client.post("/api/v1/ingest", content=body,
-                       headers={"content-type": "application/json"})
+    return client.post("/api/v1/ingest", content=body, headers={"content-type": "application/json"})
 
 
 def stored_steps(client: Any, run_id: str = "run-a") -> list[int]:
@@ -74,8 +73,7 @@ def test_nan_loss_is_refused(client: Any) -> None:
         b'{"kind":"step","run_id":"r","step":0,"start":1790000001.0,"end":1790000002.0,'
         b'"loss":NaN}'
     )
-    resp = client.post("/api/v1/ingest", content=body,
-                       headers={"content-type": "application/json"})
+    resp = client.post("/api/v1/ingest", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 422
     assert client.get("/api/v1/runs/r").status_code == 404
 
@@ -104,8 +102,9 @@ def test_attempt_end_without_start_is_refused(client: Any) -> None:
 
 
 def test_malformed_json_is_a_422_not_a_server_error(client: Any) -> None:
-    resp = client.post("/api/v1/ingest", content=b'{"records": [',
-                       headers={"content-type": "application/json"})
+    resp = client.post(
+        "/api/v1/ingest", content=b'{"records": [', headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 422
 
 
@@ -120,8 +119,9 @@ def test_batch_over_the_record_limit_is_refused(client: Any) -> None:
 
 def test_body_over_the_size_limit_gets_413_with_the_limit(client: Any) -> None:
     limit = client.app.state.settings.max_body_bytes
-    resp = client.post("/api/v1/ingest", content=b" " * (limit + 1),
-                       headers={"content-type": "application/json"})
+    resp = client.post(
+        "/api/v1/ingest", content=b" " * (limit + 1), headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 413
     assert str(limit) in resp.json()["detail"]
 

@@ -77,11 +77,11 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0)"))
     bad_rows = [
-        "INSERT INTO steps (run_id, attempt, rank, step, start, \"end\", tokens) "
+        'INSERT INTO steps (run_id, attempt, rank, step, start, "end", tokens) '
         "VALUES ('r', 0, 0, 0, 10.0, 5.0, 1)",
-        "INSERT INTO spans (run_id, attempt, rank, category, start, \"end\", overlapped) "
+        'INSERT INTO spans (run_id, attempt, rank, category, start, "end", overlapped) '
         "VALUES ('r', 0, 0, 'naps', 1.0, 2.0, false)",
-        "INSERT INTO steps (run_id, attempt, rank, step, start, \"end\", tokens) "
+        'INSERT INTO steps (run_id, attempt, rank, step, start, "end", tokens) '
         "VALUES ('r', 0, 0, 0, 1.0, 2.0, -1)",
     ]
     for sql in bad_rows:

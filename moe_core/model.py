@@ -1,0 +1,107 @@
+"""The hybrid MoE language model: byte embedding, A/E blocks from the pattern, tied LM head.
+
+Shape legend:
+    B  batch
+    T  sequence position (time)
+    D  model width (d_model)
+    V  vocabulary (256 bytes by default)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_core.attention import AttentionBlock
+from moe_core.config import ModelConfig, check_implemented
+from moe_core.moe import MoEBlock
+
+INIT_STD = 0.02
+
+
+def _attention(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+    return AttentionBlock(cfg)
+
+
+def _moe(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+    return MoEBlock(cfg, dispatch_backend=dispatch_backend)
+
+
+# One builder per pattern letter. Every block maps x_BTD -> (x_BTD, aux_loss).
+BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, str], nn.Module]] = {
+    "A": _attention,
+    "E": _moe,
+}
+
+
+class MoEModel(nn.Module):
+    """Decoder-only LM. The LM head shares the embedding matrix (tied, as in nanoGPT)."""
+
+    def __init__(self, cfg: ModelConfig, *, dispatch_backend: str = "loop") -> None:
+        super().__init__()
+        layers = cfg.layers
+        check_implemented(cfg.pattern, layers)  # the config checked too; cheap to be sure
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            BLOCK_BUILDERS[letter](cfg, dispatch_backend) for letter in layers
+        )
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=1e-6)
+
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        """The E blocks in layer order, for reading routing counters."""
+        return [block for block in self.blocks if isinstance(block, MoEBlock)]
+
+    def forward(self, tokens_BT: Tensor) -> tuple[Tensor, Tensor]:
+        """Return next-token logits [B, T, V] and the summed E-block aux loss (0-dim fp32)."""
+        self._check_tokens(tokens_BT)
+        x_BTD = self.embed(tokens_BT)
+        aux_loss = torch.zeros((), device=tokens_BT.device)
+        for block in self.blocks:
+            x_BTD, block_aux = block(x_BTD)
+            aux_loss = aux_loss + block_aux
+        logits_BTV = F.linear(self.norm_f(x_BTD), self.embed.weight)
+        return logits_BTV, aux_loss
+
+    def _check_tokens(self, tokens_BT: Tensor) -> None:
+        # Shape checks only: checking token values would need a device sync.
+        if tokens_BT.dim() != 2:
+            raise ValueError(f"tokens: expected shape [B, T], got {tuple(tokens_BT.shape)}")
+        if tokens_BT.dtype != torch.long:
+            raise ValueError(f"tokens: expected dtype torch.long, got {tokens_BT.dtype}")
+        if tokens_BT.shape[1] > self.cfg.seq_len:
+            raise ValueError(
+                f"tokens: sequence length {tokens_BT.shape[1]} exceeds seq_len={self.cfg.seq_len}"
+            )
+
+    def init_weights(self) -> None:
+        """nanoGPT init: N(0, 0.02), residual-branch output projections scaled down.
+
+        Each block adds one branch to the residual stream, so the variance of the stream grows
+        with the number of blocks; scaling by 1/sqrt(num_blocks) keeps it about constant.
+        """
+        residual_std = INIT_STD / math.sqrt(len(self.blocks))
+        nn.init.normal_(self.embed.weight, std=INIT_STD)
+        self.norm_f.reset_parameters()
+        for block in self.blocks:
+            block.init_weights(INIT_STD, residual_std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, seed: int, *, dispatch_backend: str = "loop") -> MoEModel:
+    """Build and initialize a model; the same (cfg, seed) always gives the same weights.
+
+    The global RNG is forked, so building a model does not disturb the caller's random state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MoEModel(cfg, dispatch_backend=dispatch_backend)
+        model.init_weights()
+    return model
