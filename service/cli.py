@@ -189,8 +189,8 @@ def demo(
         raise typer.Exit(rc)
     summary = httpx.get(f"{base}/api/v1/runs/{run_id}/goodput", timeout=30).json()
     print_goodput(summary)
-    console.print(f"dashboard: {base}/dashboards/goodput?run_id={run_id}")
-    console.print(f"API docs:  {base}/docs")
+    print(f"dashboard: {base}/dashboards/goodput?run_id={run_id}")
+    print(f"API docs:  {base}/docs", flush=True)
     if not exit_:
         console.print("serving; Ctrl-C to stop")
         try:

@@ -119,13 +119,11 @@ def rank_goodput(
     rank: int, attempts: list[AttemptIn], steps: list[StepIn], spans: list[SpanIn]
 ) -> RankGoodput:
     """Account one rank's wall time; attempts without an attempt_start row are inferred."""
+    starts = [(s.attempt, s.start) for s in steps] + [(s.attempt, s.start) for s in spans]
     by_attempt: dict[int, AttemptIn] = {a.attempt: a for a in attempts}
-    for rec in [*steps, *spans]:
-        if rec.attempt not in by_attempt:
-            by_attempt[rec.attempt] = AttemptIn(rec.attempt, rank, rec.start, None, None)
-    for a in list(by_attempt.values()):
-        first = min([s.start for s in [*steps, *spans] if s.attempt == a.attempt], default=a.start)
-        by_attempt[a.attempt] = a._replace(start=min(a.start, first))
+    for attempt, start in starts:
+        a = by_attempt.get(attempt) or AttemptIn(attempt, rank, start, None, None)
+        by_attempt[attempt] = a._replace(start=min(a.start, start))
     ordered = [by_attempt[k] for k in sorted(by_attempt)]
     blocking = [s for s in spans if not s.overlapped]
     index = _SpanIndex(blocking)

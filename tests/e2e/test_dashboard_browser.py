@@ -1,0 +1,74 @@
+"""The goodput dashboard in headless Debian Chromium, against a real server on loopback."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import factories as f
+from tests.conftest import LiveServer
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not shutil.which("chromium"):
+        pytest.skip("Debian chromium is not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser: Any, url: str) -> tuple[Any, list[str]]:
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+    page.goto(url)
+    return page, problems
+
+
+def test_goodput_dashboard_draws_its_charts_without_console_errors(
+    live_server: LiveServer, browser: Any
+) -> None:
+    records = f.full_run("dash-1", steps=20, name="<b>bold</b> run")
+    records.append(f.span("data_stall", f.T0 + 11.2, f.T0 + 11.6, "dash-1"))
+    httpx.post(f"{live_server.base}/api/v1/ingest", json={"records": records}).raise_for_status()
+    page, problems = open_page(browser, f"{live_server.base}/dashboards/goodput?run_id=dash-1")
+    page.wait_for_selector("body[data-ready='1']", timeout=20_000)
+    for chart in ("headline", "badput", "step_time"):
+        assert page.locator(f"#{chart} .main-svg").count() > 0, chart
+    assert page.locator("#step_time .scatterlayer .trace").count() == 2
+    assert page.locator("#badput .bars .point").count() >= 3
+    assert page.inner_text("#run-name") == "<b>bold</b> run"  # shown as text, not markup
+    assert problems == []
+    page.close()
+
+
+def test_dashboard_with_no_runs_opens_cleanly(live_server: LiveServer, browser: Any) -> None:
+    page, problems = open_page(browser, f"{live_server.base}/dashboards/goodput")
+    page.wait_for_function("document.getElementById('status').textContent.includes('no runs')")
+    assert problems == []
+    page.close()
+
+
+def test_unknown_run_page_is_a_404(live_server: LiveServer) -> None:
+    assert httpx.get(f"{live_server.base}/dashboards/goodput?run_id=nope").status_code == 404
