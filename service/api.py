@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -27,7 +27,7 @@ from service.schemas import (
     StepPoint,
     StepSeries,
 )
-from trainer_hooks.records import IngestBatch, IngestResult
+from trainer_hooks.records import ID_PATTERN, MAX_COUNT, MAX_RANK, IngestBatch, IngestResult
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -36,6 +36,8 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+RunIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="the run's id")]
+RunIdQuery = Annotated[str, Query(pattern=ID_PATTERN, description="the run's id")]
 
 router = APIRouter(prefix="/api/v1")
 health_router = APIRouter()
@@ -83,8 +85,8 @@ def ingest(batch: IngestBatch, session: SessionDep) -> IngestResult:
 @router.get("/runs", response_model=RunList)
 def list_runs(
     session: SessionDep,
-    name: Annotated[str | None, Query(max_length=200)] = None,
-    project: Annotated[str | None, Query(max_length=200)] = None,
+    name: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
+    project: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> RunList:
@@ -106,7 +108,7 @@ def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=RunRead)
-def get_run(run_id: str, session: SessionDep) -> RunRead:
+def get_run(run_id: RunIdPath, session: SessionDep) -> RunRead:
     """One run: identity, receipt parts, attempts and step count."""
     run = _run_or_404(session, run_id)
     attempts = repo.attempts_of(session, [run_id])
@@ -122,12 +124,12 @@ def get_run(run_id: str, session: SessionDep) -> RunRead:
 
 @router.get("/runs/{run_id}/steps", response_model=StepSeries)
 def get_steps(
-    run_id: str,
+    run_id: RunIdPath,
     session: SessionDep,
-    rank: Annotated[int, Query(ge=0)] = 0,
+    rank: Annotated[int, Query(ge=0, le=MAX_RANK)] = 0,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
-    start_step: Annotated[int | None, Query(ge=0)] = None,
-    end_step: Annotated[int | None, Query(ge=0)] = None,
+    start_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
+    end_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
 ) -> StepSeries:
     """Step series of one rank; downsampled keeping each bucket's fastest and slowest step."""
     _run_or_404(session, run_id)
@@ -148,7 +150,7 @@ def get_steps(
 
 
 @router.get("/runs/{run_id}/goodput", response_model=GoodputRead)
-def get_goodput(run_id: str, session: SessionDep) -> GoodputRead:
+def get_goodput(run_id: RunIdPath, session: SessionDep) -> GoodputRead:
     """Goodput and badput of the run; parts add up to total_s."""
     _run_or_404(session, run_id)
     g = run_goodput(repo.goodput_inputs(session, run_id))

@@ -14,9 +14,9 @@ from plotly.utils import PlotlyJSONEncoder
 from dashboards import figures
 from dashboards.pages import goodput_page
 from service import api
+from trainer_hooks.records import ID_PATTERN
 
 router = APIRouter()
-RunIdQuery = Annotated[str | None, Query(max_length=128)]
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +35,9 @@ def plotly_js() -> Response:
 
 
 @router.get("/dashboards/goodput", response_class=HTMLResponse)
-def goodput_dashboard(session: api.SessionDep, run_id: RunIdQuery = None) -> HTMLResponse:
+def goodput_dashboard(
+    session: api.SessionDep, run_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None
+) -> HTMLResponse:
     """Goodput dashboard of one run (the newest when none is named)."""
     runs = api.list_runs(session, name=None, project=None, limit=100, cursor=None).runs
     if run_id is None:
@@ -46,9 +48,7 @@ def goodput_dashboard(session: api.SessionDep, run_id: RunIdQuery = None) -> HTM
 
 
 @router.get("/dashboards/goodput/data")
-def goodput_data(
-    session: api.SessionDep, run_id: Annotated[str, Query(max_length=128)]
-) -> Response:
+def goodput_data(session: api.SessionDep, run_id: api.RunIdQuery) -> Response:
     """Figure JSON of the goodput dashboard, for first draw and live refresh."""
     summary = api.get_goodput(run_id, session).model_dump()
     points = [p.model_dump() for p in api.get_steps(run_id, session, max_points=2000).points]

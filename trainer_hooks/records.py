@@ -44,7 +44,7 @@ BADPUT_CATEGORIES: tuple[str, ...] = (
 
 CUSTOM_PREFIX = "custom:"
 _CUSTOM_RE = re.compile(r"^custom:[A-Za-z0-9_.\-]{1,64}$")
-_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _DERIVED = {"wasted_progress", "infra_recovery"}
 
 # Seconds since the epoch: later than 2000-01-01 and earlier than 2200-01-01. Catches
@@ -65,9 +65,12 @@ def _storable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_storable)]
-RunId = Annotated[str, Field(pattern=_ID_RE, description="client-chosen id, e.g. a uuid4 hex")]
+RunId = Annotated[str, Field(pattern=ID_PATTERN, description="client-chosen id, e.g. a uuid4 hex")]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
-Count = Annotated[int, Field(ge=0, le=2**53)]
+MAX_COUNT = 2**53  # the largest integer JSON numbers carry exactly
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+MAX_RANK = 1_000_000  # ranks, world sizes and attempt numbers are 32-bit columns
+Small = Annotated[int, Field(ge=0, le=MAX_RANK)]
 Epoch = Annotated[float, Field(ge=_MIN_EPOCH, le=_MAX_EPOCH, allow_inf_nan=False)]
 
 
@@ -86,8 +89,8 @@ class _Record(BaseModel):
 
 class _RankScoped(_Record):
     run_id: RunId
-    attempt: Count = 0
-    rank: Count = 0
+    attempt: Small = 0
+    rank: Small = 0
 
 
 def _end_after_start(end: float, info: ValidationInfo) -> float:
@@ -114,7 +117,7 @@ class AttemptStartRecord(_RankScoped):
     """One rank of one attempt (restart) began."""
 
     kind: Literal["attempt_start"] = "attempt_start"
-    world_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    world_size: Annotated[int, Field(ge=1, le=MAX_RANK)] = 1
     start: Epoch
 
 

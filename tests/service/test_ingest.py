@@ -134,3 +134,20 @@ def test_attempt_end_completes_the_attempt_once(client: Any) -> None:
     assert run["status"] == "completed"
     assert run["attempts"][0]["end"] == f.T0 + 100
     assert run["attempts"][0]["hook_errors"] == 2
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (f.step(0, rank=2**31), "records.1.step.rank"),
+        (f.step(0, attempt=2**31), "records.1.step.attempt"),
+        (f.step(0, step=2**63), "records.1.step.step"),
+        (f.step(0, tokens=2**63), "records.1.step.tokens"),
+    ],
+)
+def test_integers_beyond_the_columns_are_refused_not_overflowed(
+    client: Any, record: dict[str, Any], field: str
+) -> None:
+    resp = post(client, [f.run(), record])
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["field"] == field
