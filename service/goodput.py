@@ -3,10 +3,16 @@
 Per rank, over the window from its first attempt's start to its last attempt's end (or the
 last time it was seen):
 
-  goodput        step time of committed steps, minus blocking badput spans inside them
-  badput[cat]    blocking spans of each category; `wasted_progress` is the step time of a
-                 failed attempt (no checkpoint records yet, so none of its steps is committed);
-                 `infra_recovery` is the gap between an attempt's end and the next one's start
+  goodput        step time of committed steps, minus blocking badput spans inside them. A
+                 step is committed when its attempt completed, or when a checkpoint of its
+                 attempt (from any rank) covering it succeeded; the steps of the attempt still
+                 running (the last one, with no end) are counted as goodput provisionally.
+  badput[cat]    blocking spans of each category, plus two derived ones:
+                 `wasted_progress`: the uncommitted steps of an attempt that failed (or that
+                 stopped without an end record and was followed by another), plus its tail from
+                 the last record to its end (the partial step at the crash);
+                 `infra_recovery`: the gap between an attempt's end and the next one's start.
+                 An attempt with no end record ends at its last heartbeat or record.
   other          total - goodput - sum(badput), unclamped: overlapping spans show up negative
 
 so goodput + sum(badput) + other == total by construction. The run's figures are those of its
@@ -28,6 +34,13 @@ class AttemptIn(NamedTuple):
     start: float
     end: float | None
     status: str | None
+    last_seen: float | None = None
+
+
+class CheckpointIn(NamedTuple):
+    attempt: int
+    step: int
+    ok: bool
 
 
 class StepIn(NamedTuple):
@@ -54,6 +67,7 @@ class GoodputInputs:
     attempts: list[AttemptIn]
     steps: list[StepIn]
     spans: list[SpanIn]
+    checkpoints: list[CheckpointIn] = field(default_factory=list)
 
 
 @dataclass
@@ -108,15 +122,24 @@ class _SpanIndex:
         return sum(_overlap(start, end, s.start, s.end) for s in self.spans[lo:hi])
 
 
-def _attempt_end(a: AttemptIn, steps: list[StepIn], spans: list[SpanIn]) -> float:
-    if a.end is not None:
-        return a.end
-    seen = [s.end for s in steps] + [s.end for s in spans]
-    return max([a.start, *seen])
+def _last_record(a: AttemptIn, steps: list[StepIn], spans: list[SpanIn]) -> float:
+    return max([a.start, *(s.end for s in steps), *(s.end for s in spans)])
+
+
+def _committed_upto(a: AttemptIn, is_last: bool, checkpoints: list[CheckpointIn]) -> float:
+    """Steps <= this are committed: all of a completed or still-running attempt, else up to
+    its last successful checkpoint (-1: none)."""
+    if a.status == "completed" or (a.status is None and is_last):
+        return float("inf")
+    return max((c.step for c in checkpoints if c.attempt == a.attempt and c.ok), default=-1)
 
 
 def rank_goodput(
-    rank: int, attempts: list[AttemptIn], steps: list[StepIn], spans: list[SpanIn]
+    rank: int,
+    attempts: list[AttemptIn],
+    steps: list[StepIn],
+    spans: list[SpanIn],
+    checkpoints: list[CheckpointIn] | None = None,
 ) -> RankGoodput:
     """Account one rank's wall time; attempts without an attempt_start row are inferred."""
     starts = [(s.attempt, s.start) for s in steps] + [(s.attempt, s.start) for s in spans]
@@ -132,20 +155,25 @@ def rank_goodput(
         badput[s.category] = badput.get(s.category, 0.0) + (s.end - s.start)
     goodput = 0.0
     prev_end: float | None = None
-    end = ordered[0].start if ordered else 0.0
-    for a in ordered:
+    start = ordered[0].start if ordered else 0.0
+    end = start
+    for i, a in enumerate(ordered):
         a_steps = [s for s in steps if s.attempt == a.attempt]
-        a_end = _attempt_end(a, a_steps, [s for s in spans if s.attempt == a.attempt])
+        last = _last_record(a, a_steps, [s for s in spans if s.attempt == a.attempt])
+        a_end = a.end if a.end is not None else max(last, a.last_seen or last)
         if prev_end is not None and a.start > prev_end:
             badput["infra_recovery"] += a.start - prev_end
-        step_time = sum((s.end - s.start) - index.overlap(s.start, s.end) for s in a_steps)
-        if a.status == "failed":
-            badput["wasted_progress"] += step_time
-        else:
-            goodput += step_time
+        upto = _committed_upto(a, i == len(ordered) - 1, checkpoints or [])
+        for s in a_steps:
+            busy = (s.end - s.start) - index.overlap(s.start, s.end)
+            if s.step <= upto:
+                goodput += busy
+            else:
+                badput["wasted_progress"] += busy
+        if upto != float("inf"):
+            badput["wasted_progress"] += max(0.0, a_end - last)  # the partial step
         prev_end = a_end
         end = max(end, a_end)
-    start = ordered[0].start if ordered else 0.0
     total = end - start
     return RankGoodput(
         rank=rank,
@@ -173,6 +201,7 @@ def run_goodput(inputs: GoodputInputs) -> RunGoodput:
             [a for a in inputs.attempts if a.rank == r],
             [s for s in inputs.steps if s.rank == r],
             [s for s in inputs.spans if s.rank == r],
+            inputs.checkpoints,
         )
         for r in ranks
     ]

@@ -44,7 +44,7 @@ _CATEGORY_SQL = "category IN ({}) OR category LIKE 'custom:%'".format(
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[int]: JSON}
 
 
 class Run(Base):
@@ -77,6 +77,8 @@ class Attempt(Base):
     status: Mapped[str | None] = mapped_column(String(16))
     cause: Mapped[str | None] = mapped_column(Text)
     hook_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seen: Mapped[float | None] = mapped_column(Double)
+    counters: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         UniqueConstraint("run_id", "attempt", "rank"),
@@ -98,6 +100,12 @@ class Step(Base):
     end: Mapped[float] = mapped_column(Double)
     tokens: Mapped[int] = mapped_column(BigInteger)
     loss: Mapped[float | None] = mapped_column(Double)
+    device_time_s: Mapped[float | None] = mapped_column(Double)
+    hook_overhead_s: Mapped[float | None] = mapped_column(Double)
+    flops: Mapped[int | None] = mapped_column(BigInteger)
+    mem_allocated_peak: Mapped[int | None] = mapped_column(BigInteger)
+    mem_reserved_peak: Mapped[int | None] = mapped_column(BigInteger)
+    alloc_retries: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         UniqueConstraint("run_id", "attempt", "rank", "step"),
@@ -124,3 +132,87 @@ class Span(Base):
         CheckConstraint('"end" >= start', name="end_after_start"),
         CheckConstraint(_CATEGORY_SQL, name="known_category"),
     )
+
+
+class _RankRow:
+    """Columns every rank-scoped table shares."""
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+
+
+class CheckpointCommit(_RankRow, Base):
+    __tablename__ = "checkpoints"
+
+    step: Mapped[int] = mapped_column(BigInteger)
+    time: Mapped[float] = mapped_column(Double)
+    ok: Mapped[bool] = mapped_column(Boolean)
+
+    __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "step"),)
+
+
+class RoutingRow(_RankRow, Base):
+    """One MoE layer's histogram per step: slots in a JSON array, derived rates in columns."""
+
+    __tablename__ = "routing"
+
+    step: Mapped[int] = mapped_column(BigInteger)
+    layer: Mapped[int] = mapped_column(Integer)
+    num_steps: Mapped[int] = mapped_column(Integer)
+    num_tokens: Mapped[int] = mapped_column(BigInteger)
+    top_k: Mapped[int] = mapped_column(Integer)
+    null_slot: Mapped[bool] = mapped_column(Boolean)
+    tokens_per_expert: Mapped[list[int]] = mapped_column(JSON)
+    dropped_per_expert: Mapped[list[int]] = mapped_column(JSON)
+    capacity: Mapped[int | None] = mapped_column(BigInteger)
+    shared_only_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    aux_loss: Mapped[float | None] = mapped_column(Double)
+    z_loss: Mapped[float | None] = mapped_column(Double)
+    max_vio: Mapped[float | None] = mapped_column(Double)
+    drop_rate: Mapped[float | None] = mapped_column(Double)
+    null_fraction: Mapped[float | None] = mapped_column(Double)
+    shared_only_fraction: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "attempt", "rank", "step", "layer"),
+        CheckConstraint(
+            "drop_rate IS NULL OR (drop_rate >= 0 AND drop_rate <= 1)", name="drop_rate_fraction"
+        ),
+        CheckConstraint(
+            "null_fraction IS NULL OR (null_fraction >= 0 AND null_fraction <= 1)",
+            name="null_fraction_fraction",
+        ),
+        CheckConstraint(
+            "shared_only_fraction IS NULL OR "
+            "(shared_only_fraction >= 0 AND shared_only_fraction <= 1)",
+            name="shared_only_fraction_fraction",
+        ),
+    )
+
+
+class Observation(_RankRow, Base):
+    """What ran at one seam, beside what was requested."""
+
+    __tablename__ = "observations"
+
+    seam: Mapped[str] = mapped_column(String(200))
+    requested: Mapped[str | None] = mapped_column(String(200))
+    observed: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    time: Mapped[float] = mapped_column(Double)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "seam", "observed"),)
+
+
+class Profile(_RankRow, Base):
+    __tablename__ = "profiles"
+
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    num_steps: Mapped[int] = mapped_column(Integer)
+    trace_path: Mapped[str | None] = mapped_column(Text)
+    top_kernels: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+    __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "first_step"),)

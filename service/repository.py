@@ -7,23 +7,33 @@ import binascii
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Select, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.goodput import AttemptIn, GoodputInputs, SpanIn, StepIn
-from service.models import Attempt, Base, Run, Span, Step
+from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, SpanIn, StepIn
+from service.models import (
+    Attempt,
+    Base,
+    CheckpointCommit,
+    Observation,
+    Profile,
+    RoutingRow,
+    Run,
+    Span,
+    Step,
+)
+from service.routing_stats import routing_figures
 from trainer_hooks.records import (
     AttemptEndRecord,
-    AttemptStartRecord,
+    HeartbeatRecord,
     IngestResult,
     Record,
+    RoutingRecord,
     RunRecord,
-    SpanRecord,
-    StepRecord,
 )
 
 
@@ -51,6 +61,16 @@ def _insert_ignore(session: Session, model: type[Base], rows: list[dict[str, Any
     return len(session.execute(stmt, rows).all())
 
 
+_TABLES: dict[str, type[Base]] = {
+    "attempt_start": Attempt,
+    "step": Step,
+    "span": Span,
+    "checkpoint": CheckpointCommit,
+    "observation": Observation,
+    "profile": Profile,
+}
+
+
 def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     """Store a batch; records already stored (same natural key) count as duplicates."""
     by_kind: dict[str, list[tuple[int, Any]]] = {}
@@ -58,25 +78,68 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
         by_kind.setdefault(rec.kind, []).append((i, rec))
     _check_runs_exist(session, records, by_kind.get("run", []))
     now = time.time()
-    inserted = _insert_ignore(
-        session,
-        Run,
-        [
-            {**r.model_dump(exclude={"kind", "schema_version"}), "ingested_at": now}
-            for _, r in by_kind.get("run", [])
-        ],
-    )
+    runs = [{**_row(r), "ingested_at": now} for _, r in by_kind.get("run", [])]
+    inserted = _insert_ignore(session, Run, runs)
+    for kind, model in _TABLES.items():
+        inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
     inserted += _insert_ignore(
-        session, Attempt, [_rank_row(r) for _, r in by_kind.get("attempt_start", [])]
+        session, RoutingRow, [_routing_row(r) for _, r in by_kind.get("routing", [])]
     )
-    inserted += _insert_ignore(session, Step, [_rank_row(r) for _, r in by_kind.get("step", [])])
-    inserted += _insert_ignore(session, Span, [_rank_row(r) for _, r in by_kind.get("span", [])])
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
+    inserted += _heartbeats(session, by_kind.get("heartbeat", []))
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
 
 
-def _rank_row(rec: AttemptStartRecord | StepRecord | SpanRecord) -> dict[str, Any]:
+def _row(rec: Record) -> dict[str, Any]:
     return rec.model_dump(exclude={"kind", "schema_version"})
+
+
+def _routing_row(rec: RoutingRecord) -> dict[str, Any]:
+    fig = routing_figures(
+        rec.tokens_per_expert,
+        rec.dropped_per_expert,
+        rec.num_tokens,
+        rec.top_k,
+        rec.null_slot,
+        rec.shared_only_tokens,
+    )
+    return {**_row(rec), **asdict(fig)}
+
+
+def _attempt_key(rec: Any) -> Any:
+    return and_(
+        Attempt.run_id == rec.run_id, Attempt.attempt == rec.attempt, Attempt.rank == rec.rank
+    )
+
+
+def _heartbeats(session: Session, beats: list[tuple[int, HeartbeatRecord]]) -> int:
+    """Advance each attempt's last_seen; a heartbeat that does not advance it is a duplicate."""
+    done = 0
+    errors: list[dict[str, Any]] = []
+    for i, rec in beats:
+        stmt = (
+            update(Attempt)
+            .where(
+                _attempt_key(rec), or_(Attempt.last_seen.is_(None), Attempt.last_seen < rec.time)
+            )
+            .values(last_seen=rec.time)
+        )
+        if session.execute(stmt).rowcount:  # type: ignore[attr-defined]
+            done += 1
+        elif session.execute(select(Attempt.id).where(_attempt_key(rec))).first() is None:
+            errors.append(_unknown_attempt(i, rec))
+    if errors:
+        raise IngestError(errors)
+    return done
+
+
+def _unknown_attempt(i: int, rec: Any) -> dict[str, Any]:
+    return _err(
+        i,
+        "attempt",
+        f"attempt {rec.attempt} of rank {rec.rank} was never started: send its attempt_start first",
+        "unknown_attempt",
+    )
 
 
 def _check_runs_exist(
@@ -132,7 +195,11 @@ def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) ->
                 update(Attempt)
                 .where(key)
                 .values(
-                    end=rec.end, status=rec.status, cause=rec.cause, hook_errors=rec.hook_errors
+                    end=rec.end,
+                    status=rec.status,
+                    cause=rec.cause,
+                    hook_errors=rec.hook_errors,
+                    counters=rec.counters,
                 )
             )
             done += 1
@@ -227,9 +294,15 @@ def steps_of(
 def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     """Everything the goodput calculator needs, as plain data."""
     attempts = [
-        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status)
+        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen)
         for a in attempts_of(session, [run_id])
     ]
+    commits = session.execute(
+        select(CheckpointCommit.attempt, CheckpointCommit.step, CheckpointCommit.ok).where(
+            CheckpointCommit.run_id == run_id
+        )
+    )
+    checkpoints = [CheckpointIn(*row) for row in commits]
     steps = [
         StepIn(*row)
         for row in session.execute(
@@ -246,4 +319,4 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
             ).where(Span.run_id == run_id)
         )
     ]
-    return GoodputInputs(attempts=attempts, steps=steps, spans=spans)
+    return GoodputInputs(attempts=attempts, steps=steps, spans=spans, checkpoints=checkpoints)

@@ -16,6 +16,8 @@ class AttemptRead(BaseModel):
     status: str | None
     cause: str | None
     hook_errors: int
+    last_seen: float | None
+    counters: dict[str, int] | None
 
 
 class RunSummary(BaseModel):

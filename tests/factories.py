@@ -58,3 +58,39 @@ def full_run(run_id: str = "run-a", steps: int = 5, name: str = "alpha") -> list
         *[step(i, run_id) for i in range(steps)],
         attempt_end(run_id, T0 + 10 + 2 * steps),
     ]
+
+
+def heartbeat(t: float, run_id: str = "run-a", **kw: Any) -> dict[str, Any]:
+    return {"kind": "heartbeat", "run_id": run_id, "time": t, **kw}
+
+
+def checkpoint(step: int, t: float, run_id: str = "run-a", **kw: Any) -> dict[str, Any]:
+    return {"kind": "checkpoint", "run_id": run_id, "step": step, "time": t, **kw}
+
+
+def routing(step: int, layer: int = 0, run_id: str = "run-a", **kw: Any) -> dict[str, Any]:
+    base = {
+        "kind": "routing",
+        "run_id": run_id,
+        "step": step,
+        "layer": layer,
+        "num_tokens": 100,
+        "top_k": 2,
+        "tokens_per_expert": [80, 40, 40, 40],
+        "dropped_per_expert": [20, 0, 0, 0],
+        "capacity": 60,
+        "aux_loss": 0.01,
+        "z_loss": 0.001,
+    }
+    return {**base, **kw}
+
+
+def observation(seam: str, observed: str, run_id: str = "run-a", **kw: Any) -> dict[str, Any]:
+    return {
+        "kind": "observation",
+        "run_id": run_id,
+        "seam": seam,
+        "observed": observed,
+        "time": T0 + 1,
+        **kw,
+    }

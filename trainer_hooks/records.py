@@ -7,8 +7,13 @@ Natural keys:
   run            (run_id)
   attempt_start  (run_id, attempt, rank)
   attempt_end    (run_id, attempt, rank)        completes the attempt row started above
+  heartbeat      (run_id, attempt, rank)        keeps the latest time: when the rank was last seen
   step           (run_id, attempt, rank, step)
   span           (run_id, attempt, rank, category, start)
+  checkpoint     (run_id, attempt, rank, step)
+  routing        (run_id, attempt, rank, step, layer)
+  observation    (run_id, attempt, rank, seam, observed)
+  profile        (run_id, attempt, rank, first_step)
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 MAX_RANK = 1_000_000  # ranks, world sizes and attempt numbers are 32-bit columns
 Small = Annotated[int, Field(ge=0, le=MAX_RANK)]
 Epoch = Annotated[float, Field(ge=_MIN_EPOCH, le=_MAX_EPOCH, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0.0, le=1e9, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e300, le=1e300)]
+MAX_SLOTS = 4096
 
 
 class _Record(BaseModel):
@@ -129,6 +137,18 @@ class AttemptEndRecord(_RankScoped):
     status: Literal["completed", "failed"]
     cause: Annotated[Text, Field(max_length=2000)] | None = None
     hook_errors: Count = 0
+    counters: dict[Annotated[str, Field(max_length=64)], Count] = Field(
+        default_factory=dict,
+        description="the hooks' own tallies: records_dropped, recompiles, ooms, ...",
+        max_length=64,
+    )
+
+
+class HeartbeatRecord(_RankScoped):
+    """The rank was alive at `time`; dates a crash that sent no attempt_end."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    time: Epoch
 
 
 class StepRecord(_RankScoped):
@@ -139,7 +159,13 @@ class StepRecord(_RankScoped):
     start: Epoch
     end: Epoch
     tokens: Count = 0
-    loss: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    loss: Finite | None = None
+    device_time_s: Seconds | None = Field(None, description="CUDA-event time of the step")
+    hook_overhead_s: Seconds | None = Field(None, description="the hooks' own host time")
+    flops: Count | None = Field(None, description="model FLOPs of the step (counted once)")
+    mem_allocated_peak: Count | None = Field(None, description="bytes, peak in the step")
+    mem_reserved_peak: Count | None = Field(None, description="bytes, peak in the step")
+    alloc_retries: Count | None = Field(None, description="allocator retries so far")
 
     _end = field_validator("end")(_end_after_start)
 
@@ -168,8 +194,94 @@ class SpanRecord(_RankScoped):
     _end = field_validator("end")(_end_after_start)
 
 
+class CheckpointRecord(_RankScoped):
+    """A checkpoint covering steps up to `step` was committed (ok) or failed to save."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    step: Count
+    time: Epoch
+    ok: bool = True
+
+
+Counts = Annotated[list[Count], Field(min_length=1, max_length=MAX_SLOTS)]
+
+
+class RoutingRecord(_RankScoped):
+    """One MoE layer's routing, summed over `num_steps` steps ending at `step`. Slots are the
+    routed experts, then the null slot when `null_slot` is set."""
+
+    kind: Literal["routing"] = "routing"
+    step: Count
+    layer: Annotated[int, Field(ge=0, le=MAX_SLOTS)]
+    num_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    num_tokens: Count
+    top_k: Annotated[int, Field(ge=1, le=MAX_SLOTS)]
+    null_slot: bool = False
+    tokens_per_expert: Counts
+    dropped_per_expert: Counts
+    capacity: Count | None = None
+    shared_only_tokens: Count | None = Field(
+        None, description="tokens no routed expert computed (all choices null or dropped)"
+    )
+    aux_loss: Finite | None = None
+    z_loss: Finite | None = None
+
+    @field_validator("dropped_per_expert")
+    @classmethod
+    def _same_slots(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        tokens = info.data.get("tokens_per_expert")
+        if tokens is not None and len(v) != len(tokens):
+            raise ValueError(f"has {len(v)} slots, tokens_per_expert has {len(tokens)}")
+        if tokens is not None and any(d > t for d, t in zip(v, tokens, strict=True)):
+            raise ValueError("a slot dropped more assignments than it received")
+        return v
+
+
+Label = Annotated[Text, Field(min_length=1, max_length=200)]
+
+
+class ObservationRecord(_RankScoped):
+    """What really ran at one seam (e.g. `moe_dispatch.layer3`, `sdpa`, `compile`, `dtype`,
+    `recompile`), beside what was requested, and why they differ."""
+
+    kind: Literal["observation"] = "observation"
+    seam: Label
+    requested: Label | None = None
+    observed: Label
+    reason: Annotated[Text, Field(max_length=2000)] | None = None
+    time: Epoch
+    step: Count | None = None
+
+
+class KernelTime(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[Text, Field(min_length=1, max_length=1000)]
+    device_time_s: Seconds
+    count: Count
+
+
+class ProfileRecord(_RankScoped):
+    """Summary of a torch.profiler window; the chrome trace stays on the trainer's disk."""
+
+    kind: Literal["profile"] = "profile"
+    first_step: Count
+    num_steps: Annotated[int, Field(ge=1, le=1_000_000)]
+    trace_path: Annotated[Text, Field(max_length=4096)] | None = None
+    top_kernels: Annotated[list[KernelTime], Field(max_length=200)] = Field(default_factory=list)
+
+
 Record = Annotated[
-    RunRecord | AttemptStartRecord | AttemptEndRecord | StepRecord | SpanRecord,
+    RunRecord
+    | AttemptStartRecord
+    | AttemptEndRecord
+    | HeartbeatRecord
+    | StepRecord
+    | SpanRecord
+    | CheckpointRecord
+    | RoutingRecord
+    | ObservationRecord
+    | ProfileRecord,
     Field(discriminator="kind"),
 ]
 

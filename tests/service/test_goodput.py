@@ -71,7 +71,7 @@ def test_failed_attempt_steps_are_wasted_and_the_gap_is_infra_recovery() -> None
     steps = [st(0, 1, 4, attempt=0), st(1, 4, 7, attempt=0), st(0, 16, 20, attempt=1)]
     g = rank_goodput(0, attempts, steps, [])
     assert g.total_s == pytest.approx(30)
-    assert g.badput_s["wasted_progress"] == pytest.approx(6)
+    assert g.badput_s["wasted_progress"] == pytest.approx(6 + 3)  # steps + the crash tail
     assert g.badput_s["infra_recovery"] == pytest.approx(5)
     assert g.goodput_s == pytest.approx(4)
     assert_adds_up(g)
@@ -119,4 +119,29 @@ def test_many_steps_and_spans_still_add_up() -> None:
     g = rank_goodput(0, [at(0, 6000)], steps, spans)
     assert g.goodput_s == pytest.approx(4000)
     assert g.badput_s["data_stall"] == pytest.approx(2000)
+    assert_adds_up(g)
+
+
+def test_checkpoint_commits_the_steps_it_covers_and_the_rest_is_wasted() -> None:
+    from service.goodput import CheckpointIn
+
+    attempts = [at(0, 20, "failed", attempt=0), at(25, 40, "completed", attempt=1)]
+    steps = [st(n, 2 * n, 2 * n + 2, attempt=0) for n in range(8)]  # 0..16 s
+    steps += [st(n, 25 + n, 26 + n, attempt=1) for n in range(5, 10)]
+    g = rank_goodput(0, attempts, steps, [], [CheckpointIn(0, 4, True), CheckpointIn(0, 6, False)])
+    # attempt 0: steps 0-4 committed (10 s), steps 5-7 wasted (6 s) plus the tail 16 -> 20 s
+    assert g.badput_s["wasted_progress"] == pytest.approx(6 + 4)
+    assert g.badput_s["infra_recovery"] == pytest.approx(5)
+    assert g.goodput_s == pytest.approx(10 + 5)
+    assert_adds_up(g)
+
+
+def test_crashed_attempt_without_end_ends_at_its_last_heartbeat() -> None:
+    attempts = [AttemptIn(0, 0, T + 0, None, None, T + 12), at(15, 20, "completed", attempt=1)]
+    steps = [st(0, 1, 5, attempt=0), st(0, 16, 18, attempt=1)]
+    g = rank_goodput(0, attempts, steps, [])
+    # attempt 0 never ended but a later attempt exists: it crashed; nothing was checkpointed
+    assert g.badput_s["wasted_progress"] == pytest.approx(4 + 7)
+    assert g.badput_s["infra_recovery"] == pytest.approx(3)
+    assert g.goodput_s == pytest.approx(2)
     assert_adds_up(g)
