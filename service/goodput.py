@@ -151,8 +151,8 @@ def rank_goodput(
     blocking = [s for s in spans if not s.overlapped]
     index = _SpanIndex(blocking)
     badput = _empty_badput()
-    for s in blocking:
-        badput[s.category] = badput.get(s.category, 0.0) + (s.end - s.start)
+    for span in blocking:
+        badput[span.category] = badput.get(span.category, 0.0) + (span.end - span.start)
     goodput = 0.0
     prev_end: float | None = None
     start = ordered[0].start if ordered else 0.0

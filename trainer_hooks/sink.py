@@ -22,7 +22,9 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
+from trainer_hooks.device import is_ready, settle
 from trainer_hooks.records import Record
+from trainer_hooks.routing import finish_routing_fields
 from trainer_hooks.spool import Segment, Spool
 
 log = logging.getLogger("trainer_hooks.sink")
@@ -89,13 +91,18 @@ class Sender:
             if not chunk.payloads:
                 if chunk.end_offset > offset and not chunk.torn_tail:
                     seg.set_acked(chunk.end_offset)  # only corrupt frames: skip them for good
-                return True
+                    offset = chunk.end_offset
+                break
             if not self._post(chunk.payloads, spool, stats):
                 return False
             seg.set_acked(chunk.end_offset)
             offset = chunk.end_offset
             if chunk.torn_tail:
-                return True
+                break
+        if offset < seg.size() and not spool.is_active(seg):
+            # A torn tail nobody will finish (a failed write, a crash): skip it for good.
+            stats.corrupt_frames += 1
+            seg.set_acked(seg.size())
         return True
 
     def _post(self, payloads: list[bytes], spool: Spool, stats: SinkStats) -> bool:
@@ -185,22 +192,22 @@ class SpoolSink:
     def _run(self) -> None:
         backoff = 0.0
         next_send = 0.0
+        sent = True
         while True:
             stopping = self._stop.is_set()
             self._guard(self._spool_queue)
             if self._sender is not None and time.monotonic() >= next_send:
-                ok = self._guard(self._send_all)
-                backoff = 0.0 if ok else min(self._max_backoff, max(0.1, backoff * 2))
+                sent = self._guard(self._send_all)
+                backoff = 0.0 if sent else min(self._max_backoff, max(0.1, backoff * 2))
                 next_send = time.monotonic() + backoff
-                if stopping and (ok or time.monotonic() >= self._deadline):
-                    break
-            elif stopping and (self._sender is None or time.monotonic() >= self._deadline):
-                break
             if not stopping:
                 self._stop.wait(self._interval)
-            else:
-                time.sleep(min(0.05, max(0.0, next_send - time.monotonic())))
-        self._guard(self._spool_queue)
+                continue
+            done = not self._queue and (self._sender is None or sent)
+            if done or time.monotonic() >= self._deadline:
+                break
+            time.sleep(0.02)
+        self._guard(self._spool_queue)  # past the deadline: what never landed is counted
 
     def _guard(self, fn: Callable[[], bool | None]) -> bool:
         try:
@@ -212,17 +219,36 @@ class SpoolSink:
             return False
 
     def _spool_queue(self) -> None:
+        """Serialise records in order; a record whose device copies are still in flight (its
+        CUDA event not done) holds the queue until it lands, or until the close deadline."""
         payloads: list[bytes] = []
         while self._queue:
-            kind, fields = self._queue.popleft()
+            kind, fields = self._queue[0]
+            if not is_ready(fields):
+                if not (self._stop.is_set() and time.monotonic() >= self._deadline):
+                    break
+                self._queue.popleft()  # never landed: lost, and counted
+                self.stats.records_dropped += 1
+                continue
+            self._queue.popleft()
             try:
+                settle(fields)
+                if kind == "routing":
+                    finish_routing_fields(fields)
                 payloads.append(to_payload(kind, fields))
             except Exception as exc:
                 self.stats.records_rejected += 1
                 self.stats.last_error = f"invalid {kind} record: {exc}"
-        if payloads:
+        if not payloads:
+            return
+        try:
             self.spool.append(payloads, sync=self._fsync)
-            self.stats.records_spooled += len(payloads)
+        except OSError as exc:  # disk full, quota, read-only: the loss is counted, never fatal
+            self.stats.records_dropped += len(payloads)
+            self.stats.last_error = f"spool write failed: {exc}"
+            self.spool.close_writer()  # the next write starts a fresh segment
+            return
+        self.stats.records_spooled += len(payloads)
 
     def _send_all(self) -> bool:
         assert self._sender is not None

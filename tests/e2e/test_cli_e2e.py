@@ -108,7 +108,7 @@ def test_train_30_steps_reach_the_service_and_goodput_adds_up(
     assert g["badput_s"]["eval"] > 0
     run = served.get("/api/v1/runs/e2e-30").json()
     assert run["model_plan"]["pattern"] == "AE"
-    assert run["runtime_policy"]["dispatch_requested"] == "loop"
+    assert run["runtime_policy"]["dispatch_requested"] == "auto"
     assert run["environment"]["torch"].startswith("2.")
 
 

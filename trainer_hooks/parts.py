@@ -1,0 +1,118 @@
+"""The recorder's optional parts, each cheap on the step path: device timing and memory,
+compile time, FLOPs, routing counters, dispatch and SDPA receipts, the profiler window."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from trainer_hooks.compile_watch import CompileWatch
+from trainer_hooks.device import READY, DeviceProbe
+from trainer_hooks.flops import FlopCounter
+from trainer_hooks.profiling import ProfileWindow
+from trainer_hooks.receipts import DispatchWatch, dispatch_seams, is_compiled, sdpa_probe
+from trainer_hooks.routing import RoutingCollector, find_sources
+
+if TYPE_CHECKING:
+    from trainer_hooks.recorder import Recorder, StepHandle
+
+_OOM_NAMES = ("OutOfMemoryError",)
+
+
+class Parts:
+    def __init__(self, rec: Recorder, device: Any, routing_every: int, watch_compile: bool) -> None:
+        self.rec = rec
+        self.device = DeviceProbe(device)
+        self.flops = FlopCounter()
+        self.routing = RoutingCollector([], routing_every)
+        self.dispatch = DispatchWatch([])
+        self.profile: ProfileWindow | None = None
+        self._sdpa_armed = False
+        self.compile: CompileWatch | None = None
+        if watch_compile:
+            self.compile = CompileWatch(rec.now, self._compile_span, self._recompile)
+            self.compile.ensure_installed()
+
+    # -- set-up --
+
+    def watch(self, model: Any) -> None:
+        self.routing.sources = find_sources(model)
+        self.dispatch.seams = dispatch_seams(model)
+        compiled = is_compiled(model)
+        self.rec.observe("compile", "compiled" if compiled else "eager")
+        self._sdpa_armed = not compiled  # the probe patches a Python function: eager only
+
+    def arm_profile(self, first_step: int, num_steps: int, trace_dir: str | None) -> None:
+        self.profile = ProfileWindow(first_step, num_steps, trace_dir, self.device.cuda)
+
+    # -- per step --
+
+    def step_enter(self, h: StepHandle) -> None:
+        if self.compile is not None:
+            self.compile.ensure_installed()  # torch._dynamo.reset() clears callbacks
+        if self.profile is not None:
+            self.profile.maybe_start(h.step, self.rec.now)
+        if self._sdpa_armed:
+            self._sdpa_armed = False
+            h._probe = sdpa_probe(self.rec.observe, h.step)
+            h._probe.__enter__()
+        self.flops.enter(h.flops_key)
+        h._start_event = self.device.begin()
+
+    def step_exit(self, h: StepHandle, fields: dict[str, Any]) -> None:
+        self._close_probe(h)
+        self.flops.exit(ok=True)
+        fields["flops"] = self.flops.flops(h.flops_key)
+        fields["loss"] = self.device.to_host(h.loss)
+        routings = self.routing.collect(h.step, self.device.to_host)
+        self.device.end(h._start_event, fields)  # after the copies: its event covers them
+        for routing in routings:
+            if READY in fields:
+                routing[READY] = fields[READY]
+            self._emit_routing(routing)
+        self.dispatch.poll(self.rec.observe, h.step)
+        if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
+            self.profile = None
+
+    def step_failed(self, h: StepHandle, exc: BaseException) -> None:
+        self._close_probe(h)
+        self.flops.exit(ok=False)
+        if type(exc).__name__ in _OOM_NAMES:
+            self.rec.counters["ooms"] += 1
+            self.rec.observe("oom", "out of memory", reason=str(exc)[:2000], step=h.step)
+
+    def _close_probe(self, h: StepHandle) -> None:
+        if h._probe is not None:
+            probe, h._probe = h._probe, None
+            probe.__exit__(None, None, None)
+
+    def _emit_routing(self, fields: dict[str, Any]) -> None:
+        fields.update(self.rec._key)
+        self.rec._safe_emit("routing", fields)
+
+    # -- compile callbacks (run on the training thread, inside the step that compiles) --
+
+    def _compile_span(self, start: float, end: float) -> None:
+        self.rec.emit_span("compile", start, end)
+
+    def _recompile(self, compile_id: str, reason: str) -> None:
+        self.rec.observe("recompile", f"recompile {compile_id}", reason=reason)
+
+    # -- end --
+
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.compile is not None:
+            out["compiles"] = self.compile.compiles
+            out["recompiles"] = self.compile.recompiles
+        retries = self.device.alloc_retries()
+        if retries is not None:
+            out["alloc_retries"] = retries
+        return out
+
+    def close(self) -> None:
+        if self.compile is not None:
+            self.compile.uninstall()
+        if self.profile is not None:
+            with contextlib.suppress(Exception):
+                self.profile.abandon()

@@ -1,0 +1,85 @@
+"""A torch.profiler window over chosen steps, for when a receipt cannot explain a result.
+
+The window's wall time is reported as a blocking `profiling` span (the steps inside it run
+slower under the profiler, so they are not counted as goodput). The chrome trace stays on the
+trainer's disk; its path and the top kernels by device time (CPU ops when there is no GPU) go
+to the service in a `profile` record, so a receipt can show which kernels really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+TOP_KERNELS = 30
+
+
+class ProfileWindow:
+    def __init__(self, first_step: int, num_steps: int, trace_dir: str | None, cuda: bool) -> None:
+        if first_step < 0 or num_steps < 1:
+            raise ValueError(
+                f"profile window needs first_step >= 0 and num_steps >= 1, got "
+                f"{first_step}:{num_steps}"
+            )
+        self.first = first_step
+        self.last = first_step + num_steps - 1
+        self.trace_dir = trace_dir or tempfile.gettempdir()
+        self.cuda = cuda
+        self._prof: Any = None
+        self._t0 = 0.0
+
+    def maybe_start(self, step: int, clock: Callable[[], float]) -> None:
+        if step != self.first or self._prof is not None:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._t0 = clock()
+        self._prof = profile(activities=acts, record_shapes=False)
+        self._prof.__enter__()
+
+    def maybe_stop(self, step: int, rec: Any) -> bool:
+        """At the end of the window's last step: stop, export, summarise. True when done."""
+        if self._prof is None or step < self.last:
+            return False
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)  # waits for the device: this is profiling time
+        os.makedirs(self.trace_dir, exist_ok=True)
+        path = os.path.join(
+            self.trace_dir, f"trace-{rec.run_id}-a{rec.attempt}-r{rec.rank}-s{self.first}.json"
+        )
+        prof.export_chrome_trace(path)
+        rec._safe_emit(
+            "profile",
+            {
+                **rec._key,
+                "first_step": self.first,
+                "num_steps": self.last - self.first + 1,
+                "trace_path": path,
+                "top_kernels": top_kernels(prof, self.cuda),
+            },
+        )
+        rec.emit_span("profiling", self._t0, rec.now(), step=self.first)
+        return True
+
+    def abandon(self) -> None:
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof = None
+
+
+def top_kernels(prof: Any, cuda: bool, n: int = TOP_KERNELS) -> list[dict[str, Any]]:
+    """The n events with the most self device time (self CPU time without a GPU)."""
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        us = float(us or 0.0)
+        if us > 0:
+            rows.append({"name": e.key[:1000], "device_time_s": us / 1e6, "count": e.count})
+    rows.sort(key=lambda r: -r["device_time_s"])
+    return rows[:n]
