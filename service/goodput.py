@@ -11,7 +11,9 @@ last time it was seen):
                  `wasted_progress`: the uncommitted steps of an attempt that failed (or that
                  stopped without an end record and was followed by another), plus its tail from
                  the last record to its end (the partial step at the crash);
-                 `infra_recovery`: the gap between an attempt's end and the next one's start.
+                 `infra_recovery`: the gap between an attempt's end and the next one's start;
+                 `observability`: the hooks' own host time, which they measure and report
+                 with each step (it lies between steps, so it comes out of `other`).
                  An attempt with no end record ends at its last heartbeat or record.
   other          total - goodput - sum(badput), unclamped: overlapping spans show up negative
 
@@ -51,6 +53,7 @@ class StepIn(NamedTuple):
     end: float
     tokens: int
     loss: float | None
+    hook_overhead_s: float | None = None
 
 
 class SpanIn(NamedTuple):
@@ -153,6 +156,7 @@ def rank_goodput(
     badput = _empty_badput()
     for span in blocking:
         badput[span.category] = badput.get(span.category, 0.0) + (span.end - span.start)
+    badput["observability"] += sum(s.hook_overhead_s or 0.0 for s in steps)
     goodput = 0.0
     prev_end: float | None = None
     start = ordered[0].start if ordered else 0.0

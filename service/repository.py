@@ -272,6 +272,18 @@ def count_steps(session: Session, run_id: str) -> int:
     return int(session.scalar(select(func.count()).where(Step.run_id == run_id)) or 0)
 
 
+_STEP_IN = (
+    Step.attempt,
+    Step.rank,
+    Step.step,
+    Step.start,
+    Step.end,
+    Step.tokens,
+    Step.loss,
+    Step.hook_overhead_s,
+)
+
+
 def steps_of(
     session: Session,
     run_id: str,
@@ -280,9 +292,7 @@ def steps_of(
     start_step: int | None = None,
     end_step: int | None = None,
 ) -> list[StepIn]:
-    stmt = select(
-        Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens, Step.loss
-    ).where(Step.run_id == run_id, Step.rank == rank)
+    stmt = select(*_STEP_IN).where(Step.run_id == run_id, Step.rank == rank)
     if start_step is not None:
         stmt = stmt.where(Step.step >= start_step)
     if end_step is not None:
@@ -304,12 +314,7 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     )
     checkpoints = [CheckpointIn(*row) for row in commits]
     steps = [
-        StepIn(*row)
-        for row in session.execute(
-            select(
-                Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.tokens, Step.loss
-            ).where(Step.run_id == run_id)
-        )
+        StepIn(*row) for row in session.execute(select(*_STEP_IN).where(Step.run_id == run_id))
     ]
     spans = [
         SpanIn(*row)

@@ -145,3 +145,11 @@ def test_crashed_attempt_without_end_ends_at_its_last_heartbeat() -> None:
     assert g.badput_s["infra_recovery"] == pytest.approx(3)
     assert g.goodput_s == pytest.approx(2)
     assert_adds_up(g)
+
+
+def test_hooks_overhead_is_charged_as_observability() -> None:
+    steps = [StepIn(0, 0, n, T + 2 * n, T + 2 * n + 1, 10, None, 0.25) for n in range(4)]
+    g = rank_goodput(0, [at(0, 8)], steps, [])
+    assert g.badput_s["observability"] == pytest.approx(1.0)
+    assert g.goodput_s == pytest.approx(4.0)
+    assert g.other_s == pytest.approx(3.0)
