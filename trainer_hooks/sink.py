@@ -159,6 +159,7 @@ class SpoolSink:
         self.server_url = server_url
         self.stats = SinkStats()
         self._queue: deque[PendingRecord] = deque()
+        self._unspooled: list[bytes] = []  # serialised, waiting for the disk to take them
         self._max_pending = max_pending
         self._interval = flush_interval_s
         self._max_backoff = max_backoff_s
@@ -203,11 +204,13 @@ class SpoolSink:
             if not stopping:
                 self._stop.wait(self._interval)
                 continue
-            done = not self._queue and (self._sender is None or sent)
+            done = not self._queue and not self._unspooled and (self._sender is None or sent)
             if done or time.monotonic() >= self._deadline:
                 break
             time.sleep(0.02)
         self._guard(self._spool_queue)  # past the deadline: what never landed is counted
+        self.stats.records_dropped += len(self._unspooled)  # the disk never took these
+        self._unspooled = []
 
     def _guard(self, fn: Callable[[], bool | None]) -> bool:
         try:
@@ -239,16 +242,23 @@ class SpoolSink:
             except Exception as exc:
                 self.stats.records_rejected += 1
                 self.stats.last_error = f"invalid {kind} record: {exc}"
-        if not payloads:
+        self._unspooled.extend(payloads)
+        if not self._unspooled:
             return
         try:
-            self.spool.append(payloads, sync=self._fsync)
-        except OSError as exc:  # disk full, quota, read-only: the loss is counted, never fatal
-            self.stats.records_dropped += len(payloads)
+            self.spool.append(self._unspooled, sync=self._fsync)
+        except OSError as exc:
+            # Disk full, quota, read-only: keep the records in memory (bounded) and retry on
+            # the next round; the oldest beyond the bound are lost, and counted. Never fatal.
             self.stats.last_error = f"spool write failed: {exc}"
-            self.spool.close_writer()  # the next write starts a fresh segment
+            self.spool.close_writer()  # a torn frame stays behind; the retry starts afresh
+            excess = len(self._unspooled) - self._max_pending
+            if excess > 0:
+                del self._unspooled[:excess]
+                self.stats.records_dropped += excess
             return
-        self.stats.records_spooled += len(payloads)
+        self.stats.records_spooled += len(self._unspooled)
+        self._unspooled = []
 
     def _send_all(self) -> bool:
         assert self._sender is not None

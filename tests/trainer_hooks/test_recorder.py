@@ -180,3 +180,48 @@ def test_replay_refuses_a_spool_in_use(tmp_path: Path) -> None:
     with pytest.raises(SpoolLockedError):
         replay(tmp_path, f"http://127.0.0.1:{free_port()}")
     sink.close()
+
+
+def test_full_disk_keeps_training_and_records_land_once_it_frees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    real_append = Spool.append
+    disk_full = {"on": True}
+
+    def append(self: Spool, payloads: list[bytes], sync: bool = True) -> int:
+        if disk_full["on"]:
+            # a partial write first, as a real ENOSPC mid-frame leaves behind
+            self._writable_segment()
+            assert self._fh is not None
+            self._fh.write(b"GP\x10\x00")
+            self._fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(self, payloads, sync)
+
+    monkeypatch.setattr(Spool, "append", append)
+    sink = SpoolSink(tmp_path, None, flush_interval_s=0.02)
+    rec = Recorder(run_name="disk", sink=sink, run_id="disk-1", environment={}, heartbeat_s=0)
+    scripted_loop(rec, steps=3)  # training goes on while nothing can be written
+    time.sleep(0.1)
+    assert sink.stats.records_spooled == 0 and "No space" in (sink.stats.last_error or "")
+    disk_full["on"] = False
+    stats = rec.close()
+    assert stats.records_dropped == 0 and stats.records_spooled == 9
+
+
+def test_records_behind_a_torn_frame_are_replayed_after_recovery(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    sink = SpoolSink(tmp_path, None)
+    rec = Recorder(run_name="torn", sink=sink, run_id="torn-1", environment={}, heartbeat_s=0)
+    scripted_loop(rec, steps=2)
+    rec.close()
+    seg = Spool(tmp_path).segments()[0]
+    with open(seg.path, "ab") as f:
+        f.write(b"GP\xff\x00\x00\x00garbage")  # a crash mid-append: a torn tail
+    result = replay(tmp_path, live_server.base)
+    assert result["inserted"] == 7 and result["corrupt_frames"] == 1
+    steps = httpx.get(f"{live_server.base}/api/v1/runs/torn-1/steps").json()["points"]
+    assert [p["step"] for p in steps] == [0, 1]
