@@ -60,13 +60,10 @@ def served(db_url: str, tmp_path: Path) -> Iterator[Served]:
 
 def train(server_url: str, spool: Path, *args: str) -> subprocess.Popen[str]:
     cmd = [*GOODPUT, "train", "--server", server_url, "--spool", str(spool), "--no-progress", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=spool.parent
+    )  # checkpoints land in the tmp dir
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
