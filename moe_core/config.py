@@ -21,7 +21,7 @@ KNOWN_LETTERS = {
     "R": "recurrent",
 }
 # Letters that have a block implementation today; the others parse but are refused up front.
-IMPLEMENTED_LETTERS = ("A", "E")
+IMPLEMENTED_LETTERS = ("A", "M", "E", "R")
 
 _POSITIVE_INT_FIELDS = (
     "vocab_size",
@@ -34,6 +34,9 @@ _POSITIVE_INT_FIELDS = (
     "seq_len",
 )
 _REPEAT_RE = re.compile(r"\*([0-9]+)$")
+# Router choices; moe_core.router holds the same tuples (this module stays torch-free).
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
 
 
 def parse_pattern(pattern: str) -> list[str]:
@@ -97,8 +100,27 @@ class ModelConfig:
     num_experts: int = 4
     top_k: int = 2
     seq_len: int = 64
-    aux_loss_coeff: float = 0.01
     rope_base: float = 10000.0
+    # Router (E blocks); moe_core.router.TopKRouter documents each knob.
+    score: str = "softmax"  # "softmax" over all slots, or per-slot "sigmoid"
+    null_slot: bool = False  # one extra slot that runs no routed expert (shared expert only)
+    capacity_factor: float | None = None  # None: no token dropping
+    drop_policy: str = "probs"  # over capacity, keep the highest scores ("probs") or first tokens
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+    jitter_eps: float = 0.0  # router input multiplied by U(1 - eps, 1 + eps) in training
+    bias_update_rate: float = 0.0  # loss-free balancing step size; 0 leaves the bias at zero
+    route_scale: float = 1.0  # multiplies the renormalized routing weights
+    # M blocks (moe_core.ssm.MambaBlock) and R blocks (moe_core.recurrent.RecurrentBlock).
+    ssm_d_state: int = 16
+    ssm_expand: int = 2
+    ssm_d_conv: int = 4
+    ssm_chunk_size: int = 16  # faster and leaner than 64 on an H100 (helper's measurement)
+    ssm_dt_min: float = 1e-3
+    ssm_dt_max: float = 1e-1
+    rec_expand: int = 1
+    rec_d_conv: int = 4
+    rec_chunk_size: int = 64
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -113,9 +135,36 @@ class ModelConfig:
             )
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k: {self.top_k} must be <= num_experts={self.num_experts}")
-        _require_number("aux_loss_coeff", self.aux_loss_coeff, allow_zero=True)
         _require_number("rope_base", self.rope_base, allow_zero=False)
+        for name in _MIXER_INT_FIELDS:
+            _require_positive_int(name, getattr(self, name))
+        _require_number("ssm_dt_min", self.ssm_dt_min, allow_zero=False)
+        if not self.ssm_dt_min < self.ssm_dt_max:
+            raise ValueError(
+                f"ssm_dt_max: {self.ssm_dt_max} must exceed ssm_dt_min={self.ssm_dt_min}"
+            )
+        self._check_router_fields()
         check_implemented(self.pattern, parse_pattern(self.pattern))
+
+    def _check_router_fields(self) -> None:
+        _require_choice("score", self.score, SCORE_FUNCTIONS)
+        _require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        if not isinstance(self.null_slot, bool):
+            raise ValueError(f"null_slot: must be a bool, got {self.null_slot!r}")
+        if self.capacity_factor is not None:
+            _require_number("capacity_factor", self.capacity_factor, allow_zero=False)
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+            _require_number(name, getattr(self, name), allow_zero=True)
+        _require_number("route_scale", self.route_scale, allow_zero=False)
+        _require_number("jitter_eps", self.jitter_eps, allow_zero=True)
+        if self.jitter_eps >= 1:
+            # At eps >= 1 the multiplier can reach zero or flip sign: no longer a jitter.
+            raise ValueError(f"jitter_eps: must be < 1, got {self.jitter_eps!r}")
+
+    @property
+    def num_slots(self) -> int:
+        """Router outputs: the routed experts, plus one when the null slot is on."""
+        return self.num_experts + int(self.null_slot)
 
     @property
     def layers(self) -> list[str]:
@@ -125,6 +174,17 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+
+_MIXER_INT_FIELDS = (
+    "ssm_d_state",
+    "ssm_expand",
+    "ssm_d_conv",
+    "ssm_chunk_size",
+    "rec_expand",
+    "rec_d_conv",
+    "rec_chunk_size",
+)
 
 
 def _require_positive_int(name: str, value: Any) -> None:
@@ -140,14 +200,30 @@ def _require_number(name: str, value: Any, *, allow_zero: bool) -> None:
         raise ValueError(f"{name}: must be a finite number {bound}, got {value!r}")
 
 
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+
+
 def layer_param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of one block of each implemented family (must match the torch modules)."""
+    """Parameters of one block of each family (must match the torch modules; tested)."""
     d = cfg.d_model
     norm = d  # RMSNorm scale
     attention = norm + 3 * d * d + d * d  # qkv + output projection, no biases
     routed = cfg.num_experts * 3 * d * cfg.expert_hidden  # w1, w3, w2 per expert
-    moe = norm + cfg.num_experts * d + 3 * d * cfg.ffn_hidden + routed  # router + shared
-    return {"A": attention, "E": moe, "routed_per_expert": 3 * d * cfg.expert_hidden}
+    router = cfg.num_slots * d  # one gate row per slot, the null slot included
+    moe = norm + router + 3 * d * cfg.ffn_hidden + routed
+    w_m, dt_rank, n = cfg.ssm_expand * d, math.ceil(d / 16), cfg.ssm_d_state
+    mamba = d + 3 * d * w_m + w_m * (cfg.ssm_d_conv + 2 * dt_rank + 3 * n + 3)
+    w_r = cfg.rec_expand * d
+    recurrent = d + 3 * d * w_r + 2 * w_r * w_r + w_r * (cfg.rec_d_conv + 4)
+    return {
+        "A": attention,
+        "M": mamba,
+        "E": moe,
+        "R": recurrent,
+        "routed_per_expert": 3 * d * cfg.expert_hidden,
+    }
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -172,10 +248,29 @@ def model_plan(cfg: ModelConfig) -> dict[str, Any]:
         "e_positions": [i for i, letter in enumerate(layers) if letter == "E"],
         "num_experts": cfg.num_experts,
         "top_k": cfg.top_k,
-        "null_slot": False,
-        "capacity_factor": None,
+        "num_slots": cfg.num_slots,
+        "null_slot": cfg.null_slot,
+        "capacity_factor": cfg.capacity_factor,
+        "score": cfg.score,
+        "drop_policy": cfg.drop_policy,
+        "aux_loss_coeff": cfg.aux_loss_coeff,
+        "z_loss_coeff": cfg.z_loss_coeff,
+        "jitter_eps": cfg.jitter_eps,
+        "bias_update_rate": cfg.bias_update_rate,
+        "route_scale": cfg.route_scale,
         "d_model": cfg.d_model,
         "n_heads": cfg.n_heads,
+        "ssm": {
+            "d_state": cfg.ssm_d_state,
+            "expand": cfg.ssm_expand,
+            "d_conv": cfg.ssm_d_conv,
+            "chunk_size": cfg.ssm_chunk_size,
+        },
+        "recurrent": {
+            "expand": cfg.rec_expand,
+            "d_conv": cfg.rec_d_conv,
+            "chunk_size": cfg.rec_chunk_size,
+        },
         "expert_hidden": cfg.expert_hidden,
         "shared_hidden": cfg.ffn_hidden,
         "vocab_size": cfg.vocab_size,

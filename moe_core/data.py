@@ -101,13 +101,16 @@ class ByteCorpus:
         return self.splits[name]
 
     def batches(
-        self, split: str, batch_size: int, seq_len: int, seed: int
+        self, split: str, batch_size: int, seq_len: int, seed: int, start: int = 0
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Infinite random windows ``(x [B, T] long, y [B, T] long)`` with y = x shifted by one.
 
         Arguments are checked here, before the first batch is asked for, and the stream is a
-        pure function of (corpus, split, batch_size, seq_len, seed).
+        pure function of (corpus, split, batch_size, seq_len, seed). ``start`` skips that many
+        batches (the data position a checkpoint stores), so a resumed run sees the same stream.
         """
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"start: must be a non-negative integer, got {start!r}")
         data_N = self.split(split)
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -118,6 +121,9 @@ class ByteCorpus:
                 f"split {split!r} has {data_N.numel()}"
             )
         generator = torch.Generator().manual_seed(seed)
+        high = data_N.numel() - seq_len
+        for _ in range(start):  # replays only the generator's draws, not the gathers
+            torch.randint(0, high, (batch_size,), generator=generator)
         return _windows(data_N, batch_size, seq_len, generator)
 
 

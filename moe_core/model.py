@@ -18,7 +18,10 @@ from torch import Tensor, nn
 
 from moe_core.attention import AttentionBlock
 from moe_core.config import ModelConfig, check_implemented
+from moe_core.dispatch import DISPATCH_BACKENDS
 from moe_core.moe import MoEBlock
+from moe_core.recurrent import RecurrentBlock
+from moe_core.ssm import MambaBlock
 
 INIT_STD = 0.02
 
@@ -31,10 +34,30 @@ def _moe(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
     return MoEBlock(cfg, dispatch_backend=dispatch_backend)
 
 
+def _mamba(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+    return MambaBlock(
+        cfg.d_model,
+        d_state=cfg.ssm_d_state,
+        expand=cfg.ssm_expand,
+        d_conv=cfg.ssm_d_conv,
+        chunk_size=cfg.ssm_chunk_size,
+        dt_min=cfg.ssm_dt_min,
+        dt_max=cfg.ssm_dt_max,
+    )
+
+
+def _recurrent(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+    return RecurrentBlock(
+        cfg.d_model, expand=cfg.rec_expand, d_conv=cfg.rec_d_conv, chunk_size=cfg.rec_chunk_size
+    )
+
+
 # One builder per pattern letter. Every block maps x_BTD -> (x_BTD, aux_loss).
 BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, str], nn.Module]] = {
     "A": _attention,
+    "M": _mamba,
     "E": _moe,
+    "R": _recurrent,
 }
 
 
@@ -43,6 +66,10 @@ class MoEModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, dispatch_backend: str = "loop") -> None:
         super().__init__()
+        if dispatch_backend not in DISPATCH_BACKENDS:
+            # Checked here too, so a model without E blocks still refuses a bad name.
+            known = ", ".join(DISPATCH_BACKENDS)
+            raise ValueError(f"dispatch_backend: unknown {dispatch_backend!r}; available: {known}")
         layers = cfg.layers
         check_implemented(cfg.pattern, layers)  # the config checked too; cheap to be sure
         self.cfg = cfg
@@ -56,6 +83,19 @@ class MoEModel(nn.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         """The E blocks in layer order, for reading routing counters."""
         return [block for block in self.blocks if isinstance(block, MoEBlock)]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Loss-free balancing step of every E block's router; call right after ``opt.step()``.
+
+        A no-op (beyond resetting counts) when ``bias_update_rate`` is 0. Nothing syncs.
+        """
+        for block in self.moe_blocks:
+            block.router.update_bias()
+
+    def dispatch_observations(self) -> list[dict[str, str | None]]:
+        """Per E block: requested, observed backend and fallback reason, for the receipt."""
+        return [block.dispatcher.as_dict() for block in self.moe_blocks]
 
     def forward(self, tokens_BT: Tensor) -> tuple[Tensor, Tensor]:
         """Return next-token logits [B, T, V] and the summed E-block aux loss (0-dim fp32)."""
@@ -97,6 +137,9 @@ class MoEModel(nn.Module):
 
 def build_model(cfg: ModelConfig, seed: int, *, dispatch_backend: str = "loop") -> MoEModel:
     """Build and initialize a model; the same (cfg, seed) always gives the same weights.
+
+    ``dispatch_backend`` is one of ``DISPATCH_BACKENDS`` (grouped, padded, loop, auto); each
+    E block's ``dispatcher`` then records which backend really ran.
 
     The global RNG is forked, so building a model does not disturb the caller's random state.
     """

@@ -184,8 +184,13 @@ class Recorder:
         self._guard(self._parts.watch, model)
 
     def checkpoint_committed(self, step: int, ok: bool = True) -> None:
-        """A checkpoint holding every step up to `step` is durable (or failed to be)."""
+        """A checkpoint holding every step up to `step` is durable (or failed to be). The
+        record is flushed to the spool before this returns (bounded wait): a crash right
+        after a checkpoint must not lose the commit that tells which steps it saved."""
         self._safe_emit("checkpoint", {**self._key, "step": step, "time": self.now(), "ok": ok})
+        flush = getattr(self.sink, "flush", None)
+        if flush is not None:
+            self._guard(flush)
 
     def observe(
         self,

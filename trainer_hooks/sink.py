@@ -149,7 +149,7 @@ class SpoolSink:
         server_url: str | None = None,
         *,
         max_pending: int = 100_000,
-        flush_interval_s: float = 0.2,
+        flush_interval_s: float = 0.1,
         batch_records: int = 2000,
         max_backoff_s: float = 2.0,
         fsync: bool = True,
@@ -166,6 +166,10 @@ class SpoolSink:
         self._fsync = fsync
         self._sender = Sender(server_url, batch_records) if server_url else None
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._progress = threading.Condition()
+        self._emitted = 0  # records accepted by emit (hot path: a plain int increment)
+        self._handled = 0  # records the sink thread took off the queue (written or counted)
         self._deadline = float("inf")
         self._thread = threading.Thread(target=self._run, name="goodput-sink", daemon=True)
         self._thread.start()
@@ -176,12 +180,23 @@ class SpoolSink:
             self.stats.records_dropped += 1
             return
         self._queue.append((kind, fields))
+        self._emitted += 1
+
+    def flush(self, timeout_s: float = 2.0) -> bool:
+        """Wait until everything emitted so far is on disk (or counted lost). For rare,
+        precious records such as checkpoint commits, which a hard crash right after them
+        must not take along; never called per step. False on timeout."""
+        target = self._emitted
+        self._wake.set()
+        with self._progress:
+            return self._progress.wait_for(lambda: self._handled >= target, timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> SinkStats:
         """Spool everything still in memory and try to send it for up to `timeout_s` seconds.
         What is not sent by then stays in the spool for `goodput spool replay`."""
         self._deadline = time.monotonic() + timeout_s
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout_s + 5.0)
         self.stats.pending_bytes = self.spool.pending()
         if self._sender is not None:
@@ -202,7 +217,8 @@ class SpoolSink:
                 backoff = 0.0 if sent else min(self._max_backoff, max(0.1, backoff * 2))
                 next_send = time.monotonic() + backoff
             if not stopping:
-                self._stop.wait(self._interval)
+                self._wake.wait(self._interval)
+                self._wake.clear()
                 continue
             done = not self._queue and not self._unspooled and (self._sender is None or sent)
             if done or time.monotonic() >= self._deadline:
@@ -225,15 +241,18 @@ class SpoolSink:
         """Serialise records in order; a record whose device copies are still in flight (its
         CUDA event not done) holds the queue until it lands, or until the close deadline."""
         payloads: list[bytes] = []
+        taken = 0
         while self._queue:
             kind, fields = self._queue[0]
             if not is_ready(fields):
                 if not (self._stop.is_set() and time.monotonic() >= self._deadline):
                     break
                 self._queue.popleft()  # never landed: lost, and counted
+                taken += 1
                 self.stats.records_dropped += 1
                 continue
             self._queue.popleft()
+            taken += 1
             try:
                 settle(fields)
                 if kind == "routing":
@@ -243,6 +262,14 @@ class SpoolSink:
                 self.stats.records_rejected += 1
                 self.stats.last_error = f"invalid {kind} record: {exc}"
         self._unspooled.extend(payloads)
+        try:
+            self._write_unspooled()
+        finally:
+            with self._progress:
+                self._handled += taken
+                self._progress.notify_all()
+
+    def _write_unspooled(self) -> None:
         if not self._unspooled:
             return
         try:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moe_core import ModelConfig, build_model, model_plan, parse_pattern
 
@@ -39,12 +40,15 @@ def test_parse_pattern_rejects_zero_repeats_and_empty_segments(pattern):
         parse_pattern(pattern)
 
 
-@pytest.mark.parametrize(("pattern", "position", "letter"), [("AEM", 2, "M"), ("AE*2+R", 4, "R")])
-def test_config_refuses_unimplemented_letters_naming_layer(pattern, position, letter):
-    with pytest.raises(
-        ValueError, match=rf"{letter!r} at layer position {position}.*not implemented"
-    ):
-        ModelConfig(pattern=pattern)
+def test_every_family_letter_builds_a_model_with_its_blocks():
+    from moe_core.recurrent import RecurrentBlock
+    from moe_core.ssm import MambaBlock
+
+    model = build_model(ModelConfig(pattern="AEMEAEMEAEMR", d_model=32, n_heads=2), seed=0)
+    kinds = [type(b).__name__ for b in model.blocks]
+    assert kinds.count(MambaBlock.__name__) == 3 and kinds.count(RecurrentBlock.__name__) == 1
+    logits, aux = model(torch.randint(0, 256, (2, 16)))
+    assert logits.shape == (2, 16, 256) and aux.ndim == 0
 
 
 @pytest.mark.parametrize(
@@ -85,7 +89,7 @@ def test_model_plan_is_json_serializable_and_describes_layers():
     assert (plan["num_experts"], plan["top_k"]) == (4, 2)
 
 
-@pytest.mark.parametrize("pattern", ["AE", "AE*2+A", "A", "EE"])
+@pytest.mark.parametrize("pattern", ["AE", "AE*2+A", "A", "EE", "AEMEAEMEAEMR", "MR"])
 def test_model_plan_total_params_match_the_built_model(pattern):
     cfg = ModelConfig(pattern=pattern, num_experts=6, top_k=2, expert_hidden=16)
     model = build_model(cfg, seed=0)

@@ -89,3 +89,13 @@ def test_from_stdlib_rejects_bad_arguments(kwargs, field):
 def test_from_stdlib_rejects_a_directory_without_sources(tmp_path):
     with pytest.raises(ValueError, match="root"):
         ByteCorpus.from_stdlib(root=str(tmp_path))
+
+
+def test_batches_from_a_start_position_continue_the_same_stream() -> None:
+    corpus = ByteCorpus.from_bytes(bytes(range(256)) * 40)
+    full = corpus.batches("train", 3, 16, seed=5)
+    expected = [next(full) for _ in range(7)][4:]
+    resumed = corpus.batches("train", 3, 16, seed=5, start=4)
+    for want_x, _ in expected:
+        got_x, _ = next(resumed)
+        assert torch.equal(got_x, want_x)

@@ -1,0 +1,128 @@
+"""What the goodput hooks cost a training step: the bundled loop with hooks on and off,
+interleaved in one run.
+
+    python bench/hooks_overhead.py                      # CPU, the small bundled model
+    python bench/hooks_overhead.py --device cuda --d-model 1024 --seq-len 1024 --batch-size 8 \
+        --pattern AEAEAEAE --num-experts 16
+
+Two figures:
+- us_per_step: median host time spent inside the hook calls of a step (span enter/exit around
+  the batch fetch, step enter/exit), hooks on minus the same calls on no-op stand-ins; the
+  sink's background thread is excluded, as it runs beside training.
+- ratio: median step wall time with hooks on over hooks off (the GPU target is <= 1.01).
+
+Blocks of steps alternate on/off so drift (clocks, caches, other load) hits both alike. The
+last line is `hooks_overhead: us_per_step=<x> ratio=<y>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from moe_core.config import ModelConfig
+from moe_core.loop import NullRecorder, TrainConfig, setup, train_step
+from trainer_hooks import Recorder, SpoolSink
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pattern", default="AE")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--dispatch", default="auto")
+    p.add_argument("--blocks", type=int, default=10, help="on/off blocks of each kind")
+    p.add_argument("--steps-per-block", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # between blocks only, never inside a timed step
+
+
+def run_block(st: Any, cfg: TrainConfig, rec: Any, batches: Any, first: int, n: int,
+              device: torch.device) -> tuple[list[float], list[float]]:
+    """n steps; returns (host seconds inside hook calls, wall seconds) per step."""
+    hook_s, wall_s = [], []
+    pc = time.perf_counter
+    for step in range(first, first + n):
+        t0 = pc()
+        span = rec.span("data_stall", step=step)
+        span.__enter__()
+        t1 = pc()
+        x_BT, y_BT = next(batches)
+        x_BT, y_BT = x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True)
+        t2 = pc()
+        span.__exit__(None, None, None)
+        h = rec.step(step, tokens=x_BT.numel(), flops_key=tuple(x_BT.shape))
+        h.__enter__()
+        t3 = pc()
+        loss = train_step(st, cfg, step, x_BT, y_BT, device)
+        t4 = pc()
+        h.loss = loss
+        h.__exit__(None, None, None)
+        t5 = pc()
+        hook_s.append((t1 - t0) + (t3 - t2) + (t5 - t4))
+        wall_s.append(t5 - t0)
+    return hook_s, wall_s
+
+
+def main() -> None:
+    args = parse()
+    device = torch.device(args.device)
+    model_cfg = ModelConfig(pattern=args.pattern, d_model=args.d_model, seq_len=args.seq_len,
+                            num_experts=args.num_experts,
+                            n_heads=max(2, args.d_model // 64),
+                            ffn_hidden=2 * args.d_model, expert_hidden=args.d_model)
+    total = args.warmup + 2 * args.blocks * args.steps_per_block
+    cfg = TrainConfig(steps=total, batch_size=args.batch_size, dispatch=args.dispatch,
+                      device=args.device, eval_every=0)
+    st = setup(model_cfg, cfg, "bench", None, None)
+    batches = st.corpus.batches("train", args.batch_size, args.seq_len, seed=0)
+    spool = tempfile.mkdtemp(prefix="hooks-bench-")
+    rec = Recorder(run_name="hooks-overhead", sink=SpoolSink(spool, None), device=device,
+                   environment={})
+    rec.watch(st.raw_model)
+    off = NullRecorder()
+    step = 0
+    for r in (rec, off):  # warm-up both paths, including the one FLOP-counted step
+        run_block(st, cfg, r, batches, step, args.warmup // 2 or 1, device)
+        step += args.warmup // 2 or 1
+    on_hook, on_wall, off_hook, off_wall = [], [], [], []
+    for b in range(2 * args.blocks):
+        r, hook, wall = (rec, on_hook, on_wall) if b % 2 == 0 else (off, off_hook, off_wall)
+        sync(device)
+        h, w = run_block(st, cfg, r, batches, step, args.steps_per_block, device)
+        sync(device)
+        step += args.steps_per_block
+        hook += h
+        wall += w
+    stats = rec.close()
+    us = (statistics.median(on_hook) - statistics.median(off_hook)) * 1e6
+    ratio = statistics.median(on_wall) / statistics.median(off_wall)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, pattern {args.pattern}, "
+          f"d_model {args.d_model}, tokens/step {args.batch_size * args.seq_len}")
+    print(f"steps: {len(on_wall)} on, {len(off_wall)} off, interleaved in blocks of "
+          f"{args.steps_per_block}")
+    print(f"median step wall: on {statistics.median(on_wall) * 1e3:.3f} ms, "
+          f"off {statistics.median(off_wall) * 1e3:.3f} ms")
+    print(f"median host time in hook calls: on {statistics.median(on_hook) * 1e6:.1f} us, "
+          f"off {statistics.median(off_hook) * 1e6:.1f} us")
+    print(f"records spooled {stats.records_spooled}, dropped {stats.records_dropped}, "
+          f"hook errors {rec.errors}")
+    print(f"hooks_overhead: us_per_step={us:.1f} ratio={ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Checkpoints and the attempt ledger of a run directory.
+
+A checkpoint holds everything a resumed run needs to continue the same stream bit for bit on
+the CPU: model and optimizer state, the data position, RNG states, the step, the run id. It is
+written to a temporary file, fsynced and renamed, so a crash mid-write never leaves a torn
+checkpoint behind. `attempts.json` counts the attempts that started in this directory, so a
+resumed run gets the next attempt number even when the crashed attempt never checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+KEEP_LAST = 2
+
+
+@dataclass
+class Checkpoint:
+    step: int  # the last completed step; training continues at step + 1
+    run_id: str
+    data_position: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: Path, ckpt: Checkpoint) -> Path:
+    """Write atomically; keep the newest KEEP_LAST checkpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{ckpt.step:08d}.pt"
+    tmp = directory / f".{final.name}.tmp"
+    torch.save(ckpt.__dict__, tmp)
+    _fsync_replace(tmp, final)
+    for old in list_checkpoints(directory)[:-KEEP_LAST]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+
+
+def load_latest(directory: Path, device: torch.device) -> Checkpoint | None:
+    found = list_checkpoints(directory)
+    if not found:
+        return None
+    # weights_only=False: RNG states hold Python tuples; these files are our own.
+    raw = torch.load(found[-1], map_location=device, weights_only=False)
+    return Checkpoint(**raw)
+
+
+def next_attempt(directory: Path, fresh: bool) -> int:
+    """Record that a new attempt starts here and return its number: 0 for a fresh run, one
+    more than the last attempt recorded here for a resumed one."""
+    ledger = directory / "attempts.json"
+    last = -1
+    if not fresh:
+        try:
+            last = int(json.loads(ledger.read_text())["last_attempt"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            last = -1
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".attempts.json.tmp"
+    tmp.write_text(json.dumps({"last_attempt": last + 1}))
+    _fsync_replace(tmp, ledger)
+    return last + 1

@@ -1,0 +1,219 @@
+"""Dispatch backends: send each kept choice to its routed expert and combine the outputs.
+
+Every backend maps ``(x_TD, routing, experts) -> routed_TD`` and computes the same function:
+``routed[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` over the choices that run an
+expert (kept by capacity and not on the null slot). Dropped and null-slot choices add nothing,
+and their weights are not renormalized away (Switch/Megatron semantics).
+
+- ``loop``: per-expert matmuls over the sorted segments. The reference; it reads the segment
+  sizes on the host, a device sync.
+- ``grouped``: one ``torch._grouped_mm`` per weight over the expert-sorted rows, with int32
+  group offsets kept on the device. Used where the op really runs for this device and compute
+  dtype (``grouped_mm_unavailable_reason``); elsewhere it falls back to ``loop`` and says why.
+- ``padded``: rows scattered into a static ``[E, C_pad, D]`` buffer, one ``bmm`` per weight.
+  No host sync anywhere; the cost is compute and memory for the padding (``padded_capacity``).
+- ``auto``: grouped where it really runs, else padded when a capacity is set, else loop.
+
+Shape legend:
+    T  tokens
+    D  model width (d_model)
+    H  expert hidden width
+    E  routed experts
+    G  sort groups: the E experts, then one group (index E) for rows that run no expert
+    K  choices per token (top_k)
+    A  assignments (T * K), sorted by group unless named ``_TK``
+    C  padded rows per expert (C_pad)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_core.grouped_mm import compute_dtype, grouped_mm_unavailable_reason
+from moe_core.router import Routing, count_per_slot, rank_in_group
+
+if TYPE_CHECKING:
+    from moe_core.moe import RoutedExperts
+
+DISPATCH_BACKENDS = ("grouped", "padded", "loop", "auto")
+
+
+@dataclass
+class SortedAssignments:
+    """The T*K choices sorted by group: each expert's rows in token order, then the rest."""
+
+    token_ids_A: Tensor  # token of each row
+    weights_A: Tensor  # combine weight of each row; 0 where the row runs no expert
+    groups_A: Tensor  # expert of each row, or E where it runs none (sorted ascending)
+    runs_A: Tensor  # bool, the row runs an expert: groups_A < E
+    rows_per_group_G: Tensor  # [E + 1] long, on the device
+
+
+def sort_assignments(routing: Routing) -> SortedAssignments:
+    """Stable sort of the choices by expert; dropped and null-slot choices go last."""
+    num_experts, top_k = routing.num_experts, routing.expert_ids.shape[1]
+    groups_TK = torch.where(routing.runs_expert, routing.expert_ids, num_experts)
+    order_A = torch.argsort(groups_TK.reshape(-1), stable=True)
+    groups_A = groups_TK.reshape(-1).index_select(0, order_A)
+    runs_A = groups_A < num_experts
+    weights_A = routing.weights.reshape(-1).index_select(0, order_A)
+    return SortedAssignments(
+        token_ids_A=torch.div(order_A, top_k, rounding_mode="floor"),  # a = t * K + j
+        weights_A=torch.where(runs_A, weights_A, torch.zeros_like(weights_A)),
+        groups_A=groups_A,
+        runs_A=runs_A,
+        rows_per_group_G=count_per_slot(groups_A, num_experts + 1),
+    )
+
+
+def combine(y_AD: Tensor, sorted_: SortedAssignments, num_tokens: int) -> Tensor:
+    """Weighted scatter-add of the rows' expert outputs back to their tokens."""
+    weighted_AD = y_AD * sorted_.weights_A.to(y_AD.dtype).unsqueeze(-1)
+    out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+    return out_TD.index_add(0, sorted_.token_ids_A, weighted_AD)
+
+
+def loop_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+    """Reference backend: one matmul chain per expert over its contiguous sorted rows."""
+    sorted_ = sort_assignments(routing)
+    # Slicing needs the segment sizes on the host: a device sync, fine for the reference.
+    rows_per_group = sorted_.rows_per_group_G.tolist()
+    num_running = sum(rows_per_group[:-1])
+    x_AD = x_TD.index_select(0, sorted_.token_ids_A[:num_running])
+    chunks = torch.split(x_AD, rows_per_group[:-1], dim=0)
+    y_AD = torch.cat([experts.forward_expert(e, chunk) for e, chunk in enumerate(chunks)])
+    running = SortedAssignments(
+        sorted_.token_ids_A[:num_running],
+        sorted_.weights_A[:num_running],
+        sorted_.groups_A[:num_running],
+        sorted_.runs_A[:num_running],
+        sorted_.rows_per_group_G,
+    )
+    return combine(y_AD, running, num_tokens=x_TD.shape[0])
+
+
+def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+    """``torch._grouped_mm`` over all T*K rows; offsets stay on the device (no host sync).
+
+    Rows past the last offset (dropped, null slot) are left unwritten by the op, so their
+    input is zeroed and their output masked with ``where`` (a product would keep NaN garbage);
+    ``where`` also zeroes the garbage gradient the op leaves on those rows.
+    """
+    sorted_ = sort_assignments(routing)
+    dtype = compute_dtype(x_TD)
+    runs_A1 = sorted_.runs_A.unsqueeze(-1)
+    x_AD = x_TD.index_select(0, sorted_.token_ids_A).to(dtype)
+    x_AD = torch.where(runs_A1, x_AD, torch.zeros_like(x_AD))
+    offsets_E = sorted_.rows_per_group_G[:-1].cumsum(0).to(torch.int32)
+    w1, w3, w2 = (w.to(dtype) for w in (experts.w1, experts.w3, experts.w2))
+    gate_AH = torch._grouped_mm(x_AD, w1, offs=offsets_E)
+    up_AH = torch._grouped_mm(x_AD, w3, offs=offsets_E)
+    y_AD = torch._grouped_mm(F.silu(gate_AH) * up_AH, w2, offs=offsets_E)
+    y_AD = torch.where(runs_A1, y_AD, torch.zeros_like(y_AD))
+    return combine(y_AD, sorted_, num_tokens=x_TD.shape[0])
+
+
+def padded_capacity(num_tokens: int, capacity: int | None) -> int:
+    """Static rows per expert for the padded backend (C_pad).
+
+    An expert takes at most ``min(capacity, T)`` rows (top-k picks an expert at most once per
+    token; no capacity means T). That bound is rounded up to a bucket: a multiple of
+    ``max(8, 2 ** (floor(log2(c)) - 2))``, i.e. four buckets per doubling and under 25 %
+    padding above 32 rows, then clamped to T. C_pad depends on shapes only, never on the
+    routing, so the path compiles to static shapes and never drops a kept row.
+    """
+    bound = num_tokens if capacity is None else min(capacity, num_tokens)
+    step = max(8, 1 << max(bound.bit_length() - 3, 0))
+    return min(-(-bound // step) * step, num_tokens)
+
+
+def padded_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+    """Scatter rows into ``[E, C_pad, D]``, one ``bmm`` per weight, gather back. No host sync.
+
+    With no capacity C_pad = T, so the buffers are ``E * T`` rows instead of ``T * K``:
+    E/K times the activation memory and expert FLOPs of the grouped path.
+    """
+    sorted_ = sort_assignments(routing)
+    num_tokens, width = x_TD.shape
+    num_experts, c_pad = experts.num_experts, padded_capacity(num_tokens, routing.capacity)
+    slots_A = _padded_slots(sorted_, num_experts, c_pad)
+    trash = num_experts * c_pad  # one spare slot that every non-running row points at
+    # Token feeding each slot; empty slots read row T, a zero row appended to x.
+    slot_tokens_C = torch.full((trash + 1,), num_tokens, device=x_TD.device, dtype=torch.long)
+    slot_tokens_C = slot_tokens_C.scatter_(0, slots_A, sorted_.token_ids_A)[:trash]
+    x_pad_TD = torch.cat([x_TD, x_TD.new_zeros(1, width)])
+    x_ECD = x_pad_TD.index_select(0, slot_tokens_C).view(num_experts, c_pad, width)
+    h_ECH = F.silu(torch.bmm(x_ECD, experts.w1)) * torch.bmm(x_ECD, experts.w3)
+    y_ECD = torch.bmm(h_ECH, experts.w2)
+    y_flat_CD = torch.cat([y_ECD.reshape(trash, -1), y_ECD.new_zeros(1, y_ECD.shape[-1])])
+    return combine(y_flat_CD.index_select(0, slots_A), sorted_, num_tokens=num_tokens)
+
+
+def _padded_slots(sorted_: SortedAssignments, num_experts: int, c_pad: int) -> Tensor:
+    """Flat slot ``expert * C_pad + rank`` of each running row; the spare slot for the rest."""
+    order_A = torch.arange(sorted_.groups_A.numel(), device=sorted_.groups_A.device)
+    rank_A = rank_in_group(sorted_.groups_A, order_A, num_experts + 1)  # already sorted
+    slots_A = sorted_.groups_A * c_pad + rank_A
+    # rank < C_pad always holds for router output (kept rows <= min(capacity, T)); the check
+    # keeps an inconsistent Routing from spilling rows into the next expert's slots.
+    fits_A = sorted_.runs_A & (rank_A < c_pad)
+    return torch.where(fits_A, slots_A, torch.full_like(slots_A, num_experts * c_pad))
+
+
+_BACKENDS = {"grouped": grouped_dispatch, "padded": padded_dispatch, "loop": loop_dispatch}
+
+
+class Dispatcher:
+    """Runs the requested backend, or the best one that really works, and records which ran.
+
+    ``requested`` is the name asked for; ``observed`` the backend of the latest call (None
+    before the first); ``fallback_reason`` None when the request was honoured as asked, else
+    why another backend ran (for ``auto``: why grouped was not chosen). Receipts read these.
+    """
+
+    def __init__(self, requested: str = "loop") -> None:
+        if requested not in DISPATCH_BACKENDS:
+            known = ", ".join(DISPATCH_BACKENDS)
+            raise ValueError(f"dispatch_backend: unknown {requested!r}; available: {known}")
+        self.requested = requested
+        self.observed: str | None = None
+        self.fallback_reason: str | None = None
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+        self.observed, self.fallback_reason = self.resolve(x_TD, routing, experts)
+        return _BACKENDS[self.observed](x_TD, routing, experts)
+
+    def resolve(
+        self, x_TD: Tensor, routing: Routing, experts: RoutedExperts
+    ) -> tuple[str, str | None]:
+        """(backend to run, reason it differs from the request) from shapes and device only."""
+        if self.requested in ("loop", "padded"):
+            return self.requested, None
+        reason = grouped_mm_unavailable_reason(
+            x_TD.device, compute_dtype(x_TD), experts.d_model, experts.hidden
+        )
+        if reason is None:
+            return "grouped", None
+        if self.requested == "grouped":
+            return "loop", f"grouped fell back to loop: {reason}"
+        if routing.capacity is not None:
+            return "padded", f"auto chose padded (capacity set): {reason}"
+        return "loop", (
+            f"auto chose loop (no capacity; padded would run E/K times the rows): {reason}"
+        )
+
+    def as_dict(self) -> dict[str, str | None]:
+        """The receipt's view: requested, observed and fallback_reason."""
+        return {
+            "requested": self.requested,
+            "observed": self.observed,
+            "fallback_reason": self.fallback_reason,
+        }
+
+    def __repr__(self) -> str:
+        return f"Dispatcher(requested={self.requested!r}, observed={self.observed!r})"
