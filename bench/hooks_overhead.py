@@ -50,8 +50,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()  # between blocks only, never inside a timed step
 
 
-def run_block(st: Any, cfg: TrainConfig, rec: Any, batches: Any, first: int, n: int,
-              device: torch.device) -> tuple[list[float], list[float]]:
+def run_block(
+    st: Any, cfg: TrainConfig, rec: Any, batches: Any, first: int, n: int, device: torch.device
+) -> tuple[list[float], list[float]]:
     """n steps; returns (host seconds inside hook calls, wall seconds) per step."""
     hook_s, wall_s = [], []
     pc = time.perf_counter
@@ -80,18 +81,29 @@ def run_block(st: Any, cfg: TrainConfig, rec: Any, batches: Any, first: int, n: 
 def main() -> None:
     args = parse()
     device = torch.device(args.device)
-    model_cfg = ModelConfig(pattern=args.pattern, d_model=args.d_model, seq_len=args.seq_len,
-                            num_experts=args.num_experts,
-                            n_heads=max(2, args.d_model // 64),
-                            ffn_hidden=2 * args.d_model, expert_hidden=args.d_model)
+    model_cfg = ModelConfig(
+        pattern=args.pattern,
+        d_model=args.d_model,
+        seq_len=args.seq_len,
+        num_experts=args.num_experts,
+        n_heads=max(2, args.d_model // 64),
+        ffn_hidden=2 * args.d_model,
+        expert_hidden=args.d_model,
+    )
     total = args.warmup + 2 * args.blocks * args.steps_per_block
-    cfg = TrainConfig(steps=total, batch_size=args.batch_size, dispatch=args.dispatch,
-                      device=args.device, eval_every=0)
+    cfg = TrainConfig(
+        steps=total,
+        batch_size=args.batch_size,
+        dispatch=args.dispatch,
+        device=args.device,
+        eval_every=0,
+    )
     st = setup(model_cfg, cfg, "bench", None, None)
     batches = st.corpus.batches("train", args.batch_size, args.seq_len, seed=0)
     spool = tempfile.mkdtemp(prefix="hooks-bench-")
-    rec = Recorder(run_name="hooks-overhead", sink=SpoolSink(spool, None), device=device,
-                   environment={})
+    rec = Recorder(
+        run_name="hooks-overhead", sink=SpoolSink(spool, None), device=device, environment={}
+    )
     rec.watch(st.raw_model)
     off = NullRecorder()
     step = 0
@@ -111,16 +123,26 @@ def main() -> None:
     us = (statistics.median(on_hook) - statistics.median(off_hook)) * 1e6
     ratio = statistics.median(on_wall) / statistics.median(off_wall)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, pattern {args.pattern}, "
-          f"d_model {args.d_model}, tokens/step {args.batch_size * args.seq_len}")
-    print(f"steps: {len(on_wall)} on, {len(off_wall)} off, interleaved in blocks of "
-          f"{args.steps_per_block}")
-    print(f"median step wall: on {statistics.median(on_wall) * 1e3:.3f} ms, "
-          f"off {statistics.median(off_wall) * 1e3:.3f} ms")
-    print(f"median host time in hook calls: on {statistics.median(on_hook) * 1e6:.1f} us, "
-          f"off {statistics.median(off_hook) * 1e6:.1f} us")
-    print(f"records spooled {stats.records_spooled}, dropped {stats.records_dropped}, "
-          f"hook errors {rec.errors}")
+    print(
+        f"device {name}, torch {torch.__version__}, pattern {args.pattern}, "
+        f"d_model {args.d_model}, tokens/step {args.batch_size * args.seq_len}"
+    )
+    print(
+        f"steps: {len(on_wall)} on, {len(off_wall)} off, interleaved in blocks of "
+        f"{args.steps_per_block}"
+    )
+    print(
+        f"median step wall: on {statistics.median(on_wall) * 1e3:.3f} ms, "
+        f"off {statistics.median(off_wall) * 1e3:.3f} ms"
+    )
+    print(
+        f"median host time in hook calls: on {statistics.median(on_hook) * 1e6:.1f} us, "
+        f"off {statistics.median(off_hook) * 1e6:.1f} us"
+    )
+    print(
+        f"records spooled {stats.records_spooled}, dropped {stats.records_dropped}, "
+        f"hook errors {rec.errors}"
+    )
     print(f"hooks_overhead: us_per_step={us:.1f} ratio={ratio:.4f}")
 
 

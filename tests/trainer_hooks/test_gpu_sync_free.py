@@ -25,13 +25,31 @@ def test_fifty_steps_with_hooks_never_sync_the_device(tmp_path: Path) -> None:
     from trainer_hooks import Recorder, SpoolSink
     from trainer_hooks.spool import Spool
 
-    model_cfg = ModelConfig(pattern="AEAE", d_model=256, n_heads=4, seq_len=256,
-                            num_experts=8, top_k=2, capacity_factor=1.25)
-    cfg = TrainConfig(steps=STEPS, batch_size=8, device="cuda", dispatch="padded",
-                      eval_every=0, corpus_bytes=500_000)
+    model_cfg = ModelConfig(
+        pattern="AEAE",
+        d_model=256,
+        n_heads=4,
+        seq_len=256,
+        num_experts=8,
+        top_k=2,
+        capacity_factor=1.25,
+    )
+    cfg = TrainConfig(
+        steps=STEPS,
+        batch_size=8,
+        device="cuda",
+        dispatch="padded",
+        eval_every=0,
+        corpus_bytes=500_000,
+    )
     st = setup(model_cfg, cfg, "sync-free", None, None)
-    rec = Recorder(run_name="sync-free", sink=SpoolSink(tmp_path, None), device="cuda",
-                   environment={}, heartbeat_s=0.5)
+    rec = Recorder(
+        run_name="sync-free",
+        sink=SpoolSink(tmp_path, None),
+        device="cuda",
+        environment={},
+        heartbeat_s=0.5,
+    )
     rec.watch(st.raw_model)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -42,8 +60,9 @@ def test_fifty_steps_with_hooks_never_sync_the_device(tmp_path: Path) -> None:
     stats = rec.close(flush_timeout_s=30)
     assert result.steps == STEPS
     assert rec.errors == 0 and stats.errors == 0 and stats.records_dropped == 0
-    records = [json.loads(p) for seg in Spool(tmp_path).segments()
-               for p in seg.read(0, 100_000).payloads]
+    records = [
+        json.loads(p) for seg in Spool(tmp_path).segments() for p in seg.read(0, 100_000).payloads
+    ]
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == STEPS
     assert all(r["device_time_s"] > 0 and "loss" in r for r in steps)

@@ -63,8 +63,13 @@ class FakeMoE(torch.nn.Module):
         return F.scaled_dot_product_attention(q, q, q, is_causal=True).view_as(x)
 
     def read_and_reset_counters(self) -> dict[str, Any]:
-        out = {"tokens_per_expert": self.tokens.clone(), "dropped_per_expert": self.dropped.clone(),
-               "aux_loss": torch.tensor(0.5), "z_loss": torch.tensor(0.1), "capacity": 2}
+        out = {
+            "tokens_per_expert": self.tokens.clone(),
+            "dropped_per_expert": self.dropped.clone(),
+            "aux_loss": torch.tensor(0.5),
+            "z_loss": torch.tensor(0.1),
+            "capacity": 2,
+        }
         self.tokens.zero_()
         self.dropped.zero_()
         return out
