@@ -205,6 +205,20 @@ def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
 
 
+def check_ep_size(ep_size: Any, num_experts: int) -> None:
+    """Refuse an expert-parallel size that cannot split the routed experts evenly.
+
+    ``ep_size`` is runtime policy (how the model is laid out over ranks), not model plan, so it
+    is no ``ModelConfig`` field; lanes and model builders call this before building anything.
+    """
+    _require_positive_int("ep_size", ep_size)
+    if num_experts % ep_size != 0:
+        raise ValueError(
+            f"ep_size: {ep_size} must divide num_experts={num_experts} "
+            "(each rank holds num_experts / ep_size routed experts)"
+        )
+
+
 def layer_param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of one block of each family (must match the torch modules; tested)."""
     d = cfg.d_model

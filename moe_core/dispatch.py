@@ -53,6 +53,16 @@ class SortedAssignments:
     runs_A: Tensor  # bool, the row runs an expert: groups_A < E
     rows_per_group_G: Tensor  # [E + 1] long, on the device
 
+    def head(self, num_rows: int) -> SortedAssignments:
+        """The first ``num_rows`` rows (the running ones when it is their count)."""
+        return SortedAssignments(
+            self.token_ids_A[:num_rows],
+            self.weights_A[:num_rows],
+            self.groups_A[:num_rows],
+            self.runs_A[:num_rows],
+            self.rows_per_group_G,
+        )
+
 
 def sort_assignments(routing: Routing) -> SortedAssignments:
     """Stable sort of the choices by expert; dropped and null-slot choices go last."""
@@ -83,18 +93,16 @@ def loop_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Ten
     sorted_ = sort_assignments(routing)
     # Slicing needs the segment sizes on the host: a device sync, fine for the reference.
     rows_per_group = sorted_.rows_per_group_G.tolist()
-    num_running = sum(rows_per_group[:-1])
-    x_AD = x_TD.index_select(0, sorted_.token_ids_A[:num_running])
-    chunks = torch.split(x_AD, rows_per_group[:-1], dim=0)
-    y_AD = torch.cat([experts.forward_expert(e, chunk) for e, chunk in enumerate(chunks)])
-    running = SortedAssignments(
-        sorted_.token_ids_A[:num_running],
-        sorted_.weights_A[:num_running],
-        sorted_.groups_A[:num_running],
-        sorted_.runs_A[:num_running],
-        sorted_.rows_per_group_G,
-    )
+    running = sorted_.head(sum(rows_per_group[:-1]))
+    x_AD = x_TD.index_select(0, running.token_ids_A)
+    y_AD = loop_experts(x_AD, rows_per_group[:-1], experts)
     return combine(y_AD, running, num_tokens=x_TD.shape[0])
+
+
+def loop_experts(x_AD: Tensor, rows_per_expert: list[int], experts: RoutedExperts) -> Tensor:
+    """Expert e on its contiguous segment of ``rows_per_expert[e]`` rows, segments in order."""
+    chunks = torch.split(x_AD, rows_per_expert, dim=0)
+    return torch.cat([experts.forward_expert(e, chunk) for e, chunk in enumerate(chunks)])
 
 
 def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
@@ -110,12 +118,21 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> 
     x_AD = x_TD.index_select(0, sorted_.token_ids_A).to(dtype)
     x_AD = torch.where(runs_A1, x_AD, torch.zeros_like(x_AD))
     offsets_E = sorted_.rows_per_group_G[:-1].cumsum(0).to(torch.int32)
-    w1, w3, w2 = (w.to(dtype) for w in (experts.w1, experts.w3, experts.w2))
-    gate_AH = torch._grouped_mm(x_AD, w1, offs=offsets_E)
-    up_AH = torch._grouped_mm(x_AD, w3, offs=offsets_E)
-    y_AD = torch._grouped_mm(F.silu(gate_AH) * up_AH, w2, offs=offsets_E)
+    y_AD = grouped_experts(x_AD, offsets_E, experts)
     y_AD = torch.where(runs_A1, y_AD, torch.zeros_like(y_AD))
     return combine(y_AD, sorted_, num_tokens=x_TD.shape[0])
+
+
+def grouped_experts(x_AD: Tensor, offsets_E: Tensor, experts: RoutedExperts) -> Tensor:
+    """SwiGLU of every expert over its segment ending at ``offsets_E`` (int32, on the device).
+
+    ``x_AD`` must already be in the compute dtype; rows past the last offset come back as
+    garbage. The op's backward fails on zero rows (torch 2.13), so callers keep A > 0.
+    """
+    w1, w3, w2 = (w.to(x_AD.dtype) for w in (experts.w1, experts.w3, experts.w2))
+    gate_AH = torch._grouped_mm(x_AD, w1, offs=offsets_E)
+    up_AH = torch._grouped_mm(x_AD, w3, offs=offsets_E)
+    return torch._grouped_mm(F.silu(gate_AH) * up_AH, w2, offs=offsets_E)
 
 
 def padded_capacity(num_tokens: int, capacity: int | None) -> int:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_core.attention import AttentionBlock
-from moe_core.config import ModelConfig, check_implemented
+from moe_core.config import ModelConfig, check_ep_size, check_implemented
 from moe_core.dispatch import DISPATCH_BACKENDS
+from moe_core.expert_parallel import group_rank_and_size
 from moe_core.moe import MoEBlock
 from moe_core.recurrent import RecurrentBlock
 from moe_core.ssm import MambaBlock
@@ -26,15 +29,15 @@ from moe_core.ssm import MambaBlock
 INIT_STD = 0.02
 
 
-def _attention(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+def _attention(cfg: ModelConfig, dispatch_backend: str, ep_group: Any) -> nn.Module:
     return AttentionBlock(cfg)
 
 
-def _moe(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
-    return MoEBlock(cfg, dispatch_backend=dispatch_backend)
+def _moe(cfg: ModelConfig, dispatch_backend: str, ep_group: Any) -> nn.Module:
+    return MoEBlock(cfg, dispatch_backend=dispatch_backend, ep_group=ep_group)
 
 
-def _mamba(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+def _mamba(cfg: ModelConfig, dispatch_backend: str, ep_group: Any) -> nn.Module:
     return MambaBlock(
         cfg.d_model,
         d_state=cfg.ssm_d_state,
@@ -46,14 +49,15 @@ def _mamba(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
     )
 
 
-def _recurrent(cfg: ModelConfig, dispatch_backend: str) -> nn.Module:
+def _recurrent(cfg: ModelConfig, dispatch_backend: str, ep_group: Any) -> nn.Module:
     return RecurrentBlock(
         cfg.d_model, expand=cfg.rec_expand, d_conv=cfg.rec_d_conv, chunk_size=cfg.rec_chunk_size
     )
 
 
-# One builder per pattern letter. Every block maps x_BTD -> (x_BTD, aux_loss).
-BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, str], nn.Module]] = {
+# One builder per pattern letter, called as (cfg, dispatch_backend, ep_group). Every block maps
+# x_BTD -> (x_BTD, aux_loss).
+BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, str, Any], nn.Module]] = {
     "A": _attention,
     "M": _mamba,
     "E": _moe,
@@ -64,18 +68,21 @@ BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, str], nn.Module]] = {
 class MoEModel(nn.Module):
     """Decoder-only LM. The LM head shares the embedding matrix (tied, as in nanoGPT)."""
 
-    def __init__(self, cfg: ModelConfig, *, dispatch_backend: str = "loop") -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, dispatch_backend: str = "loop", ep_group: Any = None
+    ) -> None:
         super().__init__()
         if dispatch_backend not in DISPATCH_BACKENDS:
             # Checked here too, so a model without E blocks still refuses a bad name.
             known = ", ".join(DISPATCH_BACKENDS)
             raise ValueError(f"dispatch_backend: unknown {dispatch_backend!r}; available: {known}")
+        check_ep_size(group_rank_and_size(ep_group)[1], cfg.num_experts)  # likewise
         layers = cfg.layers
         check_implemented(cfg.pattern, layers)  # the config checked too; cheap to be sure
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
-            BLOCK_BUILDERS[letter](cfg, dispatch_backend) for letter in layers
+            BLOCK_BUILDERS[letter](cfg, dispatch_backend, ep_group) for letter in layers
         )
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=1e-6)
 
@@ -89,8 +96,13 @@ class MoEModel(nn.Module):
         """Loss-free balancing step of every E block's router; call right after ``opt.step()``.
 
         A no-op (beyond resetting counts) when ``bias_update_rate`` is 0. Nothing syncs.
+        An expert-parallel block first sums its router's counts over the EP group (an
+        all-reduce on the device): the router is replicated, so every rank must take the same
+        step from the same counts, or the ranks' routers drift apart.
         """
         for block in self.moe_blocks:
+            if block.ep_group is not None and block.router.bias_update_rate > 0:
+                dist.all_reduce(block.router.bias_counts, group=block.ep_group)
             block.router.update_bias()
 
     def dispatch_observations(self) -> list[dict[str, str | None]]:
@@ -135,16 +147,23 @@ class MoEModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: ModelConfig, seed: int, *, dispatch_backend: str = "loop") -> MoEModel:
+def build_model(
+    cfg: ModelConfig, seed: int, *, dispatch_backend: str = "loop", ep_group: Any = None
+) -> MoEModel:
     """Build and initialize a model; the same (cfg, seed) always gives the same weights.
 
     ``dispatch_backend`` is one of ``DISPATCH_BACKENDS`` (grouped, padded, loop, auto); each
     E block's ``dispatcher`` then records which backend really ran.
 
+    ``ep_group``: a process group of size P > 1 makes every E block expert parallel over it
+    (``moe_core.expert_parallel``): each rank holds E / P routed experts, whose weights equal
+    the matching slice of the model built without it, and ``observed`` reads
+    ``ep_all_to_all+loop`` or ``ep_all_to_all+grouped``. P must divide ``num_experts``.
+
     The global RNG is forked, so building a model does not disturb the caller's random state.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MoEModel(cfg, dispatch_backend=dispatch_backend)
+        model = MoEModel(cfg, dispatch_backend=dispatch_backend, ep_group=ep_group)
         model.init_weights()
     return model

@@ -9,8 +9,9 @@ Shape legend:
     T  tokens (B * L, flattened)
     D  model width (d_model)
     H  expert hidden width
-    E  routed experts
+    E  routed experts (in a ``RoutedExperts``: the ones stacked here, local to a shard)
     S  router slots (E, plus 1 with the null slot)
+    X, Y  the trailing dims of a stacked expert weight ([D, H] or [H, D])
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_core.config import ModelConfig
+from moe_core.config import ModelConfig, check_ep_size
 from moe_core.dispatch import Dispatcher
+from moe_core.expert_parallel import ExpertParallelDispatcher, group_rank_and_size
 from moe_core.router import Routing, TopKRouter
 
 
@@ -45,25 +47,54 @@ class SwiGLU(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts whose weights are stacked, so grouped-GEMM backends can use them as is."""
+    """E SwiGLU experts whose weights are stacked, so grouped-GEMM backends can use them as is.
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
+    With ``ep_size > 1`` this is rank ``ep_rank``'s shard: ``num_experts`` of the
+    ``num_global_experts`` experts, global ids ``first_expert`` onwards.
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, hidden: int, *, ep_rank: int = 0, ep_size: int = 1
+    ) -> None:
         super().__init__()
-        self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))  # gate, [E, D, H]
-        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden))  # up, [E, D, H]
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))  # down, [E, H, D]
+        check_ep_size(ep_size, num_experts)
+        self.num_global_experts = num_experts
+        self.num_experts = num_experts // ep_size  # stacked here, the local experts
+        self.first_expert = ep_rank * self.num_experts
+        self.d_model, self.hidden = d_model, hidden
+        local = self.num_experts
+        self.w1 = nn.Parameter(torch.empty(local, d_model, hidden))  # gate, [E, D, H]
+        self.w3 = nn.Parameter(torch.empty(local, d_model, hidden))  # up, [E, D, H]
+        self.w2 = nn.Parameter(torch.empty(local, hidden, d_model))  # down, [E, H, D]
         self.init_weights(0.02, 0.02)
 
+    @property
+    def is_shard(self) -> bool:
+        return self.num_experts < self.num_global_experts
+
     def forward_expert(self, expert: int, x_ND: Tensor) -> Tensor:
-        """Apply expert ``expert`` to the N rows routed to it."""
+        """Apply (local) expert ``expert`` to the N rows routed to it."""
         h_NH = F.silu(x_ND @ self.w1[expert]) * (x_ND @ self.w3[expert])
         return h_NH @ self.w2[expert]
 
     def init_weights(self, std: float, residual_std: float) -> None:
-        nn.init.normal_(self.w1, std=std)
-        nn.init.normal_(self.w3, std=std)
-        nn.init.normal_(self.w2, std=residual_std)
+        for weight, weight_std in ((self.w1, std), (self.w3, std), (self.w2, residual_std)):
+            self._init_normal_rows(weight, weight_std)
+
+    @torch.no_grad()
+    def _init_normal_rows(self, weight_EXY: Tensor, std: float) -> None:
+        """N(0, std) for this shard's experts, equal to the same rows of the unsharded weight.
+
+        A shard draws the whole [E_global, ...] tensor and keeps its rows: the values then match
+        the ep_size=1 model built with the same seed, and the RNG advances exactly as there, so
+        every later layer matches too. The cost is one transient full-size weight, at init only.
+        """
+        if not self.is_shard:
+            nn.init.normal_(weight_EXY, std=std)
+            return
+        full_EXY = weight_EXY.new_empty((self.num_global_experts, *weight_EXY.shape[1:]))
+        nn.init.normal_(full_EXY, std=std)
+        weight_EXY.copy_(full_EXY[self.first_expert : self.first_expert + self.num_experts])
 
 
 def router_from_config(cfg: ModelConfig) -> TopKRouter:
@@ -87,18 +118,30 @@ def router_from_config(cfg: ModelConfig) -> TopKRouter:
 class MoEBlock(nn.Module):
     """Pre-norm residual block: x + shared(norm(x)) + routed(norm(x)).
 
+    With ``ep_group`` a process group of size P > 1 the block holds only its rank's E / P
+    routed experts and dispatches through ``moe_core.expert_parallel`` (all-to-all); routing
+    and the counters stay per rank, over its own tokens and all E global slots.
+
     Routing counters live in non-persistent buffers (not in checkpoints), accumulate on the
     device during training forwards, and are read and zeroed by ``read_and_reset_counters``
     at the optimizer step, so the forward signature stays clean and nothing syncs.
     """
 
-    def __init__(self, cfg: ModelConfig, *, dispatch_backend: str = "loop") -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, dispatch_backend: str = "loop", ep_group: Any = None
+    ) -> None:
         super().__init__()
-        self.dispatcher = Dispatcher(dispatch_backend)
+        ep_rank, ep_size = group_rank_and_size(ep_group)
+        check_ep_size(ep_size, cfg.num_experts)  # before anything is built
+        # A group of one is no expert parallelism: the plain dispatcher, every expert local.
+        self.ep_group = ep_group if ep_size > 1 else None
+        self.dispatcher = self._make_dispatcher(dispatch_backend)
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.router = router_from_config(cfg)
         self.shared_expert = SwiGLU(cfg.d_model, cfg.ffn_hidden)
-        self.experts = RoutedExperts(cfg.num_experts, cfg.d_model, cfg.expert_hidden)
+        self.experts = RoutedExperts(
+            cfg.num_experts, cfg.d_model, cfg.expert_hidden, ep_rank=ep_rank, ep_size=ep_size
+        )
         zeros_S = torch.zeros(cfg.num_slots, dtype=torch.long)
         self.register_buffer("tokens_per_expert_S", zeros_S, persistent=False)
         self.register_buffer("dropped_per_expert_S", zeros_S.clone(), persistent=False)
@@ -116,7 +159,12 @@ class MoEBlock(nn.Module):
 
     @dispatch_backend.setter
     def dispatch_backend(self, name: str) -> None:
-        self.dispatcher = Dispatcher(name)
+        self.dispatcher = self._make_dispatcher(name)
+
+    def _make_dispatcher(self, name: str) -> Dispatcher:
+        if self.ep_group is None:
+            return Dispatcher(name)
+        return ExpertParallelDispatcher(name, self.ep_group)
 
     def forward(self, x_BLD: Tensor) -> tuple[Tensor, Tensor]:
         """Return the updated residual stream and this block's aux + z loss (0-dim fp32)."""
