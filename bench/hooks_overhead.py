@@ -13,6 +13,11 @@ Two figures:
 
 Blocks of steps alternate on/off so drift (clocks, caches, other load) hits both alike. The
 last line is `hooks_overhead: us_per_step=<x> ratio=<y>`.
+
+On a GPU-bound run the host races ahead until CUDA's launch queue is full; from then on every
+kernel launch waits for a free slot, and the few launches the hooks make (counter clones,
+pinned copies, events) are charged that wait. `--drain` empties the queue before each step so
+us_per_step is the hooks' own host cost; the ratio should be read from a run without it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=10, help="on/off blocks of each kind")
     p.add_argument("--steps-per-block", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument(
+        "--drain",
+        action="store_true",
+        help="CUDA: empty the launch queue before each step (outside the timed "
+        "regions), so hook calls are not charged for waiting on a full queue",
+    )
     return p.parse_args()
 
 
@@ -51,12 +62,21 @@ def sync(device: torch.device) -> None:
 
 
 def run_block(
-    st: Any, cfg: TrainConfig, rec: Any, batches: Any, first: int, n: int, device: torch.device
+    st: Any,
+    cfg: TrainConfig,
+    rec: Any,
+    batches: Any,
+    first: int,
+    n: int,
+    device: torch.device,
+    drain: bool = False,
 ) -> tuple[list[float], list[float]]:
     """n steps; returns (host seconds inside hook calls, wall seconds) per step."""
     hook_s, wall_s = [], []
     pc = time.perf_counter
     for step in range(first, first + n):
+        if drain:
+            sync(device)
         t0 = pc()
         span = rec.span("data_stall", step=step)
         span.__enter__()
@@ -114,7 +134,7 @@ def main() -> None:
     for b in range(2 * args.blocks):
         r, hook, wall = (rec, on_hook, on_wall) if b % 2 == 0 else (off, off_hook, off_wall)
         sync(device)
-        h, w = run_block(st, cfg, r, batches, step, args.steps_per_block, device)
+        h, w = run_block(st, cfg, r, batches, step, args.steps_per_block, device, args.drain)
         sync(device)
         step += args.steps_per_block
         hook += h

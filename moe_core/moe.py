@@ -115,6 +115,23 @@ def router_from_config(cfg: ModelConfig) -> TopKRouter:
     )
 
 
+TAIL_COUNTERS = ("shared_only_tokens", "aux_loss_sum", "z_loss_sum", "num_forwards")
+
+
+def unpack_counters(delta_N: Tensor, num_slots: int) -> dict[str, Tensor]:
+    """A difference of two snapshots of ``MoEBlock.routing_counters`` as named tensors."""
+    s = num_slots
+    shared, aux, z, forwards = delta_N[2 * s :].unbind()
+    forwards = forwards.clamp(min=1)
+    return {
+        "tokens_per_expert": delta_N[:s].round().long(),
+        "dropped_per_expert": delta_N[s : 2 * s].round().long(),
+        "shared_only_tokens": shared.round().long(),
+        "aux_loss": (aux / forwards).float(),
+        "z_loss": (z / forwards).float(),
+    }
+
+
 class MoEBlock(nn.Module):
     """Pre-norm residual block: x + shared(norm(x)) + routed(norm(x)).
 
@@ -122,9 +139,10 @@ class MoEBlock(nn.Module):
     routed experts and dispatches through ``moe_core.expert_parallel`` (all-to-all); routing
     and the counters stay per rank, over its own tokens and all E global slots.
 
-    Routing counters live in non-persistent buffers (not in checkpoints), accumulate on the
-    device during training forwards, and are read and zeroed by ``read_and_reset_counters``
-    at the optimizer step, so the forward signature stays clean and nothing syncs.
+    Routing counters live in one non-persistent cumulative buffer (not in checkpoints) that
+    accumulates on the device during training forwards; readers copy it (``routing_snapshot``)
+    and difference copies, or call ``read_and_reset_counters``. The forward signature stays
+    clean and nothing syncs.
     """
 
     def __init__(
@@ -142,14 +160,15 @@ class MoEBlock(nn.Module):
         self.experts = RoutedExperts(
             cfg.num_experts, cfg.d_model, cfg.expert_hidden, ep_rank=ep_rank, ep_size=ep_size
         )
-        zeros_S = torch.zeros(cfg.num_slots, dtype=torch.long)
-        self.register_buffer("tokens_per_expert_S", zeros_S, persistent=False)
-        self.register_buffer("dropped_per_expert_S", zeros_S.clone(), persistent=False)
-        zero = torch.zeros((), dtype=torch.long)
-        self.register_buffer("shared_only_tokens", zero, persistent=False)
-        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("z_loss_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("num_forwards", torch.zeros((), dtype=torch.long), persistent=False)
+        # All counters in one cumulative fp64 buffer (exact for counts below 2**53), so a
+        # reader takes them with one copy: [tokens per slot (S), dropped per slot (S),
+        # shared-only tokens, aux-loss sum, z-loss sum, training forwards].
+        self.num_slots = cfg.num_slots
+        self.top_k = cfg.top_k
+        self.null_slot = cfg.null_slot
+        counters_N = torch.zeros(2 * cfg.num_slots + len(TAIL_COUNTERS), dtype=torch.float64)
+        self.register_buffer("routing_counters", counters_N, persistent=False)
+        self._read_mark_N: Tensor | None = None  # read_and_reset_counters' last read
         self.capacity: int | None = None  # of the latest training forward; from shapes only
 
     @property
@@ -179,47 +198,42 @@ class MoEBlock(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, routing: Routing) -> None:
-        self.tokens_per_expert_S.add_(routing.tokens_per_expert)
-        self.dropped_per_expert_S.add_(routing.dropped_per_expert)
         # Tokens none of whose choices runs a routed expert (null slot or dropped).
-        self.shared_only_tokens.add_((~routing.runs_expert.any(dim=-1)).sum())
-        self.aux_loss_sum.add_(routing.aux_loss.detach())
-        self.z_loss_sum.add_(routing.z_loss.detach())
-        self.num_forwards.add_(1)
+        shared_only = (~routing.runs_expert.any(dim=-1)).sum()
+        tail = torch.stack(
+            [
+                shared_only.double(),
+                routing.aux_loss.detach().double(),
+                routing.z_loss.detach().double(),
+                torch.ones_like(shared_only, dtype=torch.float64),
+            ]
+        )
+        self.routing_counters.add_(
+            torch.cat(
+                [routing.tokens_per_expert.double(), routing.dropped_per_expert.double(), tail]
+            )
+        )
         self.capacity = routing.capacity
+
+    def routing_snapshot(self) -> Tensor:
+        """The cumulative counters, copied (one kernel): readers difference two snapshots."""
+        return self.routing_counters.clone()
 
     @torch.no_grad()
     def read_and_reset_counters(self) -> dict[str, Any]:
-        """Device tensors since the last reset, then zero them. No host sync happens here.
+        """Device tensors since the previous call (or the start). No host sync happens here.
 
         ``tokens_per_expert`` [S] long: choices per slot (null slot last), before dropping.
         ``dropped_per_expert`` [S] long: choices dropped by capacity (null slot: 0).
         ``shared_only_tokens`` 0-dim long: tokens served by the shared expert alone.
         ``aux_loss``, ``z_loss`` 0-dim: means over those forwards (0 when there were none).
         ``capacity``: int per routed expert in the latest training forward, or None.
+        The cumulative buffer itself is never zeroed, so snapshot readers are unaffected.
         """
-        num_forwards = self.num_forwards.clamp(min=1)
-        counters = {
-            "tokens_per_expert": self.tokens_per_expert_S.clone(),
-            "dropped_per_expert": self.dropped_per_expert_S.clone(),
-            "shared_only_tokens": self.shared_only_tokens.clone(),
-            "aux_loss": self.aux_loss_sum / num_forwards,
-            "z_loss": self.z_loss_sum / num_forwards,
-            "capacity": self.capacity,
-        }
-        for buffer in self._counter_buffers():
-            buffer.zero_()
-        return counters
-
-    def _counter_buffers(self) -> tuple[Tensor, ...]:
-        return (
-            self.tokens_per_expert_S,
-            self.dropped_per_expert_S,
-            self.shared_only_tokens,
-            self.aux_loss_sum,
-            self.z_loss_sum,
-            self.num_forwards,
-        )
+        now_N = self.routing_counters.clone()
+        mark_N = self._read_mark_N if self._read_mark_N is not None else torch.zeros_like(now_N)
+        self._read_mark_N = now_N
+        return unpack_counters(now_N - mark_N, self.num_slots) | {"capacity": self.capacity}
 
     def init_weights(self, std: float, residual_std: float) -> None:
         self.norm.reset_parameters()

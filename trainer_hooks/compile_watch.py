@@ -55,21 +55,28 @@ class CompileWatch:
         self.compiles = 0
         self.recompiles = 0
         self.seconds = 0.0
+        self._handler = _handler()
+        self._start_cb = self._start  # one bound method each, so membership tests are exact
+        self._end_cb = self._end
 
     def ensure_installed(self) -> None:
-        handler = _handler()
+        """Cheap enough for every step: two list scans for objects held since __init__."""
+        handler = self._handler
         if handler is None:
             return
-        if self._start not in handler.start_callbacks:
-            handler.register_start_callback(self._start)
-        if self._end not in handler.end_callbacks:
-            handler.register_end_callback(self._end)
+        if self._start_cb not in handler.start_callbacks:
+            handler.register_start_callback(self._start_cb)
+        if self._end_cb not in handler.end_callbacks:
+            handler.register_end_callback(self._end_cb)
 
     def uninstall(self) -> None:
-        handler = _handler()
+        handler = self._handler
         if handler is None:
             return
-        for lst, cb in ((handler.start_callbacks, self._start), (handler.end_callbacks, self._end)):
+        for lst, cb in (
+            (handler.start_callbacks, self._start_cb),
+            (handler.end_callbacks, self._end_cb),
+        ):
             if cb in lst:
                 lst.remove(cb)
 

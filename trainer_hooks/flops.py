@@ -39,6 +39,10 @@ class FlopCounter:
         self._mode: Any = None
         self._key: Any = None
 
+    @property
+    def counting(self) -> bool:
+        return self._mode is not None
+
     def enter(self, key: Any) -> None:
         if key is None or key in self.by_key:
             return

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from trainer_hooks.recorder import Recorder, StepHandle
 
 _OOM_NAMES = ("OutOfMemoryError",)
+POLL_EVERY = 8  # steps between looks at the dispatchers: a change is reported within 8 steps
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 class Parts:
@@ -28,6 +33,7 @@ class Parts:
         self.dispatch = DispatchWatch([])
         self.profile: ProfileWindow | None = None
         self._sdpa_armed = False
+        self._poll_left = 1  # the first step's dispatch is reported at once
         self.compile: CompileWatch | None = None
         if watch_compile:
             self.compile = CompileWatch(rec.now, self._compile_span, self._recompile)
@@ -56,23 +62,40 @@ class Parts:
             self._sdpa_armed = False
             h._probe = sdpa_probe(self.rec.observe, h.step)
             h._probe.__enter__()
-        self.flops.enter(h.flops_key)
-        h._start_event = self.device.begin()
+        if h.flops_key is not None and h.flops_key not in self.flops.by_key:
+            self.flops.enter(h.flops_key)
+        if self.device.cuda:
+            h._start_event = self.device.begin()
 
     def step_exit(self, h: StepHandle, fields: dict[str, Any]) -> None:
-        self._close_probe(h)
-        self.flops.exit(ok=True)
-        fields["flops"] = self.flops.flops(h.flops_key)
-        fields["loss"] = self.device.to_host(h.loss)
-        routings = self.routing.collect(h.step, self.device.to_host)
-        self.device.end(h._start_event, fields)  # after the copies: its event covers them
-        for routing in routings:
-            if READY in fields:
-                routing[READY] = fields[READY]
-            self._emit_routing(routing)
-        self.dispatch.poll(self.rec.observe, h.step)
+        """Kept to a few branches: it runs every step, with caches cold from the step."""
+        if h._probe is not None:
+            self._close_probe(h)
+        if h.flops_key is not None:
+            if self.flops.counting:
+                self.flops.exit(ok=True)
+            fields["flops"] = self.flops.by_key.get(h.flops_key)
+        if self.device.cuda:
+            self._step_exit_cuda(h, fields)
+        else:
+            fields["loss"] = h.loss
+            if self.routing.due():
+                for routing in self.routing.collect(h.step, _same):
+                    self._emit_routing(routing)
+        self._poll_left -= 1
+        if self._poll_left <= 0:
+            self._poll_left = POLL_EVERY
+            self.dispatch.poll(self.rec.observe, h.step)
         if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
             self.profile = None
+
+    def _step_exit_cuda(self, h: StepHandle, fields: dict[str, Any]) -> None:
+        fields["loss"] = self.device.to_host(h.loss)
+        routings = self.routing.collect(h.step, self.device.to_host) if self.routing.due() else []
+        self.device.end(h._start_event, fields)  # after the copies: its event covers them
+        for routing in routings:
+            routing[READY] = fields[READY]
+            self._emit_routing(routing)
 
     def step_failed(self, h: StepHandle, exc: BaseException) -> None:
         self._close_probe(h)
@@ -88,7 +111,10 @@ class Parts:
 
     def _emit_routing(self, fields: dict[str, Any]) -> None:
         fields.update(self.rec._key)
-        self.rec._safe_emit("routing", fields)
+        try:
+            self.rec.sink.emit("routing", fields)
+        except Exception:
+            self.rec.errors += 1
 
     # -- compile callbacks (run on the training thread, inside the step that compiles) --
 

@@ -102,9 +102,20 @@ class SpanHandle:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        # Inlined (no emit_span call): this runs every step with the caches cold.
         t = time.perf_counter()
-        self.rec.emit_span(self.category, self.t0, self.rec.now(), self.overlapped, self.step)
-        self.rec.overhead_s += time.perf_counter() - t
+        rec = self.rec
+        fields = rec._key.copy()
+        fields["category"] = self.category
+        fields["start"] = self.t0
+        fields["end"] = rec._wall0 + (t - rec._mono0)
+        fields["overlapped"] = self.overlapped
+        fields["step"] = self.step
+        try:
+            rec.sink.emit("span", fields)
+        except Exception:
+            rec.errors += 1
+        rec.overhead_s += time.perf_counter() - t
 
 
 class Recorder:
@@ -285,16 +296,17 @@ class Recorder:
         if exc is not None:
             self._guard(self._parts.step_failed, h, exc)
             return
-        fields = {
-            **self._key,
-            "step": h.step,
-            "start": h.t0,
-            "end": end,
-            "tokens": h.tokens,
-            "hook_overhead_s": self.overhead_s,
-        }
-        self._guard(self._parts.step_exit, h, fields)
-        self._safe_emit("step", fields)
+        fields = self._key.copy()
+        fields["step"] = h.step
+        fields["start"] = h.t0
+        fields["end"] = end
+        fields["tokens"] = h.tokens
+        fields["hook_overhead_s"] = self.overhead_s
+        try:
+            self._parts.step_exit(h, fields)
+            self.sink.emit("step", fields)
+        except Exception:
+            self.errors += 1
         self.overhead_s = time.perf_counter() - t
 
     def _safe_emit(self, kind: str, fields: dict[str, Any]) -> None:
