@@ -176,7 +176,11 @@ class TopKRouter(nn.Module):
             kept=kept_TK,
             scores=scores_TS,
             tokens_per_expert=tokens_per_expert_S,
-            dropped_per_expert=count_per_slot(ids_A, self.num_slots, ~kept_TK.reshape(-1)),
+            dropped_per_expert=(
+                torch.zeros_like(tokens_per_expert_S)
+                if capacity is None
+                else count_per_slot(ids_A, self.num_slots, ~kept_TK.reshape(-1))
+            ),
             capacity=capacity,
             aux_loss=self.load_balancing_loss(scores_TS, tokens_per_expert_S),
             z_loss=self.z_loss(logits_TS),
@@ -204,6 +208,8 @@ class TopKRouter(nn.Module):
         f_i is the fraction of choices sent to slot i and P_i its mean score, normalized over
         slots (sigmoid scores do not sum to 1). It equals ``coeff`` under uniform routing.
         """
+        if self.aux_loss_coeff == 0:  # a Python float: no kernels for a loss that is off
+            return scores_TS.new_zeros(())
         num_tokens = scores_TS.shape[0]
         fraction_S = tokens_per_expert_S.float() / (num_tokens * self.top_k)
         probs_TS = scores_TS
@@ -214,6 +220,8 @@ class TopKRouter(nn.Module):
 
     def z_loss(self, logits_TS: Tensor) -> Tensor:
         """ST-MoE router z-loss ``coeff * mean_t(logsumexp(logits_t) ** 2)``: keeps logits small."""
+        if self.z_loss_coeff == 0:
+            return logits_TS.new_zeros(())
         return self.z_loss_coeff * logits_TS.logsumexp(dim=-1).square().mean()
 
     @torch.no_grad()

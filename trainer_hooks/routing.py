@@ -97,7 +97,7 @@ class RoutingCollector:
         for (_name, module), state, static in zip(
             self._sources, self._states, self._static, strict=True
         ):
-            fields = static.copy()
+            fields: dict[str, Any] = dict(static)
             fields["step"] = step
             fields["num_steps"] = num_steps
             fields["capacity"] = _attr(module, "capacity", None)

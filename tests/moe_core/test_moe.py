@@ -150,8 +150,14 @@ def test_snapshots_are_cumulative_and_differences_give_the_window():
     delta = unpack_counters(block.routing_snapshot() - before, block.num_slots)
     assert int(delta["tokens_per_expert"].sum()) == 2 * 24 * CFG.top_k
     block.read_and_reset_counters()  # another reader does not disturb snapshot readers
-    assert int(unpack_counters(block.routing_snapshot() - before, block.num_slots)[
-        "tokens_per_expert"].sum()) == 2 * 24 * CFG.top_k
+    assert (
+        int(
+            unpack_counters(block.routing_snapshot() - before, block.num_slots)[
+                "tokens_per_expert"
+            ].sum()
+        )
+        == 2 * 24 * CFG.top_k
+    )
 
 
 def test_counters_have_a_null_slot_entry_and_count_drops():
