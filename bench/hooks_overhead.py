@@ -16,8 +16,9 @@ last line is `hooks_overhead: us_per_step=<x> ratio=<y>`.
 
 On a GPU-bound run the host races ahead until CUDA's launch queue is full; from then on every
 kernel launch waits for a free slot, and the few launches the hooks make (counter clones,
-pinned copies, events) are charged that wait. `--drain` empties the queue before each step so
-us_per_step is the hooks' own host cost; the ratio should be read from a run without it.
+pinned copies, events) are charged that wait. `--drain` empties the queue before each timed
+hook region (outside the regions), so us_per_step is the hooks' own host cost; read the ratio
+from a run without it, since draining serializes host and device.
 """
 
 from __future__ import annotations
@@ -83,12 +84,16 @@ def run_block(
         t1 = pc()
         x_BT, y_BT = next(batches)
         x_BT, y_BT = x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True)
+        if drain:
+            sync(device)
         t2 = pc()
         span.__exit__(None, None, None)
         h = rec.step(step, tokens=x_BT.numel(), flops_key=tuple(x_BT.shape))
         h.__enter__()
         t3 = pc()
         loss = train_step(st, cfg, step, x_BT, y_BT, device)
+        if drain:
+            sync(device)
         t4 = pc()
         h.loss = loss
         h.__exit__(None, None, None)
