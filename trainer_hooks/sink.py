@@ -253,6 +253,7 @@ class SpoolSink:
                 continue
             self._queue.popleft()
             taken += 1
+            time.sleep(0)  # hand the GIL to the training thread between records
             try:
                 settle(fields)
                 if kind == "routing":
