@@ -139,6 +139,37 @@ def ours(
     return layer
 
 
+def ours_kmajor(
+    shape: Shape, gate_ED: torch.Tensor, w: dict[str, torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Our grouped path with the expert weights stored K-major ([E, H, D] for w1/w3, [E, D, H]
+    for w2) and handed to _grouped_mm transposed, as torchtitan stores them: isolates the
+    weight layout's effect on the grouped GEMMs."""
+    from moe_core.dispatch import combine, sort_assignments
+
+    router = TopKRouter(shape.d_model, shape.experts, shape.top_k, score="softmax").to(
+        gate_ED.device
+    )
+    router.weight.data.copy_(gate_ED)
+    w1t = torch.nn.Parameter(w["w1"].transpose(1, 2).contiguous())  # [E, H, D]
+    w3t = torch.nn.Parameter(w["w3"].transpose(1, 2).contiguous())
+    w2t = torch.nn.Parameter(w["w2"].transpose(1, 2).contiguous())  # [E, D, H]
+
+    def layer(x_TD: torch.Tensor) -> torch.Tensor:
+        routing = router(x_TD)
+        sorted_ = sort_assignments(routing)
+        x_AD = x_TD.index_select(0, sorted_.token_ids_A)
+        offs = sorted_.rows_per_group_G[:-1].cumsum(0).to(torch.int32)
+        gate = torch._grouped_mm(x_AD, w1t.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(x_AD, w3t.transpose(-2, -1), offs=offs)
+        y = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w2t.transpose(-2, -1), offs=offs)
+        return combine(y, sorted_, x_TD.shape[0])
+
+    layer.router = router  # type: ignore[attr-defined]
+    layer.dispatcher = type("D", (), {"observed": "grouped-kmajor"})()  # type: ignore[attr-defined]
+    return layer
+
+
 def torchtitan_layer(
     shape: Shape, gate_ED: torch.Tensor, w: dict[str, torch.Tensor]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -230,6 +261,12 @@ def run_shape(
     cases = routing_cases(shape, tokens, device)
     variants = []
     for backend in args.backends.split(","):
+        if backend == "kmajor":
+            layer = ours_kmajor(shape, cases[0][1], w)
+            variants.append(("ours grouped K-major", backend, layer, False))
+            if not args.no_compile:
+                variants.append(("ours grouped K-major compiled", backend, layer, True))
+            continue
         layer = ours(shape, backend, cases[0][1], w, 1.25 if backend == "padded" else None)
         variants.append((f"ours {backend}", backend, layer, False))
         if not args.no_compile and backend != "loop":

@@ -27,6 +27,7 @@ from service.schemas import (
     StepPoint,
     StepSeries,
 )
+from service.throughput import peak_of, step_rates
 from trainer_hooks.records import ID_PATTERN, MAX_COUNT, MAX_RANK, IngestBatch, IngestResult
 
 
@@ -132,7 +133,7 @@ def get_steps(
     end_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
 ) -> StepSeries:
     """Step series of one rank; downsampled keeping each bucket's fastest and slowest step."""
-    _run_or_404(session, run_id)
+    peak = peak_of(_run_or_404(session, run_id).environment)
     steps = repo.steps_of(session, run_id, rank=rank, start_step=start_step, end_step=end_step)
     points = [
         StepPoint(
@@ -142,6 +143,8 @@ def get_steps(
             step_time_s=s.end - s.start,
             tokens=s.tokens,
             start=s.start,
+            device_time_s=s.device_time_s,
+            **step_rates(s, peak)._asdict(),
         )
         for s in steps
     ]

@@ -54,6 +54,8 @@ class StepIn(NamedTuple):
     tokens: int
     loss: float | None
     hook_overhead_s: float | None = None
+    flops: int | None = None
+    device_time_s: float | None = None
 
 
 class SpanIn(NamedTuple):

@@ -281,6 +281,8 @@ _STEP_IN = (
     Step.tokens,
     Step.loss,
     Step.hook_overhead_s,
+    Step.flops,
+    Step.device_time_s,
 )
 
 

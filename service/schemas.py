@@ -48,6 +48,13 @@ class StepPoint(BaseModel):
     step_time_s: float
     tokens: int
     start: float
+    tokens_per_s: float | None = Field(description="tokens / step wall time")
+    device_time_s: float | None = Field(description="CUDA-event time of the step")
+    tflops_per_s: float | None = Field(description="model FLOPs / step wall time, in TFLOP/s")
+    mfu: float | None = Field(
+        description="model FLOPs utilisation against the device's bf16 peak; null when the "
+        "device is not in the hooks' peak table"
+    )
 
 
 class StepSeries(BaseModel):

@@ -39,6 +39,10 @@ def collect_environment() -> dict[str, Any]:
             env["device_count"] = torch.cuda.device_count()
         else:
             env["device"] = "cpu"
+        from trainer_hooks.flops import peak_flops
+
+        # The MFU denominator: dense bf16 peak of this device, or None (never a guess).
+        env["peak_flops_per_s"] = peak_flops(env["device"] if env["device"] != "cpu" else None)
     except Exception:  # torch is optional for non-torch loops
         env["torch"] = None
     return env
