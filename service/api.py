@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service import repository as repo
@@ -187,8 +186,7 @@ def healthz(request: Request) -> Any:
     """Liveness and database reachability; never needs a token."""
     engine = request.app.state.engine
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        repo.ping(engine)
         return Health(status="ok", database="ok", revision=current_revision(engine))
     except Exception as exc:
         raise HTTPException(503, detail=f"database unreachable: {type(exc).__name__}") from exc

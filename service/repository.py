@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select, update
+from sqlalchemy import Engine, Select, and_, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -257,6 +257,12 @@ def list_runs(
     return runs[:limit], nxt
 
 
+def ping(engine: Engine) -> None:
+    """Raise if the database cannot answer a trivial query."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
 def get_run(session: Session, run_id: str) -> Run | None:
     return session.get(Run, run_id)
 
@@ -267,7 +273,6 @@ def attempts_of(session: Session, run_ids: Sequence[str]) -> list[Attempt]:
 
 
 def count_steps(session: Session, run_id: str) -> int:
-    from sqlalchemy import func
 
     return int(session.scalar(select(func.count()).where(Step.run_id == run_id)) or 0)
 

@@ -48,58 +48,26 @@ it); a second `train()` with the same callback (one callback, one attempt).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from trainer_hooks.recorder import Recorder, Sink, SpanHandle, StepHandle
+from trainer_hooks.adapters._common import (
+    MAX_CAUSE_CHARS,
+    SinkOrFactory,
+    check_source,
+    entered,
+    guarded,
+    resolve_sink,
+)
+from trainer_hooks.recorder import Recorder, SpanHandle, StepHandle
 
 log = logging.getLogger("trainer_hooks.adapters.hf")
 
-MAX_CAUSE_CHARS = 2000  # the wire contract's limit on `cause`
-_P = ParamSpec("_P")
-_C = TypeVar("_C", bound="GoodputTrainerCallback")
-_H = TypeVar("_H", SpanHandle, StepHandle)
-SinkOrFactory = Sink | Callable[[int], Sink]
 TokensFn = Callable[[TrainingArguments, TrainerState], int]
-
-
-def _entered(handle: _H) -> _H:
-    handle.__enter__()
-    return handle
-
-
-def _guarded(hook: Callable[Concatenate[_C, _P], None]) -> Callable[Concatenate[_C, _P], None]:
-    """A hook that never raises into training: its failure is counted in `hook_errors`."""
-
-    @functools.wraps(hook)
-    def run(self: _C, *args: _P.args, **kwargs: _P.kwargs) -> None:
-        try:
-            hook(self, *args, **kwargs)
-        except Exception:
-            self._hook_failed(hook.__name__)
-
-    return run
-
-
-def _check_source(recorder: Recorder | None, run_name: str | None, sink: object) -> None:
-    if recorder is not None and (run_name is not None or sink is not None):
-        raise ValueError("pass either recorder= or run_name= and sink=, not both")
-    if recorder is None and (not run_name or sink is None):
-        raise ValueError(
-            f"without recorder=, run_name and sink are required (run_name={run_name!r}, "
-            f"sink={sink!r})"
-        )
-
-
-def _resolve_sink(sink: SinkOrFactory, rank: int) -> Sink:
-    if callable(getattr(sink, "emit", None)):
-        return cast(Sink, sink)
-    return cast(Callable[[int], Sink], sink)(rank)
 
 
 class GoodputTrainerCallback(TrainerCallback):
@@ -131,13 +99,13 @@ class GoodputTrainerCallback(TrainerCallback):
         close_on_end: bool = True,
         flush_timeout_s: float = 10.0,
     ) -> None:
-        _check_source(recorder, run_name, sink)
+        check_source(recorder, run_name, sink)
         if recorder is None:
             assert sink is not None and run_name is not None
             sink_rank = rank if rank is not None else int(os.environ.get("RANK", "0"))
             recorder = Recorder(
                 run_name=run_name,
-                sink=_resolve_sink(sink, sink_rank),
+                sink=resolve_sink(sink, sink_rank),
                 project=project,
                 model_plan=model_plan,
                 runtime_policy=runtime_policy,
@@ -158,7 +126,7 @@ class GoodputTrainerCallback(TrainerCallback):
         self._pending: StepHandle | None = None  # ended, waiting for on_log's loss
         self._tokens_seen0 = 0
         self._last_step: int | None = None
-        self._gap: SpanHandle | None = _entered(recorder.span("startup"))
+        self._gap: SpanHandle | None = entered(recorder.span("startup"))
 
     def close(self, status: str = "completed", cause: str | None = None) -> Any:
         """End the attempt now (once; later calls do nothing); returns the sink's stats.
@@ -176,7 +144,7 @@ class GoodputTrainerCallback(TrainerCallback):
         )
 
     # -- HF hooks --
-    @_guarded
+    @guarded
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -188,13 +156,13 @@ class GoodputTrainerCallback(TrainerCallback):
             self.recorder.watch(kw["model"])  # MoE counters and dispatch/SDPA receipts
         self._mark()
 
-    @_guarded
+    @guarded
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         self._mark()  # drop HF's bookkeeping between epochs; time the next fetch from here
 
-    @_guarded
+    @guarded
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -204,10 +172,10 @@ class GoodputTrainerCallback(TrainerCallback):
         last = self._last_step
         number = state.global_step if last is None or state.global_step > last else last + 1
         self._close_gap_as("data_stall", step=number)
-        self._step = _entered(self.recorder.step(number))
+        self._step = entered(self.recorder.step(number))
         self._tokens_seen0 = state.num_input_tokens_seen
 
-    @_guarded
+    @guarded
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -222,7 +190,7 @@ class GoodputTrainerCallback(TrainerCallback):
         step.__exit__(None, None, None)
         self._mark()
 
-    @_guarded
+    @guarded
     def on_log(
         self,
         args: TrainingArguments,
@@ -239,7 +207,7 @@ class GoodputTrainerCallback(TrainerCallback):
             step.loss = float(loss)
         self._flush_pending()
 
-    @_guarded
+    @guarded
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -248,7 +216,7 @@ class GoodputTrainerCallback(TrainerCallback):
             self._close_gap_as("eval", step=self._last_step)
             self._mark()
 
-    @_guarded
+    @guarded
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -259,14 +227,14 @@ class GoodputTrainerCallback(TrainerCallback):
                 self.recorder.checkpoint_committed(self._last_step)
             self._mark()
 
-    @_guarded
+    @guarded
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         self._flush_pending()
         self._mark()
 
-    @_guarded
+    @guarded
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -309,7 +277,7 @@ class GoodputTrainerCallback(TrainerCallback):
     def _mark(self) -> None:
         """Something just ended: open a new gap; the hook that closes it names it."""
         if self._live():
-            self._gap = _entered(self.recorder.span("data_stall"))
+            self._gap = entered(self.recorder.span("data_stall"))
 
     def _close_gap_as(self, category: str, step: int | None = None) -> None:
         gap, self._gap = self._gap, None

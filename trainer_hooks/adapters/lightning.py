@@ -40,21 +40,23 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from trainer_hooks.recorder import Recorder, Sink, SpanHandle, StepHandle
+from trainer_hooks.adapters._common import (
+    MAX_CAUSE_CHARS,
+    SinkOrFactory,
+    check_source,
+    entered,
+    guarded,
+    resolve_sink,
+)
+from trainer_hooks.recorder import Recorder, SpanHandle, StepHandle
 
 log = logging.getLogger("trainer_hooks.adapters.lightning")
-
-MAX_CAUSE_CHARS = 2000  # the wire contract's limit on `cause`
-_P = ParamSpec("_P")
-_C = TypeVar("_C", bound="GoodputCallback")
-_H = TypeVar("_H", SpanHandle, StepHandle)
-SinkOrFactory = Sink | Callable[[int], Sink]
 
 
 def first_tensor_numel(batch: Any) -> int:
@@ -79,42 +81,6 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 def _loss_tensor(outputs: Any) -> torch.Tensor | None:
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
     return loss.detach() if isinstance(loss, torch.Tensor) else None  # detach: no device sync
-
-
-def _entered(handle: _H) -> _H:
-    handle.__enter__()
-    return handle
-
-
-def resolve_sink(sink: SinkOrFactory, rank: int) -> Sink:
-    """A sink, or a `rank -> Sink` factory (each rank of a multi-process run needs its own)."""
-    if callable(getattr(sink, "emit", None)):
-        return cast(Sink, sink)
-    return cast(Callable[[int], Sink], sink)(rank)
-
-
-def check_source(recorder: Recorder | None, run_name: str | None, sink: object) -> None:
-    """Either a ready recorder or what builds one; ValueError names what is missing."""
-    if recorder is not None and (run_name is not None or sink is not None):
-        raise ValueError("pass either recorder= or run_name= and sink=, not both")
-    if recorder is None and (not run_name or sink is None):
-        raise ValueError(
-            f"without recorder=, run_name and sink are required (run_name={run_name!r}, "
-            f"sink={sink!r})"
-        )
-
-
-def _guarded(hook: Callable[Concatenate[_C, _P], None]) -> Callable[Concatenate[_C, _P], None]:
-    """A hook that never raises into training: its failure is counted in `hook_errors`."""
-
-    @functools.wraps(hook)
-    def run(self: _C, *args: _P.args, **kwargs: _P.kwargs) -> None:
-        try:
-            hook(self, *args, **kwargs)
-        except Exception:
-            self._hook_failed(hook.__name__)
-
-    return run
 
 
 class GoodputCallback(Callback):
@@ -192,7 +158,7 @@ class GoodputCallback(Callback):
         return rec.close(status=status, cause=cause, flush_timeout_s=self.flush_timeout_s)
 
     # -- Lightning hooks --
-    @_guarded
+    @guarded
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -203,19 +169,19 @@ class GoodputCallback(Callback):
             self._wrap_save(trainer)
         self._open_gap("startup")
 
-    @_guarded
+    @guarded
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_gap(emit=True)
         rec = self._live()
         if rec is not None:
             rec.watch(pl_module)  # MoE counters and dispatch/SDPA receipts, if any
 
-    @_guarded
+    @guarded
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_gap(emit=False)
         self._open_gap("data_stall")
 
-    @_guarded
+    @guarded
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -228,10 +194,10 @@ class GoodputCallback(Callback):
             return
         number = self._next_number(trainer.global_step)
         self._close_gap(emit=True, step=number)
-        self._step = _entered(rec.step(number, tokens=self._tokens(batch)))
+        self._step = entered(rec.step(number, tokens=self._tokens(batch)))
         self._step_gs = trainer.global_step
 
-    @_guarded
+    @guarded
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -250,33 +216,33 @@ class GoodputCallback(Callback):
             self._finish_step()
         self._open_gap("data_stall")
 
-    @_guarded
+    @guarded
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_gap(emit=False)
         self._step = None  # a batch that never ended (`on_train_batch_start` returned -1)
 
-    @_guarded
+    @guarded
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rec = self._live()
         if rec is None or self._eval is not None:
             return
         self._eval_resume = self._pause()
-        self._eval = _entered(rec.span("eval", step=self._last_step))
+        self._eval = entered(rec.span("eval", step=self._last_step))
 
-    @_guarded
+    @guarded
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_eval()
         self._resume(self._eval_resume)
         self._eval_resume = None
 
-    @_guarded
+    @guarded
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step = None
         self._close_gap(emit=False)
         if self.close_on_end:
             self.close("completed")
 
-    @_guarded
+    @guarded
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -284,7 +250,7 @@ class GoodputCallback(Callback):
         if self.close_on_end:
             self.close("completed")
 
-    @_guarded
+    @guarded
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -345,7 +311,7 @@ class GoodputCallback(Callback):
         rec = self._live()
         if rec is not None:
             self._close_gap(emit=False)
-            self._gap = _entered(rec.span(category))
+            self._gap = entered(rec.span(category))
 
     def _close_gap(self, emit: bool, step: int | None = None) -> None:
         gap, self._gap = self._gap, None
@@ -402,7 +368,7 @@ class GoodputCallback(Callback):
             return None
         try:
             resume = self._pause()
-            return _entered(rec.span("checkpoint_save", step=self._last_step)), resume
+            return entered(rec.span("checkpoint_save", step=self._last_step)), resume
         except Exception:
             self._hook_failed("save_checkpoint")
             return None
