@@ -273,7 +273,6 @@ def attempts_of(session: Session, run_ids: Sequence[str]) -> list[Attempt]:
 
 
 def count_steps(session: Session, run_id: str) -> int:
-
     return int(session.scalar(select(func.count()).where(Step.run_id == run_id)) or 0)
 
 
