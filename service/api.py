@@ -12,14 +12,17 @@ from sqlalchemy.orm import Session
 from service import repository as repo
 from service.db import session_scope
 from service.downsample import minmax_downsample
-from service.goodput import run_goodput
+from service.goodput import RankGoodput, RunGoodput, run_goodput
+from service.goodput_window import clip_inputs, rolling
 from service.migrate import current_revision
 from service.models import Attempt, Run
 from service.schemas import (
     AttemptRead,
     GoodputRead,
+    GoodputWindow,
     Health,
     RankGoodputRead,
+    RollingGoodput,
     RunList,
     RunRead,
     RunSummary,
@@ -151,33 +154,94 @@ def get_steps(
     return StepSeries(run_id=run_id, rank=rank, total=len(points), points=kept)
 
 
-@router.get("/runs/{run_id}/goodput", response_model=GoodputRead)
-def get_goodput(run_id: RunIdPath, session: SessionDep) -> GoodputRead:
-    """Goodput and badput of the run; parts add up to total_s."""
-    _run_or_404(session, run_id)
-    g = run_goodput(repo.goodput_inputs(session, run_id))
+EpochQuery = Annotated[float | None, Query(ge=946_684_800.0, le=7_258_118_400.0)]
+
+
+def _rank_read(r: RankGoodput) -> RankGoodputRead:
+    return RankGoodputRead(
+        rank=r.rank,
+        total_s=r.total_s,
+        goodput_s=r.goodput_s,
+        goodput_fraction=r.goodput_fraction,
+        badput_s=r.badput_s,
+        other_s=r.other_s,
+        steps=r.steps,
+    )
+
+
+def _goodput_read(run_id: str, g: RunGoodput, rank: int | None) -> GoodputRead:
+    chosen: RankGoodput | RunGoodput = g
+    if rank is not None:
+        found = [r for r in g.ranks if r.rank == rank]
+        if not found:
+            raise HTTPException(404, detail=f"rank {rank} has no records in run {run_id!r}")
+        chosen = found[0]
     return GoodputRead(
         run_id=run_id,
-        total_s=g.total_s,
-        goodput_s=g.goodput_s,
-        goodput_fraction=g.goodput_fraction,
-        badput_s=g.badput_s,
-        other_s=g.other_s,
-        rank=g.rank,
-        steps=g.steps,
-        tokens=g.tokens,
-        ranks=[
-            RankGoodputRead(
-                rank=r.rank,
-                total_s=r.total_s,
-                goodput_s=r.goodput_s,
-                goodput_fraction=r.goodput_fraction,
-                badput_s=r.badput_s,
-                other_s=r.other_s,
-                steps=r.steps,
-            )
-            for r in g.ranks
-        ],
+        total_s=chosen.total_s,
+        goodput_s=chosen.goodput_s,
+        goodput_fraction=chosen.goodput_fraction,
+        badput_s=chosen.badput_s,
+        other_s=chosen.other_s,
+        rank=rank if rank is not None else g.rank,
+        steps=chosen.steps,
+        tokens=chosen.tokens,
+        ranks=[_rank_read(r) for r in g.ranks],
+    )
+
+
+def _field_error(field: str, exc: ValueError) -> RequestValidationError:
+    return RequestValidationError(
+        [{"loc": ["query", field], "msg": str(exc), "type": "value_error"}]
+    )
+
+
+@router.get("/runs/{run_id}/goodput", response_model=GoodputRead)
+def get_goodput(
+    run_id: RunIdPath,
+    session: SessionDep,
+    start: EpochQuery = None,
+    end: EpochQuery = None,
+    rank: Annotated[int | None, Query(ge=0, le=MAX_RANK)] = None,
+) -> GoodputRead:
+    """Goodput and badput of the run (or of [start, end], or of one rank); the parts add up
+    to total_s. Without `rank`, the figures are the slowest rank's."""
+    _run_or_404(session, run_id)
+    inputs = repo.goodput_inputs(session, run_id)
+    if start is not None or end is not None:
+        try:
+            inputs = clip_inputs(inputs, start or 0.0, end or float("inf"))
+        except ValueError as exc:
+            raise _field_error("end", exc) from exc
+    return _goodput_read(run_id, run_goodput(inputs), rank)
+
+
+@router.get("/runs/{run_id}/goodput/rolling", response_model=RollingGoodput)
+def get_rolling_goodput(
+    run_id: RunIdPath,
+    session: SessionDep,
+    window_s: Annotated[float, Query(gt=0, le=1e8)],
+    step_s: Annotated[float | None, Query(gt=0, le=1e8)] = None,
+    rank: Annotated[int | None, Query(ge=0, le=MAX_RANK)] = None,
+) -> RollingGoodput:
+    """Goodput over windows of `window_s` seconds every `step_s` (default: back to back)."""
+    _run_or_404(session, run_id)
+    inputs = repo.goodput_inputs(session, run_id)
+    try:
+        bounds = rolling(inputs, window_s, step_s or window_s)
+    except ValueError as exc:
+        raise _field_error("window_s", exc) from exc
+    windows = []
+    for a, b in bounds:
+        g = run_goodput(clip_inputs(inputs, a, b))
+        if rank is not None and not any(r.rank == rank for r in g.ranks):
+            continue
+        read = _goodput_read(run_id, g, rank)
+        windows.append(
+            GoodputWindow(start=a, end=b, **read.model_dump(exclude={"run_id", "ranks"}))
+        )
+    return RollingGoodput(
+        run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=windows
     )
 
 

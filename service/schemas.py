@@ -87,6 +87,26 @@ class GoodputRead(BaseModel):
     ranks: list[RankGoodputRead]
 
 
+class GoodputWindow(BaseModel):
+    start: float
+    end: float
+    total_s: float
+    goodput_s: float
+    goodput_fraction: float | None
+    badput_s: dict[str, float]
+    other_s: float
+    rank: int | None
+    steps: int
+    tokens: int
+
+
+class RollingGoodput(BaseModel):
+    run_id: str
+    window_s: float
+    step_s: float
+    windows: list[GoodputWindow]
+
+
 class Health(BaseModel):
     status: str
     database: str
