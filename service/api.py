@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,13 +59,14 @@ def run_status(attempts: list[Attempt]) -> str:
     return "completed"
 
 
-def _summary(run: Run, attempts: list[Attempt]) -> RunSummary:
+def _summary(run: Run, attempts: list[Attempt], tags: list[str]) -> RunSummary:
     return RunSummary(
         run_id=run.run_id,
         name=run.name,
         project=run.project,
         created_at=run.created_at,
         status=run_status(attempts),
+        tags=tags,
     )
 
 
@@ -90,22 +91,37 @@ def list_runs(
     session: SessionDep,
     name: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     project: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
+    status: Annotated[Literal["running", "completed", "failed"] | None, Query()] = None,
+    pattern: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
+    tag: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> RunList:
-    """Runs, newest first, filtered by name and project; follow `next_cursor` for more."""
+    """Runs, newest first, filtered by name, project, status, layer pattern and tag; follow
+    `next_cursor` for more."""
     try:
         after = repo.Cursor.decode(cursor) if cursor else None
     except ValueError as exc:
         raise RequestValidationError(
             [{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]
         ) from exc
-    runs, nxt = repo.list_runs(session, name=name, project=project, limit=limit, cursor=after)
+    runs, nxt = repo.list_runs(
+        session,
+        name=name,
+        project=project,
+        status=status,
+        pattern=pattern,
+        tag=tag,
+        limit=limit,
+        cursor=after,
+    )
+    ids = [r.run_id for r in runs]
     attempts: dict[str, list[Attempt]] = {}
-    for a in repo.attempts_of(session, [r.run_id for r in runs]):
+    for a in repo.attempts_of(session, ids):
         attempts.setdefault(a.run_id, []).append(a)
+    tags = repo.tags_of(session, ids)
     return RunList(
-        runs=[_summary(r, attempts.get(r.run_id, [])) for r in runs],
+        runs=[_summary(r, attempts.get(r.run_id, []), tags.get(r.run_id, [])) for r in runs],
         next_cursor=nxt.encode() if nxt else None,
     )
 
@@ -116,7 +132,7 @@ def get_run(run_id: RunIdPath, session: SessionDep) -> RunRead:
     run = _run_or_404(session, run_id)
     attempts = repo.attempts_of(session, [run_id])
     return RunRead(
-        **_summary(run, attempts).model_dump(),
+        **_summary(run, attempts, repo.tags_of(session, [run_id]).get(run_id, [])).model_dump(),
         model_plan=run.model_plan,
         runtime_policy=run.runtime_policy,
         environment=run.environment,

@@ -62,6 +62,19 @@ class Run(Base):
     __table_args__ = (Index("ix_runs_created_at_run_id", "created_at", "run_id"),)
 
 
+class RunTag(Base):
+    """A free-form label on a run, one row per (run, tag), for filtering."""
+
+    __tablename__ = "run_tags"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (Index("ix_run_tags_tag", "tag"),)
+
+
 class Attempt(Base):
     """One rank of one attempt; `end` and `status` arrive with the attempt_end record."""
 

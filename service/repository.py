@@ -10,9 +10,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Select,
+    and_,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, SpanIn, StepIn
 from service.models import (
@@ -23,6 +34,7 @@ from service.models import (
     Profile,
     RoutingRow,
     Run,
+    RunTag,
     Span,
     Step,
 )
@@ -78,8 +90,11 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
         by_kind.setdefault(rec.kind, []).append((i, rec))
     _check_runs_exist(session, records, by_kind.get("run", []))
     now = time.time()
-    runs = [{**_row(r), "ingested_at": now} for _, r in by_kind.get("run", [])]
+    run_records = [r for _, r in by_kind.get("run", [])]
+    runs = [{**_row(r, "tags"), "ingested_at": now} for r in run_records]
     inserted = _insert_ignore(session, Run, runs)
+    tags = [{"run_id": r.run_id, "tag": t} for r in run_records for t in dict.fromkeys(r.tags)]
+    _insert_ignore(session, RunTag, tags)  # part of their run record, not counted apart
     for kind, model in _TABLES.items():
         inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
     inserted += _insert_ignore(
@@ -90,8 +105,8 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
 
 
-def _row(rec: Record) -> dict[str, Any]:
-    return rec.model_dump(exclude={"kind", "schema_version"})
+def _row(rec: Record, *exclude: str) -> dict[str, Any]:
+    return rec.model_dump(exclude={"kind", "schema_version", *exclude})
 
 
 def _routing_row(rec: RoutingRecord) -> dict[str, Any]:
@@ -230,11 +245,37 @@ class Cursor:
             raise ValueError("cursor is not one this server issued") from exc
 
 
+RUN_STATUSES = ("running", "completed", "failed")
+
+
+def _status_clause(status: str) -> ColumnElement[bool]:
+    """A run's status in SQL, as `run_status` derives it: from its newest attempt's ranks."""
+    other = aliased(Attempt)  # the max() runs over its own copy of attempts, per run
+    last = (
+        select(func.max(other.attempt))
+        .where(other.run_id == Run.run_id)
+        .correlate(Run)
+        .scalar_subquery()
+    )
+    of_last = and_(Attempt.run_id == Run.run_id, Attempt.attempt == last)
+    failed = exists().where(of_last, Attempt.status == "failed")
+    open_ = exists().where(of_last, Attempt.end.is_(None))
+    none = ~exists().where(Attempt.run_id == Run.run_id)
+    if status == "failed":
+        return failed
+    if status == "running":
+        return and_(~failed, or_(open_, none))
+    return and_(~failed, ~open_, ~none)
+
+
 def list_runs(
     session: Session,
     *,
     name: str | None = None,
     project: str | None = None,
+    status: str | None = None,
+    pattern: str | None = None,
+    tag: str | None = None,
     limit: int = 50,
     cursor: Cursor | None = None,
 ) -> tuple[list[Run], Cursor | None]:
@@ -244,6 +285,12 @@ def list_runs(
         stmt = stmt.where(Run.name == name)
     if project is not None:
         stmt = stmt.where(Run.project == project)
+    if status is not None:
+        stmt = stmt.where(_status_clause(status))
+    if pattern is not None:
+        stmt = stmt.where(Run.model_plan["pattern"].as_string() == pattern)
+    if tag is not None:
+        stmt = stmt.where(exists().where(RunTag.run_id == Run.run_id, RunTag.tag == tag))
     if cursor is not None:
         stmt = stmt.where(
             or_(
@@ -261,6 +308,14 @@ def ping(engine: Engine) -> None:
     """Raise if the database cannot answer a trivial query."""
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def tags_of(session: Session, run_ids: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    rows = session.execute(select(RunTag.run_id, RunTag.tag).where(RunTag.run_id.in_(run_ids)))
+    for run_id, tag in rows:
+        out.setdefault(run_id, []).append(tag)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def get_run(session: Session, run_id: str) -> Run | None:

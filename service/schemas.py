@@ -26,6 +26,7 @@ class RunSummary(BaseModel):
     project: str
     created_at: float
     status: str = Field(description="running, completed or failed (from the last attempt)")
+    tags: list[str] = Field(default_factory=list)
 
 
 class RunRead(RunSummary):

@@ -70,6 +70,7 @@ def _storable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_storable)]
+Tag = Annotated[Text, Field(min_length=1, max_length=64)]
 RunId = Annotated[str, Field(pattern=ID_PATTERN, description="client-chosen id, e.g. a uuid4 hex")]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
 MAX_COUNT = 2**53  # the largest integer JSON numbers carry exactly
@@ -119,6 +120,7 @@ class RunRecord(_Record):
     model_plan: dict[str, Any] = Field(default_factory=dict)
     runtime_policy: dict[str, Any] = Field(default_factory=dict)
     environment: dict[str, Any] = Field(default_factory=dict)
+    tags: Annotated[list[Tag], Field(max_length=32)] = Field(default_factory=list)
 
 
 class AttemptStartRecord(_RankScoped):

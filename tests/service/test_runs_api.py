@@ -95,3 +95,41 @@ def test_openapi_docs_are_served(client: Any) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert "/api/v1/ingest" in paths and "/api/v1/runs/{run_id}/goodput" in paths
+
+
+def test_runs_filter_by_status_pattern_and_tag(client: Any) -> None:
+    plan = {"pattern": "AEME"}
+    ingest(
+        client,
+        [
+            f.run("done", "x", created_at=f.T0 + 1, tags=["ablation", "grouped"], model_plan=plan),
+            f.attempt_start("done"),
+            f.attempt_end("done"),
+            f.run("broke", "x", created_at=f.T0 + 2, tags=["ablation"]),
+            f.attempt_start("broke"),
+            f.attempt_end("broke", status="failed"),
+            f.run("busy", "x", created_at=f.T0 + 3),
+            f.attempt_start("busy"),
+            f.run("fresh", "x", created_at=f.T0 + 4),
+        ],
+    )
+
+    def ids(**params: Any) -> list[str]:
+        return [r["run_id"] for r in client.get("/api/v1/runs", params=params).json()["runs"]]
+
+    assert ids(status="completed") == ["done"]
+    assert ids(status="failed") == ["broke"]
+    assert ids(status="running") == ["fresh", "busy"]
+    assert ids(tag="ablation") == ["broke", "done"]
+    assert ids(tag="ablation", status="failed") == ["broke"]
+    assert ids(pattern="AEME") == ["done"]
+    run = client.get("/api/v1/runs/done").json()
+    assert run["tags"] == ["ablation", "grouped"]
+    bad = client.get("/api/v1/runs", params={"status": "sleeping"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "status"
+
+
+def test_a_run_sent_again_with_other_tags_keeps_its_first_record(client: Any) -> None:
+    ingest(client, [f.run("r", "x", tags=["a"])])
+    again = client.post("/api/v1/ingest", json={"records": [f.run("r", "x", tags=["a", "b"])]})
+    assert again.json() == {"inserted": 0, "duplicates": 1}
