@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goodput train", description="Train the bundled MoE model.")
     p.add_argument("--server", default=None, help="service URL; none = offline (spool only)")
     p.add_argument("--spool", default="./goodput-spool", help="spool root directory")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("GOODPUT_TOKEN"),
+        help="the service's write token (default: $GOODPUT_TOKEN)",
+    )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--pattern", default="AE", help="layer plan of A/M/E/R letters, e.g. AEME*2")
     p.add_argument("--depth", type=int, default=1, help="repeat the pattern this many times")
@@ -196,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = resume.run_id if resume is not None else _shared_run_id(args.run_id)
     assert cfg.checkpoint_dir is not None
     attempt = ckpt.next_attempt(cfg.checkpoint_dir / f"rank{rank}", fresh=not args.resume)
-    sink = SpoolSink(Path(args.spool) / run_id / f"attempt{attempt}-rank{rank}", args.server)
+    sink = SpoolSink(
+        Path(args.spool) / run_id / f"attempt{attempt}-rank{rank}", args.server, token=args.token
+    )
     rec = Recorder(
         run_name=args.run_name,
         project=args.project,

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import health_router, router
+from service.api_compare import router as compare_router
+from service.api_receipts import router as receipts_router
 from service.dashboard_routes import router as dashboard_router
 from service.db import make_sessionmaker
+from service.metrics import GoodputCache, IngestCounters, IngestCounting
+from service.metrics import router as metrics_router
 from service.migrate import prepare_database
+from service.security import TokenAuth
 from service.settings import Settings
 
 
@@ -44,49 +53,163 @@ async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+log = logging.getLogger("goodput.service")
+_TRANSIENT = (
+    "locked",
+    "busy",
+    "could not connect",
+    "connection",
+    "server closed",
+    "timeout",
+    "terminating",
+    "too many clients",
+    "the database system is",
+)
+
+
 async def _db_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "database unavailable, retry later"},
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
+    """503 for a database that is down or busy (clients retry); any other OperationalError
+    (SQLite reports bad SQL as one too) is a bug: a logged 500, never dressed up as a 503."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    if any(word in text for word in _TRANSIENT):
+        return JSONResponse(
+            {"detail": "database unavailable, retry later"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    log.error("database error", exc_info=exc)
+    return JSONResponse({"detail": "internal database error"}, status_code=500)
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413, before they are parsed."""
+    """Refuse request bodies over `limit` bytes with 413, before they are parsed. A gzip body
+    (`Content-Encoding: gzip`) is decompressed as it streams in: at most `compressed_limit`
+    bytes on the wire and `limit` once decompressed (a zip bomb stops at the limit)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, compressed_limit: int) -> None:
         self.app = app
         self.limit = limit
+        self.compressed_limit = compressed_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+        headers = dict(scope.get("headers", []))
+        # Several Content-Encoding headers make one list, as HTTP says.
+        coding = b",".join(v for k, v in scope.get("headers", []) if k == b"content-encoding")
+        gzipped = _is_gzip(coding)
+        if gzipped is None:
+            await _respond(send, 415, _unsupported(coding), {"Accept-Encoding": "gzip"})
             return
-        seen = 0
+        wire_limit = self.compressed_limit if gzipped else self.limit
+        wire_msg = _too_large("compressed request body" if gzipped else "request body", wire_limit)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > wire_limit:
+            await _respond(send, 413, wire_msg)
+            return
+        receive = _limited(receive, wire_limit, wire_msg)
+        if gzipped:
+            scope = _without(scope, (b"content-encoding", b"content-length"))
+            receive = _gunzipping(receive, _Gunzip(self.limit))
+        await self.app(scope, receive, send)
 
-        async def limited() -> Message:
-            # A body without Content-Length (chunked) is counted as it streams in; the
-            # HTTPException passes through FastAPI's body parsing and becomes the 413.
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, detail=self._message())
-            return message
 
-        await self.app(scope, limited, send)
+def _is_gzip(header: bytes) -> bool | None:
+    """True for gzip, False for identity (or none), None for any other coding."""
+    codings = [c.strip() for c in header.decode("latin-1").lower().split(",")]
+    codings = [c for c in codings if c not in ("", "identity")]
+    if not codings:
+        return False
+    return True if codings in (["gzip"], ["x-gzip"]) else None
 
-    def _message(self) -> str:
-        return f"request body larger than the limit of {self.limit} bytes"
 
-    async def _refuse(self, send: Send) -> None:
-        resp = JSONResponse({"detail": self._message()}, 413)
-        await resp({"type": "http"}, _no_receive, send)
+def _unsupported(header: bytes) -> str:
+    shown = header.decode("latin-1")[:40]
+    return f"Content-Encoding {shown!r} is not supported: send gzip or identity"
+
+
+def _too_large(what: str, limit: int) -> str:
+    return f"{what} larger than the limit of {limit} bytes"
+
+
+def _without(scope: Scope, names: tuple[bytes, ...]) -> Scope:
+    headers = [(k, v) for k, v in scope.get("headers", []) if k not in names]
+    return {**scope, "headers": headers}
+
+
+def _limited(receive: Receive, limit: int, message: str) -> Receive:
+    seen = 0
+
+    async def limited() -> Message:
+        # A body without Content-Length (chunked) is counted as it streams in; the
+        # HTTPException passes through FastAPI's body parsing and becomes the 413.
+        nonlocal seen
+        msg = await receive()
+        seen += len(msg.get("body", b""))
+        if seen > limit:
+            raise HTTPException(413, detail=message)
+        return msg
+
+    return limited
+
+
+class _Gunzip:
+    """Incremental gzip decoder (several members allowed) that stops past `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.produced = 0
+        self.fed = 0
+        self.zobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> bytes:
+        self.fed += len(data)
+        chunks = []
+        while data:
+            if self.zobj.eof:
+                self.zobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            # At most one byte past the limit is ever produced.
+            chunk = self._decompress(data, self.limit - self.produced + 1)
+            self.produced += len(chunk)
+            if self.produced > self.limit:
+                detail = _too_large("request body", self.limit) + " once decompressed"
+                raise HTTPException(413, detail=detail)
+            chunks.append(chunk)
+            data = self.zobj.unused_data if self.zobj.eof else self.zobj.unconsumed_tail
+        return b"".join(chunks)
+
+    def _decompress(self, data: bytes, max_length: int) -> bytes:
+        try:
+            return self.zobj.decompress(data, max_length)
+        except zlib.error as exc:
+            raise HTTPException(400, detail=f"request body is not valid gzip: {exc}") from exc
+
+    def finish(self) -> None:
+        if self.fed and not self.zobj.eof:
+            raise HTTPException(
+                400, detail="request body is not valid gzip: the stream is cut short"
+            )
+
+
+def _gunzipping(receive: Receive, gunzip: _Gunzip) -> Receive:
+    async def gunzipping() -> Message:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return msg
+        body = gunzip.feed(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            gunzip.finish()
+        return {**msg, "body": body}
+
+    return gunzipping
+
+
+async def _respond(
+    send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    resp = JSONResponse({"detail": detail}, status, headers=headers)
+    await resp({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:
@@ -109,11 +232,45 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.ingest_counters = IngestCounters()
+    app.state.goodput_cache = GoodputCache()
     app.include_router(health_router)
     app.include_router(router)
+    app.include_router(receipts_router)
+    app.include_router(compare_router)
     app.include_router(dashboard_router)
+    app.include_router(metrics_router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(OperationalError, _db_unavailable)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    _add_middleware(app, settings)
     return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """From the outside in: CORS, tokens, ingest counters, body limit (Starlette runs the
+    last added first): no body is read before the token is checked, and the counters see
+    the body limit's 413s."""
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        compressed_limit=settings.max_compressed_body_bytes,
+    )
+    app.add_middleware(IngestCounting, counters=app.state.ingest_counters)
+    if settings.auth_enabled:
+        app.add_middleware(
+            TokenAuth,
+            write_token=_secret(settings.write_token),
+            read_token=_secret(settings.read_token),
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Content-Encoding", "X-Goodput-Token"],
+        )
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None

@@ -98,6 +98,9 @@ def spool_replay(
     directory: Annotated[Path, typer.Argument(help="a spool, or a folder of spools")],
     server: Annotated[str, typer.Option("--server", help="service URL")],
     from_start: Annotated[bool, typer.Option("--all", help="resend acknowledged records")] = False,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="GOODPUT_TOKEN", help="write token")
+    ] = None,
 ) -> None:
     """Send what a spool holds; records already stored are counted as duplicates."""
     from trainer_hooks.sink import replay
@@ -107,7 +110,7 @@ def spool_replay(
         console.print(f"[red]error:[/red] {directory} is not a directory")
         raise typer.Exit(2)
     try:
-        result = replay(directory, server, from_start=from_start)
+        result = replay(directory, server, from_start=from_start, token=token)
     except (ConnectionError, SpoolLockedError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

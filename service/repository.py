@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,6 +39,7 @@ from service.models import (
     Span,
     Step,
 )
+from service.receipts import ObservationIn
 from service.routing_stats import routing_figures
 from trainer_hooks.records import (
     AttemptEndRecord,
@@ -386,3 +388,281 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
         )
     ]
     return GoodputInputs(attempts=attempts, steps=steps, spans=spans, checkpoints=checkpoints)
+
+
+# -- metrics --
+# Queries behind /metrics (service/metrics.py): one statement each for many runs at once.
+
+
+def recent_step_totals(
+    session: Session, run_ids: Sequence[str], last: int = 20
+) -> dict[str, tuple[int, float]]:
+    """Per run: (tokens, seconds of step time) summed over rank 0's `last` newest steps (the
+    newest attempt's first). Runs without rank-0 steps are absent."""
+    if not run_ids:
+        return {}
+    newest = (Step.attempt.desc(), Step.step.desc())
+    ranked = (
+        select(
+            Step.run_id,
+            Step.tokens,
+            (Step.end - Step.start).label("seconds"),
+            func.row_number().over(partition_by=Step.run_id, order_by=newest).label("n"),
+        )
+        .where(Step.run_id.in_(run_ids), Step.rank == 0)
+        .subquery()
+    )
+    stmt = (
+        select(ranked.c.run_id, func.sum(ranked.c.tokens), func.sum(ranked.c.seconds))
+        .where(ranked.c.n <= last)
+        .group_by(ranked.c.run_id)
+    )
+    return {r: (int(t), float(s)) for r, t, s in session.execute(stmt)}
+
+
+def latest_drop_rates(session: Session, run_ids: Sequence[str]) -> dict[str, float]:
+    """Per run: mean drop rate over the layers of rank 0's newest routing step (newest
+    attempt first). Runs without routing rows (or only null rates) are absent."""
+    if not run_ids:
+        return {}
+    newest = (RoutingRow.attempt.desc(), RoutingRow.step.desc())
+    ranked = (
+        select(
+            RoutingRow.run_id,
+            RoutingRow.drop_rate,
+            func.dense_rank().over(partition_by=RoutingRow.run_id, order_by=newest).label("n"),
+        )
+        .where(RoutingRow.run_id.in_(run_ids), RoutingRow.rank == 0)
+        .subquery()
+    )
+    stmt = (
+        select(ranked.c.run_id, func.avg(ranked.c.drop_rate))
+        .where(ranked.c.n == 1)
+        .group_by(ranked.c.run_id)
+    )
+    return {r: float(v) for r, v in session.execute(stmt) if v is not None}
+
+
+def goodput_row_counts(session: Session, run_ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Per run: how many step, span and checkpoint rows it has. These rows are only ever
+    inserted, so with the attempt rows (which are updated) they tell whether a run's goodput
+    inputs changed."""
+    counts: dict[str, list[int]] = {r: [0, 0, 0] for r in run_ids}
+    for i, column in enumerate((Step.run_id, Span.run_id, CheckpointCommit.run_id)):
+        stmt = select(column, func.count()).where(column.in_(run_ids)).group_by(column)
+        for run_id, n in session.execute(stmt):
+            counts[run_id][i] = int(n)
+    return {r: tuple(c) for r, c in counts.items()}
+
+
+# -- receipts, routing, export --
+
+
+def observations_of(session: Session, run_id: str) -> list[ObservationIn]:
+    """Every backend observation of the run, oldest first."""
+    stmt = (
+        select(
+            Observation.attempt,
+            Observation.rank,
+            Observation.seam,
+            Observation.requested,
+            Observation.observed,
+            Observation.reason,
+            Observation.time,
+            Observation.step,
+        )
+        .where(Observation.run_id == run_id)
+        .order_by(Observation.time, Observation.attempt, Observation.rank, Observation.seam)
+    )
+    return [ObservationIn(*row) for row in session.execute(stmt)]
+
+
+def peak_memory_of(session: Session, run_id: str) -> int | None:
+    """The largest `mem_allocated_peak` of any step of the run (bytes), or None."""
+    peak = session.scalar(select(func.max(Step.mem_allocated_peak)).where(Step.run_id == run_id))
+    return int(peak) if peak is not None else None
+
+
+class RoutingPointRow(NamedTuple):
+    layer: int
+    step: int
+    attempt: int
+    num_steps: int
+    num_tokens: int
+    max_vio: float | None
+    drop_rate: float | None
+    null_fraction: float | None
+    shared_only_fraction: float | None
+    aux_loss: float | None
+    z_loss: float | None
+
+
+class HistogramRow(NamedTuple):
+    layer: int
+    step: int
+    attempt: int
+    num_tokens: int
+    top_k: int
+    null_slot: bool
+    capacity: int | None
+    tokens_per_expert: list[int]
+    dropped_per_expert: list[int]
+
+
+def _routing_where(run_id: str, rank: int, layer: int | None) -> list[Any]:
+    where = [RoutingRow.run_id == run_id, RoutingRow.rank == rank]
+    if layer is not None:
+        where.append(RoutingRow.layer == layer)
+    return where
+
+
+def routing_series(
+    session: Session, run_id: str, *, rank: int = 0, layer: int | None = None
+) -> list[RoutingPointRow]:
+    """Derived routing figures of one rank, per layer then step (histograms left out)."""
+    cols = [getattr(RoutingRow, name) for name in RoutingPointRow._fields]
+    stmt = (
+        select(*cols)
+        .where(*_routing_where(run_id, rank, layer))
+        .order_by(RoutingRow.layer, RoutingRow.step, RoutingRow.attempt)
+    )
+    return [RoutingPointRow(*row) for row in session.execute(stmt)]
+
+
+def latest_histograms(
+    session: Session, run_id: str, *, rank: int = 0, layer: int | None = None
+) -> list[HistogramRow]:
+    """Per layer, the histogram of the newest record (newest attempt, then highest step)."""
+    newest = (
+        func.row_number()
+        .over(
+            partition_by=RoutingRow.layer,
+            order_by=(RoutingRow.attempt.desc(), RoutingRow.step.desc()),
+        )
+        .label("newest")
+    )
+    cols = [getattr(RoutingRow, name) for name in HistogramRow._fields]
+    inner = select(*cols, newest).where(*_routing_where(run_id, rank, layer)).subquery()
+    stmt = (
+        select(*[inner.c[name] for name in HistogramRow._fields])
+        .where(inner.c.newest == 1)
+        .order_by(inner.c.layer)
+    )
+    return [HistogramRow(*row) for row in session.execute(stmt)]
+
+
+ExportWhat = Literal["steps", "spans", "routing", "observations"]
+
+
+@dataclass(frozen=True)
+class _ExportSpec:
+    run_id: Any
+    key: tuple[Any, ...]  # a unique, indexed order: the keyset pages follow it
+    columns: tuple[Any, ...]
+
+
+_EXPORTS: dict[str, _ExportSpec] = {
+    "steps": _ExportSpec(
+        Step.run_id,
+        (Step.attempt, Step.rank, Step.step),
+        (
+            Step.attempt,
+            Step.rank,
+            Step.step,
+            Step.start,
+            Step.end,
+            (Step.end - Step.start).label("step_time_s"),
+            Step.tokens,
+            Step.loss,
+            Step.device_time_s,
+            Step.hook_overhead_s,
+            Step.flops,
+            Step.mem_allocated_peak,
+            Step.mem_reserved_peak,
+            Step.alloc_retries,
+        ),
+    ),
+    "spans": _ExportSpec(
+        Span.run_id,
+        (Span.attempt, Span.rank, Span.category, Span.start),
+        (
+            Span.attempt,
+            Span.rank,
+            Span.category,
+            Span.start,
+            Span.end,
+            (Span.end - Span.start).label("duration_s"),
+            Span.overlapped,
+            Span.step,
+        ),
+    ),
+    "routing": _ExportSpec(
+        RoutingRow.run_id,
+        (RoutingRow.attempt, RoutingRow.rank, RoutingRow.step, RoutingRow.layer),
+        tuple(
+            getattr(RoutingRow, name)
+            for name in (
+                "attempt",
+                "rank",
+                "step",
+                "layer",
+                "num_steps",
+                "num_tokens",
+                "top_k",
+                "null_slot",
+                "capacity",
+                "shared_only_tokens",
+                "aux_loss",
+                "z_loss",
+                "max_vio",
+                "drop_rate",
+                "null_fraction",
+                "shared_only_fraction",
+                "tokens_per_expert",
+                "dropped_per_expert",
+            )
+        ),
+    ),
+    "observations": _ExportSpec(
+        Observation.run_id,
+        (Observation.attempt, Observation.rank, Observation.seam, Observation.observed),
+        (
+            Observation.attempt,
+            Observation.rank,
+            Observation.seam,
+            Observation.requested,
+            Observation.observed,
+            Observation.reason,
+            Observation.time,
+            Observation.step,
+        ),
+    ),
+}
+
+
+def export_header(what: ExportWhat) -> list[str]:
+    return [str(c.key) for c in _EXPORTS[what].columns]
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    rows: list[tuple[Any, ...]]
+    after: tuple[Any, ...] | None  # the keyset position of the last row, for the next page
+
+
+def export_page(
+    session: Session,
+    run_id: str,
+    what: ExportWhat,
+    after: tuple[Any, ...] | None,
+    limit: int,
+) -> ExportPage:
+    """Up to `limit` rows after the keyset position `after` (None: from the start)."""
+    spec = _EXPORTS[what]
+    stmt = select(*spec.key, *spec.columns).where(spec.run_id == run_id)
+    if after is not None:
+        stmt = stmt.where(tuple_(*spec.key) > tuple_(*after))
+    result = session.execute(stmt.order_by(*spec.key).limit(limit)).all()
+    n = len(spec.key)
+    rows = [tuple(r[n:]) for r in result]
+    return ExportPage(rows, tuple(result[-1][:n]) if result else None)

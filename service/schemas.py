@@ -112,3 +112,110 @@ class Health(BaseModel):
     status: str
     database: str
     revision: str | None
+
+
+# -- receipts, routing --
+
+
+class ObservationRead(BaseModel):
+    attempt: int
+    rank: int
+    requested: str | None
+    observed: str
+    reason: str | None
+    fallback: bool = Field(description="a reason was given, or a backend other than asked ran")
+    time: float
+    step: int | None
+
+
+class ObservedSeamRead(BaseModel):
+    requested: str | None = Field(description="from the latest observation")
+    observed: str = Field(description="from the latest observation")
+    reason: str | None = Field(description="from the latest observation")
+    fallback: bool = Field(description="any observation of the seam was a fallback")
+    multiple: bool = Field(description="seen with several observed values: see observations")
+    observations: list[ObservationRead] = Field(description="every one, oldest first")
+
+
+class ReceiptGoodput(BaseModel):
+    total_s: float
+    goodput_s: float
+    goodput_fraction: float | None
+    badput_s: dict[str, float] = Field(description="every category, zeros included")
+    other_s: float
+    rank: int | None = Field(description="the rank whose figures these are (the slowest)")
+
+
+class ReceiptThroughput(BaseModel):
+    rank: int | None = Field(description="reference rank of the step figures (0 if it stepped)")
+    num_steps: int = Field(description="step records of the reference rank")
+    median_step_time_s: float | None
+    tokens_per_s: float | None = Field(
+        description="sum over ranks of tokens / step wall time of the rank"
+    )
+    peak_memory_bytes: int | None = Field(description="max mem_allocated_peak of any step")
+    final_loss: float | None = Field(description="loss of the reference rank's last step")
+    recompiles: int
+
+
+class ReceiptSummary(BaseModel):
+    goodput: ReceiptGoodput
+    throughput: ReceiptThroughput
+
+
+class ReceiptRead(BaseModel):
+    run_id: str
+    name: str
+    project: str
+    created_at: float
+    status: str = Field(description="running, completed or failed (from the last attempt)")
+    complete: bool
+    missing: list[str] = Field(
+        description="what the receipt lacks, e.g. runtime_policy.dtype, "
+        "observed.moe_dispatch.layer3, steps, attempt_end"
+    )
+    model_plan: dict[str, Any]
+    runtime_policy: dict[str, Any]
+    environment: dict[str, Any]
+    observed: dict[str, ObservedSeamRead] = Field(description="per seam, e.g. sdpa")
+    summary: ReceiptSummary
+    attempts: list[AttemptRead]
+
+
+class RoutingPoint(BaseModel):
+    step: int
+    attempt: int
+    num_steps: int = Field(description="steps summed into this record")
+    num_tokens: int
+    max_vio: float | None = Field(description="max / mean - 1 of routed expert assignments")
+    drop_rate: float | None
+    null_fraction: float | None
+    shared_only_fraction: float | None
+    aux_loss: float | None
+    z_loss: float | None
+
+
+class RoutingHistogram(BaseModel):
+    step: int
+    attempt: int
+    num_tokens: int
+    top_k: int
+    null_slot: bool = Field(description="the last slot is the null slot")
+    capacity: int | None
+    tokens_per_expert: list[int]
+    dropped_per_expert: list[int]
+
+
+class RoutingLayerSeries(BaseModel):
+    layer: int = Field(description="the E layer, numbered 0.. in model order")
+    total: int = Field(description="points before downsampling")
+    points: list[RoutingPoint] = Field(
+        description="downsampled keeping each bucket's lowest and highest max_vio"
+    )
+    histogram: RoutingHistogram | None = Field(description="the newest record's histogram")
+
+
+class RoutingSeries(BaseModel):
+    run_id: str
+    rank: int
+    layers: list[RoutingLayerSeries]

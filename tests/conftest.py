@@ -122,8 +122,9 @@ class LiveServer:
     """The app served by uvicorn from a thread on a loopback port; can stop and start again
     on the same port, to play an outage."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **settings: Any) -> None:
         self.db_url = url
+        self.settings = settings
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self._server: Any = None
@@ -137,7 +138,7 @@ class LiveServer:
         from service.app import create_app
         from service.settings import Settings
 
-        app = create_app(Settings(database_url=self.db_url))
+        app = create_app(Settings(database_url=self.db_url, **self.settings))
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

@@ -94,3 +94,86 @@ def observation(seam: str, observed: str, run_id: str = "run-a", **kw: Any) -> d
         "time": T0 + 1,
         **kw,
     }
+
+
+# -- runs as the bundled loop (moe_core.train) sends them --
+
+
+def loop_plan(pattern: str = "AEME", num_experts: int = 4, top_k: int = 2) -> dict[str, Any]:
+    """A model plan shaped like moe_core.config.model_plan (plain letters, no `*N`)."""
+    return {
+        "pattern": pattern,
+        "layers": pattern,
+        "family_counts": {letter: pattern.count(letter) for letter in "AMER"},
+        "e_positions": [i for i, letter in enumerate(pattern) if letter == "E"],
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "num_slots": num_experts,
+        "null_slot": False,
+        "capacity_factor": None,
+    }
+
+
+def loop_policy(**kw: Any) -> dict[str, Any]:
+    """A runtime policy shaped like moe_core.train.runtime_policy."""
+    return {
+        "world_size": 1,
+        "dp_size": 1,
+        "ep_size": 1,
+        "batch_size": 8,
+        "seq_len": 64,
+        "tokens_per_step": 512,
+        "compile": "eager",
+        "dispatch_requested": "auto",
+        "dtype": "float32",
+        "device": "cpu",
+        **kw,
+    }
+
+
+def loop_environment(**kw: Any) -> dict[str, Any]:
+    """An environment shaped like trainer_hooks.environment.collect_environment on a CPU."""
+    return {
+        "python": "3.11.9",
+        "platform": "Linux",
+        "host": "node-1",
+        "git_sha": None,
+        "torch": "2.13.0",
+        "cuda": None,
+        "device": "cpu",
+        "peak_flops_per_s": None,
+        **kw,
+    }
+
+
+def loop_run(
+    run_id: str = "run-a", pattern: str = "AEME", steps: int = 6, **run_kw: Any
+) -> list[dict[str, Any]]:
+    """A whole completed attempt with everything the bundled loop sends: the run's receipt
+    parts, startup and data-stall spans, steps, routing per E layer, backend observations."""
+    num_e = pattern.count("E")
+    records = [
+        run(
+            run_id,
+            model_plan=loop_plan(pattern),
+            runtime_policy=loop_policy(),
+            environment=loop_environment(),
+            **run_kw,
+        ),
+        attempt_start(run_id),
+        span("startup", T0, T0 + 9, run_id),
+        observation("compile", "eager", run_id),
+        observation("sdpa", "flash", run_id, requested="auto", step=0),
+        observation("dtype.attention", "float32", run_id, step=0),
+        *[
+            observation(f"moe_dispatch.layer{j}", "grouped", run_id, requested="auto", step=0)
+            for j in range(num_e)
+        ],
+    ]
+    for i in range(steps):
+        records.append(span("data_stall", T0 + 9.5 + 2 * i, T0 + 10 + 2 * i, run_id, step=i))
+        records.append(step(i, run_id))
+        records += [routing(i, layer=j, run_id=run_id) for j in range(num_e)]
+    counters = {"ooms": 0, "compiles": 0, "recompiles": 0, "records_dropped": 0}
+    records.append(attempt_end(run_id, T0 + 10 + 2 * steps, counters=counters))
+    return records

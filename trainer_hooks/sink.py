@@ -72,10 +72,17 @@ def to_payload(kind: str, fields: dict[str, Any]) -> bytes:
 class Sender:
     """Sends a spool's unacknowledged frames to the service; shared by the sink and replay."""
 
-    def __init__(self, server_url: str, batch_records: int = 2000, timeout_s: float = 10.0):
+    def __init__(
+        self,
+        server_url: str,
+        batch_records: int = 2000,
+        timeout_s: float = 10.0,
+        token: str | None = None,
+    ):
         self.url = server_url.rstrip("/") + INGEST_PATH
         self.batch_records = batch_records
-        self.client = httpx.Client(timeout=timeout_s)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers)
         self.inserted = 0
         self.duplicates = 0
 
@@ -121,6 +128,10 @@ class Sender:
             self.duplicates += int(result.get("duplicates", 0))
             stats.records_sent += len(payloads)
             return True
+        if resp.status_code in (401, 403):  # a token problem: keep everything, retry later
+            stats.send_failures += 1
+            stats.last_error = f"HTTP {resp.status_code}: {resp.text[:500]}"
+            return False
         if resp.status_code in (400, 413, 422):
             # The service will never accept this batch: keep it beside the spool, move on.
             self._dead_letter(spool, body, resp.text)
@@ -153,6 +164,7 @@ class SpoolSink:
         batch_records: int = 2000,
         max_backoff_s: float = 2.0,
         fsync: bool = True,
+        token: str | None = None,
     ) -> None:
         self.spool = Spool(spool_dir)
         self.spool.lock()
@@ -164,7 +176,7 @@ class SpoolSink:
         self._interval = flush_interval_s
         self._max_backoff = max_backoff_s
         self._fsync = fsync
-        self._sender = Sender(server_url, batch_records) if server_url else None
+        self._sender = Sender(server_url, batch_records, token=token) if server_url else None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._progress = threading.Condition()
@@ -297,10 +309,12 @@ class SpoolSink:
         return True
 
 
-def replay(spool_dir: str | Path, server_url: str, from_start: bool = False) -> dict[str, int]:
+def replay(
+    spool_dir: str | Path, server_url: str, from_start: bool = False, token: str | None = None
+) -> dict[str, int]:
     """Send what a spool holds (every spool under `spool_dir`); safe to run twice."""
     stats = SinkStats()
-    sender = Sender(server_url)
+    sender = Sender(server_url, token=token)
     dirs = sorted({p.parent for p in Path(spool_dir).rglob("*.seg")})
     try:
         for d in dirs:

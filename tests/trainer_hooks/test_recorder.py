@@ -225,3 +225,26 @@ def test_records_behind_a_torn_frame_are_replayed_after_recovery(
     assert result["inserted"] == 7 and result["corrupt_frames"] == 1
     steps = httpx.get(f"{live_server.base}/api/v1/runs/torn-1/steps").json()["points"]
     assert [p["step"] for p in steps] == [0, 1]
+
+
+def test_sink_sends_the_write_token_and_keeps_records_when_refused(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    server = LiveServer(migrated_url, write_token="w-secret", read_token="r-secret")
+    server.start()
+    try:
+        wrong = SpoolSink(tmp_path / "a", server.base, token="nope", max_backoff_s=0.1)
+        rec = Recorder(run_name="tok", sink=wrong, run_id="tok-1", environment={}, heartbeat_s=0)
+        scripted_loop(rec, steps=1)
+        stats = rec.close(flush_timeout_s=0.5)
+        assert stats.records_sent == 0 and stats.pending_bytes > 0 and "403" in stats.last_error
+        assert replay(tmp_path / "a", server.base, token="w-secret")["inserted"] == 5
+        right = SpoolSink(tmp_path / "b", server.base, token="w-secret")
+        rec = Recorder(run_name="tok", sink=right, run_id="tok-2", environment={}, heartbeat_s=0)
+        scripted_loop(rec, steps=1)
+        assert rec.close().records_sent == 5
+        headers = {"authorization": "Bearer r-secret"}
+        got = httpx.get(f"{server.base}/api/v1/runs/tok-2/steps", headers=headers).json()
+        assert [p["step"] for p in got["points"]] == [0]
+    finally:
+        server.stop()

@@ -1,0 +1,216 @@
+"""Receipt, routing and CSV export routes under /api/v1."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository as repo
+from service.api import RunIdPath, SessionDep, run_status
+from service.db import session_scope
+from service.downsample import minmax_downsample
+from service.goodput import run_goodput
+from service.models import Attempt, Run
+from service.receipts import (
+    AttemptEndIn,
+    SeamReceipt,
+    csv_lines,
+    is_fallback,
+    missing_parts,
+    observed_seams,
+    recompile_count,
+    step_summary,
+)
+from service.schemas import (
+    AttemptRead,
+    ObservationRead,
+    ObservedSeamRead,
+    ReceiptGoodput,
+    ReceiptRead,
+    ReceiptSummary,
+    ReceiptThroughput,
+    RoutingHistogram,
+    RoutingLayerSeries,
+    RoutingPoint,
+    RoutingSeries,
+)
+from trainer_hooks.records import MAX_RANK, MAX_SLOTS
+
+router = APIRouter(prefix="/api/v1", tags=["receipts"])
+
+EXPORT_PAGE_ROWS = 5000
+
+
+def _run_or_404(session: Session, run_id: str) -> Run:
+    run = repo.get_run(session, run_id)
+    if run is None:
+        raise HTTPException(404, detail=f"run_id {run_id!r} not found")
+    return run
+
+
+# -- receipt --
+
+
+def _seam_read(seam: SeamReceipt) -> ObservedSeamRead:
+    return ObservedSeamRead(
+        requested=seam.requested,
+        observed=seam.observed,
+        reason=seam.reason,
+        fallback=seam.fallback,
+        multiple=seam.multiple,
+        observations=[
+            ObservationRead(**o._asdict(), fallback=is_fallback(o.requested, o.observed, o.reason))
+            for o in seam.observations
+        ],
+    )
+
+
+def _ends(attempts: list[Attempt]) -> list[AttemptEndIn]:
+    return [AttemptEndIn(a.attempt, a.rank, a.end, a.status, a.counters) for a in attempts]
+
+
+def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
+    inputs = repo.goodput_inputs(session, run_id)
+    g = run_goodput(inputs)
+    steps = step_summary(inputs.steps)
+    return ReceiptSummary(
+        goodput=ReceiptGoodput(
+            total_s=g.total_s,
+            goodput_s=g.goodput_s,
+            goodput_fraction=g.goodput_fraction,
+            badput_s=g.badput_s,
+            other_s=g.other_s,
+            rank=g.rank,
+        ),
+        throughput=ReceiptThroughput(
+            **steps._asdict(),
+            peak_memory_bytes=repo.peak_memory_of(session, run_id),
+            recompiles=recompiles,
+        ),
+    )
+
+
+@router.get("/runs/{run_id}/receipt", response_model=ReceiptRead)
+def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
+    """The run's receipt: plan, policy, environment, observed backends, summary, and what
+    it lacks to be complete."""
+    run = _run_or_404(session, run_id)
+    attempts = repo.attempts_of(session, [run_id])
+    observations = repo.observations_of(session, run_id)
+    seams = observed_seams(observations)
+    summary = _summary(session, run_id, recompile_count(observations, _ends(attempts)))
+    missing = missing_parts(
+        run.model_plan,
+        run.runtime_policy,
+        run.environment,
+        seams.keys(),
+        repo.count_steps(session, run_id),
+        _ends(attempts),
+    )
+    return ReceiptRead(
+        run_id=run.run_id,
+        name=run.name,
+        project=run.project,
+        created_at=run.created_at,
+        status=run_status(attempts),
+        complete=not missing,
+        missing=missing,
+        model_plan=run.model_plan,
+        runtime_policy=run.runtime_policy,
+        environment=run.environment,
+        observed={name: _seam_read(s) for name, s in seams.items()},
+        summary=summary,
+        attempts=[AttemptRead.model_validate(a, from_attributes=True) for a in attempts],
+    )
+
+
+# -- routing --
+
+
+def _spike(p: repo.RoutingPointRow) -> float:
+    return p.max_vio if p.max_vio is not None else -math.inf
+
+
+def _layer_series(
+    points: list[repo.RoutingPointRow], hist: repo.HistogramRow | None, max_points: int
+) -> RoutingLayerSeries:
+    """One layer's points and histogram; the schemas leave out the `layer` field of rows."""
+    kept = minmax_downsample(points, max_points, _spike)
+    return RoutingLayerSeries(
+        layer=points[0].layer,
+        total=len(points),
+        points=[RoutingPoint(**p._asdict()) for p in kept],
+        histogram=RoutingHistogram(**hist._asdict()) if hist is not None else None,
+    )
+
+
+@router.get("/runs/{run_id}/routing", response_model=RoutingSeries)
+def get_routing(
+    run_id: RunIdPath,
+    session: SessionDep,
+    layer: Annotated[int | None, Query(ge=0, le=MAX_SLOTS, description="one E layer")] = None,
+    max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
+    rank: Annotated[int, Query(ge=0, le=MAX_RANK)] = 0,
+) -> RoutingSeries:
+    """Routing figures per E layer over steps, downsampled keeping max_vio spikes, with
+    each layer's newest histogram."""
+    _run_or_404(session, run_id)
+    by_layer: dict[int, list[repo.RoutingPointRow]] = {}
+    for p in repo.routing_series(session, run_id, rank=rank, layer=layer):
+        by_layer.setdefault(p.layer, []).append(p)
+    hists = {h.layer: h for h in repo.latest_histograms(session, run_id, rank=rank, layer=layer)}
+    return RoutingSeries(
+        run_id=run_id,
+        rank=rank,
+        layers=[_layer_series(pts, hists.get(n), max_points) for n, pts in by_layer.items()],
+    )
+
+
+# -- CSV export --
+
+
+def csv_chunks(
+    factory: sessionmaker[Session], run_id: str, what: repo.ExportWhat, page_rows: int
+) -> Iterator[str]:
+    """The header, then one chunk per keyset page of at most `page_rows` rows; each page is
+    read in a short transaction of its own, so a slow reader holds nothing open."""
+    yield csv_lines([repo.export_header(what)])
+    after = None
+    while True:
+        with session_scope(factory) as session:
+            page = repo.export_page(session, run_id, what, after, page_rows)
+        if page.rows:
+            yield csv_lines(page.rows)
+        if len(page.rows) < page_rows:
+            return
+        after = page.after
+
+
+_CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "RFC 4180 CSV with a header row, streamed",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get("/runs/{run_id}/export.csv", response_class=StreamingResponse, responses=_CSV_RESPONSE)
+def export_csv(
+    run_id: RunIdPath,
+    request: Request,
+    session: SessionDep,
+    what: Annotated[repo.ExportWhat, Query(description="which records")] = "steps",
+) -> StreamingResponse:
+    """Every step, span, routing record or observation of the run as CSV, streamed."""
+    _run_or_404(session, run_id)
+    chunks = csv_chunks(request.app.state.sessionmaker, run_id, what, EXPORT_PAGE_ROWS)
+    return StreamingResponse(
+        chunks,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{run_id}-{what}.csv"'},
+    )

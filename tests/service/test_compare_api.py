@@ -1,0 +1,96 @@
+"""GET /api/v1/compare over real stored runs."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from tests import factories as f
+
+
+@pytest.fixture
+def cclient(app: Any, client: Any) -> Any:
+    from service.api_compare import router as compare_router
+    from service.api_receipts import router as receipts_router
+
+    paths = {getattr(r, "path", "") for r in app.routes}
+    for router in (receipts_router, compare_router):
+        if not {r.path for r in router.routes} <= paths:
+            app.include_router(router)
+    return client
+
+
+def timed_run(run_id: str, step_s: float, seed: int, steps: int = 40, **policy: Any) -> list:
+    """A complete loop-shaped run whose steps take about step_s seconds."""
+    rng = random.Random(seed)
+    records = f.loop_run(run_id, steps=0)
+    end = records.pop()  # the attempt_end, re-added after the steps
+    t = f.T0 + 10
+    for i in range(steps):
+        dur = step_s * (1 + rng.uniform(-0.03, 0.03))
+        records.append(f.step(i, run_id, start=t, dur=dur, loss=2.0 - 0.01 * i))
+        t += dur + 0.01
+    records[0]["runtime_policy"].update(policy)
+    records.append({**end, "end": t + 1})
+    return records
+
+
+def post(client: Any, records: list) -> None:
+    assert client.post("/api/v1/ingest", json={"records": records}).status_code == 200
+
+
+def test_faster_candidate_with_the_declared_knob_is_kept(cclient: Any) -> None:
+    post(cclient, timed_run("base", 0.10, 1, dispatch_requested="loop"))
+    post(cclient, timed_run("cand", 0.08, 2, dispatch_requested="grouped"))
+    resp = cclient.get(
+        "/api/v1/compare",
+        params={
+            "baseline": "base",
+            "candidate": "cand",
+            "knob": "runtime_policy.dispatch_requested",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["verdict"] == "keep"
+    assert body["step_time_ratio"]["value"] == pytest.approx(0.8, rel=0.05)
+    assert body["step_time_ratio"]["high"] < 0.98
+    assert body["lane_diff"] == {
+        "runtime_policy.dispatch_requested": {"baseline": "loop", "candidate": "grouped"}
+    }
+    assert body["steady_steps"] == {"baseline": 35, "candidate": 35}
+    assert set(body["badput_s"]) >= {"startup", "data_stall"}
+
+
+def test_lanes_differing_beyond_the_knob_are_refused_with_the_fields(cclient: Any) -> None:
+    post(cclient, timed_run("base", 0.10, 1, dispatch_requested="loop"))
+    post(cclient, timed_run("cand", 0.08, 2, dispatch_requested="grouped", dtype="bf16"))
+    params = {"baseline": "base", "candidate": "cand", "knob": "runtime_policy.dispatch_requested"}
+    resp = cclient.get("/api/v1/compare", params=params)
+    assert resp.status_code == 409
+    assert resp.json()["detail"]["fields"] == ["runtime_policy.dtype"]
+    forced = cclient.get("/api/v1/compare", params={**params, "allow_lane_mismatch": "true"})
+    assert forced.status_code == 200 and "runtime_policy.dtype" in forced.json()["lane_diff"]
+
+
+def test_an_incomplete_receipt_is_refused_with_what_is_missing(cclient: Any) -> None:
+    post(cclient, timed_run("base", 0.10, 1))
+    unfinished = timed_run("cand", 0.10, 2)[:-1]  # no attempt_end
+    post(cclient, unfinished)
+    resp = cclient.get("/api/v1/compare", params={"baseline": "base", "candidate": "cand"})
+    assert resp.status_code == 409
+    assert resp.json()["detail"]["missing"] == {"baseline": [], "candidate": ["attempt_end"]}
+
+
+def test_unknown_runs_and_bad_parameters(cclient: Any) -> None:
+    post(cclient, timed_run("base", 0.10, 1))
+    assert (
+        cclient.get("/api/v1/compare", params={"baseline": "base", "candidate": "nope"}).status_code
+        == 404
+    )
+    bad = cclient.get(
+        "/api/v1/compare", params={"baseline": "base", "candidate": "base", "margin": 3}
+    )
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "margin"
