@@ -18,6 +18,7 @@ from service.migrate import current_revision
 from service.models import Attempt, Run
 from service.schemas import (
     AttemptRead,
+    DisruptionRead,
     GoodputRead,
     GoodputWindow,
     Health,
@@ -28,7 +29,9 @@ from service.schemas import (
     RunSummary,
     StepPoint,
     StepSeries,
+    StragglerRead,
 )
+from service.step_stats import step_figures
 from service.throughput import peak_of, step_rates
 from trainer_hooks.records import ID_PATTERN, MAX_COUNT, MAX_RANK, IngestBatch, IngestResult
 
@@ -229,7 +232,16 @@ def get_goodput(
             inputs = clip_inputs(inputs, start or 0.0, end or float("inf"))
         except ValueError as exc:
             raise _field_error("end", exc) from exc
-    return _goodput_read(run_id, run_goodput(inputs), rank)
+    read = _goodput_read(run_id, run_goodput(inputs), rank)
+    fig = step_figures(inputs, read.rank)
+    return read.model_copy(
+        update={
+            "ideal_step_time_s": fig.ideal_step_time_s,
+            "step_time_deviation_s": fig.step_time_deviation_s,
+            "stragglers": [StragglerRead(**vars(s)) for s in fig.stragglers],
+            "disruptions": [DisruptionRead(**vars(d)) for d in fig.disruptions],
+        }
+    )
 
 
 @router.get("/runs/{run_id}/goodput/rolling", response_model=RollingGoodput)

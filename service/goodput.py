@@ -37,6 +37,7 @@ class AttemptIn(NamedTuple):
     end: float | None
     status: str | None
     last_seen: float | None = None
+    cause: str | None = None
 
 
 class CheckpointIn(NamedTuple):

@@ -367,7 +367,7 @@ def steps_of(
 def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     """Everything the goodput calculator needs, as plain data."""
     attempts = [
-        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen)
+        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause)
         for a in attempts_of(session, [run_id])
     ]
     commits = session.execute(

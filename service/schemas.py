@@ -75,6 +75,19 @@ class RankGoodputRead(BaseModel):
     steps: int
 
 
+class StragglerRead(BaseModel):
+    rank: int
+    median_step_time_s: float
+    slower_by: float = Field(description="fraction above the median of the ranks' medians")
+
+
+class DisruptionRead(BaseModel):
+    attempt: int
+    time: float
+    cause: str
+    wasted_steps: int
+
+
 class GoodputRead(BaseModel):
     run_id: str
     total_s: float
@@ -86,6 +99,14 @@ class GoodputRead(BaseModel):
     steps: int
     tokens: int
     ranks: list[RankGoodputRead]
+    ideal_step_time_s: float | None = Field(
+        default=None, description="mean of steady steps within median +- 3 MAD"
+    )
+    step_time_deviation_s: float | None = Field(
+        default=None, description="p90 of the last 20 steps minus the median of the 100 before"
+    )
+    stragglers: list[StragglerRead] = Field(default_factory=list)
+    disruptions: list[DisruptionRead] = Field(default_factory=list)
 
 
 class GoodputWindow(BaseModel):

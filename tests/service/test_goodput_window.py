@@ -68,3 +68,22 @@ def test_rolling_endpoint(client: Any) -> None:
     assert sum(w["total_s"] for w in windows) == pytest.approx(18)
     too_many = client.get("/api/v1/runs/run-a/goodput/rolling", params={"window_s": 0.001})
     assert too_many.status_code == 422 and too_many.json()["detail"][0]["field"] == "window_s"
+
+
+def test_goodput_reports_disruptions_ideal_step_time_and_stragglers(client: Any) -> None:
+    records = [f.run(), f.attempt_start(), f.attempt_start(rank=1)]
+    for n in range(30):
+        records.append(f.step(n, dur=1.0))
+        records.append(f.step(n, dur=1.5, rank=1))
+    records += [
+        f.attempt_end(status="failed", cause="NCCL timeout"),
+        f.attempt_end(status="failed", cause="NCCL timeout", rank=1),
+    ]
+    records += [f.checkpoint(19, f.T0 + 50), f.attempt_start(attempt=1, start=f.T0 + 120)]
+    client.post("/api/v1/ingest", json={"records": records}).raise_for_status()
+    g = client.get("/api/v1/runs/run-a/goodput", params={"rank": 0}).json()
+    assert g["ideal_step_time_s"] == pytest.approx(1.0)
+    assert [s["rank"] for s in g["stragglers"]] == [1]
+    assert g["disruptions"] == [
+        {"attempt": 0, "time": f.T0 + 100, "cause": "NCCL timeout", "wasted_steps": 10}
+    ]
