@@ -88,3 +88,25 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text(sql))
     engine.dispose()
+
+
+def test_downgrade_and_upgrade_keep_the_data_of_tables_that_stay(db_url: str) -> None:
+    """0003 -> 0001 -> head with a run in place: runs, attempts and steps survive (the
+    columns and tables added after 0001 come back empty)."""
+    from service.db import make_sessionmaker, session_scope
+    from service.repository import ingest, list_runs
+    from trainer_hooks.records import IngestBatch
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    batch = IngestBatch.model_validate({"records": f.full_run(steps=3)}).records
+    with session_scope(make_sessionmaker(engine)) as session:
+        assert ingest(session, batch).inserted == len(batch)
+    downgrade(db_url, "0001")
+    upgrade(db_url)
+    with session_scope(make_sessionmaker(engine)) as session:
+        runs, _ = list_runs(session)
+        assert [r.run_id for r in runs] == ["run-a"]
+        steps = session.execute(text("SELECT count(*) FROM steps")).scalar()
+        assert steps == 3
+    engine.dispose()
