@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import health_router, router
 from service.api_compare import router as compare_router
+from service.api_import import router as import_router
 from service.api_receipts import router as receipts_router
 from service.dashboard_routes import router as dashboard_router
 from service.db import make_sessionmaker
@@ -238,6 +239,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(router)
     app.include_router(receipts_router)
     app.include_router(compare_router)
+    app.include_router(import_router)
     app.include_router(dashboard_router)
     app.include_router(metrics_router)
     app.add_exception_handler(RequestValidationError, _validation_error)

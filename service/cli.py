@@ -117,6 +117,44 @@ def spool_replay(
     console.print(" ".join(f"{k}={v}" for k, v in result.items()))
 
 
+@app.command("import-mgm")
+def import_mgm(
+    file: Annotated[Path, typer.Argument(help="ml-goodput-measurement log: JSON array or lines")],
+    server: Annotated[str, typer.Option("--server", help="service URL")],
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", help="run name (default: the job name)")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="GOODPUT_TOKEN", help="write token")
+    ] = None,
+) -> None:
+    """Import an ml-goodput-measurement log as one run; importing it again stores nothing twice."""
+    import gzip
+
+    if not file.is_file():
+        console.print(f"[red]error:[/red] {file} is not a file")
+        raise typer.Exit(2)
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    params = {"run_name": run_name} if run_name else {}
+    url = server.rstrip("/") + "/api/v1/import/ml-goodput"
+    try:
+        body = gzip.compress(file.read_bytes())
+        resp = httpx.post(url, content=body, headers=headers, params=params, timeout=300)
+    except (OSError, httpx.HTTPError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if resp.status_code != 200:
+        console.print(f"[red]error:[/red] HTTP {resp.status_code}: {resp.text[:2000]}")
+        raise typer.Exit(1)
+    result = resp.json()
+    for warning in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    shown = ("run_id", "inserted", "duplicates", "ignored")
+    console.print(" ".join(f"{k}={result[k]}" for k in shown), soft_wrap=True)
+
+
 @db_app.command("upgrade")
 def db_upgrade(db: DbOption = DEFAULT_DATABASE_URL, revision: str = "head") -> None:
     """Run the Alembic migrations up to REVISION (default: head)."""

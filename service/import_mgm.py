@@ -1,0 +1,480 @@
+"""Map the log entries of Google's ml-goodput-measurement library onto wire-contract records.
+
+Pure: text in, records out, no I/O. The mapping (README, "Importing ml-goodput-measurement
+logs", has it as a table):
+
+- one run per import: `run_id` = `mgm-` + a hash of the job name and the first
+  `job_start_time`, so importing the same log again stores nothing twice;
+- each `job_start_time` begins an attempt (0, 1, ...) of rank 0. A `job_end_time` completes it.
+  A later `job_start_time` (or a step count logged again without one: the library counts that
+  as a disruption too) fails it with cause "restarted", ending it when it was last seen: its
+  last entry, as the library charges the time from there to the restart to infrastructure
+  recovery. An attempt with neither stays open (a heartbeat marks when it was last seen);
+- `step_start_time` + `step_count` is a step (tokens 0: the log does not say) that ends at the
+  next step's start, or at `job_end_time` for the last step of a completed attempt. The last
+  step of a failed or open attempt has no known end: it is not imported (its time counts as
+  the crash's wasted progress);
+- when attempt k+1 resumes at step N > 0, the library's own rule (progress up to N - 1 was
+  preserved) becomes a checkpoint commit of step N - 1 in attempt k;
+- spans: `tpu_init_*` and `training_prep_*` -> `startup`, `data_loading_*` -> `data_stall`,
+  `custom_badput_event_*` of type T -> `custom:<t>` (lower case, characters outside
+  `[A-Za-z0-9_.-]` replaced by `_`), Orbax checkpoint-manager entries (`event_type` `save`,
+  `restore`, `emergency_restore`) -> `checkpoint_save` / `checkpoint_restore` spans of their
+  blocking duration. All are blocking, as the library charges them all as badput.
+
+Entries it does not recognise, or cannot place, are counted in `ignored` and explained in
+`warnings`. Entries of the wrong type raise `MgmFormatError`, naming the entry and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from trainer_hooks.records import (
+    MAX_COUNT,
+    AttemptEndRecord,
+    AttemptStartRecord,
+    CheckpointRecord,
+    HeartbeatRecord,
+    Record,
+    RunRecord,
+    SpanRecord,
+    StepRecord,
+)
+
+PROJECT = "ml-goodput-import"
+SOURCE = "ml-goodput-measurement"
+MAX_WARNINGS = 50
+_MIN_EPOCH = 946_684_800.0
+_MAX_EPOCH = 7_258_118_400.0
+
+# (prefix of `<prefix>_start_time` / `<prefix>_end_time`, our category)
+PAIRED_SPANS: dict[str, str] = {
+    "tpu_init": "startup",
+    "training_prep": "startup",
+    "data_loading": "data_stall",
+}
+CUSTOM_TYPE = "custom_badput_event_type"
+CUSTOM_START = "custom_badput_event_start_time"
+CUSTOM_END = "custom_badput_event_end_time"
+# Orbax checkpoint-manager entries: event_type -> (category, start key, duration key)
+CHECKPOINT_EVENTS: dict[str, tuple[str, str, str]] = {
+    "save": (
+        "checkpoint_save",
+        "checkpoint_manager_blocking_start_time",
+        "checkpoint_manager_blocking_duration_secs",
+    ),
+    "restore": (
+        "checkpoint_restore",
+        "checkpoint_manager_start_time",
+        "checkpoint_manager_duration_secs",
+    ),
+    "emergency_restore": (
+        "checkpoint_restore",
+        "checkpoint_manager_start_time",
+        "checkpoint_manager_duration_secs",
+    ),
+}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+class MgmFormatError(ValueError):
+    """The log cannot be read; `errors` is in FastAPI's validation-error shape."""
+
+    def __init__(self, loc: list[Any], msg: str) -> None:
+        super().__init__(msg)
+        self.errors = [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recognised entry: `kind` is job_start, job_end, step, open, close or span."""
+
+    where: str
+    index: int
+    time: float
+    kind: str
+    job: str | None = None
+    step: int = 0
+    key: str = ""  # open/close: which pair; span: unused
+    category: str = ""
+    end: float = 0.0  # span (Orbax): its end
+
+    @property
+    def name(self) -> str:
+        return f"{self.where} {self.index}"
+
+
+@dataclass
+class Mapped:
+    run_id: str
+    records: list[Record]
+    ignored: int
+    warnings: list[str]
+
+
+# ---------------------------------------------------------------- reading the body
+
+
+def split_entries(text: str) -> tuple[str, list[tuple[int, Any]]]:
+    """A JSON array ("index", 0-based) or JSON lines ("line", 1-based; blank lines skipped)."""
+    stripped = text.strip()
+    if not stripped:
+        raise MgmFormatError([], "the log is empty")
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped, parse_constant=_no_constant)
+        except ValueError as exc:
+            raise MgmFormatError([], f"malformed JSON array: {exc}") from exc
+        if not isinstance(items, list):
+            raise MgmFormatError([], "expected a JSON array of entries")
+        return "index", list(enumerate(items))
+    out: list[tuple[int, Any]] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line, parse_constant=_no_constant)))
+            except ValueError as exc:
+                raise MgmFormatError(["line", n], f"line {n} is not JSON: {exc}") from exc
+    return "line", out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _fail(where: str, index: int, key: str, msg: str) -> MgmFormatError:
+    return MgmFormatError([where, index, key], f"{where} {index}, key {key!r}: {msg}")
+
+
+def _number(where: str, index: int, entry: dict[str, Any], key: str) -> float:
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(where, index, key, f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _epoch(where: str, index: int, entry: dict[str, Any], key: str) -> float:
+    value = _number(where, index, entry, key)
+    if not _MIN_EPOCH <= value <= _MAX_EPOCH:
+        raise _fail(where, index, key, f"{value} is not seconds since the epoch (2000..2200)")
+    return value
+
+
+def _count(where: str, index: int, entry: dict[str, Any], key: str) -> int:
+    value = _number(where, index, entry, key)
+    if value != int(value) or not 0 <= value <= MAX_COUNT:
+        raise _fail(where, index, key, f"expected a whole number >= 0, got {entry[key]!r}")
+    return int(value)
+
+
+def _text(where: str, index: int, entry: dict[str, Any], key: str) -> str:
+    value = entry[key]
+    if not isinstance(value, str):
+        raise _fail(where, index, key, f"expected a string, got {value!r}")
+    return value
+
+
+def custom_category(event_type: str) -> str:
+    """`custom:<type>`: lower case (the library aggregates types case-insensitively),
+    characters the contract refuses replaced by `_`, at most 64 characters."""
+    name = _UNSAFE.sub("_", event_type.strip().lower())[:64]
+    return f"custom:{name or 'unknown'}"
+
+
+def read_entry(where: str, index: int, raw: Any) -> Event | None:
+    """The entry as an Event; None when no known key is in it."""
+    if not isinstance(raw, dict):
+        raise MgmFormatError([where, index], f"{where} {index}: expected a JSON object")
+    entry = raw.get("jsonPayload", raw)  # a Cloud Logging export wraps the entry
+    if not isinstance(entry, dict):
+        raise _fail(where, index, "jsonPayload", "expected a JSON object")
+    job = _text(where, index, entry, "job_name") if "job_name" in entry else None
+    event = _job_or_step(where, index, entry) or _span_event(where, index, entry)
+    if event is None:
+        return None
+    return replace(event, job=job)
+
+
+def _job_or_step(where: str, i: int, entry: dict[str, Any]) -> Event | None:
+    if "job_start_time" in entry:
+        return Event(where, i, _epoch(where, i, entry, "job_start_time"), "job_start")
+    if "job_end_time" in entry:
+        return Event(where, i, _epoch(where, i, entry, "job_end_time"), "job_end")
+    if "step_start_time" in entry:
+        if "step_count" not in entry:
+            raise _fail(where, i, "step_count", "missing beside step_start_time")
+        step = _count(where, i, entry, "step_count")
+        return Event(where, i, _epoch(where, i, entry, "step_start_time"), "step", step=step)
+    return None
+
+
+def _span_event(where: str, i: int, entry: dict[str, Any]) -> Event | None:
+    for prefix, category in PAIRED_SPANS.items():
+        for edge, kind in (("start", "open"), ("end", "close")):
+            key = f"{prefix}_{edge}_time"
+            if key in entry:
+                t = _epoch(where, i, entry, key)
+                return Event(where, i, t, kind, key=prefix, category=category)
+    if CUSTOM_START in entry or CUSTOM_END in entry:
+        kind, key = ("open", CUSTOM_START) if CUSTOM_START in entry else ("close", CUSTOM_END)
+        event_type = _text(where, i, entry, CUSTOM_TYPE) if CUSTOM_TYPE in entry else "unknown"
+        category = custom_category(event_type)
+        return Event(where, i, _epoch(where, i, entry, key), kind, key=category, category=category)
+    return _checkpoint_event(where, i, entry)
+
+
+def _checkpoint_event(where: str, i: int, entry: dict[str, Any]) -> Event | None:
+    spec = CHECKPOINT_EVENTS.get(entry.get("event_type"))  # type: ignore[arg-type]
+    if spec is None or spec[1] not in entry or spec[2] not in entry:
+        return None
+    category, start_key, duration_key = spec
+    start = _epoch(where, i, entry, start_key)
+    duration = _number(where, i, entry, duration_key)
+    if duration < 0:
+        raise _fail(where, i, duration_key, f"a duration cannot be negative ({duration})")
+    return Event(where, i, start, "span", category=category, end=start + duration)
+
+
+# ---------------------------------------------------------------- attempts
+
+
+Status = Literal["completed", "failed"]
+
+
+@dataclass
+class Attempt:
+    number: int
+    start: float
+    last_seen: float
+    steps: list[tuple[int, float]] = field(default_factory=list)
+    spans: list[tuple[str, float, float]] = field(default_factory=list)
+    open_spans: dict[str, Event] = field(default_factory=dict)
+    end: float | None = None
+    status: Status | None = None
+    cause: str | None = None
+
+
+@dataclass
+class _State:
+    attempts: list[Attempt] = field(default_factory=list)
+    ignored: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def ignore(self, msg: str, n: int = 1) -> None:
+        self.ignored += n
+        self.warnings.append(msg)
+
+    @property
+    def current(self) -> Attempt | None:
+        if self.attempts and self.attempts[-1].end is None:
+            return self.attempts[-1]
+        return None
+
+
+def _begin(state: _State, t: float) -> Attempt:
+    attempt = Attempt(number=len(state.attempts), start=t, last_seen=t)
+    state.attempts.append(attempt)
+    return attempt
+
+
+def _close(state: _State, a: Attempt, end: float, status: Status, cause: str | None) -> None:
+    for ev in a.open_spans.values():
+        state.ignore(f"{ev.name}: {ev.key} started but never ended in attempt {a.number}")
+    a.open_spans.clear()
+    a.end, a.status, a.cause = end, status, cause
+
+
+def _fail_current(state: _State, cause: str) -> None:
+    a = state.current
+    if a is not None:
+        _close(state, a, a.last_seen, "failed", cause)
+
+
+def _apply(state: _State, ev: Event) -> None:
+    if ev.kind == "job_start":
+        _fail_current(state, "restarted")
+        _begin(state, ev.time)
+        return
+    a = state.current
+    if a is None:
+        when = "before the first job_start_time" if not state.attempts else "after job_end_time"
+        state.ignore(f"{ev.name}: {ev.kind} entry {when} (no attempt to put it in)")
+        return
+    if ev.kind == "step" and any(s == ev.step for s, _ in a.steps):
+        _fail_current(state, f"restarted (step {ev.step} logged again, no job_start_time)")
+        a = _begin(state, ev.time)
+    a.last_seen = max(a.last_seen, ev.end if ev.kind == "span" else ev.time)
+    _place(state, a, ev)
+
+
+def _place(state: _State, a: Attempt, ev: Event) -> None:
+    if ev.kind == "job_end":
+        _close(state, a, ev.time, "completed", None)
+    elif ev.kind == "step":
+        a.steps.append((ev.step, ev.time))
+    elif ev.kind == "span":
+        a.spans.append((ev.category, ev.time, ev.end))
+    elif ev.kind == "open":
+        if ev.key in a.open_spans:
+            old = a.open_spans[ev.key]
+            state.ignore(f"{old.name}: {ev.key} started again at {ev.name} before it ended")
+        a.open_spans[ev.key] = ev
+    else:
+        opened = a.open_spans.pop(ev.key, None)
+        if opened is None:
+            state.ignore(f"{ev.name}: {ev.key} ended but never started in attempt {a.number}")
+        else:
+            a.spans.append((ev.category, opened.time, ev.time))
+
+
+def _order(ev: Event) -> tuple[float, int, int]:
+    """By time; at the same time a job starts before, and ends after, anything else."""
+    return ev.time, {"job_start": 0, "job_end": 2}.get(ev.kind, 1), ev.index
+
+
+def build_attempts(events: list[Event]) -> _State:
+    """Split the time-ordered events into attempts."""
+    state = _State()
+    for ev in sorted(events, key=_order):
+        _apply(state, ev)
+    a = state.current
+    if a is not None:
+        for ev in a.open_spans.values():
+            state.ignore(f"{ev.name}: {ev.key} started but the log ends before it ended")
+        a.open_spans.clear()
+    return state
+
+
+# ---------------------------------------------------------------- records
+
+
+def run_id_of(job: str, first_start: float) -> str:
+    digest = hashlib.sha256(f"{job}\n{first_start!r}".encode()).hexdigest()
+    return f"mgm-{digest[:32]}"
+
+
+def _step(run_id: str, attempt: int, step: int, start: float, end: float) -> Record:
+    fields = {"run_id": run_id, "attempt": attempt, "step": step, "start": start, "end": end}
+    return StepRecord.model_validate(fields)  # tokens 0: the log does not say
+
+
+def _step_records(run_id: str, a: Attempt, state: _State) -> list[Record]:
+    out: list[Record] = []
+    for (step, start), (_, end) in zip(a.steps, a.steps[1:], strict=False):
+        out.append(_step(run_id, a.number, step, start, end))
+    if not a.steps:
+        return out
+    step, start = a.steps[-1]
+    if a.status == "completed" and a.end is not None:
+        out.append(_step(run_id, a.number, step, start, a.end))
+    else:
+        why = "failed" if a.status == "failed" else "has no end in the log"
+        state.ignore(f"step {step} (attempt {a.number}): its end is unknown, the attempt {why}")
+    return out
+
+
+def _span_records(run_id: str, a: Attempt, state: _State) -> list[Record]:
+    """One span per (category, start): the contract's natural key."""
+    seen: dict[tuple[str, float], float] = {}
+    for category, start, end in a.spans:
+        if (category, start) in seen:
+            state.ignore(f"a second {category} span starting at {start} in attempt {a.number}")
+        else:
+            seen[(category, start)] = end
+    return [
+        SpanRecord(run_id=run_id, attempt=a.number, category=c, start=s, end=e)
+        for (c, s), e in seen.items()
+    ]
+
+
+def _attempt_records(run_id: str, a: Attempt, state: _State) -> list[Record]:
+    out: list[Record] = [AttemptStartRecord(run_id=run_id, attempt=a.number, start=a.start)]
+    out += _step_records(run_id, a, state)
+    out += _span_records(run_id, a, state)
+    if a.end is not None and a.status is not None:
+        out.append(
+            AttemptEndRecord(
+                run_id=run_id, attempt=a.number, end=a.end, status=a.status, cause=a.cause
+            )
+        )
+    else:
+        out.append(HeartbeatRecord(run_id=run_id, attempt=a.number, time=a.last_seen))
+    return out
+
+
+def _inferred_checkpoints(run_id: str, attempts: list[Attempt]) -> list[Record]:
+    """Attempt k+1 resuming at step N > 0 means steps up to N - 1 of attempt k were kept."""
+    out: list[Record] = []
+    for a, nxt in zip(attempts, attempts[1:], strict=False):
+        if a.status == "failed" and a.end is not None and nxt.steps and nxt.steps[0][0] > 0:
+            out.append(
+                CheckpointRecord(
+                    run_id=run_id, attempt=a.number, step=nxt.steps[0][0] - 1, time=a.end
+                )
+            )
+    return out
+
+
+def _job_name(events: list[Event], state: _State) -> tuple[str | None, list[Event]]:
+    """The first job name seen; entries of any other job are ignored."""
+    names = [e.job for e in events if e.job is not None]
+    job = names[0] if names else None
+    others = [e for e in events if e.job is not None and e.job != job]
+    for name in dict.fromkeys(e.job for e in others):
+        n = sum(1 for e in others if e.job == name)
+        state.ignore(f"{n} entries of job {name!r} ignored: one job per import", n)
+    return job, [e for e in events if e.job is None or e.job == job]
+
+
+def map_log(text: str, run_name: str | None = None) -> Mapped:
+    """The records of one import; raises MgmFormatError for an unreadable log."""
+    where, raw = split_entries(text)
+    pre = _State()
+    events: list[Event] = []
+    for index, item in raw:
+        ev = read_entry(where, index, item)
+        if ev is None:
+            pre.ignore(f"{where} {index}: no ml-goodput-measurement key recognised")
+        else:
+            events.append(ev)
+    if not raw:
+        raise MgmFormatError([], "the log has no entries")
+    job, events = _job_name(events, pre)
+    state = build_attempts(events)
+    if not state.attempts:
+        raise MgmFormatError([], "the log has no job_start_time entry: nothing starts the job")
+    return _records(job, run_name, state, pre)
+
+
+def _records(job: str | None, run_name: str | None, state: _State, pre: _State) -> Mapped:
+    first = state.attempts[0].start
+    run_id = run_id_of(job or "", first)
+    records: list[Record] = []
+    try:
+        records.append(
+            RunRecord(
+                run_id=run_id,
+                name=run_name or (job or "ml-goodput-import")[:200],
+                project=PROJECT,
+                created_at=first,
+                environment={"source": SOURCE, "job_name": job},
+            )
+        )
+        for a in state.attempts:
+            records += _attempt_records(run_id, a, state)
+        records += _inferred_checkpoints(run_id, state.attempts)
+    except ValidationError as exc:
+        raise MgmFormatError([], f"the log maps to an invalid record: {exc}") from exc
+    warnings = pre.warnings + state.warnings
+    if len(warnings) > MAX_WARNINGS:
+        more = len(warnings) - MAX_WARNINGS
+        warnings = [*warnings[:MAX_WARNINGS], f"... and {more} more"]
+    return Mapped(run_id, records, pre.ignored + state.ignored, warnings)
