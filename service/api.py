@@ -73,7 +73,7 @@ def _summary(run: Run, attempts: list[Attempt], tags: list[str]) -> RunSummary:
     )
 
 
-def _run_or_404(session: Session, run_id: str) -> Run:
+def run_or_404(session: Session, run_id: str) -> Run:
     run = repo.get_run(session, run_id)
     if run is None:
         raise HTTPException(404, detail=f"run_id {run_id!r} not found")
@@ -132,7 +132,7 @@ def list_runs(
 @router.get("/runs/{run_id}", response_model=RunRead)
 def get_run(run_id: RunIdPath, session: SessionDep) -> RunRead:
     """One run: identity, receipt parts, attempts and step count."""
-    run = _run_or_404(session, run_id)
+    run = run_or_404(session, run_id)
     attempts = repo.attempts_of(session, [run_id])
     return RunRead(
         **_summary(run, attempts, repo.tags_of(session, [run_id]).get(run_id, [])).model_dump(),
@@ -154,7 +154,7 @@ def get_steps(
     end_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
 ) -> StepSeries:
     """Step series of one rank; downsampled keeping each bucket's fastest and slowest step."""
-    peak = peak_of(_run_or_404(session, run_id).environment)
+    peak = peak_of(run_or_404(session, run_id).environment)
     steps = repo.steps_of(session, run_id, rank=rank, start_step=start_step, end_step=end_step)
     points = [
         StepPoint(
@@ -225,7 +225,7 @@ def get_goodput(
 ) -> GoodputRead:
     """Goodput and badput of the run (or of [start, end], or of one rank); the parts add up
     to total_s. Without `rank`, the figures are the slowest rank's."""
-    _run_or_404(session, run_id)
+    run_or_404(session, run_id)
     inputs = repo.goodput_inputs(session, run_id)
     if start is not None or end is not None:
         try:
@@ -253,7 +253,7 @@ def get_rolling_goodput(
     rank: Annotated[int | None, Query(ge=0, le=MAX_RANK)] = None,
 ) -> RollingGoodput:
     """Goodput over windows of `window_s` seconds every `step_s` (default: back to back)."""
-    _run_or_404(session, run_id)
+    run_or_404(session, run_id)
     inputs = repo.goodput_inputs(session, run_id)
     try:
         bounds = rolling(inputs, window_s, step_s or window_s)

@@ -6,16 +6,16 @@ import math
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository as repo
-from service.api import RunIdPath, SessionDep, run_status
+from service.api import RunIdPath, SessionDep, run_or_404, run_status
 from service.db import session_scope
 from service.downsample import minmax_downsample
 from service.goodput import run_goodput
-from service.models import Attempt, Run
+from service.models import Attempt
 from service.receipts import (
     AttemptEndIn,
     SeamReceipt,
@@ -44,13 +44,6 @@ from trainer_hooks.records import MAX_RANK, MAX_SLOTS
 router = APIRouter(prefix="/api/v1", tags=["receipts"])
 
 EXPORT_PAGE_ROWS = 5000
-
-
-def _run_or_404(session: Session, run_id: str) -> Run:
-    run = repo.get_run(session, run_id)
-    if run is None:
-        raise HTTPException(404, detail=f"run_id {run_id!r} not found")
-    return run
 
 
 # -- receipt --
@@ -99,7 +92,7 @@ def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
 def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
     """The run's receipt: plan, policy, environment, observed backends, summary, and what
     it lacks to be complete."""
-    run = _run_or_404(session, run_id)
+    run = run_or_404(session, run_id)
     attempts = repo.attempts_of(session, [run_id])
     observations = repo.observations_of(session, run_id)
     seams = observed_seams(observations)
@@ -159,7 +152,7 @@ def get_routing(
 ) -> RoutingSeries:
     """Routing figures per E layer over steps, downsampled keeping max_vio spikes, with
     each layer's newest histogram."""
-    _run_or_404(session, run_id)
+    run_or_404(session, run_id)
     by_layer: dict[int, list[repo.RoutingPointRow]] = {}
     for p in repo.routing_series(session, run_id, rank=rank, layer=layer):
         by_layer.setdefault(p.layer, []).append(p)
@@ -207,7 +200,7 @@ def export_csv(
     what: Annotated[repo.ExportWhat, Query(description="which records")] = "steps",
 ) -> StreamingResponse:
     """Every step, span, routing record or observation of the run as CSV, streamed."""
-    _run_or_404(session, run_id)
+    run_or_404(session, run_id)
     chunks = csv_chunks(request.app.state.sessionmaker, run_id, what, EXPORT_PAGE_ROWS)
     return StreamingResponse(
         chunks,

@@ -458,19 +458,22 @@ def goodput_row_counts(session: Session, run_ids: Sequence[str]) -> dict[str, tu
 # -- receipts, routing, export --
 
 
+_OBSERVATION_COLUMNS = (
+    Observation.attempt,
+    Observation.rank,
+    Observation.seam,
+    Observation.requested,
+    Observation.observed,
+    Observation.reason,
+    Observation.time,
+    Observation.step,
+)
+
+
 def observations_of(session: Session, run_id: str) -> list[ObservationIn]:
     """Every backend observation of the run, oldest first."""
     stmt = (
-        select(
-            Observation.attempt,
-            Observation.rank,
-            Observation.seam,
-            Observation.requested,
-            Observation.observed,
-            Observation.reason,
-            Observation.time,
-            Observation.step,
-        )
+        select(*_OBSERVATION_COLUMNS)
         .where(Observation.run_id == run_id)
         .order_by(Observation.time, Observation.attempt, Observation.rank, Observation.seam)
     )
@@ -626,16 +629,7 @@ _EXPORTS: dict[str, _ExportSpec] = {
     "observations": _ExportSpec(
         Observation.run_id,
         (Observation.attempt, Observation.rank, Observation.seam, Observation.observed),
-        (
-            Observation.attempt,
-            Observation.rank,
-            Observation.seam,
-            Observation.requested,
-            Observation.observed,
-            Observation.reason,
-            Observation.time,
-            Observation.step,
-        ),
+        _OBSERVATION_COLUMNS,
     ),
 }
 
