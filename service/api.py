@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from service import repository as repo
+from service import repository_rollups as rollups
 from service.db import session_scope
 from service.downsample import minmax_downsample
 from service.goodput import RankGoodput, RunGoodput, run_goodput
@@ -31,7 +32,7 @@ from service.schemas import (
     StepSeries,
     StragglerRead,
 )
-from service.step_stats import step_figures
+from service.step_stats import raw_step_figures, step_figures
 from service.throughput import peak_of, step_rates
 from trainer_hooks.records import ID_PATTERN, MAX_COUNT, MAX_RANK, IngestBatch, IngestResult
 
@@ -226,14 +227,19 @@ def get_goodput(
     """Goodput and badput of the run (or of [start, end], or of one rank); the parts add up
     to total_s. Without `rank`, the figures are the slowest rank's."""
     run_or_404(session, run_id)
-    inputs = repo.goodput_inputs(session, run_id)
-    if start is not None or end is not None:
+    if start is None and end is None:  # the whole run: from the rollups, fast at any length
+        g, roll = rollups.run_goodput_rolled(session, run_id)
+        read = _goodput_read(run_id, g, rank)
+        recent = rollups.recent_step_times(session, run_id, roll.ranks, read.rank)
+        fig = step_figures(roll.ranks, recent, read.rank, roll.checkpoints)
+    else:  # a window: the records clipped to it
+        inputs = repo.goodput_inputs(session, run_id)
         try:
             inputs = clip_inputs(inputs, start or 0.0, end or float("inf"))
         except ValueError as exc:
             raise _field_error("end", exc) from exc
-    read = _goodput_read(run_id, run_goodput(inputs), rank)
-    fig = step_figures(inputs, read.rank)
+        read = _goodput_read(run_id, run_goodput(inputs), rank)
+        fig = raw_step_figures(inputs, read.rank)
     return read.model_copy(
         update={
             "ideal_step_time_s": fig.ideal_step_time_s,

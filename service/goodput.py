@@ -24,6 +24,8 @@ slowest rank (largest total; on a tie, least goodput); every rank stays listed.
 from __future__ import annotations
 
 import bisect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -114,7 +116,7 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-class _SpanIndex:
+class SpanIndex:
     """Blocking spans sorted by start, for summing their overlap with a step quickly."""
 
     def __init__(self, spans: list[SpanIn]) -> None:
@@ -128,16 +130,124 @@ class _SpanIndex:
         return sum(_overlap(start, end, s.start, s.end) for s in self.spans[lo:hi])
 
 
-def _last_record(a: AttemptIn, steps: list[StepIn], spans: list[SpanIn]) -> float:
-    return max([a.start, *(s.end for s in steps), *(s.end for s in spans)])
+class AttemptSplit(NamedTuple):
+    """One attempt's steps cut at a step number: busy time (step time minus the blocking
+    spans inside) and step count of the steps at or before the cut, and after it."""
+
+    busy_upto: float
+    busy_after: float
+    steps_after: int
 
 
-def _committed_upto(a: AttemptIn, is_last: bool, checkpoints: list[CheckpointIn]) -> float:
+class RankTotals(NamedTuple):
+    """What the accounting needs about one rank, in aggregate: from raw records
+    (`rank_totals`) or from rollups kept at ingest (service/repository_rollups.py)."""
+
+    rank: int
+    attempts: list[AttemptIn]  # the rank's attempt rows
+    extents: dict[int, tuple[float, float]]  # attempt -> (first start, last end) of its records
+    blocking_s: dict[str, float]  # blocking span seconds by category
+    hook_s: float
+    steps: int
+    tokens: int
+    split: Callable[[int, float], AttemptSplit]  # (attempt, committed up to step) -> split
+
+
+def rank_totals(
+    rank: int, attempts: list[AttemptIn], steps: list[StepIn], spans: list[SpanIn]
+) -> RankTotals:
+    """The aggregates of one rank's raw records."""
+    extents: dict[int, tuple[float, float]] = {}
+    records: list[StepIn | SpanIn] = [*steps, *spans]
+    for r in records:
+        lo, hi = extents.get(r.attempt, (math.inf, -math.inf))
+        extents[r.attempt] = (min(lo, r.start), max(hi, r.end))
+    blocking = [s for s in spans if not s.overlapped]
+    badput: dict[str, float] = {}
+    for span in blocking:
+        badput[span.category] = badput.get(span.category, 0.0) + (span.end - span.start)
+    index = SpanIndex(blocking)
+    by_attempt: dict[int, list[tuple[int, float]]] = {}
+    for s in steps:
+        busy = (s.end - s.start) - index.overlap(s.start, s.end)
+        by_attempt.setdefault(s.attempt, []).append((s.step, busy))
+
+    def split(attempt: int, upto: float) -> AttemptSplit:
+        mine = by_attempt.get(attempt, [])
+        after = [b for n, b in mine if n > upto]
+        return AttemptSplit(sum(b for n, b in mine if n <= upto), sum(after), len(after))
+
+    return RankTotals(
+        rank=rank,
+        attempts=attempts,
+        extents=extents,
+        blocking_s=badput,
+        hook_s=sum(s.hook_overhead_s or 0.0 for s in steps),
+        steps=len(steps),
+        tokens=sum(s.tokens for s in steps),
+        split=split,
+    )
+
+
+def committed_upto(a: AttemptIn, is_last: bool, checkpoints: list[CheckpointIn]) -> float:
     """Steps <= this are committed: all of a completed or still-running attempt, else up to
     its last successful checkpoint (-1: none)."""
     if a.status == "completed" or (a.status is None and is_last):
-        return float("inf")
+        return math.inf
     return max((c.step for c in checkpoints if c.attempt == a.attempt and c.ok), default=-1)
+
+
+def ordered_attempts(t: RankTotals) -> list[AttemptIn]:
+    """The rank's attempts by number; one with records but no attempt_start row is inferred,
+    and an attempt starts no later than its first record."""
+    by_attempt: dict[int, AttemptIn] = {a.attempt: a for a in t.attempts}
+    for attempt, (first, _) in t.extents.items():
+        a = by_attempt.get(attempt) or AttemptIn(attempt, t.rank, first, None, None)
+        by_attempt[attempt] = a._replace(start=min(a.start, first))
+    return [by_attempt[k] for k in sorted(by_attempt)]
+
+
+def attempt_end(a: AttemptIn, t: RankTotals) -> tuple[float, float]:
+    """(last record, end) of an attempt: its end record, else its last record or heartbeat."""
+    last = max(a.start, t.extents.get(a.attempt, (math.inf, -math.inf))[1])
+    return last, a.end if a.end is not None else max(last, a.last_seen or last)
+
+
+def account(t: RankTotals, checkpoints: list[CheckpointIn] | None = None) -> RankGoodput:
+    """Account one rank's wall time from its aggregates."""
+    ordered = ordered_attempts(t)
+    badput = _empty_badput()
+    for category, seconds in t.blocking_s.items():
+        badput[category] = badput.get(category, 0.0) + seconds
+    badput["observability"] += t.hook_s
+    goodput = 0.0
+    prev_end: float | None = None
+    start = ordered[0].start if ordered else 0.0
+    end = start
+    for i, a in enumerate(ordered):
+        last, a_end = attempt_end(a, t)
+        if prev_end is not None and a.start > prev_end:
+            badput["infra_recovery"] += a.start - prev_end
+        upto = committed_upto(a, i == len(ordered) - 1, checkpoints or [])
+        split = t.split(a.attempt, upto)
+        goodput += split.busy_upto
+        badput["wasted_progress"] += split.busy_after
+        if upto != math.inf:
+            badput["wasted_progress"] += max(0.0, a_end - last)  # the partial step
+        prev_end = a_end
+        end = max(end, a_end)
+    total = end - start
+    return RankGoodput(
+        rank=t.rank,
+        start=start,
+        end=end,
+        total_s=total,
+        goodput_s=goodput,
+        badput_s=badput,
+        other_s=total - goodput - sum(badput.values()),
+        steps=t.steps,
+        tokens=t.tokens,
+    )
 
 
 def rank_goodput(
@@ -148,50 +258,24 @@ def rank_goodput(
     checkpoints: list[CheckpointIn] | None = None,
 ) -> RankGoodput:
     """Account one rank's wall time; attempts without an attempt_start row are inferred."""
-    starts = [(s.attempt, s.start) for s in steps] + [(s.attempt, s.start) for s in spans]
-    by_attempt: dict[int, AttemptIn] = {a.attempt: a for a in attempts}
-    for attempt, start in starts:
-        a = by_attempt.get(attempt) or AttemptIn(attempt, rank, start, None, None)
-        by_attempt[attempt] = a._replace(start=min(a.start, start))
-    ordered = [by_attempt[k] for k in sorted(by_attempt)]
-    blocking = [s for s in spans if not s.overlapped]
-    index = _SpanIndex(blocking)
-    badput = _empty_badput()
-    for span in blocking:
-        badput[span.category] = badput.get(span.category, 0.0) + (span.end - span.start)
-    badput["observability"] += sum(s.hook_overhead_s or 0.0 for s in steps)
-    goodput = 0.0
-    prev_end: float | None = None
-    start = ordered[0].start if ordered else 0.0
-    end = start
-    for i, a in enumerate(ordered):
-        a_steps = [s for s in steps if s.attempt == a.attempt]
-        last = _last_record(a, a_steps, [s for s in spans if s.attempt == a.attempt])
-        a_end = a.end if a.end is not None else max(last, a.last_seen or last)
-        if prev_end is not None and a.start > prev_end:
-            badput["infra_recovery"] += a.start - prev_end
-        upto = _committed_upto(a, i == len(ordered) - 1, checkpoints or [])
-        for s in a_steps:
-            busy = (s.end - s.start) - index.overlap(s.start, s.end)
-            if s.step <= upto:
-                goodput += busy
-            else:
-                badput["wasted_progress"] += busy
-        if upto != float("inf"):
-            badput["wasted_progress"] += max(0.0, a_end - last)  # the partial step
-        prev_end = a_end
-        end = max(end, a_end)
-    total = end - start
-    return RankGoodput(
-        rank=rank,
-        start=start,
-        end=end,
-        total_s=total,
-        goodput_s=goodput,
-        badput_s=badput,
-        other_s=total - goodput - sum(badput.values()),
-        steps=len(steps),
-        tokens=sum(s.tokens for s in steps),
+    return account(rank_totals(rank, attempts, steps, spans), checkpoints)
+
+
+def slowest(per_rank: list[RankGoodput]) -> RunGoodput:
+    """The run's figures: its slowest rank's (largest total; on a tie, least goodput)."""
+    if not per_rank:
+        return RunGoodput(0.0, 0.0, None, _empty_badput(), 0.0, None, 0, 0, [])
+    worst = max(per_rank, key=lambda g: (g.total_s, -g.goodput_s))
+    return RunGoodput(
+        total_s=worst.total_s,
+        goodput_s=worst.goodput_s,
+        goodput_fraction=worst.goodput_fraction,
+        badput_s=dict(worst.badput_s),
+        other_s=worst.other_s,
+        rank=worst.rank,
+        steps=worst.steps,
+        tokens=worst.tokens,
+        ranks=per_rank,
     )
 
 
@@ -202,27 +286,15 @@ def run_goodput(inputs: GoodputInputs) -> RunGoodput:
         | {s.rank for s in inputs.steps}
         | {s.rank for s in inputs.spans}
     )
-    per_rank = [
-        rank_goodput(
-            r,
-            [a for a in inputs.attempts if a.rank == r],
-            [s for s in inputs.steps if s.rank == r],
-            [s for s in inputs.spans if s.rank == r],
-            inputs.checkpoints,
-        )
-        for r in ranks
-    ]
-    if not per_rank:
-        return RunGoodput(0.0, 0.0, None, _empty_badput(), 0.0, None, 0, 0, [])
-    slowest = max(per_rank, key=lambda g: (g.total_s, -g.goodput_s))
-    return RunGoodput(
-        total_s=slowest.total_s,
-        goodput_s=slowest.goodput_s,
-        goodput_fraction=slowest.goodput_fraction,
-        badput_s=dict(slowest.badput_s),
-        other_s=slowest.other_s,
-        rank=slowest.rank,
-        steps=slowest.steps,
-        tokens=slowest.tokens,
-        ranks=per_rank,
+    return slowest(
+        [
+            rank_goodput(
+                r,
+                [a for a in inputs.attempts if a.rank == r],
+                [s for s in inputs.steps if s.rank == r],
+                [s for s in inputs.spans if s.rank == r],
+                inputs.checkpoints,
+            )
+            for r in ranks
+        ]
     )

@@ -119,6 +119,9 @@ class Step(Base):
     mem_allocated_peak: Mapped[int | None] = mapped_column(BigInteger)
     mem_reserved_peak: Mapped[int | None] = mapped_column(BigInteger)
     alloc_retries: Mapped[int | None] = mapped_column(BigInteger)
+    # Seconds of blocking spans inside this step, kept by the service at ingest (whichever of
+    # the step and the span arrives second adds their overlap): goodput is end - start - this.
+    blocked_s: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("run_id", "attempt", "rank", "step"),
@@ -229,3 +232,89 @@ class Profile(_RankRow, Base):
     top_kernels: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
 
     __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "first_step"),)
+
+
+# -- rollups: kept at ingest, so that summaries and downsampled series of long runs read a few
+# hundred rows instead of every step (service/repository_rollups.py keeps and reads them) --
+
+ROLLUP_LEVELS = (64, 4096)  # block sizes in step numbers: block = step // level
+
+
+class StepBlock(Base):
+    """Aggregates of one attempt rank's steps numbered [block * level, (block + 1) * level)."""
+
+    __tablename__ = "step_blocks"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    busy_s: Mapped[float] = mapped_column(Double)  # sum of end - start
+    blocked_s: Mapped[float] = mapped_column(Double)  # sum of the steps' blocked_s
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    hook_s: Mapped[float] = mapped_column(Double)
+    first_start: Mapped[float] = mapped_column(Double)
+    last_end: Mapped[float] = mapped_column(Double)
+    fast_s: Mapped[float] = mapped_column(Double)  # the shortest step time, and its step
+    fast_step: Mapped[int] = mapped_column(BigInteger)
+    slow_s: Mapped[float] = mapped_column(Double)  # the longest, and its step
+    slow_step: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_step_blocks_last_end", "run_id", "rank", "level", "last_end"),
+        CheckConstraint("level IN (64, 4096)", name="level"),
+        CheckConstraint("n >= 1 AND busy_s >= 0 AND blocked_s >= 0", name="non_negative"),
+    )
+
+
+class SpanTotal(Base):
+    """Sums of one attempt rank's spans of one category, blocking or overlapped."""
+
+    __tablename__ = "span_totals"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(80), primary_key=True)
+    overlapped: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    total_s: Mapped[float] = mapped_column(Double)
+    longest_s: Mapped[float] = mapped_column(Double)
+    first_start: Mapped[float] = mapped_column(Double)
+    last_end: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        CheckConstraint("n >= 1 AND total_s >= 0 AND longest_s >= 0", name="non_negative"),
+    )
+
+
+class RoutingBlock(Base):
+    """Per layer and block of step numbers: the routing records with the lowest and highest
+    MaxVio (a record without one counts as -inf), for downsampled series."""
+
+    __tablename__ = "routing_blocks"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    low: Mapped[float] = mapped_column(Double)  # -inf: a record without MaxVio
+    low_step: Mapped[int] = mapped_column(BigInteger)
+    high: Mapped[float] = mapped_column(Double)
+    high_step: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("level IN (64, 4096)", name="level"),
+        CheckConstraint("n >= 1", name="non_negative"),
+    )

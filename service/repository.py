@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    Row,
     Select,
     and_,
     exists,
@@ -26,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from service import repository_rollups as rollups
 from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, SpanIn, StepIn
 from service.models import (
     Attempt,
@@ -66,19 +68,23 @@ def _err(index: int, field: str, msg: str, kind: str) -> dict[str, Any]:
 
 def _insert_ignore(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were new."""
+    return len(_insert_new(session, model, rows, model.__mapper__.primary_key[0]))
+
+
+def _insert_new(
+    session: Session, model: type[Base], rows: list[dict[str, Any]], *returning: Any
+) -> Sequence[Row[Any]]:
+    """INSERT ... ON CONFLICT DO NOTHING, returning the given columns of the new rows only."""
     if not rows:
-        return 0
+        return []
     dialect = session.get_bind().dialect.name
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    pk = model.__mapper__.primary_key[0]
-    stmt = ins(model).on_conflict_do_nothing().returning(pk)
-    return len(session.execute(stmt, rows).all())
+    stmt = ins(model).on_conflict_do_nothing().returning(*returning)
+    return session.execute(stmt, rows).all()
 
 
 _TABLES: dict[str, type[Base]] = {
     "attempt_start": Attempt,
-    "step": Step,
-    "span": Span,
     "checkpoint": CheckpointCommit,
     "observation": Observation,
     "profile": Profile,
@@ -99,12 +105,52 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     _insert_ignore(session, RunTag, tags)  # part of their run record, not counted apart
     for kind, model in _TABLES.items():
         inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
-    inserted += _insert_ignore(
-        session, RoutingRow, [_routing_row(r) for _, r in by_kind.get("routing", [])]
-    )
+    rolled = [r.run_id for kind in ("step", "span", "routing") for _, r in by_kind.get(kind, [])]
+    rollups.lock_runs(session, rolled)
+    steps = [_row(r) for _, r in by_kind.get("step", [])]
+    rollups.fill_blocked(session, steps)  # before this batch's spans: each pair counts once
+    new_steps = _insert_new(session, Step, steps, *_ROLLED_STEP)
+    rollups.add_steps(session, new_steps)
+    spans = [_row(r) for _, r in by_kind.get("span", [])]
+    new_spans = _insert_new(session, Span, spans, *_ROLLED_SPAN)
+    rollups.add_spans(session, new_spans)
+    routing = [_routing_row(r) for _, r in by_kind.get("routing", [])]
+    new_routing = _insert_new(session, RoutingRow, routing, *_ROLLED_ROUTING)
+    rollups.add_routing(session, new_routing)
+    inserted += len(new_steps) + len(new_spans) + len(new_routing)
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
     inserted += _heartbeats(session, by_kind.get("heartbeat", []))
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
+
+
+_ROLLED_STEP = (
+    Step.run_id,
+    Step.attempt,
+    Step.rank,
+    Step.step,
+    Step.start,
+    Step.end,
+    Step.tokens,
+    Step.hook_overhead_s,
+    Step.blocked_s,
+)
+_ROLLED_SPAN = (
+    Span.run_id,
+    Span.attempt,
+    Span.rank,
+    Span.category,
+    Span.start,
+    Span.end,
+    Span.overlapped,
+)
+_ROLLED_ROUTING = (
+    RoutingRow.run_id,
+    RoutingRow.attempt,
+    RoutingRow.rank,
+    RoutingRow.layer,
+    RoutingRow.step,
+    RoutingRow.max_vio,
+)
 
 
 def _row(rec: Record, *exclude: str) -> dict[str, Any]:

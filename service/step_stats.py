@@ -14,11 +14,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from service.compare import steady
-from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, StepIn
+from service.goodput import (
+    CheckpointIn,
+    GoodputInputs,
+    RankTotals,
+    StepIn,
+    attempt_end,
+    ordered_attempts,
+    rank_totals,
+)
 
 LAST_N = 20
 PREVIOUS_M = 100
 STRAGGLER_MARGIN = 0.05
+RECENT_STEPS = 10_000  # the summary rank's newest steps that the step-time figures read
+STRAGGLER_STEPS = 1_000  # each rank's newest steps whose median finds stragglers
 
 
 def ideal_step_time(step_times_s: Sequence[float]) -> float | None:
@@ -77,25 +87,18 @@ class Disruption:
     wasted_steps: int
 
 
-def disruptions(
-    attempts: Sequence[AttemptIn], steps: Sequence[StepIn], checkpoints: Sequence[CheckpointIn]
-) -> list[Disruption]:
+def disruptions(t: RankTotals, checkpoints: Sequence[CheckpointIn]) -> list[Disruption]:
     """One per attempt of this rank that a later attempt followed, or that failed."""
-    ordered = sorted(attempts, key=lambda a: a.attempt)
+    ordered = ordered_attempts(t)
     out = []
     for i, a in enumerate(ordered):
         followed = i < len(ordered) - 1
         if a.status == "completed" or not (followed or a.status == "failed"):
             continue
-        mine = [s for s in steps if s.attempt == a.attempt]
         saved = max((c.step for c in checkpoints if c.attempt == a.attempt and c.ok), default=-1)
-        end = (
-            a.end
-            if a.end is not None
-            else max([a.start, a.last_seen or a.start, *(s.end for s in mine)])
-        )
         cause = a.cause or ("no end record: the process died" if a.status is None else a.status)
-        out.append(Disruption(a.attempt, end, cause, sum(1 for s in mine if s.step > saved)))
+        wasted = t.split(a.attempt, saved).steps_after
+        out.append(Disruption(a.attempt, attempt_end(a, t)[1], cause, wasted))
     return out
 
 
@@ -107,20 +110,48 @@ class StepFigures:
     disruptions: list[Disruption]
 
 
-def step_figures(inputs: GoodputInputs, rank: int | None) -> StepFigures:
-    """The figures above for one rank (the summary's), stragglers over every rank."""
+def step_figures(
+    totals: Mapping[int, RankTotals],
+    recent: Mapping[int, Sequence[float]],
+    rank: int | None,
+    checkpoints: Sequence[CheckpointIn],
+) -> StepFigures:
+    """The figures above for one rank (the summary's), stragglers over every rank.
+
+    `recent[r]` holds rank r's newest step times, oldest first (by attempt, then step): at
+    most RECENT_STEPS for the summary rank and STRAGGLER_STEPS for the others. So on a long run
+    the ideal step time describes the newest RECENT_STEPS steps, and a straggler is a rank that
+    is slow now."""
+    medians = {r: statistics.median(v[-STRAGGLER_STEPS:]) for r, v in recent.items() if len(v) > 0}
+    times = list(recent.get(rank, [])) if rank is not None else []
+    mine = totals.get(rank) if rank is not None else None
+    return StepFigures(
+        ideal_step_time(times[-RECENT_STEPS:]),
+        step_time_deviation(times),
+        stragglers(medians),
+        disruptions(mine, checkpoints) if mine is not None else [],
+    )
+
+
+def raw_step_figures(inputs: GoodputInputs, rank: int | None) -> StepFigures:
+    """step_figures on raw records (used for time windows)."""
     by_rank: dict[int, list[StepIn]] = {}
     for s in inputs.steps:
         by_rank.setdefault(s.rank, []).append(s)
-    medians = {r: statistics.median(s.end - s.start for s in v) for r, v in by_rank.items()}
-    mine = sorted(
-        by_rank.get(rank, []) if rank is not None else [], key=lambda s: (s.attempt, s.step)
-    )
-    times = [s.end - s.start for s in mine]
-    attempts = [a for a in inputs.attempts if a.rank == rank]
-    return StepFigures(
-        ideal_step_time(times),
-        step_time_deviation(times),
-        stragglers(medians),
-        disruptions(attempts, mine, inputs.checkpoints),
-    )
+    recent = {
+        r: [s.end - s.start for s in sorted(v, key=lambda s: (s.attempt, s.step))][
+            -(RECENT_STEPS if r == rank else STRAGGLER_STEPS) :
+        ]
+        for r, v in by_rank.items()
+    }
+    ranks = {a.rank for a in inputs.attempts} | set(by_rank) | {s.rank for s in inputs.spans}
+    totals = {
+        r: rank_totals(
+            r,
+            [a for a in inputs.attempts if a.rank == r],
+            by_rank.get(r, []),
+            [s for s in inputs.spans if s.rank == r],
+        )
+        for r in ranks
+    }
+    return step_figures(totals, recent, rank, inputs.checkpoints)

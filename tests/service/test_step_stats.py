@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.goodput import AttemptIn, CheckpointIn, StepIn
+from service.goodput import AttemptIn, CheckpointIn, StepIn, rank_totals
 from service.step_stats import disruptions, ideal_step_time, step_time_deviation, stragglers
 
 T = 1_790_000_000.0
@@ -38,7 +38,8 @@ def test_disruptions_come_from_attempt_boundaries_with_wasted_steps() -> None:
         for a in (0, 1)
         for n in range(6)
     ]
-    found = disruptions(attempts, steps, [CheckpointIn(0, 3, True), CheckpointIn(1, 1, True)])
+    totals = rank_totals(0, attempts, steps, [])
+    found = disruptions(totals, [CheckpointIn(0, 3, True), CheckpointIn(1, 1, True)])
     assert [(d.attempt, d.wasted_steps) for d in found] == [(0, 2), (1, 4)]
     assert found[0].cause == "failed" and found[1].time == T + 20
     assert "died" in found[1].cause

@@ -1,0 +1,650 @@
+"""Rollups: aggregates kept at ingest so that a run of a million steps answers its goodput
+summary and its downsampled series from a few hundred rows. Part of the repository (all SQL
+lives here and in repository.py); callers pass a Session and nothing here commits.
+
+What is kept, in the same transaction as the rows it summarizes (so it never disagrees with
+them, and a resent record, which is not inserted, is not counted twice):
+
+- `steps.blocked_s`: seconds of blocking spans inside each step. Whichever of a step and a
+  span arrives second adds their overlap: new steps are measured against the spans already
+  stored, then new spans against every stored step (this batch's included). Each pair is
+  counted once. PostgreSQL ingests of one run are serialized by a row lock on the run;
+  SQLite has one writer at a time.
+- `step_blocks`: per (run, rank, level, block, attempt), with block = step // level for the
+  levels of ROLLUP_LEVELS: count, step time and blocked time, tokens, hook time, first start,
+  last end, and the fastest and slowest step.
+- `span_totals`: per (run, rank, attempt, category, overlapped): count, seconds, longest,
+  first start, last end.
+- `routing_blocks`: per (run, rank, layer, level, block, attempt): count and the records with
+  the lowest and highest MaxVio (a record without one counts as -inf).
+
+Reads split any step range into whole blocks of the coarsest level that fits, finer blocks at
+its edges, and raw rows for what is left (fewer than 64 step numbers at each end).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+from sqlalchemy import Table, and_, bindparam, case, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.goodput import (
+    AttemptIn,
+    AttemptSplit,
+    CheckpointIn,
+    RankTotals,
+    RunGoodput,
+    SpanIn,
+    SpanIndex,
+    account,
+    slowest,
+)
+from service.models import (
+    ROLLUP_LEVELS,
+    Attempt,
+    Base,
+    CheckpointCommit,
+    RoutingBlock,
+    RoutingRow,
+    Run,
+    Span,
+    SpanTotal,
+    Step,
+    StepBlock,
+)
+from service.step_stats import RECENT_STEPS, STRAGGLER_STEPS
+
+COARSE, FINE = max(ROLLUP_LEVELS), min(ROLLUP_LEVELS)
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+DESCENDING = tuple(sorted(ROLLUP_LEVELS, reverse=True))
+_NEG_INF = -math.inf
+
+
+def _insert(session: Session, model: type[Base]) -> Any:
+    ins = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return ins(model)
+
+
+def _lower(new: Any, old: Any, new_step: Any, old_step: Any) -> Any:
+    """SQL: the new (value, step) comes before the stored one (lower value, then lower step)."""
+    return or_(new < old, and_(new == old, new_step < old_step))
+
+
+def _higher(new: Any, old: Any, new_step: Any, old_step: Any) -> Any:
+    """SQL: the new (value, step) wins a maximum (higher value, then lower step)."""
+    return or_(new > old, and_(new == old, new_step < old_step))
+
+
+def _pick(cond: Any, new: Any, old: Any) -> Any:
+    return case((cond, new), else_=old)
+
+
+# -- kept at ingest --
+
+
+def lock_runs(session: Session, run_ids: Iterable[str]) -> None:
+    """Serialize rollup upkeep per run on PostgreSQL (SQLite has one writer at a time)."""
+    ids = sorted(set(run_ids))
+    if ids and session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Run.run_id).where(Run.run_id.in_(ids)).with_for_update())
+
+
+def fill_blocked(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Set `blocked_s` of each step row about to be inserted: its overlap with the blocking
+    spans already stored on its rank."""
+    for (run_id, rank), mine in _group(rows, lambda r: (r["run_id"], r["rank"])).items():
+        for r in mine:
+            r["blocked_s"] = 0.0
+        spans = _stored_blocking_spans(
+            session, run_id, rank, min(r["start"] for r in mine), max(r["end"] for r in mine)
+        )
+        if spans:
+            index = SpanIndex(spans)
+            for r in mine:
+                r["blocked_s"] = index.overlap(r["start"], r["end"])
+
+
+def _stored_blocking_spans(
+    session: Session, run_id: str, rank: int, lo: float, hi: float
+) -> list[SpanIn]:
+    """Blocking spans of the rank that overlap [lo, hi], through the spans' unique index."""
+    totals = session.execute(
+        select(SpanTotal.attempt, SpanTotal.category, SpanTotal.longest_s).where(
+            SpanTotal.run_id == run_id, SpanTotal.rank == rank, SpanTotal.overlapped.is_(False)
+        )
+    ).all()
+    if not totals:
+        return []
+    longest = max(t.longest_s for t in totals)
+    stmt = select(
+        Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
+    ).where(
+        Span.run_id == run_id,
+        Span.attempt.in_(sorted({t.attempt for t in totals})),
+        Span.rank == rank,
+        Span.category.in_(sorted({t.category for t in totals})),
+        Span.start >= lo - longest,
+        Span.start < hi,
+        Span.end > lo,
+        Span.overlapped.is_(False),
+    )
+    return [SpanIn(*row) for row in session.execute(stmt)]
+
+
+def _group(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
+    out: dict[Any, list[Any]] = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+@dataclass
+class _StepAcc:
+    n: int
+    busy_s: float
+    blocked_s: float
+    tokens: int
+    hook_s: float
+    first_start: float
+    last_end: float
+    fast_s: float
+    fast_step: int
+    slow_s: float
+    slow_step: int
+
+    def add(self, step: int, start: float, end: float, tokens: int, hook: float, blocked: float):
+        t = end - start
+        self.n += 1
+        self.busy_s += t
+        self.blocked_s += blocked
+        self.tokens += tokens
+        self.hook_s += hook
+        self.first_start = min(self.first_start, start)
+        self.last_end = max(self.last_end, end)
+        if (t, step) < (self.fast_s, self.fast_step):
+            self.fast_s, self.fast_step = t, step
+        if t > self.slow_s or (t == self.slow_s and step < self.slow_step):
+            self.slow_s, self.slow_step = t, step
+
+
+def add_steps(session: Session, steps: Sequence[Any]) -> None:
+    """Fold newly inserted step rows (run_id, attempt, rank, step, start, end, tokens,
+    hook_overhead_s, blocked_s) into step_blocks."""
+    if not steps:
+        return
+    acc: dict[tuple[str, int, int, int, int], _StepAcc] = {}
+    for s in steps:
+        for level in ROLLUP_LEVELS:
+            key = (s.run_id, s.rank, level, s.step // level, s.attempt)
+            a = acc.get(key)
+            if a is None:
+                t = s.end - s.start
+                a = acc[key] = _StepAcc(0, 0.0, 0.0, 0, 0.0, s.start, s.end, t, s.step, t, s.step)
+            a.add(s.step, s.start, s.end, s.tokens, s.hook_overhead_s or 0.0, s.blocked_s)
+    rows = [
+        {"run_id": k[0], "rank": k[1], "level": k[2], "block": k[3], "attempt": k[4], **vars(a)}
+        for k, a in acc.items()
+    ]
+    stmt = _insert(session, StepBlock)
+    new, old = stmt.excluded, StepBlock
+    fast = _lower(new.fast_s, old.fast_s, new.fast_step, old.fast_step)
+    slow = _higher(new.slow_s, old.slow_s, new.slow_step, old.slow_step)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "rank", "level", "block", "attempt"],
+        set_={
+            "n": old.n + new.n,
+            "busy_s": old.busy_s + new.busy_s,
+            "blocked_s": old.blocked_s + new.blocked_s,
+            "tokens": old.tokens + new.tokens,
+            "hook_s": old.hook_s + new.hook_s,
+            "first_start": _pick(
+                new.first_start < old.first_start, new.first_start, old.first_start
+            ),
+            "last_end": _pick(new.last_end > old.last_end, new.last_end, old.last_end),
+            "fast_s": _pick(fast, new.fast_s, old.fast_s),
+            "fast_step": _pick(fast, new.fast_step, old.fast_step),
+            "slow_s": _pick(slow, new.slow_s, old.slow_s),
+            "slow_step": _pick(slow, new.slow_step, old.slow_step),
+        },
+    )
+    session.execute(stmt, rows)
+
+
+def add_spans(session: Session, spans: Sequence[Any]) -> None:
+    """Fold newly inserted span rows (run_id, attempt, rank, category, start, end, overlapped)
+    into span_totals, and add each blocking one's overlap to the stored steps it covers."""
+    if not spans:
+        return
+    acc: dict[tuple[Any, ...], list[Any]] = {}
+    for s in spans:
+        key = (s.run_id, s.rank, s.attempt, s.category, bool(s.overlapped))
+        d = s.end - s.start
+        a = acc.get(key)
+        if a is None:
+            acc[key] = [1, d, d, s.start, s.end]
+        else:
+            a[0] += 1
+            a[1] += d
+            a[2] = max(a[2], d)
+            a[3] = min(a[3], s.start)
+            a[4] = max(a[4], s.end)
+    names = ("run_id", "rank", "attempt", "category", "overlapped")
+    fields = ("n", "total_s", "longest_s", "first_start", "last_end")
+    rows = [
+        {**dict(zip(names, k, strict=True)), **dict(zip(fields, a, strict=True))}
+        for k, a in acc.items()
+    ]
+    stmt = _insert(session, SpanTotal)
+    new, old = stmt.excluded, SpanTotal
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(names),
+        set_={
+            "n": old.n + new.n,
+            "total_s": old.total_s + new.total_s,
+            "longest_s": _pick(new.longest_s > old.longest_s, new.longest_s, old.longest_s),
+            "first_start": _pick(
+                new.first_start < old.first_start, new.first_start, old.first_start
+            ),
+            "last_end": _pick(new.last_end > old.last_end, new.last_end, old.last_end),
+        },
+    )
+    session.execute(stmt, rows)
+    blocking = [s for s in spans if not s.overlapped]
+    for (run_id, rank), mine in _group(blocking, lambda s: (s.run_id, s.rank)).items():
+        _block_stored_steps(session, run_id, rank, mine)
+
+
+def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[Any]) -> None:
+    lo, hi = min(s.start for s in spans), max(s.end for s in spans)
+    candidates = session.execute(
+        select(StepBlock.attempt, StepBlock.block).where(
+            StepBlock.run_id == run_id,
+            StepBlock.rank == rank,
+            StepBlock.level == FINE,
+            StepBlock.last_end > lo,
+            StepBlock.first_start < hi,
+        )
+    ).all()
+    if not candidates:
+        return
+    index = SpanIndex([SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False) for s in spans])
+    added: list[dict[str, Any]] = []
+    for attempt, blocks in _group(candidates, lambda c: c.attempt).items():
+        for first, last in _runs(sorted(c.block for c in blocks)):
+            stmt = select(Step.id, Step.step, Step.start, Step.end).where(
+                Step.run_id == run_id,
+                Step.attempt == attempt,
+                Step.rank == rank,
+                Step.step.between(first * FINE, (last + 1) * FINE - 1),
+                Step.start < hi,
+                Step.end > lo,
+            )
+            for sid, step, start, end in session.execute(stmt):
+                x = index.overlap(start, end)
+                if x > 0:
+                    added.append({"sid": sid, "step": step, "attempt": attempt, "x": x})
+    if not added:
+        return
+    steps = _table(Step).c
+    session.execute(
+        update(_table(Step))
+        .where(steps.id == bindparam("sid"))
+        .values(blocked_s=steps.blocked_s + bindparam("x")),
+        [{"sid": a["sid"], "x": a["x"]} for a in added],
+    )
+    per_block: dict[tuple[int, int, int], float] = {}
+    for a in added:
+        for level in ROLLUP_LEVELS:
+            key = (level, a["step"] // level, a["attempt"])
+            per_block[key] = per_block.get(key, 0.0) + a["x"]
+    cols = _table(StepBlock).c
+    session.execute(
+        update(_table(StepBlock))
+        .where(
+            cols.run_id == run_id,
+            cols.rank == rank,
+            cols.level == bindparam("lv"),
+            cols.block == bindparam("bk"),
+            cols.attempt == bindparam("at"),
+        )
+        .values(blocked_s=cols.blocked_s + bindparam("x")),
+        [{"lv": k[0], "bk": k[1], "at": k[2], "x": x} for k, x in per_block.items()],
+    )
+
+
+def _runs(sorted_values: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs [(first, last), ...] of sorted integers."""
+    out: list[tuple[int, int]] = []
+    for v in sorted_values:
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
+
+
+def _spike(v: float | None) -> float:
+    return _NEG_INF if v is None else v
+
+
+def add_routing(session: Session, rows: Sequence[Any]) -> None:
+    """Fold newly inserted routing rows (run_id, attempt, rank, layer, step, max_vio) into
+    routing_blocks."""
+    if not rows:
+        return
+    acc: dict[tuple[Any, ...], list[Any]] = {}
+    for r in rows:
+        v = _spike(r.max_vio)
+        for level in ROLLUP_LEVELS:
+            key = (r.run_id, r.rank, r.layer, level, r.step // level, r.attempt)
+            a = acc.get(key)
+            if a is None:
+                acc[key] = [1, v, r.step, v, r.step]
+                continue
+            a[0] += 1
+            if (v, r.step) < (a[1], a[2]):
+                a[1], a[2] = v, r.step
+            if v > a[3] or (v == a[3] and r.step < a[4]):
+                a[3], a[4] = v, r.step
+    names = ("run_id", "rank", "layer", "level", "block", "attempt")
+    fields = ("n", "low", "low_step", "high", "high_step")
+    values = [
+        {**dict(zip(names, k, strict=True)), **dict(zip(fields, a, strict=True))}
+        for k, a in acc.items()
+    ]
+    stmt = _insert(session, RoutingBlock)
+    new, old = stmt.excluded, RoutingBlock
+    low = _lower(new.low, old.low, new.low_step, old.low_step)
+    high = _higher(new.high, old.high, new.high_step, old.high_step)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(names),
+        set_={
+            "n": old.n + new.n,
+            "low": _pick(low, new.low, old.low),
+            "low_step": _pick(low, new.low_step, old.low_step),
+            "high": _pick(high, new.high, old.high),
+            "high_step": _pick(high, new.high_step, old.high_step),
+        },
+    )
+    session.execute(stmt, values)
+
+
+# -- reads --
+
+
+def decompose(lo: int, hi: int, levels: Sequence[int] = DESCENDING) -> tuple[list, list]:
+    """Cover step numbers [lo, hi] with whole blocks, coarsest first: ([(level, first block,
+    last block)], [(lo, hi) ranges left for raw rows])."""
+    if lo > hi:
+        return [], []
+    if not levels:
+        return [], [(lo, hi)]
+    size, finer = levels[0], levels[1:]
+    first, last = -(-lo // size), (hi + 1) // size - 1
+    if first > last:
+        return decompose(lo, hi, finer)
+    left_blocks, left_raw = decompose(lo, first * size - 1, finer)
+    right_blocks, right_raw = decompose((last + 1) * size, hi, finer)
+    return [(size, first, last), *left_blocks, *right_blocks], left_raw + right_raw
+
+
+def _busy_split(
+    session: Session, run_id: str, rank: int, attempt: int, coarse: list[Any], upto: float
+) -> AttemptSplit:
+    """Busy time of the attempt's steps at or before `upto`, and after it (with their count)."""
+    if upto == math.inf:
+        return AttemptSplit(sum(b.busy_s - b.blocked_s for b in coarse), 0.0, 0)
+    after, n_after = 0.0, 0
+    blocks, raw = decompose(int(upto) + 1, _max_block_end(coarse))
+    for r in _blocks_of(session, run_id, rank, attempt, blocks):
+        after += r.busy_s - r.blocked_s
+        n_after += r.n
+    for lo, hi in raw:
+        for busy, n in session.execute(
+            select(func.sum(Step.end - Step.start - Step.blocked_s), func.count()).where(
+                Step.run_id == run_id,
+                Step.attempt == attempt,
+                Step.rank == rank,
+                Step.step.between(lo, hi),
+            )
+        ):
+            after += busy or 0.0
+            n_after += n
+    total = sum(b.busy_s - b.blocked_s for b in coarse)
+    return AttemptSplit(total - after, after, n_after)
+
+
+def _max_block_end(coarse: list[Any]) -> int:
+    return max(((b.block + 1) * COARSE - 1 for b in coarse), default=-1)
+
+
+def _blocks_of(
+    session: Session,
+    run_id: str,
+    rank: int,
+    attempt: int | None,
+    ranges: list[tuple[int, int, int]],
+) -> list[Any]:
+    out: list[Any] = []
+    for level, first, last in ranges:
+        where = [
+            StepBlock.run_id == run_id,
+            StepBlock.rank == rank,
+            StepBlock.level == level,
+            StepBlock.block.between(first, last),
+        ]
+        if attempt is not None:
+            where.append(StepBlock.attempt == attempt)
+        out += session.execute(select(StepBlock).where(*where)).scalars().all()
+    return out
+
+
+@dataclass
+class RunRollup:
+    """A run's goodput inputs in aggregate: per rank totals, attempt rows and checkpoints."""
+
+    ranks: dict[int, RankTotals]
+    checkpoints: list[CheckpointIn]
+
+
+def run_rollup(session: Session, run_id: str) -> RunRollup:
+    """Every rank's RankTotals from attempt rows, checkpoints, coarse step blocks and span
+    totals: a few rows per attempt rank and 1 per 4096 steps."""
+    attempts = [
+        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause)
+        for a in session.execute(
+            select(
+                Attempt.attempt,
+                Attempt.rank,
+                Attempt.start,
+                Attempt.end,
+                Attempt.status,
+                Attempt.last_seen,
+                Attempt.cause,
+            ).where(Attempt.run_id == run_id)
+        )
+    ]
+    checkpoints = [
+        CheckpointIn(*row)
+        for row in session.execute(
+            select(CheckpointCommit.attempt, CheckpointCommit.step, CheckpointCommit.ok).where(
+                CheckpointCommit.run_id == run_id
+            )
+        )
+    ]
+    coarse = (
+        session.execute(
+            select(StepBlock).where(StepBlock.run_id == run_id, StepBlock.level == COARSE)
+        )
+        .scalars()
+        .all()
+    )
+    spans = session.execute(select(SpanTotal).where(SpanTotal.run_id == run_id)).scalars().all()
+    ranks = sorted({a.rank for a in attempts} | {b.rank for b in coarse} | {s.rank for s in spans})
+    out: dict[int, RankTotals] = {}
+    for rank in ranks:
+        blocks = _group([b for b in coarse if b.rank == rank], lambda b: b.attempt)
+        extents: dict[int, tuple[float, float]] = {}
+        records: list[Any] = [b for b in coarse if b.rank == rank]
+        for r in [*records, *(s for s in spans if s.rank == rank)]:
+            lo, hi = extents.get(r.attempt, (math.inf, -math.inf))
+            extents[r.attempt] = (min(lo, r.first_start), max(hi, r.last_end))
+        blocking: dict[str, float] = {}
+        for s in spans:
+            if s.rank == rank and not s.overlapped:
+                blocking[s.category] = blocking.get(s.category, 0.0) + s.total_s
+        mine = [b for b in coarse if b.rank == rank]
+
+        def split(
+            attempt: int, upto: float, rank: int = rank, blocks: Any = blocks
+        ) -> AttemptSplit:
+            return _busy_split(session, run_id, rank, attempt, blocks.get(attempt, []), upto)
+
+        out[rank] = RankTotals(
+            rank=rank,
+            attempts=[a for a in attempts if a.rank == rank],
+            extents=extents,
+            blocking_s=blocking,
+            hook_s=sum(b.hook_s for b in mine),
+            steps=sum(b.n for b in mine),
+            tokens=sum(b.tokens for b in mine),
+            split=split,
+        )
+    return RunRollup(out, checkpoints)
+
+
+def newest_step_times(session: Session, run_id: str, rank: int, limit: int) -> list[float]:
+    """Step times of the rank's newest `limit` steps (newest attempt first, then highest
+    step), returned oldest first; one index range per attempt."""
+    attempts = session.scalars(
+        select(StepBlock.attempt)
+        .where(StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.level == COARSE)
+        .group_by(StepBlock.attempt)
+        .order_by(StepBlock.attempt.desc())
+    ).all()
+    times: list[float] = []
+    for attempt in attempts:
+        if len(times) >= limit:
+            break
+        stmt = (
+            select(Step.end - Step.start)
+            .where(Step.run_id == run_id, Step.attempt == attempt, Step.rank == rank)
+            .order_by(Step.step.desc())
+            .limit(limit - len(times))
+        )
+        times += session.scalars(stmt).all()
+    return times[::-1]
+
+
+# -- rebuilding (migration 0004 fills the rollups of rows stored before it) --
+
+
+_CHUNK = 50_000
+
+
+def rebuild_run(session: Session, run_id: str) -> None:
+    """Recompute every rollup of one run from its rows, as if they had just been ingested."""
+    for model in (StepBlock, SpanTotal, RoutingBlock):
+        table = _table(model)
+        session.execute(table.delete().where(table.c.run_id == run_id))
+    span_cols = (
+        Span.run_id,
+        Span.attempt,
+        Span.rank,
+        Span.category,
+        Span.start,
+        Span.end,
+        Span.overlapped,
+    )
+    add_spans(session, session.execute(select(*span_cols).where(Span.run_id == run_id)).all())
+    last_id = 0
+    while True:  # steps after spans: each step is measured against every stored span
+        chunk = session.execute(
+            select(
+                Step.id,
+                Step.run_id,
+                Step.attempt,
+                Step.rank,
+                Step.step,
+                Step.start,
+                Step.end,
+                Step.tokens,
+                Step.hook_overhead_s,
+            )
+            .where(Step.run_id == run_id, Step.id > last_id)
+            .order_by(Step.id)
+            .limit(_CHUNK)
+        ).all()
+        if not chunk:
+            break
+        last_id = chunk[-1].id
+        rows = [r._asdict() for r in chunk]
+        fill_blocked(session, rows)
+        table = _table(Step)
+        session.execute(
+            update(table).where(table.c.id == bindparam("sid")).values(blocked_s=bindparam("b")),
+            [{"sid": r["id"], "b": r["blocked_s"]} for r in rows],
+        )
+        add_steps(session, [_Rolled(**{k: v for k, v in r.items() if k != "id"}) for r in rows])
+    routing_cols = (
+        RoutingRow.run_id,
+        RoutingRow.attempt,
+        RoutingRow.rank,
+        RoutingRow.layer,
+        RoutingRow.step,
+        RoutingRow.max_vio,
+    )
+    add_routing(
+        session, session.execute(select(*routing_cols).where(RoutingRow.run_id == run_id)).all()
+    )
+
+
+class _Rolled(NamedTuple):
+    run_id: str
+    attempt: int
+    rank: int
+    step: int
+    start: float
+    end: float
+    tokens: int
+    hook_overhead_s: float | None
+    blocked_s: float
+
+
+def rebuild_all(session: Session) -> int:
+    """rebuild_run for every run; returns how many runs."""
+    run_ids = session.scalars(select(Run.run_id)).all()
+    for run_id in run_ids:
+        rebuild_run(session, run_id)
+    return len(run_ids)
+
+
+def run_goodput_rolled(session: Session, run_id: str) -> tuple[RunGoodput, RunRollup]:
+    """The run's goodput accounting (service/goodput.py) on its rollups."""
+    roll = run_rollup(session, run_id)
+    return slowest([account(t, roll.checkpoints) for t in roll.ranks.values()]), roll
+
+
+def recent_step_times(
+    session: Session, run_id: str, ranks: Iterable[int], summary_rank: int | None
+) -> dict[int, list[float]]:
+    """What step_figures reads: RECENT_STEPS newest step times of the summary rank and
+    STRAGGLER_STEPS of every other rank (none of them when the run has one rank)."""
+    ranks = list(ranks)
+    wanted = ranks if len(ranks) > 1 else [r for r in ranks if r == summary_rank]
+    return {
+        r: newest_step_times(
+            session, run_id, r, RECENT_STEPS if r == summary_rank else STRAGGLER_STEPS
+        )
+        for r in wanted
+    }

@@ -1,0 +1,146 @@
+"""Rollups kept at ingest answer exactly what the raw records answer: random runs (ranks,
+attempts, a crash with a checkpoint, spans inside and across steps) posted in shuffled
+batches with resent duplicates, then the goodput summary compared with the calculator on the
+raw rows, and the rollups compared with a rebuild from scratch."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from service import repository as repo
+from service import repository_rollups as rollups
+from service.goodput import run_goodput
+from service.models import RoutingBlock, SpanTotal, Step, StepBlock
+from service.step_stats import raw_step_figures
+from tests import factories as f
+
+
+def random_run(seed: int, steps: int) -> list[dict[str, Any]]:
+    """Two ranks; attempt 0 crashes after a checkpoint, attempt 1 completes."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = [f.run()]
+    for rank in (0, 1):
+        t = f.T0 + rank * 0.01
+        crash_at = rng.randrange(steps // 3, steps // 2)
+        saved = crash_at - rng.randrange(1, 70)
+        resume_from = saved + 1 if rng.random() < 0.8 else 0
+        for attempt, numbers in ((0, range(crash_at)), (1, range(resume_from, steps))):
+            out.append(f.attempt_start(start=t, rank=rank, attempt=attempt, world_size=2))
+            out.append(f.span("startup", t, t + 2.0, rank=rank, attempt=attempt))
+            t += 2.0
+            for n in numbers:
+                stall = rng.choice([0.0, 0.0, 0.01, 0.2])
+                if stall:
+                    out.append(f.span("data_stall", t, t + stall, rank=rank, attempt=attempt))
+                    t += stall
+                dur = rng.choice([0.5, 0.5, 0.51, 0.49]) * (3 if rng.random() < 0.01 else 1)
+                hook = rng.choice([None, 1e-4])
+                step = f.step(n, start=t, dur=dur, rank=rank, attempt=attempt)
+                out.append({**step, "hook_overhead_s": hook, "tokens": 100 + n % 7})
+                if rng.random() < 0.03:  # a compile inside the step
+                    out.append(f.span("compile", t + 0.1, t + 0.3, rank=rank, attempt=attempt))
+                if rng.random() < 0.02:  # overlapped work counts nowhere
+                    out.append(
+                        f.span("eval", t, t + 0.4, rank=rank, attempt=attempt, overlapped=True)
+                    )
+                if rng.random() < 0.01:  # a blocking span across this step and the next
+                    out.append(f.span("custom:probe", t + 0.3, t + 1.2, rank=rank, attempt=attempt))
+                t += dur
+                if attempt == 0 and n == saved:
+                    out.append(f.checkpoint(n, t, rank=rank, attempt=attempt))
+                    out.append(f.span("checkpoint_save", t, t + 0.3, rank=rank, attempt=attempt))
+                    t += 0.3
+            if attempt == 0:
+                t += rng.uniform(3.0, 9.0)  # the crash and the restart
+            else:
+                out.append(f.attempt_end(end=t + 0.5, rank=rank, attempt=attempt))
+    return out
+
+
+def post_shuffled(client: Any, records: list[dict[str, Any]], seed: int) -> None:
+    """Run and attempt starts first (the service needs them), the rest in random batches,
+    some of them sent twice."""
+    rng = random.Random(seed)
+    head = [r for r in records if r["kind"] in ("run", "attempt_start")]
+    rest = [r for r in records if r["kind"] not in ("run", "attempt_start")]
+    rng.shuffle(rest)
+    batches = [head]
+    while rest:
+        size = rng.randint(1, 700)
+        batches.append(rest[:size])
+        rest = rest[size:]
+    resent = rng.sample(batches[1:], k=min(3, len(batches) - 1))
+    for batch in [*batches, *resent]:
+        resp = client.post("/api/v1/ingest", json={"records": batch})
+        assert resp.status_code == 200, resp.text
+
+
+def dump(session: Any) -> dict[str, list[tuple[Any, ...]]]:
+    out = {}
+    for model in (StepBlock, SpanTotal, RoutingBlock):
+        cols = [c for c in model.__table__.columns]
+        rows = session.execute(select(*cols).order_by(*model.__table__.primary_key)).all()
+        out[model.__tablename__] = [
+            tuple(round(v, 9) if isinstance(v, float) else v for v in r) for r in rows
+        ]
+    return out
+
+
+@pytest.mark.parametrize("seed,steps", [(1, 300), (2, 5000)])
+def test_goodput_from_rollups_equals_goodput_from_raw_rows(
+    client: Any, app: Any, seed: int, steps: int
+) -> None:
+    post_shuffled(client, random_run(seed, steps), seed)
+    got = client.get("/api/v1/runs/run-a/goodput").json()
+    with app.state.sessionmaker() as session:
+        inputs = repo.goodput_inputs(session, "run-a")
+    want = run_goodput(inputs)
+    assert got["rank"] == want.rank
+    assert got["steps"] == want.steps and got["tokens"] == want.tokens
+    for name in ("total_s", "goodput_s", "other_s"):
+        assert got[name] == pytest.approx(getattr(want, name), rel=1e-9, abs=1e-6), name
+    for cat, seconds in want.badput_s.items():
+        assert got["badput_s"][cat] == pytest.approx(seconds, rel=1e-9, abs=1e-6), cat
+    assert want.badput_s["wasted_progress"] > 0 and want.badput_s["compile"] > 0
+    for mine, theirs in zip(got["ranks"], want.ranks, strict=True):
+        assert mine["goodput_s"] == pytest.approx(theirs.goodput_s, rel=1e-9, abs=1e-6)
+    parts = got["goodput_s"] + sum(got["badput_s"].values()) + got["other_s"]
+    assert math.isclose(parts, got["total_s"], rel_tol=0, abs_tol=1e-6)
+    fig = raw_step_figures(inputs, want.rank)
+    assert [(d["attempt"], d["wasted_steps"]) for d in got["disruptions"]] == [
+        (d.attempt, d.wasted_steps) for d in fig.disruptions
+    ]
+    assert got["disruptions"][0]["time"] == pytest.approx(fig.disruptions[0].time)
+    assert got["ideal_step_time_s"] == pytest.approx(fig.ideal_step_time_s)
+    assert got["step_time_deviation_s"] == pytest.approx(fig.step_time_deviation_s)
+
+
+def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
+    records = random_run(3, 400)
+    rng = random.Random(3)
+    records += [
+        f.routing(
+            n,
+            layer,
+            tokens_per_expert=[rng.choice([0, 40, 80]) for _ in range(4)],
+            dropped_per_expert=[0, 0, 0, 0],
+        )
+        for n in range(0, 400, 3)
+        for layer in (0, 1)
+    ]
+    post_shuffled(client, records, 3)
+    with app.state.sessionmaker() as session:
+        kept = dump(session)
+        blocked = session.execute(select(Step.blocked_s).order_by(Step.id)).all()
+        rollups.rebuild_run(session, "run-a")
+        session.flush()
+        assert dump(session) == kept
+        again = session.execute(select(Step.blocked_s).order_by(Step.id)).all()
+        assert [round(b[0], 9) for b in again] == [round(b[0], 9) for b in blocked]
+        assert any(b[0] > 0 for b in blocked)
+        session.rollback()
