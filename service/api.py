@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 from service import repository as repo
 from service import repository_rollups as rollups
 from service.db import session_scope
-from service.downsample import minmax_downsample
-from service.goodput import RankGoodput, RunGoodput, run_goodput
+from service.goodput import RankGoodput, RunGoodput, StepIn, run_goodput
 from service.goodput_window import clip_inputs, rolling
 from service.migrate import current_revision
 from service.models import Attempt, Run
@@ -154,24 +153,27 @@ def get_steps(
     start_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
     end_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
 ) -> StepSeries:
-    """Step series of one rank; downsampled keeping each bucket's fastest and slowest step."""
+    """Step series of one rank, by step then attempt. Past `max_points` it is downsampled: the
+    steps are cut into at most max_points / 2 buckets of step numbers, and each bucket keeps
+    its fastest and its slowest step, so spikes survive."""
     peak = peak_of(run_or_404(session, run_id).environment)
-    steps = repo.steps_of(session, run_id, rank=rank, start_step=start_step, end_step=end_step)
-    points = [
-        StepPoint(
-            step=s.step,
-            attempt=s.attempt,
-            loss=s.loss,
-            step_time_s=s.end - s.start,
-            tokens=s.tokens,
-            start=s.start,
-            device_time_s=s.device_time_s,
-            **step_rates(s, peak)._asdict(),
+    total, rows = rollups.step_series(session, run_id, rank, start_step, end_step, max_points)
+    points = []
+    for row in rows:
+        s = StepIn(*row)
+        points.append(
+            StepPoint(
+                step=s.step,
+                attempt=s.attempt,
+                loss=s.loss,
+                step_time_s=s.end - s.start,
+                tokens=s.tokens,
+                start=s.start,
+                device_time_s=s.device_time_s,
+                **step_rates(s, peak)._asdict(),
+            )
         )
-        for s in steps
-    ]
-    kept = minmax_downsample(points, max_points, lambda p: p.step_time_s)
-    return StepSeries(run_id=run_id, rank=rank, total=len(points), points=kept)
+    return StepSeries(run_id=run_id, rank=rank, total=total, points=points)
 
 
 EpochQuery = Annotated[float | None, Query(ge=946_684_800.0, le=7_258_118_400.0)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -11,11 +10,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository as repo
+from service import repository_rollups as rollups
 from service.api import RunIdPath, SessionDep, run_or_404, run_status
 from service.db import session_scope
-from service.downsample import minmax_downsample
 from service.goodput import run_goodput
-from service.models import Attempt
+from service.models import Attempt, RoutingRow
 from service.receipts import (
     AttemptEndIn,
     SeamReceipt,
@@ -125,19 +124,25 @@ def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
 # -- routing --
 
 
-def _spike(p: repo.RoutingPointRow) -> float:
-    return p.max_vio if p.max_vio is not None else -math.inf
+_POINT_COLUMNS = tuple(getattr(RoutingRow, name) for name in repo.RoutingPointRow._fields)
 
 
 def _layer_series(
-    points: list[repo.RoutingPointRow], hist: repo.HistogramRow | None, max_points: int
+    session: Session,
+    run_id: str,
+    rank: int,
+    layer: int,
+    hist: repo.HistogramRow | None,
+    max_points: int,
 ) -> RoutingLayerSeries:
     """One layer's points and histogram; the schemas leave out the `layer` field of rows."""
-    kept = minmax_downsample(points, max_points, _spike)
+    total, rows = rollups.routing_layer_series(
+        session, run_id, rank, layer, max_points, _POINT_COLUMNS
+    )
     return RoutingLayerSeries(
-        layer=points[0].layer,
-        total=len(points),
-        points=[RoutingPoint(**p._asdict()) for p in kept],
+        layer=layer,
+        total=total,
+        points=[RoutingPoint(**repo.RoutingPointRow(*p)._asdict()) for p in rows],
         histogram=RoutingHistogram(**hist._asdict()) if hist is not None else None,
     )
 
@@ -150,17 +155,18 @@ def get_routing(
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
     rank: Annotated[int, Query(ge=0, le=MAX_RANK)] = 0,
 ) -> RoutingSeries:
-    """Routing figures per E layer over steps, downsampled keeping max_vio spikes, with
-    each layer's newest histogram."""
+    """Routing figures per E layer over steps, with each layer's newest histogram. Past
+    `max_points` a layer is downsampled like the step series, keeping the lowest and highest
+    max_vio of each bucket of step numbers."""
     run_or_404(session, run_id)
-    by_layer: dict[int, list[repo.RoutingPointRow]] = {}
-    for p in repo.routing_series(session, run_id, rank=rank, layer=layer):
-        by_layer.setdefault(p.layer, []).append(p)
     hists = {h.layer: h for h in repo.latest_histograms(session, run_id, rank=rank, layer=layer)}
     return RoutingSeries(
         run_id=run_id,
         rank=rank,
-        layers=[_layer_series(pts, hists.get(n), max_points) for n, pts in by_layer.items()],
+        layers=[
+            _layer_series(session, run_id, rank, n, hists.get(n), max_points)
+            for n in rollups.routing_layers(session, run_id, rank, layer)
+        ],
     )
 
 

@@ -565,19 +565,6 @@ def _routing_where(run_id: str, rank: int, layer: int | None) -> list[Any]:
     return where
 
 
-def routing_series(
-    session: Session, run_id: str, *, rank: int = 0, layer: int | None = None
-) -> list[RoutingPointRow]:
-    """Derived routing figures of one rank, per layer then step (histograms left out)."""
-    cols = [getattr(RoutingRow, name) for name in RoutingPointRow._fields]
-    stmt = (
-        select(*cols)
-        .where(*_routing_where(run_id, rank, layer))
-        .order_by(RoutingRow.layer, RoutingRow.step, RoutingRow.attempt)
-    )
-    return [RoutingPointRow(*row) for row in session.execute(stmt)]
-
-
 def latest_histograms(
     session: Session, run_id: str, *, rank: int = 0, layer: int | None = None
 ) -> list[HistogramRow]:

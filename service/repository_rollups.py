@@ -29,10 +29,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Row, Table, and_, bindparam, case, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from service.downsample import bucket_plan, pick
 from service.goodput import (
     AttemptIn,
     AttemptSplit,
@@ -648,3 +649,191 @@ def recent_step_times(
         )
         for r in wanted
     }
+
+
+# -- downsampled series: per bucket of step numbers, the rows with the lowest and the highest
+# value (ties: the lowest step, then attempt), read from blocks where a bucket holds them --
+
+
+@dataclass(frozen=True)
+class _Series:
+    blocks: type[Base]  # StepBlock or RoutingBlock
+    rows: type[Base]  # Step or RoutingRow
+    low: tuple[str, str]  # block columns: lowest value and its step
+    high: tuple[str, str]
+    value: Any  # the raw rows' value expression
+
+
+_STEP_SERIES = _Series(
+    StepBlock, Step, ("fast_s", "fast_step"), ("slow_s", "slow_step"), (Step.end - Step.start)
+)
+_ROUTING_SERIES = _Series(
+    RoutingBlock,
+    RoutingRow,
+    ("low", "low_step"),
+    ("high", "high_step"),
+    func.coalesce(RoutingRow.max_vio, _NEG_INF),
+)
+
+
+class SeriesPick(NamedTuple):
+    total: int  # rows in [lo, hi]
+    keys: list[tuple[int, int]] | None  # (step, attempt) of the rows kept; None: every row
+
+
+def _downsample(
+    session: Session,
+    spec: _Series,
+    where_blocks: list[Any],
+    where_rows: list[Any],
+    lo: int,
+    hi: int,
+    max_points: int,
+) -> SeriesPick:
+    """Which rows of [lo, hi] a downsampled series keeps."""
+    if lo > hi:
+        return SeriesPick(0, [])
+    width, level = bucket_plan(lo, hi, max_points, ROLLUP_LEVELS)  # buckets of whole blocks
+    blocks, raw = decompose(lo, hi, tuple(lv for lv in DESCENDING if lv <= level))
+    b = cast(Any, spec.blocks)
+    cols = (b.n, b.attempt, b.level, b.block, *(getattr(b, c) for c in (*spec.low, *spec.high)))
+    candidates: list[tuple[int, float, int, int]] = []  # (bucket, value, step, attempt)
+    total = 0
+    for lv, first, last in blocks:
+        stmt = select(*cols).where(*where_blocks, b.level == lv, b.block.between(first, last))
+        for n, attempt, lv_, block, low, low_step, high, high_step in session.execute(stmt):
+            total += n
+            bucket = block * lv_ // width
+            candidates += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
+    r = cast(Any, spec.rows)
+    for first, last in raw:
+        stmt = select(r.step, r.attempt, spec.value).where(*where_rows, r.step.between(first, last))
+        for step, attempt, value in session.execute(stmt):
+            total += 1
+            candidates.append((step // width, value, step, attempt))
+    if total <= max_points:
+        return SeriesPick(total, None)
+    return SeriesPick(total, pick(candidates))
+
+
+def _attempts_with(session: Session, spec: _Series, where_blocks: list[Any]) -> list[int]:
+    b = cast(Any, spec.blocks)
+    stmt = select(b.attempt).where(*where_blocks, b.level == COARSE).group_by(b.attempt)
+    return sorted(session.scalars(stmt).all())
+
+
+def _bounds(
+    session: Session, spec: _Series, where_blocks: list[Any], where_rows: list[Any]
+) -> tuple[int, int] | None:
+    """The lowest and highest step of the series: through the coarse, then the fine blocks,
+    then at most FINE step numbers of rows at each end (no scan of the whole series)."""
+    b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
+    out = []
+    for agg in (func.min, func.max):
+        span: tuple[int, int] = (0, -1)
+        for level in DESCENDING:
+            stmt = select(agg(b.block)).where(*where_blocks, b.level == level)
+            if span[1] >= span[0]:
+                stmt = stmt.where(b.block.between(span[0] // level, span[1] // level))
+            block = session.scalar(stmt)
+            if block is None:
+                return None
+            span = (block * level, (block + 1) * level - 1)
+        step = session.scalar(select(agg(r.step)).where(*where_rows, r.step.between(*span)))
+        if step is None:
+            return None
+        out.append(int(step))
+    return out[0], out[1]
+
+
+def step_series(
+    session: Session,
+    run_id: str,
+    rank: int,
+    start_step: int | None,
+    end_step: int | None,
+    max_points: int,
+) -> tuple[int, list[Row[Any]]]:
+    """(steps in the range, the kept rows of _STEP_COLUMNS ordered by step then attempt)."""
+    where_blocks = [StepBlock.run_id == run_id, StepBlock.rank == rank]
+    attempts = _attempts_with(session, _STEP_SERIES, where_blocks)
+    if not attempts:
+        return 0, []
+    where_rows = [Step.run_id == run_id, Step.attempt.in_(attempts), Step.rank == rank]
+    lo, hi = start_step, end_step
+    if lo is None or hi is None:
+        bounds = _bounds(session, _STEP_SERIES, where_blocks, where_rows)
+        if bounds is None:
+            return 0, []
+        lo = bounds[0] if lo is None else lo
+        hi = bounds[1] if hi is None else hi
+    pick = _downsample(session, _STEP_SERIES, where_blocks, where_rows, lo, hi, max_points)
+    return pick.total, _fetch(session, Step, _STEP_COLUMNS, where_rows, lo, hi, pick.keys)
+
+
+_STEP_COLUMNS = (
+    Step.attempt,
+    Step.rank,
+    Step.step,
+    Step.start,
+    Step.end,
+    Step.tokens,
+    Step.loss,
+    Step.hook_overhead_s,
+    Step.flops,
+    Step.device_time_s,
+)
+
+
+def _fetch(
+    session: Session,
+    model: Any,
+    columns: Sequence[Any],
+    where: list[Any],
+    lo: int,
+    hi: int,
+    keys: list[tuple[int, int]] | None,
+) -> list[Row[Any]]:
+    stmt = select(*columns).where(*where)
+    if keys is None:
+        stmt = stmt.where(model.step.between(lo, hi))
+    elif not keys:
+        return []
+    else:
+        stmt = stmt.where(tuple_(model.step, model.attempt).in_(keys))
+    return list(session.execute(stmt.order_by(model.step, model.attempt)).all())
+
+
+def routing_layer_series(
+    session: Session, run_id: str, rank: int, layer: int, max_points: int, columns: Sequence[Any]
+) -> tuple[int, list[Row[Any]]]:
+    """(records of the layer, the kept rows of `columns` ordered by step then attempt)."""
+    where_blocks = [
+        RoutingBlock.run_id == run_id,
+        RoutingBlock.rank == rank,
+        RoutingBlock.layer == layer,
+    ]
+    attempts = _attempts_with(session, _ROUTING_SERIES, where_blocks)
+    if not attempts:
+        return 0, []
+    where_rows = [
+        RoutingRow.run_id == run_id,
+        RoutingRow.attempt.in_(attempts),
+        RoutingRow.rank == rank,
+        RoutingRow.layer == layer,
+    ]
+    bounds = _bounds(session, _ROUTING_SERIES, where_blocks, where_rows)
+    if bounds is None:
+        return 0, []
+    lo, hi = bounds
+    pick = _downsample(session, _ROUTING_SERIES, where_blocks, where_rows, lo, hi, max_points)
+    return pick.total, _fetch(session, RoutingRow, columns, where_rows, lo, hi, pick.keys)
+
+
+def routing_layers(session: Session, run_id: str, rank: int, layer: int | None) -> list[int]:
+    """The E layers with routing records on this rank (or `layer`, if it has any)."""
+    where = [RoutingBlock.run_id == run_id, RoutingBlock.rank == rank, RoutingBlock.level == COARSE]
+    if layer is not None:
+        where.append(RoutingBlock.layer == layer)
+    stmt = select(RoutingBlock.layer).where(*where).group_by(RoutingBlock.layer)
+    return sorted(session.scalars(stmt).all())

@@ -144,3 +144,59 @@ def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
         assert [round(b[0], 9) for b in again] == [round(b[0], 9) for b in blocked]
         assert any(b[0] > 0 for b in blocked)
         session.rollback()
+
+
+def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
+    client: Any, app: Any
+) -> None:
+    from service.downsample import minmax_keys
+    from service.models import ROLLUP_LEVELS, RoutingRow
+
+    rng = random.Random(4)
+    records = random_run(4, 4500)
+    for n in range(0, 4500, 3):
+        for layer in (0, 1):
+            tokens = [0, 0, 0, 0] if rng.random() < 0.05 else [rng.randint(1, 90) for _ in range(4)]
+            records.append(
+                f.routing(n, layer, tokens_per_expert=tokens, dropped_per_expert=[0, 0, 0, 0])
+            )
+    post_shuffled(client, records, 4)
+    with app.state.sessionmaker() as session:
+        steps = session.execute(
+            select(Step.step, Step.attempt, Step.end - Step.start).where(Step.rank == 0)
+        ).all()
+        routing = session.execute(
+            select(RoutingRow.step, RoutingRow.attempt, RoutingRow.max_vio).where(
+                RoutingRow.layer == 1
+            )
+        ).all()
+    step_rows = [tuple(r) for r in steps]
+    lo, hi = min(r[0] for r in step_rows), max(r[0] for r in step_rows)
+    for max_points, start, end in [
+        (320, None, None),
+        (20, None, None),
+        (2, None, None),
+        (3000, None, None),
+        (100_000, None, None),
+        (320, 100, 4200),
+        (40, 4095, 4097),
+        (50, 63, 64 * 70),
+    ]:
+        params: dict[str, Any] = {"max_points": max_points}
+        params |= {"start_step": start} if start is not None else {}
+        params |= {"end_step": end} if end is not None else {}
+        body = client.get("/api/v1/runs/run-a/steps", params=params).json()
+        a, b = (lo if start is None else start), (hi if end is None else end)
+        want = minmax_keys(step_rows, a, b, max_points, ROLLUP_LEVELS)
+        assert [(p["step"], p["attempt"]) for p in body["points"]] == want, params
+        assert body["total"] == sum(1 for r in step_rows if a <= r[0] <= b)
+        assert len(body["points"]) <= max_points
+    routing_rows = [(s, a, -math.inf if v is None else v) for s, a, v in routing]
+    for max_points in (2, 64, 320, 5000):
+        body = client.get(
+            "/api/v1/runs/run-a/routing", params={"max_points": max_points, "layer": 1}
+        ).json()
+        (layer,) = body["layers"]
+        want = minmax_keys(routing_rows, 0, 4497, max_points, ROLLUP_LEVELS)
+        assert [(p["step"], p["attempt"]) for p in layer["points"]] == want, max_points
+        assert layer["total"] == len(routing_rows)
