@@ -7,7 +7,7 @@ import binascii
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import (
@@ -79,7 +79,8 @@ def _insert_new(
         return []
     dialect = session.get_bind().dialect.name
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = ins(model).on_conflict_do_nothing().returning(*returning)
+    # On the Table, not the mapped class: Core's executemany, without the ORM's per-row work.
+    stmt = ins(model.__table__).on_conflict_do_nothing().returning(*returning)
     return session.execute(stmt, rows).all()
 
 
@@ -166,7 +167,13 @@ def _routing_row(rec: RoutingRecord) -> dict[str, Any]:
         rec.null_slot,
         rec.shared_only_tokens,
     )
-    return {**_row(rec), **asdict(fig)}
+    return {
+        **_row(rec),
+        "max_vio": fig.max_vio,
+        "drop_rate": fig.drop_rate,
+        "null_fraction": fig.null_fraction,
+        "shared_only_fraction": fig.shared_only_fraction,
+    }
 
 
 def _attempt_key(rec: Any) -> Any:

@@ -73,7 +73,7 @@ _NEG_INF = -math.inf
 
 def _insert(session: Session, model: type[Base]) -> Any:
     ins = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    return ins(model)
+    return ins(_table(model))
 
 
 def _lower(new: Any, old: Any, new_step: Any, old_step: Any) -> Any:
