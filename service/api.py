@@ -15,13 +15,14 @@ from service.db import session_scope
 from service.goodput import RankGoodput, RunGoodput, StepIn, run_goodput
 from service.goodput_window import clip_inputs, rolling
 from service.migrate import current_revision
-from service.models import Attempt, Run
+from service.models import Attempt, Run, Step
 from service.schemas import (
     AttemptRead,
     DisruptionRead,
     GoodputRead,
     GoodputWindow,
     Health,
+    MetricSeries,
     RankGoodputRead,
     RollingGoodput,
     RunList,
@@ -174,6 +175,38 @@ def get_steps(
             )
         )
     return StepSeries(run_id=run_id, rank=rank, total=total, points=points)
+
+
+_METRIC_VALUES = {"step_time_s": Step.end - Step.start, "loss": Step.loss}
+
+
+@router.get("/runs/{run_id}/series", response_model=MetricSeries)
+def get_series(
+    run_id: RunIdPath,
+    session: SessionDep,
+    metric: Annotated[Literal["step_time_s", "loss"], Query(description="which scalar")],
+    rank: Annotated[int, Query(ge=0, le=MAX_RANK)] = 0,
+    max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
+    start_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
+    end_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
+) -> MetricSeries:
+    """One scalar of one rank's steps as columns (step, attempt, value), ordered by step then
+    attempt; past `max_points`, downsampled like /steps, each bucket keeping the lowest and
+    highest value of this scalar. A loss series holds the steps that have a loss."""
+    run_or_404(session, run_id)
+    columns = (Step.step, Step.attempt, _METRIC_VALUES[metric])
+    total, rows = rollups.step_series(
+        session, run_id, rank, start_step, end_step, max_points, metric=metric, columns=columns
+    )
+    return MetricSeries(
+        run_id=run_id,
+        rank=rank,
+        metric=metric,
+        total=total,
+        step=[r[0] for r in rows],
+        attempt=[r[1] for r in rows],
+        value=[r[2] for r in rows],
+    )
 
 
 EpochQuery = Annotated[float | None, Query(ge=946_684_800.0, le=7_258_118_400.0)]

@@ -263,6 +263,11 @@ class StepBlock(Base):
     fast_step: Mapped[int] = mapped_column(BigInteger)
     slow_s: Mapped[float] = mapped_column(Double)  # the longest, and its step
     slow_step: Mapped[int] = mapped_column(BigInteger)
+    loss_n: Mapped[int] = mapped_column(BigInteger)  # steps with a loss; then the lowest and
+    loss_low: Mapped[float | None] = mapped_column(Double)  # the highest loss and their steps
+    loss_low_step: Mapped[int | None] = mapped_column(BigInteger)
+    loss_high: Mapped[float | None] = mapped_column(Double)
+    loss_high_step: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         Index("ix_step_blocks_last_end", "run_id", "rank", "level", "last_end"),

@@ -8,13 +8,14 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 from sqlalchemy import (
     ColumnElement,
     Engine,
     Row,
     Select,
+    Table,
     and_,
     exists,
     func,
@@ -80,7 +81,7 @@ def _insert_new(
     dialect = session.get_bind().dialect.name
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
     # On the Table, not the mapped class: Core's executemany, without the ORM's per-row work.
-    stmt = ins(model.__table__).on_conflict_do_nothing().returning(*returning)
+    stmt = ins(cast(Table, model.__table__)).on_conflict_do_nothing().returning(*returning)
     return session.execute(stmt, rows).all()
 
 
@@ -132,6 +133,7 @@ _ROLLED_STEP = (
     Step.start,
     Step.end,
     Step.tokens,
+    Step.loss,
     Step.hook_overhead_s,
     Step.blocked_s,
 )

@@ -162,14 +162,22 @@ class _StepAcc:
     fast_step: int
     slow_s: float
     slow_step: int
+    loss_n: int = 0
+    loss_low: float | None = None
+    loss_low_step: int | None = None
+    loss_high: float | None = None
+    loss_high_step: int | None = None
 
-    def add(self, step: int, start: float, end: float, tokens: int, hook: float, blocked: float):
+    def add(self, s: Any) -> None:
+        step, start, end, blocked = s.step, s.start, s.end, s.blocked_s
         t = end - start
+        if s.loss is not None:
+            self.add_loss(step, s.loss)
         self.n += 1
         self.busy_s += t
         self.blocked_s += blocked
-        self.tokens += tokens
-        self.hook_s += hook
+        self.tokens += s.tokens
+        self.hook_s += s.hook_overhead_s or 0.0
         self.first_start = min(self.first_start, start)
         self.last_end = max(self.last_end, end)
         if (t, step) < (self.fast_s, self.fast_step):
@@ -177,9 +185,17 @@ class _StepAcc:
         if t > self.slow_s or (t == self.slow_s and step < self.slow_step):
             self.slow_s, self.slow_step = t, step
 
+    def add_loss(self, step: int, loss: float) -> None:
+        self.loss_n += 1
+        if self.loss_low is None or (loss, step) < (self.loss_low, self.loss_low_step or 0):
+            self.loss_low, self.loss_low_step = loss, step
+        high, high_step = self.loss_high, self.loss_high_step or 0
+        if high is None or loss > high or (loss == high and step < high_step):
+            self.loss_high, self.loss_high_step = loss, step
+
 
 def add_steps(session: Session, steps: Sequence[Any]) -> None:
-    """Fold newly inserted step rows (run_id, attempt, rank, step, start, end, tokens,
+    """Fold newly inserted step rows (run_id, attempt, rank, step, start, end, tokens, loss,
     hook_overhead_s, blocked_s) into step_blocks."""
     if not steps:
         return
@@ -191,7 +207,7 @@ def add_steps(session: Session, steps: Sequence[Any]) -> None:
             if a is None:
                 t = s.end - s.start
                 a = acc[key] = _StepAcc(0, 0.0, 0.0, 0, 0.0, s.start, s.end, t, s.step, t, s.step)
-            a.add(s.step, s.start, s.end, s.tokens, s.hook_overhead_s or 0.0, s.blocked_s)
+            a.add(s)
     rows = [
         {"run_id": k[0], "rank": k[1], "level": k[2], "block": k[3], "attempt": k[4], **vars(a)}
         for k, a in acc.items()
@@ -200,6 +216,21 @@ def add_steps(session: Session, steps: Sequence[Any]) -> None:
     new, old = stmt.excluded, StepBlock
     fast = _lower(new.fast_s, old.fast_s, new.fast_step, old.fast_step)
     slow = _higher(new.slow_s, old.slow_s, new.slow_step, old.slow_step)
+    # A block's loss extremes are NULL until one of its steps has a loss.
+    loss_low = and_(
+        new.loss_low.isnot(None),
+        or_(
+            old.loss_low.is_(None),
+            _lower(new.loss_low, old.loss_low, new.loss_low_step, old.loss_low_step),
+        ),
+    )
+    loss_high = and_(
+        new.loss_high.isnot(None),
+        or_(
+            old.loss_high.is_(None),
+            _higher(new.loss_high, old.loss_high, new.loss_high_step, old.loss_high_step),
+        ),
+    )
     stmt = stmt.on_conflict_do_update(
         index_elements=["run_id", "rank", "level", "block", "attempt"],
         set_={
@@ -216,6 +247,11 @@ def add_steps(session: Session, steps: Sequence[Any]) -> None:
             "fast_step": _pick(fast, new.fast_step, old.fast_step),
             "slow_s": _pick(slow, new.slow_s, old.slow_s),
             "slow_step": _pick(slow, new.slow_step, old.slow_step),
+            "loss_n": old.loss_n + new.loss_n,
+            "loss_low": _pick(loss_low, new.loss_low, old.loss_low),
+            "loss_low_step": _pick(loss_low, new.loss_low_step, old.loss_low_step),
+            "loss_high": _pick(loss_high, new.loss_high, old.loss_high),
+            "loss_high_step": _pick(loss_high, new.loss_high_step, old.loss_high_step),
         },
     )
     session.execute(stmt, rows)
@@ -580,6 +616,7 @@ def rebuild_run(session: Session, run_id: str) -> None:
                 Step.start,
                 Step.end,
                 Step.tokens,
+                Step.loss,
                 Step.hook_overhead_s,
             )
             .where(Step.run_id == run_id, Step.id > last_id)
@@ -618,6 +655,7 @@ class _Rolled(NamedTuple):
     start: float
     end: float
     tokens: int
+    loss: float | None
     hook_overhead_s: float | None
     blocked_s: float
 
@@ -659,17 +697,29 @@ def recent_step_times(
 class _Series:
     blocks: type[Base]  # StepBlock or RoutingBlock
     rows: type[Base]  # Step or RoutingRow
+    count: str  # block column: rows of the block in this series
     low: tuple[str, str]  # block columns: lowest value and its step
     high: tuple[str, str]
     value: Any  # the raw rows' value expression
+    present: Any = None  # the raw rows in this series (None: all)
 
 
 _STEP_SERIES = _Series(
-    StepBlock, Step, ("fast_s", "fast_step"), ("slow_s", "slow_step"), (Step.end - Step.start)
+    StepBlock, Step, "n", ("fast_s", "fast_step"), ("slow_s", "slow_step"), Step.end - Step.start
+)
+_LOSS_SERIES = _Series(
+    StepBlock,
+    Step,
+    "loss_n",
+    ("loss_low", "loss_low_step"),
+    ("loss_high", "loss_high_step"),
+    Step.loss,
+    Step.loss.isnot(None),
 )
 _ROUTING_SERIES = _Series(
     RoutingBlock,
     RoutingRow,
+    "n",
     ("low", "low_step"),
     ("high", "high_step"),
     func.coalesce(RoutingRow.max_vio, _NEG_INF),
@@ -696,18 +746,24 @@ def _downsample(
     width, level = bucket_plan(lo, hi, max_points, ROLLUP_LEVELS)  # buckets of whole blocks
     blocks, raw = decompose(lo, hi, tuple(lv for lv in DESCENDING if lv <= level))
     b = cast(Any, spec.blocks)
-    cols = (b.n, b.attempt, b.level, b.block, *(getattr(b, c) for c in (*spec.low, *spec.high)))
+    count = getattr(b, spec.count)
+    cols = (count, b.attempt, b.level, b.block, *(getattr(b, c) for c in (*spec.low, *spec.high)))
     candidates: list[tuple[int, float, int, int]] = []  # (bucket, value, step, attempt)
     total = 0
     for lv, first, last in blocks:
-        stmt = select(*cols).where(*where_blocks, b.level == lv, b.block.between(first, last))
+        stmt = select(*cols).where(
+            *where_blocks, b.level == lv, b.block.between(first, last), count > 0
+        )
         for n, attempt, lv_, block, low, low_step, high, high_step in session.execute(stmt):
             total += n
             bucket = block * lv_ // width
             candidates += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
     r = cast(Any, spec.rows)
+    present = [] if spec.present is None else [spec.present]
     for first, last in raw:
-        stmt = select(r.step, r.attempt, spec.value).where(*where_rows, r.step.between(first, last))
+        stmt = select(r.step, r.attempt, spec.value).where(
+            *where_rows, *present, r.step.between(first, last)
+        )
         for step, attempt, value in session.execute(stmt):
             total += 1
             candidates.append((step // width, value, step, attempt))
@@ -753,10 +809,16 @@ def step_series(
     start_step: int | None,
     end_step: int | None,
     max_points: int,
+    *,
+    metric: str = "step_time_s",
+    columns: Sequence[Any] | None = None,
 ) -> tuple[int, list[Row[Any]]]:
-    """(steps in the range, the kept rows of _STEP_COLUMNS ordered by step then attempt)."""
+    """(steps in the range, the kept rows ordered by step then attempt): rows of `columns`
+    (default _STEP_COLUMNS), buckets keeping the extremes of `metric` (STEP_METRICS; a loss
+    series holds the steps that have a loss)."""
+    spec = STEP_METRICS[metric]
     where_blocks = [StepBlock.run_id == run_id, StepBlock.rank == rank]
-    attempts = _attempts_with(session, _STEP_SERIES, where_blocks)
+    attempts = _attempts_with(session, spec, where_blocks)
     if not attempts:
         return 0, []
     where_rows = [Step.run_id == run_id, Step.attempt.in_(attempts), Step.rank == rank]
@@ -767,8 +829,13 @@ def step_series(
             return 0, []
         lo = bounds[0] if lo is None else lo
         hi = bounds[1] if hi is None else hi
-    pick = _downsample(session, _STEP_SERIES, where_blocks, where_rows, lo, hi, max_points)
-    return pick.total, _fetch(session, Step, _STEP_COLUMNS, where_rows, lo, hi, pick.keys)
+    pick = _downsample(session, spec, where_blocks, where_rows, lo, hi, max_points)
+    where = [*where_rows, *([] if spec.present is None else [spec.present])]
+    rows = _fetch(session, Step, columns or _STEP_COLUMNS, where, lo, hi, pick.keys)
+    return pick.total, rows
+
+
+STEP_METRICS = {"step_time_s": _STEP_SERIES, "loss": _LOSS_SERIES}
 
 
 _STEP_COLUMNS = (

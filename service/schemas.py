@@ -65,6 +65,18 @@ class StepSeries(BaseModel):
     points: list[StepPoint]
 
 
+class MetricSeries(BaseModel):
+    """One scalar of one rank's steps, as columns (index i of each list is one step)."""
+
+    run_id: str
+    rank: int
+    metric: str
+    total: int = Field(description="points in range before downsampling")
+    step: list[int]
+    attempt: list[int]
+    value: list[float]
+
+
 class RankGoodputRead(BaseModel):
     rank: int
     total_s: float

@@ -84,6 +84,11 @@ def upgrade() -> None:
         sa.Column("fast_step", sa.BigInteger(), nullable=False),
         sa.Column("slow_s", sa.Double(), nullable=False),
         sa.Column("slow_step", sa.BigInteger(), nullable=False),
+        sa.Column("loss_n", sa.BigInteger(), nullable=False),
+        sa.Column("loss_low", sa.Double(), nullable=True),
+        sa.Column("loss_low_step", sa.BigInteger(), nullable=True),
+        sa.Column("loss_high", sa.Double(), nullable=True),
+        sa.Column("loss_high_step", sa.BigInteger(), nullable=True),
         sa.CheckConstraint("level IN (64, 4096)", name=op.f("ck_step_blocks_level")),
         sa.CheckConstraint(
             "n >= 1 AND busy_s >= 0 AND blocked_s >= 0", name=op.f("ck_step_blocks_non_negative")

@@ -154,6 +154,9 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
 
     rng = random.Random(4)
     records = random_run(4, 4500)
+    for r in records:
+        if r["kind"] == "step":
+            r["loss"] = None if rng.random() < 0.1 else rng.uniform(1.0, 4.0)
     for n in range(0, 4500, 3):
         for layer in (0, 1):
             tokens = [0, 0, 0, 0] if rng.random() < 0.05 else [rng.randint(1, 90) for _ in range(4)]
@@ -164,6 +167,9 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
     with app.state.sessionmaker() as session:
         steps = session.execute(
             select(Step.step, Step.attempt, Step.end - Step.start).where(Step.rank == 0)
+        ).all()
+        losses = session.execute(
+            select(Step.step, Step.attempt, Step.loss).where(Step.rank == 0, Step.loss.isnot(None))
         ).all()
         routing = session.execute(
             select(RoutingRow.step, RoutingRow.attempt, RoutingRow.max_vio).where(
@@ -191,6 +197,16 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         assert [(p["step"], p["attempt"]) for p in body["points"]] == want, params
         assert body["total"] == sum(1 for r in step_rows if a <= r[0] <= b)
         assert len(body["points"]) <= max_points
+        series = client.get("/api/v1/runs/run-a/series", params={**params, "metric": "loss"})
+        got = series.json()
+        want_loss = minmax_keys([tuple(r) for r in losses], a, b, max_points, ROLLUP_LEVELS)
+        assert list(zip(got["step"], got["attempt"], strict=True)) == want_loss, params
+        assert got["total"] == sum(1 for r in losses if a <= r[0] <= b)
+        times = client.get(
+            "/api/v1/runs/run-a/series", params={**params, "metric": "step_time_s"}
+        ).json()
+        assert list(zip(times["step"], times["attempt"], strict=True)) == want
+        assert times["value"] == [p["step_time_s"] for p in body["points"]]
     routing_rows = [(s, a, -math.inf if v is None else v) for s, a, v in routing]
     for max_points in (2, 64, 320, 5000):
         body = client.get(
@@ -200,3 +216,22 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         want = minmax_keys(routing_rows, 0, 4497, max_points, ROLLUP_LEVELS)
         assert [(p["step"], p["attempt"]) for p in layer["points"]] == want, max_points
         assert layer["total"] == len(routing_rows)
+
+
+def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
+    client: Any, app: Any, migrated_url: str
+) -> None:
+    from service.migrate import downgrade, upgrade
+
+    post_shuffled(client, random_run(5, 300), 5)
+    before = client.get("/api/v1/runs/run-a/goodput").json()
+    with app.state.sessionmaker() as session:
+        kept = dump(session)
+    app.state.engine.dispose()
+    downgrade(migrated_url, "0003")
+    upgrade(migrated_url)
+    with app.state.sessionmaker() as session:
+        assert dump(session) == kept
+    after = client.get("/api/v1/runs/run-a/goodput").json()
+    assert after["goodput_s"] == pytest.approx(before["goodput_s"], rel=1e-12)
+    assert after["badput_s"] == pytest.approx(before["badput_s"], rel=1e-12)
