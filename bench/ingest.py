@@ -30,13 +30,16 @@ a few ms of data stall with rare spikes, a power-law loss, 58 GiB peaks, 64 expe
 with a skewed router and capacity factor 1.25. Request bodies are serialized before the clock
 starts. Figures:
 - rows/s: steps fully stored per second of wall time, first request sent to last response;
-- history: the whole `--steps`-point series of one scalar (ours `GET .../steps?max_points=N`,
-  MLflow `metrics/get-history`, pages followed), `--reps` times after `--warmup`, p50 and p95;
-- downsampled: 320 points (ours `.../steps?max_points=320`, MLflow's
+- history: the whole `--steps`-point series of one scalar, `--reps` times after `--warmup`,
+  p50 and p95: MLflow `metrics/get-history` of `loss` (pages followed); ours both
+  `GET .../steps?max_points=N` (every field of each step) and, where the server has it,
+  `GET .../series?metric=loss&max_points=N` (one scalar, as MLflow answers);
+- downsampled: 320 points (ours `.../steps` and `.../series` with `max_points=320`, MLflow's
   `ajax-api/.../metrics/get-history-bulk-interval?max_results=320`), likewise;
 - bytes per scalar: SQLite file plus WAL after the servers stop and a TRUNCATE checkpoint,
   over steps * 12 (also shown net of each freshly migrated, empty database).
-Ratios: rows/s ours over MLflow, latencies MLflow over ours (p50), bytes ours over MLflow.
+Ratios: rows/s ours over MLflow, latencies MLflow over ours (p50; ours from `/series` when
+there is one, else `/steps`), bytes ours over MLflow.
 
 Part 2 (`--part scale`) ingests one run of `--scale-steps` (1,000,000) steps into our service
 alone, in two attempts: the first fails partway through (its steps after the last checkpoint
@@ -45,7 +48,7 @@ checkpoint and finishes. Routing records come every `--routing-every` (10) steps
 layers, each summing its 10 steps. Batches are built by a producer thread while the previous
 one is in flight. It then times the goodput summary and the downsampled step and routing
 queries, up to `--scale-reps` (50) times after a warm-up each, stopping a query early once it
-has spent `--query-budget-s` (and run at least 3 times).
+has spent `--query-budget-s` (and run at least 3 times); `/series?metric=loss` is timed too.
 
 The last line is always `ingest: rows_per_s_ratio=<x> history_ratio=<y> bytes_ratio=<z>`
 (`n/a` for what was not measured).
@@ -598,6 +601,8 @@ class Figures(NamedTuple):
     downsampled: Latency
     bytes_per_scalar: float
     net_bytes_per_scalar: float
+    series_history: Latency | None = None  # ours: /series?metric=loss, where the server has it
+    series_downsampled: Latency | None = None
 
 
 def _ingest_line(
@@ -631,21 +636,30 @@ def ours_figures(args: argparse.Namespace, stack: ExitStack, tmp: Path) -> Figur
     with httpx.Client(base_url=base, timeout=600, trust_env=False) as client:
         secs, steps, records, reqs = send_all(client, "/api/v1/ingest", batches, _all_inserted)
         _ingest_line("ours", secs, steps, records, reqs)
-        url = f"/api/v1/runs/{run_id}/steps"
-
-        def series(points: int) -> Callable[[httpx.Client], int]:
-            def fetch(c: httpx.Client) -> int:
-                got = len(_get_json(c, url, {"max_points": points})["points"])
-                if not (got == steps if points >= steps else 2 <= got <= points):
-                    raise RuntimeError(f"{url}?max_points={points} answered {got} points")
-                return got
-
-            return fetch
-
-        history = time_get(client, series(steps), args.reps, args.warmup)
-        down = time_get(client, series(DOWNSAMPLED), args.reps, args.warmup)
+        runs = f"/api/v1/runs/{run_id}"
+        steps_url, series_url = f"{runs}/steps", f"{runs}/series"
+        history = time_get(client, _ours_fetch(steps_url, steps, steps), args.reps, args.warmup)
+        down = time_get(client, _ours_fetch(steps_url, steps, DOWNSAMPLED), args.reps, args.warmup)
+        one: list[Latency | None] = [None, None]
+        if client.get(series_url, params={"metric": "loss"}).status_code != 404:
+            for i, points in enumerate((steps, DOWNSAMPLED)):
+                fetch = _ours_fetch(series_url, steps, points, metric="loss")
+                one[i] = time_get(client, fetch, args.reps, args.warmup)
     per, net = _bytes_figures("ours", server, db, empty, steps * len(SCALARS))
-    return Figures(steps / secs, history, down, per, net)
+    return Figures(steps / secs, history, down, per, net, *one)
+
+
+def _ours_fetch(url: str, steps: int, points: int, **params: Any) -> Callable[[httpx.Client], int]:
+    """GET /steps (`points`: every field of each step) or /series (`value`: one scalar)."""
+
+    def fetch(c: httpx.Client) -> int:
+        answer = _get_json(c, url, {**params, "max_points": points})
+        got = len(answer["value"] if "metric" in params else answer["points"])
+        if not (got == steps if points >= steps else 2 <= got <= points):
+            raise RuntimeError(f"{url}?max_points={points} answered {got} points")
+        return got
+
+    return fetch
 
 
 def _mlflow_run(client: httpx.Client) -> str:
@@ -718,37 +732,48 @@ def _lat(x: Latency | None) -> str:
     return "n/a" if x is None else f"p50={x.p50:.1f} ms p95={x.p95:.1f} ms"
 
 
+def _compare_lines(what: str, ours: Latency | None, theirs: Latency | None, target: int) -> None:
+    ratio = _ratio(theirs and theirs.p50, ours and ours.p50)
+    print(
+        f"{what}: ours {_lat(ours)}; mlflow {_lat(theirs)}; ratio={_times(ratio)} "
+        f"(mlflow/ours, p50; target >= {target}x)"
+    )
+
+
 def compare(args: argparse.Namespace) -> dict[str, float | None]:
     """Part 1; returns the three ratios of the last line."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-")))
         ours = ours_figures(args, stack, tmp)
-        theirs = None if args.no_mlflow else mlflow_figures(args, stack, tmp)
-    m = theirs
+        m = None if args.no_mlflow else mlflow_figures(args, stack, tmp)
     rows = _ratio(ours.rows_per_s, m and m.rows_per_s)
-    hist = _ratio(m and m.history.p50, ours.history.p50)
-    down = _ratio(m and m.downsampled.p50, ours.downsampled.p50)
-    size = _ratio(ours.bytes_per_scalar, m and m.bytes_per_scalar)
-    net = _ratio(ours.net_bytes_per_scalar, m and m.net_bytes_per_scalar)
-    n = args.steps
     print(
         f"rows/s: ours={ours.rows_per_s:.0f} mlflow={_fmt(m and m.rows_per_s, 0)} "
         f"ratio={_times(rows)} (ours/mlflow; target >= 20x)"
     )
-    print(
-        f"history ({n} points): ours {_lat(ours.history)}; mlflow {_lat(m and m.history)}; "
-        f"ratio={_times(hist)} (mlflow/ours, p50; target >= 10x)"
+    n, d = args.steps, DOWNSAMPLED
+    mh, md = (m.history, m.downsampled) if m else (None, None)
+    _compare_lines(f"history ({n} points), ours /steps (every step field)", ours.history, mh, 10)
+    _compare_lines(f"downsampled ({d} points), ours /steps", ours.downsampled, md, 5)
+    one = ours.series_history is not None
+    if one:
+        _compare_lines(
+            f"history ({n} points), ours /series?metric=loss", ours.series_history, mh, 10
+        )
+        _compare_lines(f"downsampled ({d} points), ours /series", ours.series_downsampled, md, 5)
+    oh, od = (
+        (ours.series_history, ours.series_downsampled) if one else (ours.history, ours.downsampled)
     )
-    print(
-        f"downsampled ({DOWNSAMPLED} points): ours {_lat(ours.downsampled)}; "
-        f"mlflow {_lat(m and m.downsampled)}; ratio={_times(down)} (mlflow/ours, p50; target >= 5x)"
-    )
+    hist, down = _ratio(mh and mh.p50, oh and oh.p50), _ratio(md and md.p50, od and od.p50)
+    size = _ratio(ours.bytes_per_scalar, m and m.bytes_per_scalar)
+    net = _ratio(ours.net_bytes_per_scalar, m and m.net_bytes_per_scalar)
     mb, mn = (m.bytes_per_scalar, m.net_bytes_per_scalar) if m else (None, None)
     print(
         f"bytes/scalar: ours={ours.bytes_per_scalar:.1f} mlflow={_fmt(mb, 1)} "
         f"ratio={_fmt(size, 3)} (ours/mlflow; target <= 0.2); net of the empty schema: "
         f"ours={ours.net_bytes_per_scalar:.1f} mlflow={_fmt(mn, 1)} ratio={_fmt(net, 3)}"
     )
+    print(f"latency ratios below use ours {'/series?metric=loss' if one else '/steps'}")
     print(f"downsampled_ratio={_fmt(down)} (target >= 5)", flush=True)
     return {"rows_per_s_ratio": rows, "history_ratio": hist, "bytes_ratio": size}
 
@@ -790,6 +815,11 @@ def scale_queries(run_id: str, steps: int) -> list[tuple[str, str, dict[str, Any
             f"steps?max_points=320&start_step={lo}&end_step={ranged['end_step']}",
             f"{runs}/steps",
             ranged,
+        ),
+        (
+            "series?metric=loss&max_points=320",
+            f"{runs}/series",
+            {"metric": "loss", "max_points": 320},
         ),
         ("routing?layer=3&max_points=320", f"{runs}/routing", {"layer": 3, "max_points": 320}),
         ("routing?max_points=320 (12 layers)", f"{runs}/routing", {"max_points": DOWNSAMPLED}),
@@ -841,7 +871,9 @@ def _git(*args: str) -> str:
 
 def header() -> None:
     """The command, the tree it ran on and the machine, for the log."""
-    print("# command: " + " ".join([Path(sys.executable).name, *sys.argv]))
+    python = Path(sys.executable)
+    shown = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    print("# command: " + " ".join([str(shown), *sys.argv]))
     parts = ("service", "migrations", "trainer_hooks")
     changed = _git("status", "--porcelain", "--", *parts).splitlines()
     diff = hashlib.sha256(_git("diff", "HEAD", "--", *parts).encode()).hexdigest()[:12]

@@ -25,5 +25,5 @@ def test_quick_run_without_mlflow_prints_every_figure_and_the_last_line() -> Non
     assert last.groups() == ("n/a", "n/a", "n/a")  # nothing to compare with, no MLflow
     assert any(line.startswith("rows/s: ours=") for line in lines)
     scale = [line for line in lines if line.startswith("scale: ")]
-    assert len(scale) == 5 and all(re.search(r" p50=[\d.]+ p95=[\d.]+ ", s) for s in scale)
+    assert len(scale) >= 5 and all(re.search(r" p50=[\d.]+ p95=[\d.]+ ", s) for s in scale)
     assert re.search(r"wasted_progress': [1-9]", done.stdout), "the failed attempt is accounted"
