@@ -863,12 +863,20 @@ def _fetch(
 ) -> list[Row[Any]]:
     stmt = select(*columns).where(*where)
     if keys is None:
-        stmt = stmt.where(model.step.between(lo, hi))
-    elif not keys:
-        return []
-    else:
-        stmt = stmt.where(tuple_(model.step, model.attempt).in_(keys))
-    return list(session.execute(stmt.order_by(model.step, model.attempt)).all())
+        return list(
+            session.execute(
+                stmt.where(model.step.between(lo, hi)).order_by(model.step, model.attempt)
+            ).all()
+        )
+    rows: list[Row[Any]] = []
+    for i in range(0, len(keys), _KEYS_PER_QUERY):  # bound parameters stay under SQLite's limit
+        chunk = keys[i : i + _KEYS_PER_QUERY]
+        part = stmt.where(tuple_(model.step, model.attempt).in_(chunk))
+        rows += session.execute(part.order_by(model.step, model.attempt)).all()
+    return rows
+
+
+_KEYS_PER_QUERY = 4000
 
 
 def routing_layer_series(

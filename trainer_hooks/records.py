@@ -18,6 +18,7 @@ Natural keys:
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Annotated, Any, Literal
 
@@ -234,7 +235,7 @@ class RoutingRecord(_RankScoped):
         tokens = info.data.get("tokens_per_expert")
         if tokens is not None and len(v) != len(tokens):
             raise ValueError(f"has {len(v)} slots, tokens_per_expert has {len(tokens)}")
-        if tokens is not None and any(d > t for d, t in zip(v, tokens, strict=True)):
+        if tokens is not None and not all(map(operator.le, v, tokens)):
             raise ValueError("a slot dropped more assignments than it received")
         return v
 

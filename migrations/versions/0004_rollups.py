@@ -1,5 +1,5 @@
 """rollups: steps.blocked_s, step_blocks, span_totals, routing_blocks, filled from the rows
-already stored
+already stored; routing histograms packed (JSON -> PackedCounts)
 
 Revision ID: 0004
 Revises: 0003
@@ -109,6 +109,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("blocked_s", sa.Double(), server_default="0", nullable=False))
 
     # ### end Alembic commands ###
+    _convert_histograms(to_packed=True)
     # Data: the rollups of rows stored before this revision, computed by the same code that
     # keeps them at ingest (in this migration's transaction).
     from sqlalchemy.orm import Session
@@ -131,3 +132,55 @@ def downgrade() -> None:
     op.drop_table("span_totals")
     op.drop_table("routing_blocks")
     # ### end Alembic commands ###
+    _convert_histograms(to_packed=False)
+
+
+_HISTOGRAMS = ("tokens_per_expert", "dropped_per_expert")
+
+
+def _convert_histograms(to_packed: bool) -> None:
+    """Rewrite routing.tokens_per_expert and dropped_per_expert as packed counts (or back as
+    JSON): new columns filled row by row, the old ones dropped, the new ones renamed."""
+    import json
+
+    from service.models import PackedCounts
+
+    new_type: sa.types.TypeEngine[object] = sa.LargeBinary() if to_packed else sa.JSON()
+    with op.batch_alter_table("routing", schema=None) as batch_op:
+        for name in _HISTOGRAMS:
+            batch_op.add_column(sa.Column(f"{name}_new", new_type, nullable=True))
+    conn = op.get_bind()
+    packed = PackedCounts()
+    rows = conn.execute(sa.text("SELECT id, tokens_per_expert, dropped_per_expert FROM routing"))
+    updates = []
+    for row_id, *old in rows.all():
+        values = {}
+        for name, value in zip(_HISTOGRAMS, old, strict=True):
+            if to_packed:
+                counts = json.loads(value) if isinstance(value, str) else value
+                values[f"{name}_new"] = packed.process_bind_param(counts, conn.dialect)
+            else:
+                values[f"{name}_new"] = packed.process_result_value(bytes(value), conn.dialect)
+        updates.append({"row_id": row_id, **values})
+    if updates:
+        routing = sa.table(
+            "routing",
+            sa.column("id"),
+            *(sa.column(f"{name}_new", new_type) for name in _HISTOGRAMS),
+        )
+        conn.execute(
+            routing.update()
+            .where(routing.c.id == sa.bindparam("row_id"))
+            .values({f"{n}_new": sa.bindparam(f"{n}_new") for n in _HISTOGRAMS}),
+            updates,
+        )
+    with op.batch_alter_table("routing", schema=None) as batch_op:
+        for name in _HISTOGRAMS:
+            batch_op.drop_column(name)
+        for name in _HISTOGRAMS:
+            batch_op.alter_column(
+                f"{name}_new",
+                new_column_name=name,
+                existing_type=new_type,
+                nullable=False,
+            )

@@ -147,8 +147,9 @@ def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
 
 
 def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
-    client: Any, app: Any
+    client: Any, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(rollups, "_KEYS_PER_QUERY", 700)  # kept rows fetched in several parts
     from service.downsample import minmax_keys
     from service.models import ROLLUP_LEVELS, RoutingRow
 
@@ -223,8 +224,11 @@ def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
 ) -> None:
     from service.migrate import downgrade, upgrade
 
-    post_shuffled(client, random_run(5, 300), 5)
+    routing = [f.routing(n, tokens_per_expert=[n + 20, 7, 2**40, 0]) for n in range(0, 300, 7)]
+    post_shuffled(client, random_run(5, 300) + routing, 5)
     before = client.get("/api/v1/runs/run-a/goodput").json()
+    export = client.get("/api/v1/runs/run-a/export.csv", params={"what": "routing"}).text
+    assert "1099511627776" in export  # 2**40 survives the packing
     with app.state.sessionmaker() as session:
         kept = dump(session)
     app.state.engine.dispose()
@@ -235,3 +239,4 @@ def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
     after = client.get("/api/v1/runs/run-a/goodput").json()
     assert after["goodput_s"] == pytest.approx(before["goodput_s"], rel=1e-12)
     assert after["badput_s"] == pytest.approx(before["badput_s"], rel=1e-12)
+    assert client.get("/api/v1/runs/run-a/export.csv", params={"what": "routing"}).text == export
