@@ -743,32 +743,43 @@ def _downsample(
     """Which rows of [lo, hi] a downsampled series keeps."""
     if lo > hi:
         return SeriesPick(0, [])
+    b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
+    count = getattr(b, spec.count)
+    present = [] if spec.present is None else [spec.present]
+    total = 0  # first from the coarsest cover: every row comes back when they fit
+    blocks, raw = decompose(lo, hi)
+    for lv, first, last in blocks:
+        total += session.scalar(
+            select(func.coalesce(func.sum(count), 0)).where(
+                *where_blocks, b.level == lv, b.block.between(first, last)
+            )
+        )
+    for first, last in raw:
+        total += (
+            session.scalar(
+                select(func.count()).where(*where_rows, *present, r.step.between(first, last))
+            )
+            or 0
+        )
+    if total <= max_points:
+        return SeriesPick(total, None)
     width, level = bucket_plan(lo, hi, max_points, ROLLUP_LEVELS)  # buckets of whole blocks
     blocks, raw = decompose(lo, hi, tuple(lv for lv in DESCENDING if lv <= level))
-    b = cast(Any, spec.blocks)
-    count = getattr(b, spec.count)
     cols = (count, b.attempt, b.level, b.block, *(getattr(b, c) for c in (*spec.low, *spec.high)))
     candidates: list[tuple[int, float, int, int]] = []  # (bucket, value, step, attempt)
-    total = 0
     for lv, first, last in blocks:
         stmt = select(*cols).where(
             *where_blocks, b.level == lv, b.block.between(first, last), count > 0
         )
-        for n, attempt, lv_, block, low, low_step, high, high_step in session.execute(stmt):
-            total += n
+        for _, attempt, lv_, block, low, low_step, high, high_step in session.execute(stmt):
             bucket = block * lv_ // width
             candidates += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
-    r = cast(Any, spec.rows)
-    present = [] if spec.present is None else [spec.present]
     for first, last in raw:
         stmt = select(r.step, r.attempt, spec.value).where(
             *where_rows, *present, r.step.between(first, last)
         )
         for step, attempt, value in session.execute(stmt):
-            total += 1
             candidates.append((step // width, value, step, attempt))
-    if total <= max_points:
-        return SeriesPick(total, None)
     return SeriesPick(total, pick(candidates))
 
 
