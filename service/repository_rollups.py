@@ -71,6 +71,11 @@ DESCENDING = tuple(sorted(ROLLUP_LEVELS, reverse=True))
 _NEG_INF = -math.inf
 
 
+def _rows(session: Session, stmt: Any) -> Any:
+    """Run a read on the session's connection: Core rows, without the ORM's per-row work."""
+    return session.connection().execute(stmt)
+
+
 def _insert(session: Session, model: type[Base]) -> Any:
     ins = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     return ins(_table(model))
@@ -139,7 +144,7 @@ def _stored_blocking_spans(
         Span.end > lo,
         Span.overlapped.is_(False),
     )
-    return [SpanIn(*row) for row in session.execute(stmt)]
+    return [SpanIn(*row) for row in _rows(session, stmt)]
 
 
 def _group(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
@@ -326,7 +331,7 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
                 Step.start < hi,
                 Step.end > lo,
             )
-            for sid, step, start, end in session.execute(stmt):
+            for sid, step, start, end in _rows(session, stmt):
                 x = index.overlap(start, end)
                 if x > 0:
                     added.append({"sid": sid, "step": step, "attempt": attempt, "x": x})
@@ -771,14 +776,14 @@ def _downsample(
         stmt = select(*cols).where(
             *where_blocks, b.level == lv, b.block.between(first, last), count > 0
         )
-        for _, attempt, lv_, block, low, low_step, high, high_step in session.execute(stmt):
+        for _, attempt, lv_, block, low, low_step, high, high_step in _rows(session, stmt):
             bucket = block * lv_ // width
             candidates += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
     for first, last in raw:
         stmt = select(r.step, r.attempt, spec.value).where(
             *where_rows, *present, r.step.between(first, last)
         )
-        for step, attempt, value in session.execute(stmt):
+        for step, attempt, value in _rows(session, stmt):
             candidates.append((step // width, value, step, attempt))
     return SeriesPick(total, pick(candidates))
 
@@ -875,15 +880,15 @@ def _fetch(
     stmt = select(*columns).where(*where)
     if keys is None:
         return list(
-            session.execute(
-                stmt.where(model.step.between(lo, hi)).order_by(model.step, model.attempt)
+            _rows(
+                session, stmt.where(model.step.between(lo, hi)).order_by(model.step, model.attempt)
             ).all()
         )
     rows: list[Row[Any]] = []
     for i in range(0, len(keys), _KEYS_PER_QUERY):  # bound parameters stay under SQLite's limit
         chunk = keys[i : i + _KEYS_PER_QUERY]
         part = stmt.where(tuple_(model.step, model.attempt).in_(chunk))
-        rows += session.execute(part.order_by(model.step, model.attempt)).all()
+        rows += _rows(session, part.order_by(model.step, model.attempt)).all()
     return rows
 
 
