@@ -754,10 +754,13 @@ def _downsample(
     total = 0  # first from the coarsest cover: every row comes back when they fit
     blocks, raw = decompose(lo, hi)
     for lv, first, last in blocks:
-        total += session.scalar(
-            select(func.coalesce(func.sum(count), 0)).where(
-                *where_blocks, b.level == lv, b.block.between(first, last)
+        total += int(  # PostgreSQL sums bigints as numeric
+            session.scalar(
+                select(func.coalesce(func.sum(count), 0)).where(
+                    *where_blocks, b.level == lv, b.block.between(first, last)
+                )
             )
+            or 0
         )
     for first, last in raw:
         total += (
