@@ -138,14 +138,20 @@ class Attempt(Base):
     )
 
 
+# The three tables with a row per step (or more) are keyed by their natural key, and on SQLite
+# stored WITHOUT ROWID: the rows live in the key's B-tree, with no second index to keep.
+_CLUSTERED = {"sqlite_with_rowid": False}
+
+
 class Step(Base):
     __tablename__ = "steps"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
-    attempt: Mapped[int] = mapped_column(Integer)
-    rank: Mapped[int] = mapped_column(Integer)
-    step: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     start: Mapped[float] = mapped_column(Double)
     end: Mapped[float] = mapped_column(Double)
     tokens: Mapped[int] = mapped_column(BigInteger)
@@ -161,29 +167,30 @@ class Step(Base):
     blocked_s: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
 
     __table_args__ = (
-        UniqueConstraint("run_id", "attempt", "rank", "step"),
         CheckConstraint('"end" >= start', name="end_after_start"),
         CheckConstraint("tokens >= 0 AND step >= 0", name="non_negative"),
+        _CLUSTERED,
     )
 
 
 class Span(Base):
     __tablename__ = "spans"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
-    attempt: Mapped[int] = mapped_column(Integer)
-    rank: Mapped[int] = mapped_column(Integer)
-    category: Mapped[str] = mapped_column(String(80))
-    start: Mapped[float] = mapped_column(Double)
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(80), primary_key=True)
+    start: Mapped[float] = mapped_column(Double, primary_key=True)
     end: Mapped[float] = mapped_column(Double)
     overlapped: Mapped[bool] = mapped_column(Boolean, default=False)
     step: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
-        UniqueConstraint("run_id", "attempt", "rank", "category", "start"),
         CheckConstraint('"end" >= start', name="end_after_start"),
         CheckConstraint(_CATEGORY_SQL, name="known_category"),
+        _CLUSTERED,
     )
 
 
@@ -206,14 +213,19 @@ class CheckpointCommit(_RankRow, Base):
     __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "step"),)
 
 
-class RoutingRow(_RankRow, Base):
+class RoutingRow(Base):
     """One MoE layer's histogram per step: slots packed (PackedCounts), derived rates in
     columns."""
 
     __tablename__ = "routing"
 
-    step: Mapped[int] = mapped_column(BigInteger)
-    layer: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     num_steps: Mapped[int] = mapped_column(Integer)
     num_tokens: Mapped[int] = mapped_column(BigInteger)
     top_k: Mapped[int] = mapped_column(Integer)
@@ -230,7 +242,6 @@ class RoutingRow(_RankRow, Base):
     shared_only_fraction: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
-        UniqueConstraint("run_id", "attempt", "rank", "step", "layer"),
         CheckConstraint(
             "drop_rate IS NULL OR (drop_rate >= 0 AND drop_rate <= 1)", name="drop_rate_fraction"
         ),
@@ -243,6 +254,7 @@ class RoutingRow(_RankRow, Base):
             "(shared_only_fraction >= 0 AND shared_only_fraction <= 1)",
             name="shared_only_fraction_fraction",
         ),
+        _CLUSTERED,
     )
 
 

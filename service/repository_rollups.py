@@ -323,7 +323,7 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
     added: list[dict[str, Any]] = []
     for attempt, blocks in _group(candidates, lambda c: c.attempt).items():
         for first, last in _runs(sorted(c.block for c in blocks)):
-            stmt = select(Step.id, Step.step, Step.start, Step.end).where(
+            stmt = select(Step.step, Step.start, Step.end).where(
                 Step.run_id == run_id,
                 Step.attempt == attempt,
                 Step.rank == rank,
@@ -331,18 +331,23 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
                 Step.start < hi,
                 Step.end > lo,
             )
-            for sid, step, start, end in _rows(session, stmt):
+            for step, start, end in _rows(session, stmt):
                 x = index.overlap(start, end)
                 if x > 0:
-                    added.append({"sid": sid, "step": step, "attempt": attempt, "x": x})
+                    added.append({"step": step, "attempt": attempt, "x": x})
     if not added:
         return
     steps = _table(Step).c
     session.execute(
         update(_table(Step))
-        .where(steps.id == bindparam("sid"))
+        .where(
+            steps.run_id == run_id,
+            steps.attempt == bindparam("at"),
+            steps.rank == rank,
+            steps.step == bindparam("st"),
+        )
         .values(blocked_s=steps.blocked_s + bindparam("x")),
-        [{"sid": a["sid"], "x": a["x"]} for a in added],
+        [{"at": a["attempt"], "st": a["step"], "x": a["x"]} for a in added],
     )
     per_block: dict[tuple[int, int, int], float] = {}
     for a in added:
@@ -609,11 +614,12 @@ def rebuild_run(session: Session, run_id: str) -> None:
         Span.overlapped,
     )
     add_spans(session, session.execute(select(*span_cols).where(Span.run_id == run_id)).all())
-    last_id = 0
+    after: tuple[int, int, int] = (-1, -1, -1)
+    key = tuple_(Step.attempt, Step.rank, Step.step)
+    table = _table(Step)
     while True:  # steps after spans: each step is measured against every stored span
         chunk = session.execute(
             select(
-                Step.id,
                 Step.run_id,
                 Step.attempt,
                 Step.rank,
@@ -624,21 +630,30 @@ def rebuild_run(session: Session, run_id: str) -> None:
                 Step.loss,
                 Step.hook_overhead_s,
             )
-            .where(Step.run_id == run_id, Step.id > last_id)
-            .order_by(Step.id)
+            .where(Step.run_id == run_id, key > tuple_(*after))
+            .order_by(Step.attempt, Step.rank, Step.step)
             .limit(_CHUNK)
         ).all()
         if not chunk:
             break
-        last_id = chunk[-1].id
+        after = (chunk[-1].attempt, chunk[-1].rank, chunk[-1].step)
         rows = [r._asdict() for r in chunk]
         fill_blocked(session, rows)
-        table = _table(Step)
         session.execute(
-            update(table).where(table.c.id == bindparam("sid")).values(blocked_s=bindparam("b")),
-            [{"sid": r["id"], "b": r["blocked_s"]} for r in rows],
+            update(table)
+            .where(
+                table.c.run_id == run_id,
+                table.c.attempt == bindparam("at"),
+                table.c.rank == bindparam("rk"),
+                table.c.step == bindparam("st"),
+            )
+            .values(blocked_s=bindparam("b")),
+            [
+                {"at": r["attempt"], "rk": r["rank"], "st": r["step"], "b": r["blocked_s"]}
+                for r in rows
+            ],
         )
-        add_steps(session, [_Rolled(**{k: v for k, v in r.items() if k != "id"}) for r in rows])
+        add_steps(session, [_Rolled(**r) for r in rows])
     routing_cols = (
         RoutingRow.run_id,
         RoutingRow.attempt,

@@ -110,6 +110,7 @@ def upgrade() -> None:
 
     # ### end Alembic commands ###
     _convert_histograms(to_packed=True)
+    _key_by_natural_key()
     # Data: the rollups of rows stored before this revision, computed by the same code that
     # keeps them at ingest (in this migration's transaction).
     from sqlalchemy.orm import Session
@@ -132,6 +133,7 @@ def downgrade() -> None:
     op.drop_table("span_totals")
     op.drop_table("routing_blocks")
     # ### end Alembic commands ###
+    _key_by_id()
     _convert_histograms(to_packed=False)
 
 
@@ -184,3 +186,45 @@ def _convert_histograms(to_packed: bool) -> None:
                 existing_type=new_type,
                 nullable=False,
             )
+
+
+_NATURAL_KEYS = {
+    "steps": ("run_id", "attempt", "rank", "step"),
+    "spans": ("run_id", "attempt", "rank", "category", "start"),
+    "routing": ("run_id", "attempt", "rank", "step", "layer"),
+}
+
+
+def _key_by_natural_key() -> None:
+    """steps, spans and routing lose their surrogate id: the natural key becomes the primary
+    key, and on SQLite the table is rebuilt WITHOUT ROWID (no second B-tree per row)."""
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    for table, key in _NATURAL_KEYS.items():
+        with op.batch_alter_table(
+            table,
+            recreate="always" if sqlite else "auto",
+            table_kwargs={"sqlite_with_rowid": False} if sqlite else {},
+        ) as batch_op:
+            batch_op.drop_constraint(f"uq_{table}_{'_'.join(key)}", type_="unique")
+            if not sqlite:
+                batch_op.drop_constraint(f"pk_{table}", type_="primary")
+            batch_op.drop_column("id")
+            batch_op.create_primary_key(f"pk_{table}", list(key))
+
+
+def _key_by_id() -> None:
+    """The reverse: a surrogate id primary key again, numbered in natural-key order."""
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    for table, key in _NATURAL_KEYS.items():
+        if sqlite:
+            with op.batch_alter_table(
+                table, recreate="always", table_kwargs={"sqlite_with_rowid": True}
+            ) as batch_op:
+                batch_op.drop_constraint(f"pk_{table}", type_="primary")
+                batch_op.add_column(sa.Column("id", sa.Integer(), primary_key=True))
+                batch_op.create_unique_constraint(f"uq_{table}_{'_'.join(key)}", list(key))
+            continue
+        op.drop_constraint(f"pk_{table}", table, type_="primary")
+        op.execute(f"ALTER TABLE {table} ADD COLUMN id BIGSERIAL")
+        op.create_primary_key(f"pk_{table}", table, ["id"])
+        op.create_unique_constraint(f"uq_{table}_{'_'.join(key)}", table, list(key))

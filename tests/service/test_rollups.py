@@ -136,11 +136,15 @@ def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
     post_shuffled(client, records, 3)
     with app.state.sessionmaker() as session:
         kept = dump(session)
-        blocked = session.execute(select(Step.blocked_s).order_by(Step.id)).all()
+        blocked = session.execute(
+            select(Step.blocked_s).order_by(Step.attempt, Step.rank, Step.step)
+        ).all()
         rollups.rebuild_run(session, "run-a")
         session.flush()
         assert dump(session) == kept
-        again = session.execute(select(Step.blocked_s).order_by(Step.id)).all()
+        again = session.execute(
+            select(Step.blocked_s).order_by(Step.attempt, Step.rank, Step.step)
+        ).all()
         assert [round(b[0], 9) for b in again] == [round(b[0], 9) for b in blocked]
         assert any(b[0] > 0 for b in blocked)
         session.rollback()
