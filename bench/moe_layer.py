@@ -62,6 +62,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-torchtitan", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+    p.add_argument("--routings", default="balanced,skewed")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="append a torch.profiler table per case to FILE (compiled cases: a trace beside it)",
+    )
     return p.parse_args()
 
 
@@ -126,8 +132,8 @@ def ours(
     ).to(gate_ED.device)
     router.weight.data.copy_(gate_ED)
     experts = RoutedExperts(shape.experts, shape.d_model, shape.ffn).to(gate_ED.device)
-    for name in ("w1", "w3", "w2"):
-        getattr(experts, name).data = w[name].clone()
+    experts.w13.data = torch.cat([w["w1"], w["w3"]], dim=-1)
+    experts.w2.data = w["w2"].clone()
     dispatcher = Dispatcher(backend)
 
     def layer(x_TD: torch.Tensor) -> torch.Tensor:
@@ -279,6 +285,8 @@ def run_shape(
     compiled_fns = {id(v): torch.compile(v[2]) for v in variants if v[3]}
     results = []
     for skewed, (x_TD, gate_ED, chosen_TK) in zip((False, True), cases, strict=True):
+        if ("skewed" if skewed else "balanced") not in args.routings.split(","):
+            continue
         load_E = torch.bincount(chosen_TK.flatten(), minlength=shape.experts).float()
         label = (
             f"{shape.name} {'skewed' if skewed else 'balanced'} "
@@ -307,6 +315,8 @@ def run_shape(
             elif reference is not None:
                 note = f", rel err vs ours grouped {rel_err(out, reference):.2e}"
             t = timer(fwd_bwd(fn, x_TD, dy_TD), device, args.iters, args.warmup)
+            if args.profile:
+                profile(fwd_bwd(fn, x_TD, dy_TD), f"{label} {name}", args.profile)
             tfs = useful / t / 1e12
             key = "tt" if backend == "tt" else "ours_grouped" if backend == "grouped" else backend
             best[key] = max(best.get(key, 0.0), tfs)
@@ -318,6 +328,23 @@ def run_shape(
         ours_best = best.get("ours_grouped", max(v for k, v in best.items() if k != "tt"))
         results.append((label, skewed, ours_best, best.get("tt")))
     return results
+
+
+def profile(fn: Callable[[], None], title: str, path: str) -> None:
+    """Three calls under torch.profiler; the table by device time goes to ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+            torch.cuda.synchronize()  # as the timer does: each call starts on an idle device
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    if "compiled" in title:
+        prof.export_chrome_trace(f"{path}.{title.replace(' ', '_').replace('=', '')}.json")
+    with open(path, "a") as f:
+        f.write(f"== {title} (3 calls)\n{table}\n")
 
 
 def routing_cases(shape: Shape, tokens: int, device: torch.device) -> list[tuple]:
@@ -354,8 +381,11 @@ def main() -> None:
             f"{tt_best or float('nan'):.1f} TF/s, ratio {ratio:.3f}"
         )
     for shape_name in args.shapes.split(","):
-        bal = [r for r in rows if r[0].startswith(shape_name) and not r[1]][0][2]
-        skw = [r for r in rows if r[0].startswith(shape_name) and r[1]][0][2]
+        bals = [r[2] for r in rows if r[0].startswith(shape_name) and not r[1]]
+        skws = [r[2] for r in rows if r[0].startswith(shape_name) and r[1]]
+        if not bals or not skws:
+            continue
+        bal, skw = bals[0], skws[0]
         print(
             f"summary {shape_name}: skewed/balanced {skw / bal:.3f}, grouped best "
             f"{100 * bal / peak:.1f}% of matmul balanced"

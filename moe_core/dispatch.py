@@ -7,8 +7,10 @@ and their weights are not renormalized away (Switch/Megatron semantics).
 
 - ``loop``: per-expert matmuls over the sorted segments. The reference; it reads the segment
   sizes on the host, a device sync.
-- ``grouped``: one ``torch._grouped_mm`` per weight over the expert-sorted rows, with int32
-  group offsets kept on the device. Used where the op really runs for this device and compute
+- ``grouped``: ``torch._grouped_mm`` over the expert-sorted rows (gate and up in one GEMM
+  through ``w13``, then down), int32 group offsets kept on the device. Rows are gathered
+  and combined by permutations whose backwards gather too (``moe_core.row_ops``): nothing
+  scatters into [T, D], so no atomics. Used where the op really runs for this device and compute
   dtype (``grouped_mm_unavailable_reason``); elsewhere it falls back to ``loop`` and says why.
 - ``padded``: rows scattered into a static ``[E, C_pad, D]`` buffer, one ``bmm`` per weight.
   No host sync anywhere; the cost is compute and memory for the padding (``padded_capacity``).
@@ -31,11 +33,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moe_core.grouped_mm import compute_dtype, grouped_mm_unavailable_reason
-from moe_core.router import Routing, count_per_slot, rank_in_group
+from moe_core.router import Routing, rank_in_group
+from moe_core.row_ops import CombineRows, GatherTokenRows, swiglu
 
 if TYPE_CHECKING:
     from moe_core.moe import RoutedExperts
@@ -52,6 +54,8 @@ class SortedAssignments:
     groups_A: Tensor  # expert of each row, or E where it runs none (sorted ascending)
     runs_A: Tensor  # bool, the row runs an expert: groups_A < E
     rows_per_group_G: Tensor  # [E + 1] long, on the device
+    order_A: Tensor  # choice (flat t * K + j) of each sorted row: the sort permutation
+    row_of_choice_A: Tensor  # sorted row of each choice t * K + j: the inverse permutation
 
     def head(self, num_rows: int) -> SortedAssignments:
         """The first ``num_rows`` rows (the running ones when it is their count)."""
@@ -61,6 +65,8 @@ class SortedAssignments:
             self.groups_A[:num_rows],
             self.runs_A[:num_rows],
             self.rows_per_group_G,
+            self.order_A[:num_rows],
+            self.row_of_choice_A,
         )
 
 
@@ -72,12 +78,17 @@ def sort_assignments(routing: Routing) -> SortedAssignments:
     groups_A = groups_TK.reshape(-1).index_select(0, order_A)
     runs_A = groups_A < num_experts
     weights_A = routing.weights.reshape(-1).index_select(0, order_A)
+    rows_A = torch.arange(order_A.numel(), device=order_A.device)
+    # Group boundaries by binary search on the sorted groups: no atomics, no host sync.
+    ends_G = torch.searchsorted(groups_A, torch.arange(1, num_experts + 2, device=rows_A.device))
     return SortedAssignments(
         token_ids_A=torch.div(order_A, top_k, rounding_mode="floor"),  # a = t * K + j
         weights_A=torch.where(runs_A, weights_A, torch.zeros_like(weights_A)),
         groups_A=groups_A,
         runs_A=runs_A,
-        rows_per_group_G=count_per_slot(groups_A, num_experts + 1),
+        rows_per_group_G=torch.diff(ends_G, prepend=ends_G.new_zeros(1)),
+        order_A=order_A,
+        row_of_choice_A=torch.empty_like(order_A).scatter_(0, order_A, rows_A),
     )
 
 
@@ -105,24 +116,44 @@ def loop_experts(x_AD: Tensor, rows_per_expert: list[int], experts: RoutedExpert
     return torch.cat([experts.forward_expert(e, chunk) for e, chunk in enumerate(chunks)])
 
 
+def gather_sorted_rows(
+    x_TD: Tensor, sorted_: SortedAssignments, routing: Routing, dtype: torch.dtype
+) -> Tensor:
+    """Each sorted row's token input in ``dtype``, ``[A, D]``; see ``GatherTokenRows``."""
+    runs_TK = None if every_choice_runs(routing) else routing.runs_expert
+    top_k = routing.expert_ids.shape[1]
+    return GatherTokenRows.apply(
+        x_TD, sorted_.token_ids_A, sorted_.row_of_choice_A, runs_TK, top_k, dtype
+    )
+
+
+def combine_by_token(y_AD: Tensor, sorted_: SortedAssignments, routing: Routing) -> Tensor:
+    """``out[t] = sum_j weights[t, j] * y[row of choice (t, j)]`` over choices that run.
+
+    No scatter, no atomics, forward or backward (``CombineRows``). Rows that run no expert
+    are zeroed with ``where`` first (the grouped op leaves NaN garbage there, and a product
+    would keep it), which also zeroes the gradient the op would get on them.
+    """
+    weights_TK = routing.weights.to(y_AD.dtype)
+    if not every_choice_runs(routing):
+        y_AD = torch.where(sorted_.runs_A.unsqueeze(-1), y_AD, 0)
+        weights_TK = torch.where(routing.runs_expert, weights_TK, 0)
+    return CombineRows.apply(y_AD, weights_TK, sorted_.row_of_choice_A, sorted_.order_A)
+
+
 def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
     """``torch._grouped_mm`` over all T*K rows; offsets stay on the device (no host sync).
 
-    Rows past the last offset (dropped, null slot) are left unwritten by the op, so their
-    input is zeroed and their output masked with ``where`` (a product would keep NaN garbage);
-    ``where`` also zeroes the garbage gradient the op leaves on those rows.
+    Rows past the last offset (dropped, null slot) are left unwritten by the op: their
+    outputs and input gradients are garbage, masked with ``where`` in ``combine_by_token``
+    and ``gather_sorted_rows`` (a product would keep NaN). Gather and combine are
+    permutations with gather-only backwards: nothing scatters into [T, D].
     """
     sorted_ = sort_assignments(routing)
-    dtype = compute_dtype(x_TD)
-    x_AD = x_TD.index_select(0, sorted_.token_ids_A).to(dtype)
+    x_AD = gather_sorted_rows(x_TD, sorted_, routing, compute_dtype(x_TD))
     offsets_E = sorted_.rows_per_group_G[:-1].cumsum(0).to(torch.int32)
-    if every_choice_runs(routing):  # known from shapes: no mask passes over [T*K, D]
-        return combine(grouped_experts(x_AD, offsets_E, experts), sorted_, x_TD.shape[0])
-    runs_A1 = sorted_.runs_A.unsqueeze(-1)
-    x_AD = torch.where(runs_A1, x_AD, torch.zeros_like(x_AD))
     y_AD = grouped_experts(x_AD, offsets_E, experts)
-    y_AD = torch.where(runs_A1, y_AD, torch.zeros_like(y_AD))
-    return combine(y_AD, sorted_, num_tokens=x_TD.shape[0])
+    return combine_by_token(y_AD, sorted_, routing)
 
 
 def every_choice_runs(routing: Routing) -> bool:
@@ -136,10 +167,9 @@ def grouped_experts(x_AD: Tensor, offsets_E: Tensor, experts: RoutedExperts) -> 
     ``x_AD`` must already be in the compute dtype; rows past the last offset come back as
     garbage. The op's backward fails on zero rows (torch 2.13), so callers keep A > 0.
     """
-    w1, w3, w2 = (w.to(x_AD.dtype) for w in (experts.w1, experts.w3, experts.w2))
-    gate_AH = torch._grouped_mm(x_AD, w1, offs=offsets_E)
-    up_AH = torch._grouped_mm(x_AD, w3, offs=offsets_E)
-    return torch._grouped_mm(F.silu(gate_AH) * up_AH, w2, offs=offsets_E)
+    w13, w2 = (w.to(x_AD.dtype) for w in (experts.w13, experts.w2))
+    h_AH = swiglu(torch._grouped_mm(x_AD, w13, offs=offsets_E))  # gate and up in one GEMM
+    return torch._grouped_mm(h_AH, w2, offs=offsets_E)
 
 
 def padded_capacity(num_tokens: int, capacity: int | None) -> int:
@@ -172,8 +202,7 @@ def padded_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> T
     slot_tokens_C = slot_tokens_C.scatter_(0, slots_A, sorted_.token_ids_A)[:trash]
     x_pad_TD = torch.cat([x_TD, x_TD.new_zeros(1, width)])
     x_ECD = x_pad_TD.index_select(0, slot_tokens_C).view(num_experts, c_pad, width)
-    h_ECH = F.silu(torch.bmm(x_ECD, experts.w1)) * torch.bmm(x_ECD, experts.w3)
-    y_ECD = torch.bmm(h_ECH, experts.w2)
+    y_ECD = torch.bmm(swiglu(torch.bmm(x_ECD, experts.w13)), experts.w2)
     y_flat_CD = torch.cat([y_ECD.reshape(trash, -1), y_ECD.new_zeros(1, y_ECD.shape[-1])])
     return combine(y_flat_CD.index_select(0, slots_A), sorted_, num_tokens=num_tokens)
 

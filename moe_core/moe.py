@@ -11,7 +11,7 @@ Shape legend:
     H  expert hidden width
     E  routed experts (in a ``RoutedExperts``: the ones stacked here, local to a shard)
     S  router slots (E, plus 1 with the null slot)
-    X, Y  the trailing dims of a stacked expert weight ([D, H] or [H, D])
+    X, Y  the trailing dims of a stacked expert weight ([D, 2H] or [H, D])
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_core.config import ModelConfig, check_ep_size
-from moe_core.dispatch import Dispatcher
+from moe_core.dispatch import Dispatcher, swiglu
 from moe_core.expert_parallel import ExpertParallelDispatcher, group_rank_and_size
 from moe_core.router import Routing, TopKRouter
 
@@ -49,6 +49,10 @@ class SwiGLU(nn.Module):
 class RoutedExperts(nn.Module):
     """E SwiGLU experts whose weights are stacked, so grouped-GEMM backends can use them as is.
 
+    The gate and up projections share one weight ``w13`` = [gate | up], ``[E, D, 2H]``: one
+    grouped GEMM computes both, reading the rows once, and the backward gets one input
+    gradient instead of two to add. ``w1`` (gate) and ``w3`` (up) are views of its halves.
+
     With ``ep_size > 1`` this is rank ``ep_rank``'s shard: ``num_experts`` of the
     ``num_global_experts`` experts, global ids ``first_expert`` onwards.
     """
@@ -63,10 +67,19 @@ class RoutedExperts(nn.Module):
         self.first_expert = ep_rank * self.num_experts
         self.d_model, self.hidden = d_model, hidden
         local = self.num_experts
-        self.w1 = nn.Parameter(torch.empty(local, d_model, hidden))  # gate, [E, D, H]
-        self.w3 = nn.Parameter(torch.empty(local, d_model, hidden))  # up, [E, D, H]
+        self.w13 = nn.Parameter(torch.empty(local, d_model, 2 * hidden))  # gate | up, [E, D, 2H]
         self.w2 = nn.Parameter(torch.empty(local, hidden, d_model))  # down, [E, H, D]
         self.init_weights(0.02, 0.02)
+
+    @property
+    def w1(self) -> Tensor:
+        """The gate projection, ``[E, D, H]``: a view of ``w13``."""
+        return self.w13[..., : self.hidden]
+
+    @property
+    def w3(self) -> Tensor:
+        """The up projection, ``[E, D, H]``: a view of ``w13``."""
+        return self.w13[..., self.hidden :]
 
     @property
     def is_shard(self) -> bool:
@@ -74,11 +87,10 @@ class RoutedExperts(nn.Module):
 
     def forward_expert(self, expert: int, x_ND: Tensor) -> Tensor:
         """Apply (local) expert ``expert`` to the N rows routed to it."""
-        h_NH = F.silu(x_ND @ self.w1[expert]) * (x_ND @ self.w3[expert])
-        return h_NH @ self.w2[expert]
+        return swiglu(x_ND @ self.w13[expert]) @ self.w2[expert]
 
     def init_weights(self, std: float, residual_std: float) -> None:
-        for weight, weight_std in ((self.w1, std), (self.w3, std), (self.w2, residual_std)):
+        for weight, weight_std in ((self.w13, std), (self.w2, residual_std)):
             self._init_normal_rows(weight, weight_std)
 
     @torch.no_grad()

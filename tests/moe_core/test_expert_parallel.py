@@ -111,7 +111,7 @@ def _compare(rank, got, want, sharded, num_local):
 def _check_block(rank, cfg, backend, *, concatenated=False, train=False):
     ep, ref = _blocks(cfg, backend)
     num_local = cfg.num_experts // WORLD
-    for name in ("w1", "w2", "w3"):  # the shard is the matching slice of the full weights
+    for name in ("w13", "w2"):  # the shard is the matching slice of the full weights
         want = getattr(ref.experts, name)[rank * num_local : (rank + 1) * num_local]
         assert torch.equal(getattr(ep.experts, name), want)
     ep.train(train)
@@ -119,7 +119,7 @@ def _check_block(rank, cfg, backend, *, concatenated=False, train=False):
     x_BLD, up_BLD = _batch()
     got = _run(ep, x_BLD[_own(rank, ROWS)], up_BLD[_own(rank, ROWS)], [slice(None)])
     sharded = _sum_replicated_grads(ep, got[2])
-    assert sharded == {"experts.w1", "experts.w2", "experts.w3"}
+    assert sharded == {"experts.w13", "experts.w2"}
     slices = [slice(None)] if concatenated else [_own(r, ROWS) for r in range(WORLD)]
     _compare(rank, got, _run(ref, x_BLD, up_BLD, slices), sharded, num_local)
     return ep, ref, x_BLD
@@ -167,7 +167,7 @@ def case_rank_that_receives_no_rows(rank):
         sharded = _sum_replicated_grads(ep, got[2])
         want = _run(ref, x_BLD, up_BLD, [_own(r, ROWS) for r in range(WORLD)])
         _compare(rank, got, want, sharded, num_local=2)
-        assert (rank == 1) == bool((got[2]["experts.w1"] == 0).all())
+        assert (rank == 1) == bool((got[2]["experts.w13"] == 0).all())
 
 
 def case_model_matches_the_ep_size_1_model(rank):
@@ -189,7 +189,7 @@ def case_model_matches_the_ep_size_1_model(rank):
 
     got = run(ep, [_own(rank, 4)])
     sharded = _sum_replicated_grads(ep, got[2])
-    assert len(sharded) == 6  # w1, w2, w3 of two E blocks
+    assert len(sharded) == 4  # w13, w2 of two E blocks
     want = run(ref, [_own(r, 4) for r in range(WORLD)])
     _compare(rank, got, want, sharded, num_local=2)
     assert all(o["observed"] in (EP_GROUPED, EP_LOOP) for o in ep.dispatch_observations())
@@ -314,7 +314,7 @@ def test_expert_shard_init_is_the_slice_of_the_full_weights_and_rng_advances_ali
         torch.manual_seed(5)
         shard = RoutedExperts(6, 8, 4, ep_rank=rank, ep_size=3)
         assert shard.is_shard and (shard.num_experts, shard.first_expert) == (2, 2 * rank)
-        for name in ("w1", "w2", "w3"):
+        for name in ("w13", "w2"):
             assert torch.equal(getattr(shard, name), getattr(full, name)[2 * rank : 2 * rank + 2])
         assert torch.equal(torch.rand(3), after_full)  # later layers draw the same numbers
 
