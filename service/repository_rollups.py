@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Row, Table, and_, bindparam, case, func, or_, select, tuple_, update
+from sqlalchemy import Row, Table, and_, bindparam, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -630,7 +630,7 @@ def rebuild_run(session: Session, run_id: str) -> None:
                 Step.loss,
                 Step.hook_overhead_s,
             )
-            .where(Step.run_id == run_id, key > tuple_(*after))
+            .where(Step.run_id == run_id, key > tuple_(*map(literal, after)))
             .order_by(Step.attempt, Step.rank, Step.step)
             .limit(_CHUNK)
         ).all()
