@@ -577,23 +577,26 @@ def _routing_where(run_id: str, rank: int, layer: int | None) -> list[Any]:
 def latest_histograms(
     session: Session, run_id: str, *, rank: int = 0, layer: int | None = None
 ) -> list[HistogramRow]:
-    """Per layer, the histogram of the newest record (newest attempt, then highest step)."""
-    newest = (
-        func.row_number()
-        .over(
-            partition_by=RoutingRow.layer,
-            order_by=(RoutingRow.attempt.desc(), RoutingRow.step.desc()),
-        )
-        .label("newest")
-    )
+    """Per layer, the histogram of the newest record (newest attempt, then highest step): one
+    indexed lookup per layer, its newest attempt found in the rollups."""
     cols = [getattr(RoutingRow, name) for name in HistogramRow._fields]
-    inner = select(*cols, newest).where(*_routing_where(run_id, rank, layer)).subquery()
-    stmt = (
-        select(*[inner.c[name] for name in HistogramRow._fields])
-        .where(inner.c.newest == 1)
-        .order_by(inner.c.layer)
-    )
-    return [HistogramRow(*row) for row in session.execute(stmt)]
+    out = []
+    for n in rollups.routing_layers(session, run_id, rank, layer):
+        attempt = rollups.newest_routing_attempt(session, run_id, rank, n)
+        row = session.execute(
+            select(*cols)
+            .where(
+                RoutingRow.run_id == run_id,
+                RoutingRow.attempt == attempt,
+                RoutingRow.rank == rank,
+                RoutingRow.layer == n,
+            )
+            .order_by(RoutingRow.step.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            out.append(HistogramRow(*row))
+    return out
 
 
 ExportWhat = Literal["steps", "spans", "routing", "observations"]

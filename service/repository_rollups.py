@@ -521,12 +521,15 @@ def run_rollup(session: Session, run_id: str) -> RunRollup:
             ).where(Attempt.run_id == run_id)
         )
     ]
+    # The accounting reads only each attempt's last successful checkpoint (a run may have
+    # thousands): one row per attempt.
     checkpoints = [
-        CheckpointIn(*row)
-        for row in session.execute(
-            select(CheckpointCommit.attempt, CheckpointCommit.step, CheckpointCommit.ok).where(
-                CheckpointCommit.run_id == run_id
-            )
+        CheckpointIn(attempt, step, True)
+        for attempt, step in _rows(
+            session,
+            select(CheckpointCommit.attempt, func.max(CheckpointCommit.step))
+            .where(CheckpointCommit.run_id == run_id, CheckpointCommit.ok.is_(True))
+            .group_by(CheckpointCommit.attempt),
         )
     ]
     coarse = (
@@ -589,7 +592,7 @@ def newest_step_times(session: Session, run_id: str, rank: int, limit: int) -> l
             .order_by(Step.step.desc())
             .limit(limit - len(times))
         )
-        times += session.scalars(stmt).all()
+        times += _rows(session, stmt).scalars().all()
     return times[::-1]
 
 
@@ -766,8 +769,46 @@ def _downsample(
     b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
     count = getattr(b, spec.count)
     present = [] if spec.present is None else [spec.present]
-    total = 0  # first from the coarsest cover: every row comes back when they fit
+    width, level = bucket_plan(lo, hi, max_points, ROLLUP_LEVELS)  # buckets of whole blocks
+    if level == 1:  # the picks would read every row: count from blocks first, read rows once
+        total = _count(session, spec, where_blocks, [*where_rows, *present], lo, hi)
+        if total <= max_points:
+            return SeriesPick(total, None)
+    blocks, raw = decompose(lo, hi, tuple(lv for lv in DESCENDING if lv <= level))
+    cols = (count, b.attempt, b.level, b.block, *(getattr(b, c) for c in (*spec.low, *spec.high)))
+    candidates: list[tuple[int, float, int, int]] = []  # (bucket, value, step, attempt)
+    total = 0
+    for lv, first, last in blocks:
+        stmt = select(*cols).where(
+            *where_blocks, b.level == lv, b.block.between(first, last), count > 0
+        )
+        for n, attempt, lv_, block, low, low_step, high, high_step in _rows(session, stmt):
+            total += n
+            bucket = block * lv_ // width
+            candidates += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
+    for first, last in raw:
+        stmt = select(r.step, r.attempt, spec.value).where(
+            *where_rows, *present, r.step.between(first, last)
+        )
+        for step, attempt, value in _rows(session, stmt):
+            total += 1
+            candidates.append((step // width, value, step, attempt))
+    return SeriesPick(total, None if total <= max_points else pick(candidates))
+
+
+def _count(
+    session: Session,
+    spec: _Series,
+    where_blocks: list[Any],
+    where_rows: list[Any],
+    lo: int,
+    hi: int,
+) -> int:
+    """Rows of [lo, hi]: block counts over the coarsest cover, raw counts at its edges."""
+    b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
+    count = getattr(b, spec.count)
     blocks, raw = decompose(lo, hi)
+    total = 0
     for lv, first, last in blocks:
         total += int(  # PostgreSQL sums bigints as numeric
             session.scalar(
@@ -779,31 +820,10 @@ def _downsample(
         )
     for first, last in raw:
         total += (
-            session.scalar(
-                select(func.count()).where(*where_rows, *present, r.step.between(first, last))
-            )
+            session.scalar(select(func.count()).where(*where_rows, r.step.between(first, last)))
             or 0
         )
-    if total <= max_points:
-        return SeriesPick(total, None)
-    width, level = bucket_plan(lo, hi, max_points, ROLLUP_LEVELS)  # buckets of whole blocks
-    blocks, raw = decompose(lo, hi, tuple(lv for lv in DESCENDING if lv <= level))
-    cols = (count, b.attempt, b.level, b.block, *(getattr(b, c) for c in (*spec.low, *spec.high)))
-    candidates: list[tuple[int, float, int, int]] = []  # (bucket, value, step, attempt)
-    for lv, first, last in blocks:
-        stmt = select(*cols).where(
-            *where_blocks, b.level == lv, b.block.between(first, last), count > 0
-        )
-        for _, attempt, lv_, block, low, low_step, high, high_step in _rows(session, stmt):
-            bucket = block * lv_ // width
-            candidates += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
-    for first, last in raw:
-        stmt = select(r.step, r.attempt, spec.value).where(
-            *where_rows, *present, r.step.between(first, last)
-        )
-        for step, attempt, value in _rows(session, stmt):
-            candidates.append((step // width, value, step, attempt))
-    return SeriesPick(total, pick(candidates))
+    return total
 
 
 def _attempts_with(session: Session, spec: _Series, where_blocks: list[Any]) -> list[int]:
@@ -815,20 +835,15 @@ def _attempts_with(session: Session, spec: _Series, where_blocks: list[Any]) -> 
 def _bounds(
     session: Session, spec: _Series, where_blocks: list[Any], where_rows: list[Any]
 ) -> tuple[int, int] | None:
-    """The lowest and highest step of the series: through the coarse, then the fine blocks,
-    then at most FINE step numbers of rows at each end (no scan of the whole series)."""
+    """The lowest and highest step of the series: the first and last fine block (the end of
+    an index range), then its at most FINE step numbers of rows (no scan of the series)."""
     b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
     out = []
     for agg in (func.min, func.max):
-        span: tuple[int, int] = (0, -1)
-        for level in DESCENDING:
-            stmt = select(agg(b.block)).where(*where_blocks, b.level == level)
-            if span[1] >= span[0]:
-                stmt = stmt.where(b.block.between(span[0] // level, span[1] // level))
-            block = session.scalar(stmt)
-            if block is None:
-                return None
-            span = (block * level, (block + 1) * level - 1)
+        block = session.scalar(select(agg(b.block)).where(*where_blocks, b.level == FINE))
+        if block is None:
+            return None
+        span = (block * FINE, (block + 1) * FINE - 1)
         step = session.scalar(select(agg(r.step)).where(*where_rows, r.step.between(*span)))
         if step is None:
             return None
@@ -902,11 +917,16 @@ def _fetch(
                 session, stmt.where(model.step.between(lo, hi)).order_by(model.step, model.attempt)
             ).all()
         )
+    # By step numbers (an IN on one indexed column: SQLite looks each up in the key, where a
+    # row-value IN would scan the range), then exactly the wanted (step, attempt) pairs.
+    wanted = set(keys)
+    steps = sorted({step for step, _ in keys})
     rows: list[Row[Any]] = []
-    for i in range(0, len(keys), _KEYS_PER_QUERY):  # bound parameters stay under SQLite's limit
-        chunk = keys[i : i + _KEYS_PER_QUERY]
-        part = stmt.where(tuple_(model.step, model.attempt).in_(chunk))
-        rows += _rows(session, part.order_by(model.step, model.attempt)).all()
+    for i in range(0, len(steps), _KEYS_PER_QUERY):  # bound parameters stay under SQLite's limit
+        part = stmt.where(model.step.in_(steps[i : i + _KEYS_PER_QUERY]))
+        for row in _rows(session, part.order_by(model.step, model.attempt)):
+            if (row.step, row.attempt) in wanted:
+                rows.append(row)
     return rows
 
 
@@ -946,3 +966,15 @@ def routing_layers(session: Session, run_id: str, rank: int, layer: int | None) 
         where.append(RoutingBlock.layer == layer)
     stmt = select(RoutingBlock.layer).where(*where).group_by(RoutingBlock.layer)
     return sorted(session.scalars(stmt).all())
+
+
+def newest_routing_attempt(session: Session, run_id: str, rank: int, layer: int) -> int | None:
+    """The newest attempt with routing records of this layer on this rank."""
+    return session.scalar(
+        select(func.max(RoutingBlock.attempt)).where(
+            RoutingBlock.run_id == run_id,
+            RoutingBlock.rank == rank,
+            RoutingBlock.layer == layer,
+            RoutingBlock.level == COARSE,
+        )
+    )
