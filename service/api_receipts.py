@@ -125,26 +125,7 @@ def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
 
 
 _POINT_COLUMNS = tuple(getattr(RoutingRow, name) for name in repo.RoutingPointRow._fields)
-
-
-def _layer_series(
-    session: Session,
-    run_id: str,
-    rank: int,
-    layer: int,
-    hist: repo.HistogramRow | None,
-    max_points: int,
-) -> RoutingLayerSeries:
-    """One layer's points and histogram; the schemas leave out the `layer` field of rows."""
-    total, rows = rollups.routing_layer_series(
-        session, run_id, rank, layer, max_points, _POINT_COLUMNS
-    )
-    return RoutingLayerSeries(
-        layer=layer,
-        total=total,
-        points=[RoutingPoint(**repo.RoutingPointRow(*p)._asdict()) for p in rows],
-        histogram=RoutingHistogram(**hist._asdict()) if hist is not None else None,
-    )
+_POINT_FIELDS = repo.RoutingPointRow._fields[1:]  # a point leaves out its layer
 
 
 @router.get("/runs/{run_id}/routing", response_model=RoutingSeries)
@@ -157,17 +138,28 @@ def get_routing(
 ) -> RoutingSeries:
     """Routing figures per E layer over steps, with each layer's newest histogram. Past
     `max_points` a layer is downsampled like the step series, keeping the lowest and highest
-    max_vio of each bucket of step numbers."""
+    max_vio of each bucket of step numbers; the layers share one step range and so one set of
+    buckets."""
     run_or_404(session, run_id)
-    hists = {h.layer: h for h in repo.latest_histograms(session, run_id, rank=rank, layer=layer)}
-    return RoutingSeries(
-        run_id=run_id,
-        rank=rank,
-        layers=[
-            _layer_series(session, run_id, rank, n, hists.get(n), max_points)
-            for n in rollups.routing_layers(session, run_id, rank, layer)
-        ],
+    series = rollups.routing_series(session, run_id, rank, layer, max_points, _POINT_COLUMNS)
+    hists = repo.newest_histograms(
+        session, run_id, rank, {n: s.newest_attempt for n, s in series.items()}
     )
+    layers = []
+    for n, s in series.items():
+        hist = hists.get(n)
+        layers.append(
+            RoutingLayerSeries.model_construct(
+                layer=n,
+                total=s.total,
+                points=[
+                    RoutingPoint.model_construct(**dict(zip(_POINT_FIELDS, p[1:], strict=True)))
+                    for p in s.rows
+                ],
+                histogram=RoutingHistogram(**hist._asdict()) if hist is not None else None,
+            )
+        )
+    return RoutingSeries(run_id=run_id, rank=rank, layers=layers)
 
 
 # -- CSV export --

@@ -359,8 +359,8 @@ class RoutingBlock(Base):
         ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
     )
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)
@@ -368,6 +368,23 @@ class RoutingBlock(Base):
     low_step: Mapped[int] = mapped_column(BigInteger)
     high: Mapped[float] = mapped_column(Double)
     high_step: Mapped[int] = mapped_column(BigInteger)
+    # The two records' figures, so that a downsampled series needs no second read.
+    low_num_steps: Mapped[int] = mapped_column(Integer)
+    low_num_tokens: Mapped[int] = mapped_column(BigInteger)
+    low_max_vio: Mapped[float | None] = mapped_column(Double)
+    low_drop_rate: Mapped[float | None] = mapped_column(Double)
+    low_null_fraction: Mapped[float | None] = mapped_column(Double)
+    low_shared_only_fraction: Mapped[float | None] = mapped_column(Double)
+    low_aux_loss: Mapped[float | None] = mapped_column(Double)
+    low_z_loss: Mapped[float | None] = mapped_column(Double)
+    high_num_steps: Mapped[int] = mapped_column(Integer)
+    high_num_tokens: Mapped[int] = mapped_column(BigInteger)
+    high_max_vio: Mapped[float | None] = mapped_column(Double)
+    high_drop_rate: Mapped[float | None] = mapped_column(Double)
+    high_null_fraction: Mapped[float | None] = mapped_column(Double)
+    high_shared_only_fraction: Mapped[float | None] = mapped_column(Double)
+    high_aux_loss: Mapped[float | None] = mapped_column(Double)
+    high_z_loss: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
         CheckConstraint("level IN (64, 4096)", name="level"),

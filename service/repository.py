@@ -152,7 +152,7 @@ _ROLLED_ROUTING = (
     RoutingRow.rank,
     RoutingRow.layer,
     RoutingRow.step,
-    RoutingRow.max_vio,
+    *(getattr(RoutingRow, f) for f in rollups.POINT_FIELDS),
 )
 
 
@@ -574,28 +574,27 @@ def _routing_where(run_id: str, rank: int, layer: int | None) -> list[Any]:
     return where
 
 
-def latest_histograms(
-    session: Session, run_id: str, *, rank: int = 0, layer: int | None = None
-) -> list[HistogramRow]:
-    """Per layer, the histogram of the newest record (newest attempt, then highest step): one
-    indexed lookup per layer, its newest attempt found in the rollups."""
+def newest_histograms(
+    session: Session, run_id: str, rank: int, newest_attempt: dict[int, int]
+) -> dict[int, HistogramRow]:
+    """Per layer, the histogram of its newest record (highest step of its newest attempt, as
+    given): one indexed lookup per layer."""
     cols = [getattr(RoutingRow, name) for name in HistogramRow._fields]
-    out = []
-    for n in rollups.routing_layers(session, run_id, rank, layer):
-        attempt = rollups.newest_routing_attempt(session, run_id, rank, n)
+    out = {}
+    for layer, attempt in newest_attempt.items():
         row = session.execute(
             select(*cols)
             .where(
                 RoutingRow.run_id == run_id,
                 RoutingRow.attempt == attempt,
                 RoutingRow.rank == rank,
-                RoutingRow.layer == n,
+                RoutingRow.layer == layer,
             )
             .order_by(RoutingRow.step.desc())
             .limit(1)
         ).first()
         if row is not None:
-            out.append(HistogramRow(*row))
+            out[layer] = HistogramRow(*row)
     return out
 
 

@@ -384,46 +384,55 @@ def _spike(v: float | None) -> float:
     return _NEG_INF if v is None else v
 
 
+POINT_FIELDS = (
+    "num_steps",
+    "num_tokens",
+    "max_vio",
+    "drop_rate",
+    "null_fraction",
+    "shared_only_fraction",
+    "aux_loss",
+    "z_loss",
+)
+
+
 def add_routing(session: Session, rows: Sequence[Any]) -> None:
-    """Fold newly inserted routing rows (run_id, attempt, rank, layer, step, max_vio) into
-    routing_blocks."""
+    """Fold newly inserted routing rows (run_id, attempt, rank, layer, step and POINT_FIELDS)
+    into routing_blocks."""
     if not rows:
         return
     acc: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
         v = _spike(r.max_vio)
+        point = tuple(getattr(r, f) for f in POINT_FIELDS)
         for level in ROLLUP_LEVELS:
             key = (r.run_id, r.rank, r.layer, level, r.step // level, r.attempt)
             a = acc.get(key)
             if a is None:
-                acc[key] = [1, v, r.step, v, r.step]
+                acc[key] = [1, v, r.step, point, v, r.step, point]
                 continue
             a[0] += 1
             if (v, r.step) < (a[1], a[2]):
-                a[1], a[2] = v, r.step
-            if v > a[3] or (v == a[3] and r.step < a[4]):
-                a[3], a[4] = v, r.step
-    names = ("run_id", "rank", "layer", "level", "block", "attempt")
-    fields = ("n", "low", "low_step", "high", "high_step")
-    values = [
-        {**dict(zip(names, k, strict=True)), **dict(zip(fields, a, strict=True))}
-        for k, a in acc.items()
-    ]
+                a[1], a[2], a[3] = v, r.step, point
+            if v > a[4] or (v == a[4] and r.step < a[5]):
+                a[4], a[5], a[6] = v, r.step, point
+    names = ("run_id", "rank", "layer", "level", "block", "attempt")  # the key, in any order
+    values = []
+    for k, (n, low, low_step, low_point, high, high_step, high_point) in acc.items():
+        row = dict(zip(names, k, strict=True))
+        row.update(n=n, low=low, low_step=low_step, high=high, high_step=high_step)
+        row.update({f"low_{f}": v for f, v in zip(POINT_FIELDS, low_point, strict=True)})
+        row.update({f"high_{f}": v for f, v in zip(POINT_FIELDS, high_point, strict=True)})
+        values.append(row)
     stmt = _insert(session, RoutingBlock)
-    new, old = stmt.excluded, RoutingBlock
+    new, old = stmt.excluded, cast(Any, RoutingBlock)
     low = _lower(new.low, old.low, new.low_step, old.low_step)
     high = _higher(new.high, old.high, new.high_step, old.high_step)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(names),
-        set_={
-            "n": old.n + new.n,
-            "low": _pick(low, new.low, old.low),
-            "low_step": _pick(low, new.low_step, old.low_step),
-            "high": _pick(high, new.high, old.high),
-            "high_step": _pick(high, new.high_step, old.high_step),
-        },
-    )
-    session.execute(stmt, values)
+    set_ = {"n": old.n + new.n}
+    for side, wins in (("low", low), ("high", high)):
+        for col in (side, f"{side}_step", *(f"{side}_{f}" for f in POINT_FIELDS)):
+            set_[col] = _pick(wins, new[col], getattr(old, col))
+    session.execute(stmt.on_conflict_do_update(index_elements=list(names), set_=set_), values)
 
 
 # -- reads --
@@ -663,7 +672,7 @@ def rebuild_run(session: Session, run_id: str) -> None:
         RoutingRow.rank,
         RoutingRow.layer,
         RoutingRow.step,
-        RoutingRow.max_vio,
+        *(getattr(RoutingRow, f) for f in POINT_FIELDS),
     )
     add_routing(
         session, session.execute(select(*routing_cols).where(RoutingRow.run_id == run_id)).all()
@@ -933,48 +942,132 @@ def _fetch(
 _KEYS_PER_QUERY = 4000
 
 
-def routing_layer_series(
-    session: Session, run_id: str, rank: int, layer: int, max_points: int, columns: Sequence[Any]
-) -> tuple[int, list[Row[Any]]]:
-    """(records of the layer, the kept rows of `columns` ordered by step then attempt)."""
-    where_blocks = [
-        RoutingBlock.run_id == run_id,
-        RoutingBlock.rank == rank,
-        RoutingBlock.layer == layer,
-    ]
-    attempts = _attempts_with(session, _ROUTING_SERIES, where_blocks)
-    if not attempts:
-        return 0, []
+class LayerSeries(NamedTuple):
+    total: int  # records of the layer in the range
+    rows: list[Any]  # the kept ones, by step then attempt: (layer, step, attempt, *figures)
+    newest_attempt: int  # the newest attempt with records of the layer
+
+
+def routing_series(
+    session: Session,
+    run_id: str,
+    rank: int,
+    layer: int | None,
+    max_points: int,
+    columns: Sequence[Any],
+) -> dict[int, LayerSeries]:
+    """Per E layer (every layer, or `layer`), its routing records downsampled by MaxVio. The
+    layers share one step range (lowest to highest step of any of them) and so one set of
+    buckets; each statement covers every layer. Rows are (layer, step, attempt,
+    *POINT_FIELDS), so `columns` must select those, in that order; the kept records' figures
+    come from the blocks (or the rows read at the range's edges), with no second read."""
+    where_blocks = [RoutingBlock.run_id == run_id, RoutingBlock.rank == rank]
+    if layer is not None:
+        where_blocks.append(RoutingBlock.layer == layer)
+    attempts_by_layer: dict[int, list[int]] = {}
+    stmt = (
+        select(RoutingBlock.layer, RoutingBlock.attempt)
+        .where(*where_blocks, RoutingBlock.level == COARSE)
+        .group_by(RoutingBlock.layer, RoutingBlock.attempt)
+    )
+    for n, attempt in _rows(session, stmt):
+        attempts_by_layer.setdefault(n, []).append(attempt)
+    del stmt
+    if not attempts_by_layer:
+        return {}
+    layers = sorted(attempts_by_layer)
+    attempts = sorted({a for v in attempts_by_layer.values() for a in v})
+    where_blocks = [*where_blocks[:2], RoutingBlock.layer.in_(layers)]
     where_rows = [
         RoutingRow.run_id == run_id,
         RoutingRow.attempt.in_(attempts),
         RoutingRow.rank == rank,
-        RoutingRow.layer == layer,
+        RoutingRow.layer.in_(layers),
     ]
-    bounds = _bounds(session, _ROUTING_SERIES, where_blocks, where_rows)
+    bounds = _shared_bounds(session, where_blocks, where_rows)
     if bounds is None:
-        return 0, []
+        return {}
     lo, hi = bounds
-    pick = _downsample(session, _ROUTING_SERIES, where_blocks, where_rows, lo, hi, max_points)
-    return pick.total, _fetch(session, RoutingRow, columns, where_rows, lo, hi, pick.keys)
-
-
-def routing_layers(session: Session, run_id: str, rank: int, layer: int | None) -> list[int]:
-    """The E layers with routing records on this rank (or `layer`, if it has any)."""
-    where = [RoutingBlock.run_id == run_id, RoutingBlock.rank == rank, RoutingBlock.level == COARSE]
-    if layer is not None:
-        where.append(RoutingBlock.layer == layer)
-    stmt = select(RoutingBlock.layer).where(*where).group_by(RoutingBlock.layer)
-    return sorted(session.scalars(stmt).all())
-
-
-def newest_routing_attempt(session: Session, run_id: str, rank: int, layer: int) -> int | None:
-    """The newest attempt with routing records of this layer on this rank."""
-    return session.scalar(
-        select(func.max(RoutingBlock.attempt)).where(
-            RoutingBlock.run_id == run_id,
-            RoutingBlock.rank == rank,
-            RoutingBlock.layer == layer,
-            RoutingBlock.level == COARSE,
+    width, level = bucket_plan(lo, hi, max_points, ROLLUP_LEVELS)
+    blocks, raw = decompose(lo, hi, tuple(lv for lv in DESCENDING if lv <= level))
+    totals = dict.fromkeys(layers, 0)
+    candidates: dict[int, list[tuple[int, float, int, int]]] = {n: [] for n in layers}
+    points: dict[tuple[int, int, int], tuple[Any, ...]] = {}  # (layer, step, attempt) -> figures
+    b = cast(Any, RoutingBlock)
+    sides = [getattr(b, f"{side}_{f}") for side in ("low", "high") for f in POINT_FIELDS]
+    cols = (b.layer, b.n, b.attempt, b.level, b.block, b.low, b.low_step, b.high, b.high_step)
+    half = len(POINT_FIELDS)
+    for lv, first, last in blocks:
+        found = select(*cols, *sides).where(
+            *where_blocks, b.level == lv, b.block.between(first, last)
         )
+        for n, count, attempt, lv_, block, low, low_step, high, high_step, *fig in _rows(
+            session, found
+        ).all():
+            totals[n] += count
+            bucket = block * lv_ // width
+            candidates[n] += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
+            points[(n, low_step, attempt)] = tuple(fig[:half])
+            points[(n, high_step, attempt)] = tuple(fig[half:])
+    value = func.coalesce(RoutingRow.max_vio, _NEG_INF)
+    figures = [getattr(RoutingRow, f) for f in POINT_FIELDS]
+    for first, last in raw:
+        edge = select(RoutingRow.layer, RoutingRow.step, RoutingRow.attempt, value, *figures).where(
+            *where_rows, RoutingRow.step.between(first, last)
+        )
+        for n, step, attempt, v, *fig in _rows(session, edge).all():
+            totals[n] += 1
+            candidates[n].append((step // width, v, step, attempt))
+            points[(n, step, attempt)] = tuple(fig)
+    every = [n for n in layers if totals[n] <= max_points]
+    rows: dict[int, list[Any]] = {}
+    if every:
+        rows = _fetch_routing(session, columns, where_rows, lo, hi, every)
+    for n in layers:
+        if n not in every:  # the kept records' figures came with the candidates
+            rows[n] = [(n, s, a, *points[(n, s, a)]) for s, a in pick(candidates[n])]
+    return {n: LayerSeries(totals[n], rows.get(n, []), max(attempts_by_layer[n])) for n in layers}
+
+
+def _shared_bounds(
+    session: Session, where_blocks: list[Any], where_rows: list[Any]
+) -> tuple[int, int] | None:
+    """Lowest and highest step over the layers: coarse block, fine block inside it, rows."""
+    b, r = RoutingBlock, RoutingRow
+    out = []
+    for agg in (func.min, func.max):
+        span: tuple[int, int] | None = None
+        for level in DESCENDING:
+            stmt = select(agg(b.block)).where(*where_blocks, b.level == level)
+            if span is not None:
+                stmt = stmt.where(b.block.between(span[0] // level, span[1] // level))
+            block = session.scalar(stmt)
+            if block is None:
+                return None
+            span = (block * level, (block + 1) * level - 1)
+        assert span is not None
+        step = session.scalar(select(agg(r.step)).where(*where_rows, r.step.between(*span)))
+        if step is None:
+            return None
+        out.append(int(step))
+    return out[0], out[1]
+
+
+def _fetch_routing(
+    session: Session,
+    columns: Sequence[Any],
+    where_rows: list[Any],
+    lo: int,
+    hi: int,
+    layers: list[int],
+) -> dict[int, list[Any]]:
+    """Every row of [lo, hi] of these layers, by layer."""
+    out: dict[int, list[Any]] = {}
+    stmt = (
+        select(*columns)
+        .where(*where_rows, RoutingRow.layer.in_(layers), RoutingRow.step.between(lo, hi))
+        .order_by(RoutingRow.step, RoutingRow.attempt)
     )
+    for row in _rows(session, stmt).all():
+        out.setdefault(row.layer, []).append(row)
+    return out

@@ -23,8 +23,8 @@ def upgrade() -> None:
         "routing_blocks",
         sa.Column("run_id", sa.String(length=128), nullable=False),
         sa.Column("rank", sa.Integer(), nullable=False),
-        sa.Column("layer", sa.Integer(), nullable=False),
         sa.Column("level", sa.Integer(), nullable=False),
+        sa.Column("layer", sa.Integer(), nullable=False),
         sa.Column("block", sa.BigInteger(), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("n", sa.BigInteger(), nullable=False),
@@ -32,6 +32,22 @@ def upgrade() -> None:
         sa.Column("low_step", sa.BigInteger(), nullable=False),
         sa.Column("high", sa.Double(), nullable=False),
         sa.Column("high_step", sa.BigInteger(), nullable=False),
+        sa.Column("low_num_steps", sa.Integer(), nullable=False),
+        sa.Column("low_num_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("low_max_vio", sa.Double(), nullable=True),
+        sa.Column("low_drop_rate", sa.Double(), nullable=True),
+        sa.Column("low_null_fraction", sa.Double(), nullable=True),
+        sa.Column("low_shared_only_fraction", sa.Double(), nullable=True),
+        sa.Column("low_aux_loss", sa.Double(), nullable=True),
+        sa.Column("low_z_loss", sa.Double(), nullable=True),
+        sa.Column("high_num_steps", sa.Integer(), nullable=False),
+        sa.Column("high_num_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("high_max_vio", sa.Double(), nullable=True),
+        sa.Column("high_drop_rate", sa.Double(), nullable=True),
+        sa.Column("high_null_fraction", sa.Double(), nullable=True),
+        sa.Column("high_shared_only_fraction", sa.Double(), nullable=True),
+        sa.Column("high_aux_loss", sa.Double(), nullable=True),
+        sa.Column("high_z_loss", sa.Double(), nullable=True),
         sa.CheckConstraint("level IN (64, 4096)", name=op.f("ck_routing_blocks_level")),
         sa.CheckConstraint("n >= 1", name=op.f("ck_routing_blocks_non_negative")),
         sa.ForeignKeyConstraint(
@@ -41,7 +57,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint(
-            "run_id", "rank", "layer", "level", "block", "attempt", name=op.f("pk_routing_blocks")
+            "run_id", "rank", "level", "layer", "block", "attempt", name=op.f("pk_routing_blocks")
         ),
     )
     op.create_table(

@@ -162,11 +162,12 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
     for r in records:
         if r["kind"] == "step":
             r["loss"] = None if rng.random() < 0.1 else rng.uniform(1.0, 4.0)
-    for n in range(0, 4500, 3):
-        for layer in (0, 1):
+    for n in [*range(0, 4500, 3), 4499]:
+        for layer in (0, 1) if n < 4499 else (0,):
             tokens = [0, 0, 0, 0] if rng.random() < 0.05 else [rng.randint(1, 90) for _ in range(4)]
+            dropped = [min(t, rng.randint(0, 3)) for t in tokens]
             records.append(
-                f.routing(n, layer, tokens_per_expert=tokens, dropped_per_expert=[0, 0, 0, 0])
+                f.routing(n, layer, tokens_per_expert=tokens, dropped_per_expert=dropped)
             )
     post_shuffled(client, records, 4)
     with app.state.sessionmaker() as session:
@@ -176,9 +177,14 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         losses = session.execute(
             select(Step.step, Step.attempt, Step.loss).where(Step.rank == 0, Step.loss.isnot(None))
         ).all()
-        routing = session.execute(
-            select(RoutingRow.step, RoutingRow.attempt, RoutingRow.max_vio).where(
-                RoutingRow.layer == 1
+        routing_all = session.execute(
+            select(
+                RoutingRow.layer,
+                RoutingRow.step,
+                RoutingRow.attempt,
+                RoutingRow.max_vio,
+                RoutingRow.num_tokens,
+                RoutingRow.drop_rate,
             )
         ).all()
     step_rows = [tuple(r) for r in steps]
@@ -212,15 +218,29 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         ).json()
         assert list(zip(times["step"], times["attempt"], strict=True)) == want
         assert times["value"] == [p["step_time_s"] for p in body["points"]]
-    routing_rows = [(s, a, -math.inf if v is None else v) for s, a, v in routing]
-    for max_points in (2, 64, 320, 5000):
-        body = client.get(
-            "/api/v1/runs/run-a/routing", params={"max_points": max_points, "layer": 1}
-        ).json()
-        (layer,) = body["layers"]
-        want = minmax_keys(routing_rows, 0, 4497, max_points, ROLLUP_LEVELS)
-        assert [(p["step"], p["attempt"]) for p in layer["points"]] == want, max_points
-        assert layer["total"] == len(routing_rows)
+    figures = {(n, s, a): (v, t, d) for n, s, a, v, t, d in routing_all}
+    for layers in ([1], [0, 1]):
+        # Layer 0 goes one step further: all layers share the union of their step ranges.
+        lo = min(s for n, s, _ in figures if n in layers)
+        hi = max(s for n, s, _ in figures if n in layers)
+        for max_points in (2, 64, 320, 5000):
+            params = {"max_points": max_points} | ({"layer": 1} if layers == [1] else {})
+            body = client.get("/api/v1/runs/run-a/routing", params=params).json()
+            assert [s["layer"] for s in body["layers"]] == layers
+            for series in body["layers"]:
+                n = series["layer"]
+                rows = [
+                    (s, a, -math.inf if v is None else v)
+                    for (m, s, a), (v, _, _) in figures.items()
+                    if m == n
+                ]
+                want = minmax_keys(rows, lo, hi, max_points, ROLLUP_LEVELS)
+                got = [(p["step"], p["attempt"]) for p in series["points"]]
+                assert got == want, (layers, n, max_points)
+                assert series["total"] == len(rows)
+                for p in series["points"]:  # figures from the blocks equal the records'
+                    v, t, d = figures[(n, p["step"], p["attempt"])]
+                    assert (p["max_vio"], p["num_tokens"], p["drop_rate"]) == (v, t, d)
 
 
 def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
