@@ -875,12 +875,20 @@ def header() -> None:
     shown = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
     print("# command: " + " ".join([str(shown), *sys.argv]))
     parts = ("service", "migrations", "trainer_hooks")
+    if not _git("rev-parse", "--git-dir"):
+        print(f"# {ROOT} is not a git checkout")
+        _machine()
+        return
     changed = _git("status", "--porcelain", "--", *parts).splitlines()
     diff = hashlib.sha256(_git("diff", "HEAD", "--", *parts).encode()).hexdigest()[:12]
     print(
         f"# git HEAD {_git('rev-parse', '--short', 'HEAD').strip()}; {len(changed)} uncommitted "
         f"files under {', '.join(parts)} (diff sha256 {diff}): {' '.join(changed)}"
     )
+    _machine()
+
+
+def _machine() -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"# machine: {os.cpu_count()} cores, shared with other work (load average {load}); "
