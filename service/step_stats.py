@@ -1,8 +1,10 @@
 """Step-time figures of a goodput summary, pure functions (ARCHITECTURE.md):
 
-ideal step time      mean of the steady steps within median +- 3 * MAD (no 1 s floor)
+ideal step time      mean of the steady steps within median +- 3 * MAD (no 1 s floor), over
+                     the summary rank's newest RECENT_STEPS steps
 step-time deviation  p90 of the last N steps minus the median of the M steps before them
-stragglers           ranks whose median step time exceeds the ranks' median by a margin
+stragglers           ranks whose median step time (over each rank's newest STRAGGLER_STEPS
+                     steps) exceeds the ranks' median by a margin
 disruptions          attempt boundaries: when an attempt ended, why, and how many of its
                      steps were wasted (not covered by a checkpoint)
 """
