@@ -323,6 +323,7 @@ class StepBlock(Base):
         Index("ix_step_blocks_last_end", "run_id", "rank", "level", "last_end"),
         CheckConstraint("level IN (64, 4096)", name="level"),
         CheckConstraint("n >= 1 AND busy_s >= 0 AND blocked_s >= 0", name="non_negative"),
+        _CLUSTERED,
     )
 
 
@@ -346,6 +347,7 @@ class SpanTotal(Base):
 
     __table_args__ = (
         CheckConstraint("n >= 1 AND total_s >= 0 AND longest_s >= 0", name="non_negative"),
+        _CLUSTERED,
     )
 
 
@@ -389,4 +391,5 @@ class RoutingBlock(Base):
     __table_args__ = (
         CheckConstraint("level IN (64, 4096)", name="level"),
         CheckConstraint("n >= 1", name="non_negative"),
+        _CLUSTERED,
     )

@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(
             "run_id", "rank", "level", "layer", "block", "attempt", name=op.f("pk_routing_blocks")
         ),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "span_totals",
@@ -81,6 +82,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(
             "run_id", "rank", "attempt", "category", "overlapped", name=op.f("pk_span_totals")
         ),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "step_blocks",
@@ -115,6 +117,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(
             "run_id", "rank", "level", "block", "attempt", name=op.f("pk_step_blocks")
         ),
+        sqlite_with_rowid=False,
     )
     with op.batch_alter_table("step_blocks", schema=None) as batch_op:
         batch_op.create_index(
