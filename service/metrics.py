@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import repository as repo
+from service import repository_rollups as rollups
 from service.api import get_session
-from service.goodput import RunGoodput, run_goodput
+from service.goodput import RunGoodput
 from service.models import Run
 from service.security import route_path
 
@@ -124,7 +125,7 @@ class GoodputCache:
             if hit is not None and hit[0] == keys[run_id]:
                 out[run_id] = hit[1]
             else:
-                out[run_id] = run_goodput(repo.goodput_inputs(session, run_id))
+                out[run_id] = rollups.run_goodput_rolled(session, run_id)[0]
         with self._lock:
             self._items = {r: (keys[r], out[r]) for r in run_ids}
         return out

@@ -40,7 +40,9 @@ from service.models import (
     Run,
     RunTag,
     Span,
+    SpanTotal,
     Step,
+    StepBlock,
 )
 from service.receipts import ObservationIn
 from service.routing_stats import routing_figures
@@ -499,12 +501,22 @@ def latest_drop_rates(session: Session, run_ids: Sequence[str]) -> dict[str, flo
 
 
 def goodput_row_counts(session: Session, run_ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Per run: how many step, span and checkpoint rows it has. These rows are only ever
-    inserted, so with the attempt rows (which are updated) they tell whether a run's goodput
-    inputs changed."""
+    """Per run: how many step, span and checkpoint rows it has (steps and spans counted from
+    their rollups, not row by row). These rows are only ever inserted, so with the attempt
+    rows (which are updated) they tell whether a run's goodput inputs changed."""
     counts: dict[str, list[int]] = {r: [0, 0, 0] for r in run_ids}
-    for i, column in enumerate((Step.run_id, Span.run_id, CheckpointCommit.run_id)):
-        stmt = select(column, func.count()).where(column.in_(run_ids)).group_by(column)
+    sums = (
+        select(StepBlock.run_id, func.sum(StepBlock.n))
+        .where(StepBlock.run_id.in_(run_ids), StepBlock.level == rollups.COARSE)
+        .group_by(StepBlock.run_id),
+        select(SpanTotal.run_id, func.sum(SpanTotal.n))
+        .where(SpanTotal.run_id.in_(run_ids))
+        .group_by(SpanTotal.run_id),
+        select(CheckpointCommit.run_id, func.count())
+        .where(CheckpointCommit.run_id.in_(run_ids))
+        .group_by(CheckpointCommit.run_id),
+    )
+    for i, stmt in enumerate(sums):
         for run_id, n in session.execute(stmt):
             counts[run_id][i] = int(n)
     return {r: tuple(c) for r, c in counts.items()}
