@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -135,7 +135,7 @@ def get_routing(
     layer: Annotated[int | None, Query(ge=0, le=MAX_SLOTS, description="one E layer")] = None,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
     rank: Annotated[int, Query(ge=0, le=MAX_RANK)] = 0,
-) -> RoutingSeries:
+) -> Response:
     """Routing figures per E layer over steps, with each layer's newest histogram. Past
     `max_points` a layer is downsampled like the step series, keeping the lowest and highest
     max_vio of each bucket of step numbers; the layers share one step range and so one set of
@@ -159,7 +159,8 @@ def get_routing(
                 histogram=RoutingHistogram(**hist._asdict()) if hist is not None else None,
             )
         )
-    return RoutingSeries(run_id=run_id, rank=rank, layers=layers)
+    body = RoutingSeries.model_construct(run_id=run_id, rank=rank, layers=layers)
+    return Response(body.model_dump_json(), media_type="application/json")  # one Rust pass
 
 
 # -- CSV export --
