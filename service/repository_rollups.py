@@ -63,12 +63,12 @@ from service.step_stats import RECENT_STEPS, STRAGGLER_STEPS
 COARSE, FINE = max(ROLLUP_LEVELS), min(ROLLUP_LEVELS)
 
 
-def _table(model: type[Base]) -> Table:
-    return cast(Table, model.__table__)
-
-
 DESCENDING = tuple(sorted(ROLLUP_LEVELS, reverse=True))
 _NEG_INF = -math.inf
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
 
 
 def _rows(session: Session, stmt: Any) -> Any:
@@ -99,10 +99,21 @@ def _pick(cond: Any, new: Any, old: Any) -> Any:
 
 
 def lock_runs(session: Session, run_ids: Iterable[str]) -> None:
-    """Serialize rollup upkeep per run on PostgreSQL (SQLite has one writer at a time)."""
+    """Serialize rollup upkeep per run, before its first read: each pair of step and span
+    must be seen by exactly one of two concurrent ingests. PostgreSQL: row locks on the runs.
+    SQLite: a write first, so this transaction holds the database's one write lock (its
+    reads would otherwise run before the lock, beside another writer)."""
     ids = sorted(set(run_ids))
-    if ids and session.get_bind().dialect.name == "postgresql":
+    if not ids:
+        return
+    if session.get_bind().dialect.name == "postgresql":
         session.execute(select(Run.run_id).where(Run.run_id.in_(ids)).with_for_update())
+    else:
+        session.execute(
+            update(_table(Run))
+            .where(_table(Run).c.run_id.in_(ids))
+            .values(ingested_at=Run.ingested_at)
+        )
 
 
 def fill_blocked(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -123,7 +134,7 @@ def fill_blocked(session: Session, rows: list[dict[str, Any]]) -> None:
 def _stored_blocking_spans(
     session: Session, run_id: str, rank: int, lo: float, hi: float
 ) -> list[SpanIn]:
-    """Blocking spans of the rank that overlap [lo, hi], through the spans' unique index."""
+    """Blocking spans of the rank that overlap [lo, hi], through the spans' primary key."""
     totals = session.execute(
         select(SpanTotal.attempt, SpanTotal.category, SpanTotal.longest_s).where(
             SpanTotal.run_id == run_id, SpanTotal.rank == rank, SpanTotal.overlapped.is_(False)

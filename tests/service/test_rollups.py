@@ -264,3 +264,39 @@ def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
     assert after["goodput_s"] == pytest.approx(before["goodput_s"], rel=1e-12)
     assert after["badput_s"] == pytest.approx(before["badput_s"], rel=1e-12)
     assert client.get("/api/v1/runs/run-a/export.csv", params={"what": "routing"}).text == export
+
+
+def test_concurrent_ingests_of_one_rank_count_each_overlap_once(app: Any) -> None:
+    """Steps from one writer, the compile spans inside them from another, interleaved in
+    small batches: every step's blocked time is still counted exactly once."""
+    import threading
+
+    from service.db import session_scope
+    from trainer_hooks.records import IngestBatch
+
+    def post(records: list[dict[str, Any]]) -> None:
+        batch = IngestBatch.model_validate({"records": records}).records
+        with session_scope(app.state.sessionmaker) as session:
+            repo.ingest(session, batch)
+
+    post([f.run(), f.attempt_start()])
+    steps = [f.step(n, start=f.T0 + 10 + n, dur=0.8) for n in range(400)]
+    spans = [f.span("compile", f.T0 + 10.2 + n, f.T0 + 10.5 + n) for n in range(400)]
+    errors: list[BaseException] = []
+
+    def send(records: list[dict[str, Any]]) -> None:
+        try:
+            for i in range(0, len(records), 10):
+                post(records[i : i + 10])
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(r,)) for r in (steps, spans)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with app.state.sessionmaker() as session:
+        blocked = session.execute(select(Step.blocked_s)).scalars().all()
+    assert len(blocked) == 400 and all(b == pytest.approx(0.3) for b in blocked)
