@@ -387,7 +387,11 @@ def attempts_of(session: Session, run_ids: Sequence[str]) -> list[Attempt]:
 
 
 def count_steps(session: Session, run_id: str) -> int:
-    return int(session.scalar(select(func.count()).where(Step.run_id == run_id)) or 0)
+    """Step rows of the run (every rank and attempt), summed from the coarse step blocks."""
+    stmt = select(func.sum(StepBlock.n)).where(
+        StepBlock.run_id == run_id, StepBlock.level == rollups.COARSE
+    )
+    return int(session.scalar(stmt) or 0)
 
 
 _STEP_IN = (
