@@ -583,13 +583,6 @@ class HistogramRow(NamedTuple):
     dropped_per_expert: list[int]
 
 
-def _routing_where(run_id: str, rank: int, layer: int | None) -> list[Any]:
-    where = [RoutingRow.run_id == run_id, RoutingRow.rank == rank]
-    if layer is not None:
-        where.append(RoutingRow.layer == layer)
-    return where
-
-
 def newest_histograms(
     session: Session, run_id: str, rank: int, newest_attempt: dict[int, int]
 ) -> dict[int, HistogramRow]:
