@@ -13,17 +13,18 @@ from service import repository as repo
 from service import repository_rollups as rollups
 from service.api import RunIdPath, SessionDep, run_or_404, run_status
 from service.db import session_scope
-from service.goodput import run_goodput
 from service.models import Attempt, RoutingRow
 from service.receipts import (
     AttemptEndIn,
+    RankSteps,
     SeamReceipt,
     csv_lines,
     is_fallback,
     missing_parts,
     observed_seams,
     recompile_count,
-    step_summary,
+    reference_rank,
+    summarize_steps,
 )
 from service.schemas import (
     AttemptRead,
@@ -38,6 +39,7 @@ from service.schemas import (
     RoutingPoint,
     RoutingSeries,
 )
+from service.step_stats import RECENT_STEPS
 from trainer_hooks.records import MAX_RANK, MAX_SLOTS
 
 router = APIRouter(prefix="/api/v1", tags=["receipts"])
@@ -67,9 +69,15 @@ def _ends(attempts: list[Attempt]) -> list[AttemptEndIn]:
 
 
 def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
-    inputs = repo.goodput_inputs(session, run_id)
-    g = run_goodput(inputs)
-    steps = step_summary(inputs.steps)
+    """From the rollups: the same figures at any run length."""
+    g, _ = rollups.run_goodput_rolled(session, run_id)
+    per_rank = {r: RankSteps(*sums) for r, sums in rollups.rank_step_sums(session, run_id).items()}
+    ref = reference_rank(r for r, v in per_rank.items() if v.steps > 0)
+    recent, final_loss = [], None
+    if ref is not None:
+        recent = rollups.newest_step_times(session, run_id, ref, RECENT_STEPS)
+        final_loss = rollups.last_step_loss(session, run_id, ref)
+    steps = summarize_steps(per_rank, recent, final_loss)
     return ReceiptSummary(
         goodput=ReceiptGoodput(
             total_s=g.total_s,

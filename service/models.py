@@ -313,6 +313,7 @@ class StepBlock(Base):
     fast_step: Mapped[int] = mapped_column(BigInteger)
     slow_s: Mapped[float] = mapped_column(Double)  # the longest, and its step
     slow_step: Mapped[int] = mapped_column(BigInteger)
+    mem_peak: Mapped[int | None] = mapped_column(BigInteger)  # largest mem_allocated_peak
     loss_n: Mapped[int] = mapped_column(BigInteger)  # steps with a loss; then the lowest and
     loss_low: Mapped[float | None] = mapped_column(Double)  # the highest loss and their steps
     loss_low_step: Mapped[int | None] = mapped_column(BigInteger)

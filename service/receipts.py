@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from service.goodput import StepIn
+from service.step_stats import RECENT_STEPS
 
 PLAN_KEYS = ("pattern",)
 MOE_PLAN_KEYS = ("num_experts", "top_k")
@@ -194,33 +195,53 @@ class StepSummary(NamedTuple):
     final_loss: float | None
 
 
-def step_summary(steps: Sequence[StepIn]) -> StepSummary:
+class RankSteps(NamedTuple):
+    steps: int
+    tokens: int
+    busy_s: float  # sum of step wall times
+
+
+def summarize_steps(
+    per_rank: Mapping[int, RankSteps], recent_ref: Sequence[float], final_loss: float | None
+) -> StepSummary:
     """Figures of the reference rank (0, else the lowest rank with steps): its step count,
-    median step wall time and the loss of its last step (newest attempt, highest step);
-    `tokens_per_s` sums every rank's tokens / step wall time (ranks step side by side)."""
-    ranks = sorted({s.rank for s in steps})
+    the median wall time of its newest RECENT_STEPS steps (`recent_ref`) and the loss of its
+    newest step; `tokens_per_s` sums every rank's tokens / step wall time (ranks step side by
+    side)."""
+    ranks = sorted(r for r, v in per_rank.items() if v.steps > 0)
     if not ranks:
         return StepSummary(None, 0, None, None, None)
     ref = 0 if 0 in ranks else ranks[0]
-    mine = [s for s in steps if s.rank == ref]
-    last = max(mine, key=lambda s: (s.attempt, s.step))
+    busy = [per_rank[r].busy_s for r in ranks]
+    tokens_per_s = (
+        None
+        if any(b <= 0 for b in busy)
+        else sum(per_rank[r].tokens / per_rank[r].busy_s for r in ranks)
+    )
     return StepSummary(
         rank=ref,
-        num_steps=len(mine),
-        median_step_time_s=statistics.median(s.end - s.start for s in mine),
-        tokens_per_s=_tokens_per_s(steps, ranks),
-        final_loss=last.loss,
+        num_steps=per_rank[ref].steps,
+        median_step_time_s=statistics.median(recent_ref) if recent_ref else None,
+        tokens_per_s=tokens_per_s,
+        final_loss=final_loss,
     )
 
 
-def _tokens_per_s(steps: Sequence[StepIn], ranks: list[int]) -> float | None:
-    total = 0.0
-    for r in ranks:
-        busy = sum(s.end - s.start for s in steps if s.rank == r)
-        if busy <= 0:
-            return None
-        total += sum(s.tokens for s in steps if s.rank == r) / busy
-    return total
+def reference_rank(ranks_with_steps: Iterable[int]) -> int | None:
+    ranks = sorted(ranks_with_steps)
+    return None if not ranks else 0 if 0 in ranks else ranks[0]
+
+
+def step_summary(steps: Sequence[StepIn]) -> StepSummary:
+    """summarize_steps on raw step records."""
+    per_rank: dict[int, RankSteps] = {}
+    for s in steps:
+        n, t, b = per_rank.get(s.rank, RankSteps(0, 0, 0.0))
+        per_rank[s.rank] = RankSteps(n + 1, t + s.tokens, b + (s.end - s.start))
+    ref = reference_rank(per_rank)
+    mine = sorted((s for s in steps if s.rank == ref), key=lambda s: (s.attempt, s.step))
+    recent = [s.end - s.start for s in mine[-RECENT_STEPS:]]
+    return summarize_steps(per_rank, recent, mine[-1].loss if mine else None)
 
 
 def recompile_count(observations: Iterable[ObservationIn], attempts: Iterable[AttemptEndIn]) -> int:

@@ -136,6 +136,7 @@ _ROLLED_STEP = (
     Step.end,
     Step.tokens,
     Step.loss,
+    Step.mem_allocated_peak,
     Step.hook_overhead_s,
     Step.blocked_s,
 )
@@ -552,8 +553,13 @@ def observations_of(session: Session, run_id: str) -> list[ObservationIn]:
 
 
 def peak_memory_of(session: Session, run_id: str) -> int | None:
-    """The largest `mem_allocated_peak` of any step of the run (bytes), or None."""
-    peak = session.scalar(select(func.max(Step.mem_allocated_peak)).where(Step.run_id == run_id))
+    """The largest `mem_allocated_peak` of any step of the run (bytes), or None; from the
+    coarse step blocks."""
+    peak = session.scalar(
+        select(func.max(StepBlock.mem_peak)).where(
+            StepBlock.run_id == run_id, StepBlock.level == rollups.COARSE
+        )
+    )
     return int(peak) if peak is not None else None
 
 

@@ -178,6 +178,7 @@ class _StepAcc:
     fast_step: int
     slow_s: float
     slow_step: int
+    mem_peak: int | None = None
     loss_n: int = 0
     loss_low: float | None = None
     loss_low_step: int | None = None
@@ -189,6 +190,8 @@ class _StepAcc:
         t = end - start
         if s.loss is not None:
             self.add_loss(step, s.loss)
+        if s.mem_allocated_peak is not None:
+            self.mem_peak = max(self.mem_peak or 0, s.mem_allocated_peak)
         self.n += 1
         self.busy_s += t
         self.blocked_s += blocked
@@ -263,6 +266,9 @@ def add_steps(session: Session, steps: Sequence[Any]) -> None:
             "fast_step": _pick(fast, new.fast_step, old.fast_step),
             "slow_s": _pick(slow, new.slow_s, old.slow_s),
             "slow_step": _pick(slow, new.slow_step, old.slow_step),
+            "mem_peak": _pick(
+                or_(old.mem_peak.is_(None), new.mem_peak > old.mem_peak), new.mem_peak, old.mem_peak
+            ),
             "loss_n": old.loss_n + new.loss_n,
             "loss_low": _pick(loss_low, new.loss_low, old.loss_low),
             "loss_low_step": _pick(loss_low, new.loss_low_step, old.loss_low_step),
@@ -651,6 +657,7 @@ def rebuild_run(session: Session, run_id: str) -> None:
                 Step.end,
                 Step.tokens,
                 Step.loss,
+                Step.mem_allocated_peak,
                 Step.hook_overhead_s,
             )
             .where(Step.run_id == run_id, key > tuple_(*map(literal, after)))
@@ -699,6 +706,7 @@ class _Rolled(NamedTuple):
     end: float
     tokens: int
     loss: float | None
+    mem_allocated_peak: int | None
     hook_overhead_s: float | None
     blocked_s: float
 
@@ -1082,3 +1090,37 @@ def _fetch_routing(
     for row in _rows(session, stmt).all():
         out.setdefault(row.layer, []).append(row)
     return out
+
+
+class RankSums(NamedTuple):
+    steps: int
+    tokens: int
+    busy_s: float  # sum of end - start
+
+
+def rank_step_sums(session: Session, run_id: str) -> dict[int, RankSums]:
+    """Per rank: step count, tokens and step time, from the coarse blocks."""
+    b = StepBlock
+    stmt = (
+        select(b.rank, func.sum(b.n), func.sum(b.tokens), func.sum(b.busy_s))
+        .where(b.run_id == run_id, b.level == COARSE)
+        .group_by(b.rank)
+    )
+    return {r: RankSums(int(n), int(t), float(busy)) for r, n, t, busy in _rows(session, stmt)}
+
+
+def last_step_loss(session: Session, run_id: str, rank: int) -> float | None:
+    """The loss of the rank's newest step (newest attempt, then highest step)."""
+    attempt = session.scalar(
+        select(func.max(StepBlock.attempt)).where(
+            StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.level == COARSE
+        )
+    )
+    if attempt is None:
+        return None
+    return session.scalar(
+        select(Step.loss)
+        .where(Step.run_id == run_id, Step.attempt == attempt, Step.rank == rank)
+        .order_by(Step.step.desc())
+        .limit(1)
+    )

@@ -102,6 +102,7 @@ def upgrade() -> None:
         sa.Column("fast_step", sa.BigInteger(), nullable=False),
         sa.Column("slow_s", sa.Double(), nullable=False),
         sa.Column("slow_step", sa.BigInteger(), nullable=False),
+        sa.Column("mem_peak", sa.BigInteger(), nullable=True),
         sa.Column("loss_n", sa.BigInteger(), nullable=False),
         sa.Column("loss_low", sa.Double(), nullable=True),
         sa.Column("loss_low_step", sa.BigInteger(), nullable=True),

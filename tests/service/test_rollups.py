@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from service import repository as repo
 from service import repository_rollups as rollups
@@ -41,7 +41,11 @@ def random_run(seed: int, steps: int) -> list[dict[str, Any]]:
                 dur = rng.choice([0.5, 0.5, 0.51, 0.49]) * (3 if rng.random() < 0.01 else 1)
                 hook = rng.choice([None, 1e-4])
                 step = f.step(n, start=t, dur=dur, rank=rank, attempt=attempt)
-                out.append({**step, "hook_overhead_s": hook, "tokens": 100 + n % 7})
+                mem = rng.choice([None, rng.randrange(10**9, 9 * 10**9)])
+                out.append(
+                    {**step, "hook_overhead_s": hook, "tokens": 100 + n % 7}
+                    | ({"mem_allocated_peak": mem} if mem is not None else {})
+                )
                 if rng.random() < 0.03:  # a compile inside the step
                     out.append(f.span("compile", t + 0.1, t + 0.3, rank=rank, attempt=attempt))
                 if rng.random() < 0.02:  # overlapped work counts nowhere
@@ -118,6 +122,18 @@ def test_goodput_from_rollups_equals_goodput_from_raw_rows(
     assert got["disruptions"][0]["time"] == pytest.approx(fig.disruptions[0].time)
     assert got["ideal_step_time_s"] == pytest.approx(fig.ideal_step_time_s)
     assert got["step_time_deviation_s"] == pytest.approx(fig.step_time_deviation_s)
+    # The receipt's summary, from the rollups, against its definition on the raw steps.
+    from service.receipts import step_summary
+
+    throughput = client.get("/api/v1/runs/run-a/receipt").json()["summary"]["throughput"]
+    want_steps = step_summary(inputs.steps)
+    for name in ("rank", "num_steps", "final_loss"):
+        assert throughput[name] == getattr(want_steps, name), name
+    for name in ("median_step_time_s", "tokens_per_s"):
+        assert throughput[name] == pytest.approx(getattr(want_steps, name), rel=1e-9), name
+    with app.state.sessionmaker() as session:
+        peak = session.execute(select(func.max(Step.mem_allocated_peak))).scalar()
+    assert throughput["peak_memory_bytes"] == peak
 
 
 def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
