@@ -8,10 +8,10 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from service import repository as repo
+from service import repository_rollups as rollups
 from service.api import RunIdQuery, SessionDep
 from service.api_receipts import get_receipt
-from service.compare import RunFigures, compare, lane_diff, unexplained
+from service.compare import COMPARE_STEPS, RunFigures, compare, lane_diff, unexplained
 from service.schemas import ReceiptRead
 
 router = APIRouter(prefix="/api/v1")
@@ -48,11 +48,10 @@ class CompareRead(BaseModel):
 
 
 def _figures(session: Session, receipt: ReceiptRead) -> RunFigures:
-    """The last attempt's steps of the receipt's reference rank, in step order."""
+    """The newest COMPARE_STEPS steps of the last attempt of the receipt's reference rank, in
+    step order (the bootstrap's cost grows with the steps; its answer barely does)."""
     rank = receipt.summary.throughput.rank or 0
-    steps = repo.steps_of(session, receipt.run_id, rank=rank)
-    last = max((s.attempt for s in steps), default=0)
-    mine = [s for s in steps if s.attempt == last]
+    mine = rollups.newest_attempt_steps(session, receipt.run_id, rank, COMPARE_STEPS)
     return RunFigures(
         step_times_s=[s.end - s.start for s in mine],
         tokens=[s.tokens for s in mine],

@@ -1,7 +1,8 @@
 """Keep/drop comparison of two runs: pure functions of their stored figures.
 
 Steady state: a run's first steps (warm-up, compilation, allocator growth) are left out: the
-first max(5, 10%) steps of its last attempt. Step time and tokens/s are compared as ratios of
+first max(5, 10%) of the steps compared, which are its last attempt's, the newest
+COMPARE_STEPS of them on a long run. Step time and tokens/s are compared as ratios of
 medians (candidate / baseline) with a percentile bootstrap confidence interval (resampling
 each run's steady steps, a fixed seed, so the same data always gives the same answer).
 
@@ -23,6 +24,7 @@ from typing import Any
 
 MIN_STEADY_STEPS = 8
 BOOTSTRAP_SAMPLES = 2000
+COMPARE_STEPS = 2000  # the newest steps of a run's last attempt that are compared
 SEED = 20261122
 
 

@@ -42,6 +42,7 @@ from service.goodput import (
     RunGoodput,
     SpanIn,
     SpanIndex,
+    StepIn,
     account,
     slowest,
 )
@@ -1124,3 +1125,21 @@ def last_step_loss(session: Session, run_id: str, rank: int) -> float | None:
         .order_by(Step.step.desc())
         .limit(1)
     )
+
+
+def newest_attempt_steps(session: Session, run_id: str, rank: int, limit: int) -> list[StepIn]:
+    """The newest `limit` steps of the rank's newest attempt with steps, in step order."""
+    attempt = session.scalar(
+        select(func.max(StepBlock.attempt)).where(
+            StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.level == COARSE
+        )
+    )
+    if attempt is None:
+        return []
+    stmt = (
+        select(*_STEP_COLUMNS)
+        .where(Step.run_id == run_id, Step.attempt == attempt, Step.rank == rank)
+        .order_by(Step.step.desc())
+        .limit(limit)
+    )
+    return [StepIn(*row) for row in _rows(session, stmt).all()][::-1]

@@ -94,3 +94,29 @@ def test_unknown_runs_and_bad_parameters(cclient: Any) -> None:
         "/api/v1/compare", params={"baseline": "base", "candidate": "base", "margin": 3}
     )
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "margin"
+
+
+def test_a_long_run_is_compared_on_its_newest_steps(
+    cclient: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bootstrap reads the newest COMPARE_STEPS steps of the last attempt: the baseline's
+    early slow phase falls outside them, so the two runs compare as equal."""
+    from service import api_compare
+
+    monkeypatch.setattr(api_compare, "COMPARE_STEPS", 30)
+    base = timed_run("base", 0.10, 1, steps=60, dispatch_requested="loop")
+    for r in base:  # the first 30 steps twice as slow
+        if r["kind"] == "step" and r["step"] < 30:
+            r["end"] = r["start"] + 2 * (r["end"] - r["start"])
+    post(cclient, base)
+    post(cclient, timed_run("cand", 0.10, 2, steps=60, dispatch_requested="grouped"))
+    body = cclient.get(
+        "/api/v1/compare",
+        params={
+            "baseline": "base",
+            "candidate": "cand",
+            "knob": "runtime_policy.dispatch_requested",
+        },
+    ).json()
+    assert body["steady_steps"] == {"baseline": 25, "candidate": 25}  # 30 less max(5, 10%)
+    assert body["step_time_ratio"]["value"] == pytest.approx(1.0, rel=0.05)
