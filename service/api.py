@@ -15,7 +15,7 @@ from service.db import session_scope
 from service.goodput import RankGoodput, RunGoodput, StepIn, run_goodput
 from service.goodput_window import clip_inputs, rolling
 from service.migrate import current_revision
-from service.models import Attempt, Run, Step
+from service.models import Attempt, Run
 from service.schemas import (
     AttemptRead,
     DisruptionRead,
@@ -177,9 +177,6 @@ def get_steps(
     return StepSeries(run_id=run_id, rank=rank, total=total, points=points)
 
 
-_METRIC_VALUES = {"step_time_s": Step.end - Step.start, "loss": Step.loss}
-
-
 @router.get("/runs/{run_id}/series", response_model=MetricSeries)
 def get_series(
     run_id: RunIdPath,
@@ -194,9 +191,8 @@ def get_series(
     attempt; past `max_points`, downsampled like /steps, each bucket keeping the lowest and
     highest value of this scalar. A loss series holds the steps that have a loss."""
     run_or_404(session, run_id)
-    columns = (Step.step, Step.attempt, _METRIC_VALUES[metric])
-    total, rows = rollups.step_series(
-        session, run_id, rank, start_step, end_step, max_points, metric=metric, columns=columns
+    total, rows = rollups.metric_series(
+        session, run_id, rank, metric, start_step, end_step, max_points
     )
     steps, attempts, values = zip(*rows, strict=True) if rows else ((), (), ())
     series = MetricSeries.model_construct(  # typed by the columns; serialized once, in Rust

@@ -13,7 +13,7 @@ from service import repository as repo
 from service import repository_rollups as rollups
 from service.api import RunIdPath, SessionDep, run_or_404, run_status
 from service.db import session_scope
-from service.models import Attempt, RoutingRow
+from service.models import Attempt
 from service.receipts import (
     AttemptEndIn,
     RankSteps,
@@ -76,7 +76,8 @@ def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
     recent, final_loss = [], None
     if ref is not None:
         recent = rollups.newest_step_times(session, run_id, ref, RECENT_STEPS)
-        final_loss = rollups.last_step_loss(session, run_id, ref)
+        newest = rollups.newest_attempt_steps(session, run_id, ref, 1)
+        final_loss = newest[-1].loss if newest else None
     steps = summarize_steps(per_rank, recent, final_loss)
     return ReceiptSummary(
         goodput=ReceiptGoodput(
@@ -132,8 +133,7 @@ def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
 # -- routing --
 
 
-_POINT_COLUMNS = tuple(getattr(RoutingRow, name) for name in repo.RoutingPointRow._fields)
-_POINT_FIELDS = repo.RoutingPointRow._fields[1:]  # a point leaves out its layer
+_POINT_FIELDS = ("step", "attempt", *rollups.POINT_FIELDS)  # rollups.ROUTING_POINT less its layer
 
 
 @router.get("/runs/{run_id}/routing", response_model=RoutingSeries)
@@ -149,7 +149,7 @@ def get_routing(
     max_vio of each bucket of step numbers; the layers share one step range and so one set of
     buckets."""
     run_or_404(session, run_id)
-    series = rollups.routing_series(session, run_id, rank, layer, max_points, _POINT_COLUMNS)
+    series = rollups.routing_series(session, run_id, rank, layer, max_points)
     hists = repo.newest_histograms(
         session, run_id, rank, {n: s.newest_attempt for n, s in series.items()}
     )

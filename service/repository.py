@@ -113,50 +113,18 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     rollups.lock_runs(session, rolled)
     steps = [_row(r) for _, r in by_kind.get("step", [])]
     rollups.fill_blocked(session, steps)  # before this batch's spans: each pair counts once
-    new_steps = _insert_new(session, Step, steps, *_ROLLED_STEP)
+    new_steps = _insert_new(session, Step, steps, *rollups.ROLLED_STEP)
     rollups.add_steps(session, new_steps)
     spans = [_row(r) for _, r in by_kind.get("span", [])]
-    new_spans = _insert_new(session, Span, spans, *_ROLLED_SPAN)
+    new_spans = _insert_new(session, Span, spans, *rollups.ROLLED_SPAN)
     rollups.add_spans(session, new_spans)
     routing = [_routing_row(r) for _, r in by_kind.get("routing", [])]
-    new_routing = _insert_new(session, RoutingRow, routing, *_ROLLED_ROUTING)
+    new_routing = _insert_new(session, RoutingRow, routing, *rollups.ROLLED_ROUTING)
     rollups.add_routing(session, new_routing)
     inserted += len(new_steps) + len(new_spans) + len(new_routing)
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
     inserted += _heartbeats(session, by_kind.get("heartbeat", []))
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
-
-
-_ROLLED_STEP = (
-    Step.run_id,
-    Step.attempt,
-    Step.rank,
-    Step.step,
-    Step.start,
-    Step.end,
-    Step.tokens,
-    Step.loss,
-    Step.mem_allocated_peak,
-    Step.hook_overhead_s,
-    Step.blocked_s,
-)
-_ROLLED_SPAN = (
-    Span.run_id,
-    Span.attempt,
-    Span.rank,
-    Span.category,
-    Span.start,
-    Span.end,
-    Span.overlapped,
-)
-_ROLLED_ROUTING = (
-    RoutingRow.run_id,
-    RoutingRow.attempt,
-    RoutingRow.rank,
-    RoutingRow.layer,
-    RoutingRow.step,
-    *(getattr(RoutingRow, f) for f in rollups.POINT_FIELDS),
-)
 
 
 def _row(rec: Record, *exclude: str) -> dict[str, Any]:
@@ -395,37 +363,6 @@ def count_steps(session: Session, run_id: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-_STEP_IN = (
-    Step.attempt,
-    Step.rank,
-    Step.step,
-    Step.start,
-    Step.end,
-    Step.tokens,
-    Step.loss,
-    Step.hook_overhead_s,
-    Step.flops,
-    Step.device_time_s,
-)
-
-
-def steps_of(
-    session: Session,
-    run_id: str,
-    *,
-    rank: int = 0,
-    start_step: int | None = None,
-    end_step: int | None = None,
-) -> list[StepIn]:
-    stmt = select(*_STEP_IN).where(Step.run_id == run_id, Step.rank == rank)
-    if start_step is not None:
-        stmt = stmt.where(Step.step >= start_step)
-    if end_step is not None:
-        stmt = stmt.where(Step.step <= end_step)
-    rows = session.execute(stmt.order_by(Step.step, Step.attempt))
-    return [StepIn(*row) for row in rows]
-
-
 def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     """Everything the goodput calculator needs, as plain data."""
     attempts = [
@@ -439,7 +376,8 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     )
     checkpoints = [CheckpointIn(*row) for row in commits]
     steps = [
-        StepIn(*row) for row in session.execute(select(*_STEP_IN).where(Step.run_id == run_id))
+        StepIn(*row)
+        for row in session.execute(select(*rollups.STEP_IN_COLUMNS).where(Step.run_id == run_id))
     ]
     spans = [
         SpanIn(*row)
@@ -561,20 +499,6 @@ def peak_memory_of(session: Session, run_id: str) -> int | None:
         )
     )
     return int(peak) if peak is not None else None
-
-
-class RoutingPointRow(NamedTuple):
-    layer: int
-    step: int
-    attempt: int
-    num_steps: int
-    num_tokens: int
-    max_vio: float | None
-    drop_rate: float | None
-    null_fraction: float | None
-    shared_only_fraction: float | None
-    aux_loss: float | None
-    z_loss: float | None
 
 
 class HistogramRow(NamedTuple):

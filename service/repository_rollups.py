@@ -67,6 +67,62 @@ COARSE, FINE = max(ROLLUP_LEVELS), min(ROLLUP_LEVELS)
 DESCENDING = tuple(sorted(ROLLUP_LEVELS, reverse=True))
 _NEG_INF = -math.inf
 
+# The columns each part reads, named once.
+STEP_IN_COLUMNS = (  # service.goodput.StepIn's fields, in order
+    Step.attempt,
+    Step.rank,
+    Step.step,
+    Step.start,
+    Step.end,
+    Step.tokens,
+    Step.loss,
+    Step.hook_overhead_s,
+    Step.flops,
+    Step.device_time_s,
+)
+_STEP_INPUT = (  # what add_steps reads of a step, besides its blocked_s
+    Step.run_id,
+    Step.attempt,
+    Step.rank,
+    Step.step,
+    Step.start,
+    Step.end,
+    Step.tokens,
+    Step.loss,
+    Step.mem_allocated_peak,
+    Step.hook_overhead_s,
+)
+ROLLED_STEP = (*_STEP_INPUT, Step.blocked_s)
+ROLLED_SPAN = (
+    Span.run_id,
+    Span.attempt,
+    Span.rank,
+    Span.category,
+    Span.start,
+    Span.end,
+    Span.overlapped,
+)
+POINT_FIELDS = (  # a routing record's figures in a series point
+    "num_steps",
+    "num_tokens",
+    "max_vio",
+    "drop_rate",
+    "null_fraction",
+    "shared_only_fraction",
+    "aux_loss",
+    "z_loss",
+)
+_POINT_COLUMNS = tuple(getattr(RoutingRow, f) for f in POINT_FIELDS)
+ROLLED_ROUTING = (
+    RoutingRow.run_id,
+    RoutingRow.attempt,
+    RoutingRow.rank,
+    RoutingRow.layer,
+    RoutingRow.step,
+    *_POINT_COLUMNS,
+)
+ROUTING_POINT = (RoutingRow.layer, RoutingRow.step, RoutingRow.attempt, *_POINT_COLUMNS)
+
 
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
@@ -402,18 +458,6 @@ def _spike(v: float | None) -> float:
     return _NEG_INF if v is None else v
 
 
-POINT_FIELDS = (
-    "num_steps",
-    "num_tokens",
-    "max_vio",
-    "drop_rate",
-    "null_fraction",
-    "shared_only_fraction",
-    "aux_loss",
-    "z_loss",
-)
-
-
 def add_routing(session: Session, rows: Sequence[Any]) -> None:
     """Fold newly inserted routing rows (run_id, attempt, rank, layer, step and POINT_FIELDS)
     into routing_blocks."""
@@ -603,14 +647,8 @@ def run_rollup(session: Session, run_id: str) -> RunRollup:
 def newest_step_times(session: Session, run_id: str, rank: int, limit: int) -> list[float]:
     """Step times of the rank's newest `limit` steps (newest attempt first, then highest
     step), returned oldest first; one index range per attempt."""
-    attempts = session.scalars(
-        select(StepBlock.attempt)
-        .where(StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.level == COARSE)
-        .group_by(StepBlock.attempt)
-        .order_by(StepBlock.attempt.desc())
-    ).all()
     times: list[float] = []
-    for attempt in attempts:
+    for attempt in reversed(_step_attempts(session, run_id, rank)):
         if len(times) >= limit:
             break
         stmt = (
@@ -634,33 +672,13 @@ def rebuild_run(session: Session, run_id: str) -> None:
     for model in (StepBlock, SpanTotal, RoutingBlock):
         table = _table(model)
         session.execute(table.delete().where(table.c.run_id == run_id))
-    span_cols = (
-        Span.run_id,
-        Span.attempt,
-        Span.rank,
-        Span.category,
-        Span.start,
-        Span.end,
-        Span.overlapped,
-    )
-    add_spans(session, session.execute(select(*span_cols).where(Span.run_id == run_id)).all())
+    add_spans(session, session.execute(select(*ROLLED_SPAN).where(Span.run_id == run_id)).all())
     after: tuple[int, int, int] = (-1, -1, -1)
     key = tuple_(Step.attempt, Step.rank, Step.step)
     table = _table(Step)
     while True:  # steps after spans: each step is measured against every stored span
         chunk = session.execute(
-            select(
-                Step.run_id,
-                Step.attempt,
-                Step.rank,
-                Step.step,
-                Step.start,
-                Step.end,
-                Step.tokens,
-                Step.loss,
-                Step.mem_allocated_peak,
-                Step.hook_overhead_s,
-            )
+            select(*_STEP_INPUT)
             .where(Step.run_id == run_id, key > tuple_(*map(literal, after)))
             .order_by(Step.attempt, Step.rank, Step.step)
             .limit(_CHUNK)
@@ -685,16 +703,8 @@ def rebuild_run(session: Session, run_id: str) -> None:
             ],
         )
         add_steps(session, [_Rolled(**r) for r in rows])
-    routing_cols = (
-        RoutingRow.run_id,
-        RoutingRow.attempt,
-        RoutingRow.rank,
-        RoutingRow.layer,
-        RoutingRow.step,
-        *(getattr(RoutingRow, f) for f in POINT_FIELDS),
-    )
     add_routing(
-        session, session.execute(select(*routing_cols).where(RoutingRow.run_id == run_id)).all()
+        session, session.execute(select(*ROLLED_ROUTING).where(RoutingRow.run_id == run_id)).all()
     )
 
 
@@ -861,25 +871,6 @@ def _attempts_with(session: Session, spec: _Series, where_blocks: list[Any]) -> 
     return sorted(session.scalars(stmt).all())
 
 
-def _bounds(
-    session: Session, spec: _Series, where_blocks: list[Any], where_rows: list[Any]
-) -> tuple[int, int] | None:
-    """The lowest and highest step of the series: the first and last fine block (the end of
-    an index range), then its at most FINE step numbers of rows (no scan of the series)."""
-    b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
-    out = []
-    for agg in (func.min, func.max):
-        block = session.scalar(select(agg(b.block)).where(*where_blocks, b.level == FINE))
-        if block is None:
-            return None
-        span = (block * FINE, (block + 1) * FINE - 1)
-        step = session.scalar(select(agg(r.step)).where(*where_rows, r.step.between(*span)))
-        if step is None:
-            return None
-        out.append(int(step))
-    return out[0], out[1]
-
-
 def step_series(
     session: Session,
     run_id: str,
@@ -892,7 +883,7 @@ def step_series(
     columns: Sequence[Any] | None = None,
 ) -> tuple[int, list[Row[Any]]]:
     """(steps in the range, the kept rows ordered by step then attempt): rows of `columns`
-    (default _STEP_COLUMNS), buckets keeping the extremes of `metric` (STEP_METRICS; a loss
+    (default STEP_IN_COLUMNS), buckets keeping the extremes of `metric` (STEP_METRICS; a loss
     series holds the steps that have a loss)."""
     spec = STEP_METRICS[metric]
     where_blocks = [StepBlock.run_id == run_id, StepBlock.rank == rank]
@@ -909,25 +900,27 @@ def step_series(
         hi = bounds[1] if hi is None else hi
     pick = _downsample(session, spec, where_blocks, where_rows, lo, hi, max_points)
     where = [*where_rows, *([] if spec.present is None else [spec.present])]
-    rows = _fetch(session, Step, columns or _STEP_COLUMNS, where, lo, hi, pick.keys)
+    rows = _fetch(session, Step, columns or STEP_IN_COLUMNS, where, lo, hi, pick.keys)
     return pick.total, rows
 
 
 STEP_METRICS = {"step_time_s": _STEP_SERIES, "loss": _LOSS_SERIES}
 
 
-_STEP_COLUMNS = (
-    Step.attempt,
-    Step.rank,
-    Step.step,
-    Step.start,
-    Step.end,
-    Step.tokens,
-    Step.loss,
-    Step.hook_overhead_s,
-    Step.flops,
-    Step.device_time_s,
-)
+def metric_series(
+    session: Session,
+    run_id: str,
+    rank: int,
+    metric: str,
+    start_step: int | None,
+    end_step: int | None,
+    max_points: int,
+) -> tuple[int, list[Row[Any]]]:
+    """One scalar of STEP_METRICS as (step, attempt, value) rows, downsampled on it."""
+    columns = (Step.step, Step.attempt, STEP_METRICS[metric].value)
+    return step_series(
+        session, run_id, rank, start_step, end_step, max_points, metric=metric, columns=columns
+    )
 
 
 def _fetch(
@@ -974,13 +967,12 @@ def routing_series(
     rank: int,
     layer: int | None,
     max_points: int,
-    columns: Sequence[Any],
 ) -> dict[int, LayerSeries]:
     """Per E layer (every layer, or `layer`), its routing records downsampled by MaxVio. The
     layers share one step range (lowest to highest step of any of them) and so one set of
-    buckets; each statement covers every layer. Rows are (layer, step, attempt,
-    *POINT_FIELDS), so `columns` must select those, in that order; the kept records' figures
-    come from the blocks (or the rows read at the range's edges), with no second read."""
+    buckets; each statement covers every layer. Rows are ROUTING_POINT: (layer, step,
+    attempt, *POINT_FIELDS); the kept records' figures come from the blocks (or the rows read
+    at the range's edges), with no second read."""
     where_blocks = [RoutingBlock.run_id == run_id, RoutingBlock.rank == rank]
     if layer is not None:
         where_blocks.append(RoutingBlock.layer == layer)
@@ -1004,7 +996,7 @@ def routing_series(
         RoutingRow.rank == rank,
         RoutingRow.layer.in_(layers),
     ]
-    bounds = _shared_bounds(session, where_blocks, where_rows)
+    bounds = _bounds(session, _ROUTING_SERIES, where_blocks, where_rows)
     if bounds is None:
         return {}
     lo, hi = bounds
@@ -1030,9 +1022,8 @@ def routing_series(
             points[(n, low_step, attempt)] = tuple(fig[:half])
             points[(n, high_step, attempt)] = tuple(fig[half:])
     value = func.coalesce(RoutingRow.max_vio, _NEG_INF)
-    figures = [getattr(RoutingRow, f) for f in POINT_FIELDS]
     for first, last in raw:
-        edge = select(RoutingRow.layer, RoutingRow.step, RoutingRow.attempt, value, *figures).where(
+        edge = select(*ROUTING_POINT[:3], value, *_POINT_COLUMNS).where(
             *where_rows, RoutingRow.step.between(first, last)
         )
         for n, step, attempt, v, *fig in _rows(session, edge).all():
@@ -1042,18 +1033,20 @@ def routing_series(
     every = [n for n in layers if totals[n] <= max_points]
     rows: dict[int, list[Any]] = {}
     if every:
-        rows = _fetch_routing(session, columns, where_rows, lo, hi, every)
+        rows = _fetch_routing(session, where_rows, lo, hi, every)
     for n in layers:
         if n not in every:  # the kept records' figures came with the candidates
             rows[n] = [(n, s, a, *points[(n, s, a)]) for s, a in pick(candidates[n])]
     return {n: LayerSeries(totals[n], rows.get(n, []), max(attempts_by_layer[n])) for n in layers}
 
 
-def _shared_bounds(
-    session: Session, where_blocks: list[Any], where_rows: list[Any]
+def _bounds(
+    session: Session, spec: _Series, where_blocks: list[Any], where_rows: list[Any]
 ) -> tuple[int, int] | None:
-    """Lowest and highest step over the layers: coarse block, fine block inside it, rows."""
-    b, r = RoutingBlock, RoutingRow
+    """Lowest and highest step of the series (over every layer the filters admit): the end
+    coarse block, the end fine block inside it, then at most FINE step numbers of rows; no
+    scan of the series."""
+    b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
     out = []
     for agg in (func.min, func.max):
         span: tuple[int, int] | None = None
@@ -1075,7 +1068,6 @@ def _shared_bounds(
 
 def _fetch_routing(
     session: Session,
-    columns: Sequence[Any],
     where_rows: list[Any],
     lo: int,
     hi: int,
@@ -1084,7 +1076,7 @@ def _fetch_routing(
     """Every row of [lo, hi] of these layers, by layer."""
     out: dict[int, list[Any]] = {}
     stmt = (
-        select(*columns)
+        select(*ROUTING_POINT)
         .where(*where_rows, RoutingRow.layer.in_(layers), RoutingRow.step.between(lo, hi))
         .order_by(RoutingRow.step, RoutingRow.attempt)
     )
@@ -1110,36 +1102,22 @@ def rank_step_sums(session: Session, run_id: str) -> dict[int, RankSums]:
     return {r: RankSums(int(n), int(t), float(busy)) for r, n, t, busy in _rows(session, stmt)}
 
 
-def last_step_loss(session: Session, run_id: str, rank: int) -> float | None:
-    """The loss of the rank's newest step (newest attempt, then highest step)."""
-    attempt = session.scalar(
-        select(func.max(StepBlock.attempt)).where(
-            StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.level == COARSE
-        )
-    )
-    if attempt is None:
-        return None
-    return session.scalar(
-        select(Step.loss)
-        .where(Step.run_id == run_id, Step.attempt == attempt, Step.rank == rank)
-        .order_by(Step.step.desc())
-        .limit(1)
-    )
-
-
 def newest_attempt_steps(session: Session, run_id: str, rank: int, limit: int) -> list[StepIn]:
     """The newest `limit` steps of the rank's newest attempt with steps, in step order."""
-    attempt = session.scalar(
-        select(func.max(StepBlock.attempt)).where(
-            StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.level == COARSE
-        )
-    )
-    if attempt is None:
+    attempts = _step_attempts(session, run_id, rank)
+    if not attempts:
         return []
+    attempt = attempts[-1]
     stmt = (
-        select(*_STEP_COLUMNS)
+        select(*STEP_IN_COLUMNS)
         .where(Step.run_id == run_id, Step.attempt == attempt, Step.rank == rank)
         .order_by(Step.step.desc())
         .limit(limit)
     )
     return [StepIn(*row) for row in _rows(session, stmt).all()][::-1]
+
+
+def _step_attempts(session: Session, run_id: str, rank: int) -> list[int]:
+    """The rank's attempts with steps, ascending."""
+    where = [StepBlock.run_id == run_id, StepBlock.rank == rank]
+    return _attempts_with(session, _STEP_SERIES, where)
