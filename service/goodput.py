@@ -24,8 +24,9 @@ slowest rank (largest total; on a tie, least goodput); every rank stays listed.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -128,6 +129,25 @@ class SpanIndex:
         lo = bisect.bisect_left(self.starts, start - self.longest)
         hi = bisect.bisect_left(self.starts, end)
         return sum(_overlap(start, end, s.start, s.end) for s in self.spans[lo:hi])
+
+    def overlaps(self, intervals: Sequence[tuple[float, float]]) -> list[float]:
+        """`overlap` of each (start, end), in one sweep: intervals and spans both in start
+        order, with the spans that may still reach the next interval in a heap by end. Each
+        sum adds its spans in start order, as `overlap` does, so both give the same floats."""
+        out = [0.0] * len(intervals)
+        spans, n, j = self.spans, len(self.spans), 0
+        live: list[tuple[float, int]] = []  # (end, index into spans)
+        for i in sorted(range(len(intervals)), key=lambda i: intervals[i][0]):
+            start, end = intervals[i]
+            while j < n and spans[j].start < end:
+                heapq.heappush(live, (spans[j].end, j))
+                j += 1
+            while live and live[0][0] <= start:
+                heapq.heappop(live)
+            if live:
+                hits = sorted(k for _, k in live) if len(live) > 1 else [live[0][1]]
+                out[i] = sum(_overlap(start, end, spans[k].start, spans[k].end) for k in hits)
+        return out
 
 
 class AttemptSplit(NamedTuple):

@@ -88,4 +88,7 @@ def rolling(inputs: GoodputInputs, window_s: float, step_s: float) -> list[tuple
     count = max(1, math.ceil((last - first - window_s) / step_s) + 1) if last > first else 1
     if count > MAX_WINDOWS:
         raise ValueError(f"window_s/step_s give {count} windows; at most {MAX_WINDOWS}")
-    return [(first + i * step_s, first + i * step_s + window_s) for i in range(count)]
+    bounds = [(first + i * step_s, first + i * step_s + window_s) for i in range(count)]
+    if any(b <= a for a, b in bounds):  # e.g. 1e-9 s on an epoch timestamp
+        raise ValueError(f"window_s={window_s} is below the resolution of the run's timestamps")
+    return bounds

@@ -8,10 +8,12 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Literal, NamedTuple, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Dialect,
     Engine,
     Row,
     Select,
@@ -28,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from service import repository_bulk as bulk
 from service import repository_rollups as rollups
 from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, SpanIn, StepIn
 from service.models import (
@@ -35,6 +38,7 @@ from service.models import (
     Base,
     CheckpointCommit,
     Observation,
+    PackedCounts,
     Profile,
     RoutingRow,
     Run,
@@ -111,17 +115,7 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
         inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
     rolled = [r.run_id for kind in ("step", "span", "routing") for _, r in by_kind.get(kind, [])]
     rollups.lock_runs(session, rolled)
-    steps = [_row(r) for _, r in by_kind.get("step", [])]
-    rollups.fill_blocked(session, steps)  # before this batch's spans: each pair counts once
-    new_steps = _insert_new(session, Step, steps, *rollups.ROLLED_STEP)
-    rollups.add_steps(session, new_steps)
-    spans = [_row(r) for _, r in by_kind.get("span", [])]
-    new_spans = _insert_new(session, Span, spans, *rollups.ROLLED_SPAN)
-    rollups.add_spans(session, new_spans)
-    routing = [_routing_row(r) for _, r in by_kind.get("routing", [])]
-    new_routing = _insert_new(session, RoutingRow, routing, *rollups.ROLLED_ROUTING)
-    rollups.add_routing(session, new_routing)
-    inserted += len(new_steps) + len(new_spans) + len(new_routing)
+    inserted += _store_per_step(session, by_kind)
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
     inserted += _heartbeats(session, by_kind.get("heartbeat", []))
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
@@ -131,7 +125,44 @@ def _row(rec: Record, *exclude: str) -> dict[str, Any]:
     return rec.model_dump(exclude={"kind", "schema_version", *exclude})
 
 
-def _routing_row(rec: RoutingRecord) -> dict[str, Any]:
+_STEP_ROW = attrgetter(*rollups.STEP_COLUMNS)
+_SPAN_ROW = attrgetter(*rollups.SPAN_COLUMNS)
+
+
+def _store_per_step(session: Session, by_kind: dict[str, list[tuple[int, Any]]]) -> int:
+    """Steps, spans and routing records, with their rollups (the caller holds the runs'
+    locks). Every read of stored rows runs before this batch's rows are written, so each
+    pair of a step and a blocking span is measured once: new steps against stored and new
+    spans, new spans against stored steps."""
+    of = {kind: [r for _, r in by_kind.get(kind, [])] for kind in ("step", "span", "routing")}
+    key = ("run_id", "attempt", "rank")
+    steps = bulk.keep_new(session, _table(Step), key, "step", of["step"])
+    spans = bulk.keep_new(session, _table(Span), (*key, "category"), "start", of["span"])
+    routing = bulk.keep_new(session, _table(RoutingRow), (*key, "layer"), "step", of["routing"])
+    step_rows = [_STEP_ROW(r) for r in steps]
+    blocked = rollups.blocked_of(session, step_rows, spans)
+    rollups.block_stored_steps(session, spans)
+    bulk.insert_rows(session, _table(Span), rollups.SPAN_COLUMNS, [_SPAN_ROW(r) for r in spans])
+    rollups.add_spans(session, spans)
+    bulk.insert_rows(
+        session,
+        _table(Step),
+        (*rollups.STEP_COLUMNS, "blocked_s"),
+        [(*row, b) for row, b in zip(step_rows, blocked, strict=True)],
+    )
+    rollups.add_steps(session, step_rows, blocked)
+    dialect = session.get_bind().dialect
+    routing_rows = [_routing_row(r, dialect) for r in routing]
+    bulk.insert_rows(session, _table(RoutingRow), rollups.ROUTING_COLUMNS, routing_rows)
+    rollups.add_routing(session, routing_rows)
+    return len(steps) + len(spans) + len(routing)
+
+
+_PACKED = PackedCounts()
+
+
+def _routing_row(rec: RoutingRecord, dialect: Dialect) -> tuple[Any, ...]:
+    """A routing record laid out as rollups.ROUTING_COLUMNS, its derived figures included."""
     fig = routing_figures(
         rec.tokens_per_expert,
         rec.dropped_per_expert,
@@ -140,13 +171,34 @@ def _routing_row(rec: RoutingRecord) -> dict[str, Any]:
         rec.null_slot,
         rec.shared_only_tokens,
     )
-    return {
-        **_row(rec),
-        "max_vio": fig.max_vio,
-        "drop_rate": fig.drop_rate,
-        "null_fraction": fig.null_fraction,
-        "shared_only_fraction": fig.shared_only_fraction,
-    }
+    return (
+        rec.run_id,
+        rec.attempt,
+        rec.rank,
+        rec.layer,
+        rec.step,
+        rec.num_steps,  # POINT_FIELDS from here
+        rec.num_tokens,
+        fig.max_vio,
+        fig.drop_rate,
+        fig.null_fraction,
+        fig.shared_only_fraction,
+        rec.aux_loss,
+        rec.z_loss,
+        rec.top_k,  # then the rest
+        rec.null_slot,
+        _PACKED.process_bind_param(rec.tokens_per_expert, dialect),
+        _PACKED.process_bind_param(rec.dropped_per_expert, dialect),
+        rec.capacity,
+        rec.shared_only_tokens,
+    )
+
+
+assert rollups.ROUTING_COLUMNS[5:13] == rollups.POINT_FIELDS, "_routing_row's layout"
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
 
 
 def _attempt_key(rec: Any) -> Any:

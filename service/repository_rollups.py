@@ -24,6 +24,7 @@ its edges, and raw rows for what is left (fewer than 64 step numbers at each end
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -92,7 +93,6 @@ _STEP_INPUT = (  # what add_steps reads of a step, besides its blocked_s
     Step.mem_allocated_peak,
     Step.hook_overhead_s,
 )
-ROLLED_STEP = (*_STEP_INPUT, Step.blocked_s)
 ROLLED_SPAN = (
     Span.run_id,
     Span.attempt,
@@ -122,6 +122,30 @@ ROLLED_ROUTING = (
     *_POINT_COLUMNS,
 )
 ROUTING_POINT = (RoutingRow.layer, RoutingRow.step, RoutingRow.attempt, *_POINT_COLUMNS)
+
+# Rows as the bulk inserts write them (repository_bulk): what the rollups read comes first.
+STEP_COLUMNS = (
+    *(c.key for c in _STEP_INPUT),
+    "device_time_s",
+    "flops",
+    "mem_reserved_peak",
+    "alloc_retries",
+)  # then blocked_s
+SPAN_COLUMNS = (*(c.key for c in ROLLED_SPAN), "step")
+ROUTING_COLUMNS = (
+    *(c.key for c in ROLLED_ROUTING),
+    "top_k",
+    "null_slot",
+    "tokens_per_expert",
+    "dropped_per_expert",
+    "capacity",
+    "shared_only_tokens",
+)
+_STEP_ROW = (*STEP_COLUMNS, "blocked_s")
+for _model, _names in ((Step, _STEP_ROW), (Span, SPAN_COLUMNS), (RoutingRow, ROUTING_COLUMNS)):
+    assert sorted(_names) == sorted(_model.__table__.c.keys()), f"{_model.__tablename__}: columns"
+# _levels_up builds each level from the one below it.
+assert all(b % a == 0 for a, b in zip(ROLLUP_LEVELS, ROLLUP_LEVELS[1:], strict=False))
 
 
 def _table(model: type[Base]) -> Table:
@@ -173,19 +197,26 @@ def lock_runs(session: Session, run_ids: Iterable[str]) -> None:
         )
 
 
-def fill_blocked(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Set `blocked_s` of each step row about to be inserted: its overlap with the blocking
-    spans already stored on its rank."""
-    for (run_id, rank), mine in _group(rows, lambda r: (r["run_id"], r["rank"])).items():
-        for r in mine:
-            r["blocked_s"] = 0.0
-        spans = _stored_blocking_spans(
-            session, run_id, rank, min(r["start"] for r in mine), max(r["end"] for r in mine)
-        )
-        if spans:
-            index = SpanIndex(spans)
-            for r in mine:
-                r["blocked_s"] = index.overlap(r["start"], r["end"])
+def blocked_of(session: Session, steps: Sequence[Any], spans: Sequence[Any]) -> list[float]:
+    """`blocked_s` of each step about to be inserted (rows laid out as STEP_COLUMNS): its
+    overlap with the blocking spans already stored on its rank and with `spans`, the new span
+    records of this batch, not yet stored."""
+    out = [0.0] * len(steps)
+    new = _group((s for s in spans if not s.overlapped), lambda s: (s.run_id, s.rank))
+    by_rank = _group(range(len(steps)), lambda i: (steps[i][0], steps[i][2]))
+    for (run_id, rank), mine in by_rank.items():
+        lo = min(steps[i][4] for i in mine)
+        hi = max(steps[i][5] for i in mine)
+        found = _stored_blocking_spans(session, run_id, rank, lo, hi)
+        found += [
+            SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False)
+            for s in new.get((run_id, rank), [])
+        ]
+        if found:
+            times = SpanIndex(found).overlaps([(steps[i][4], steps[i][5]) for i in mine])
+            for i, x in zip(mine, times, strict=True):
+                out[i] = x
+    return out
 
 
 def _stored_blocking_spans(
@@ -222,7 +253,7 @@ def _group(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _StepAcc:
     n: int
     busy_s: float
@@ -235,58 +266,91 @@ class _StepAcc:
     fast_step: int
     slow_s: float
     slow_step: int
-    mem_peak: int | None = None
-    loss_n: int = 0
-    loss_low: float | None = None
-    loss_low_step: int | None = None
-    loss_high: float | None = None
-    loss_high_step: int | None = None
+    mem_peak: int | None
+    loss_n: int
+    loss_low: float | None
+    loss_low_step: int | None
+    loss_high: float | None
+    loss_high_step: int | None
 
-    def add(self, s: Any) -> None:
-        step, start, end, blocked = s.step, s.start, s.end, s.blocked_s
+    @classmethod
+    def of(cls, row: Sequence[Any], blocked: float) -> _StepAcc:
+        """One step (a row laid out as STEP_COLUMNS)."""
+        _, _, _, step, start, end, tokens, loss, mem, hook = row[:10]
         t = end - start
-        if s.loss is not None:
-            self.add_loss(step, s.loss)
-        if s.mem_allocated_peak is not None:
-            self.mem_peak = max(self.mem_peak or 0, s.mem_allocated_peak)
-        self.n += 1
-        self.busy_s += t
-        self.blocked_s += blocked
-        self.tokens += s.tokens
-        self.hook_s += s.hook_overhead_s or 0.0
-        self.first_start = min(self.first_start, start)
-        self.last_end = max(self.last_end, end)
-        if (t, step) < (self.fast_s, self.fast_step):
-            self.fast_s, self.fast_step = t, step
-        if t > self.slow_s or (t == self.slow_s and step < self.slow_step):
-            self.slow_s, self.slow_step = t, step
+        at = None if loss is None else step
+        return cls(
+            1, t, blocked, tokens, hook or 0.0, start, end, t, step, t, step, mem,
+            0 if at is None else 1, loss, at, loss, at,
+        )  # fmt: skip
 
-    def add_loss(self, step: int, loss: float) -> None:
-        self.loss_n += 1
-        if self.loss_low is None or (loss, step) < (self.loss_low, self.loss_low_step or 0):
-            self.loss_low, self.loss_low_step = loss, step
-        high, high_step = self.loss_high, self.loss_high_step or 0
-        if high is None or loss > high or (loss == high and step < high_step):
-            self.loss_high, self.loss_high_step = loss, step
+    def merge(self, o: _StepAcc) -> None:
+        """Fold another block's (or step's) figures into this one."""
+        self.n += o.n
+        self.busy_s += o.busy_s
+        self.blocked_s += o.blocked_s
+        self.tokens += o.tokens
+        self.hook_s += o.hook_s
+        if o.first_start < self.first_start:
+            self.first_start = o.first_start
+        if o.last_end > self.last_end:
+            self.last_end = o.last_end
+        if (o.fast_s, o.fast_step) < (self.fast_s, self.fast_step):
+            self.fast_s, self.fast_step = o.fast_s, o.fast_step
+        if o.slow_s > self.slow_s or (o.slow_s == self.slow_s and o.slow_step < self.slow_step):
+            self.slow_s, self.slow_step = o.slow_s, o.slow_step
+        if o.mem_peak is not None and (self.mem_peak is None or o.mem_peak > self.mem_peak):
+            self.mem_peak = o.mem_peak
+        if o.loss_n:
+            self.loss_n += o.loss_n
+            # A block with a loss has both extremes and their steps.
+            low, low_at = cast(float, o.loss_low), cast(int, o.loss_low_step)
+            high, high_at = cast(float, o.loss_high), cast(int, o.loss_high_step)
+            if self.loss_low is None or (low, low_at) < (self.loss_low, self.loss_low_step or 0):
+                self.loss_low, self.loss_low_step = low, low_at
+            mine, mine_at = self.loss_high, self.loss_high_step or 0
+            if mine is None or high > mine or (high == mine and high_at < mine_at):
+                self.loss_high, self.loss_high_step = high, high_at
 
 
-def add_steps(session: Session, steps: Sequence[Any]) -> None:
-    """Fold newly inserted step rows (run_id, attempt, rank, step, start, end, tokens, loss,
-    hook_overhead_s, blocked_s) into step_blocks."""
+_STEP_ACC_FIELDS = _StepAcc.__dataclass_fields__.keys()
+
+
+def _levels_up(fine: dict[tuple[Any, ...], Any], merge: Callable[[Any, Any], Any]) -> dict:
+    """Blocks of every level of ROLLUP_LEVELS from the finest level's blocks, keyed
+    (*prefix, level, block, attempt): each coarser block merges the finer ones inside it."""
+    out = dict(fine)
+    below = fine
+    for level in ROLLUP_LEVELS[1:]:
+        up: dict[tuple[Any, ...], Any] = {}
+        for key, acc in below.items():
+            *prefix, finer, block, attempt = key
+            k = (*prefix, level, block * finer // level, attempt)
+            have = up.get(k)
+            up[k] = copy.copy(acc) if have is None else merge(have, acc)
+        out.update(up)
+        below = up
+    return out
+
+
+def add_steps(session: Session, steps: Sequence[Sequence[Any]], blocked: Sequence[float]) -> None:
+    """Fold newly inserted steps (rows laid out as STEP_COLUMNS, or at least its first ten)
+    and their `blocked_s` into step_blocks."""
     if not steps:
         return
-    acc: dict[tuple[str, int, int, int, int], _StepAcc] = {}
-    for s in steps:
-        for level in ROLLUP_LEVELS:
-            key = (s.run_id, s.rank, level, s.step // level, s.attempt)
-            a = acc.get(key)
-            if a is None:
-                t = s.end - s.start
-                a = acc[key] = _StepAcc(0, 0.0, 0.0, 0, 0.0, s.start, s.end, t, s.step, t, s.step)
-            a.add(s)
+    fine: dict[tuple[Any, ...], _StepAcc] = {}
+    for row, b in zip(steps, blocked, strict=True):
+        key = (row[0], row[2], FINE, row[3] // FINE, row[1])
+        have = fine.get(key)
+        if have is None:
+            fine[key] = _StepAcc.of(row, b)
+        else:
+            have.merge(_StepAcc.of(row, b))
+    blocks = _levels_up(fine, lambda a, b: a.merge(b) or a)
     rows = [
-        {"run_id": k[0], "rank": k[1], "level": k[2], "block": k[3], "attempt": k[4], **vars(a)}
-        for k, a in acc.items()
+        {"run_id": k[0], "rank": k[1], "level": k[2], "block": k[3], "attempt": k[4]}
+        | {f: getattr(a, f) for f in _STEP_ACC_FIELDS}
+        for k, a in blocks.items()
     ]
     stmt = _insert(session, StepBlock)
     new, old = stmt.excluded, StepBlock
@@ -337,8 +401,8 @@ def add_steps(session: Session, steps: Sequence[Any]) -> None:
 
 
 def add_spans(session: Session, spans: Sequence[Any]) -> None:
-    """Fold newly inserted span rows (run_id, attempt, rank, category, start, end, overlapped)
-    into span_totals, and add each blocking one's overlap to the stored steps it covers."""
+    """Fold newly inserted spans (rows or records with run_id, attempt, rank, category,
+    start, end, overlapped) into span_totals."""
     if not spans:
         return
     acc: dict[tuple[Any, ...], list[Any]] = {}
@@ -375,6 +439,12 @@ def add_spans(session: Session, spans: Sequence[Any]) -> None:
         },
     )
     session.execute(stmt, rows)
+
+
+def block_stored_steps(session: Session, spans: Sequence[Any]) -> None:
+    """Add the overlap of new blocking spans (records not yet stored) to the steps already
+    stored, and to their step_blocks: run before this batch's steps are inserted, which
+    `blocked_of` measures against these spans instead."""
     blocking = [s for s in spans if not s.overlapped]
     for (run_id, rank), mine in _group(blocking, lambda s: (s.run_id, s.rank)).items():
         _block_stored_steps(session, run_id, rank, mine)
@@ -458,33 +528,51 @@ def _spike(v: float | None) -> float:
     return _NEG_INF if v is None else v
 
 
-def add_routing(session: Session, rows: Sequence[Any]) -> None:
-    """Fold newly inserted routing rows (run_id, attempt, rank, layer, step and POINT_FIELDS)
-    into routing_blocks."""
+class _Spikes:
+    """A routing block's count and its records of lowest and highest MaxVio (-inf for none),
+    each with its step and point (the POINT_FIELDS of the record)."""
+
+    __slots__ = ("n", "low", "low_step", "low_point", "high", "high_step", "high_point")
+
+    def __init__(self, n: int, v: float, step: int, point: tuple[Any, ...]) -> None:
+        self.n = n
+        self.low, self.low_step, self.low_point = v, step, point
+        self.high, self.high_step, self.high_point = v, step, point
+
+    def merge(self, o: _Spikes) -> _Spikes:
+        self.n += o.n
+        if (o.low, o.low_step) < (self.low, self.low_step):
+            self.low, self.low_step, self.low_point = o.low, o.low_step, o.low_point
+        if o.high > self.high or (o.high == self.high and o.high_step < self.high_step):
+            self.high, self.high_step, self.high_point = o.high, o.high_step, o.high_point
+        return self
+
+
+_MAX_VIO_AT = 5 + POINT_FIELDS.index("max_vio")
+
+
+def add_routing(session: Session, rows: Sequence[Sequence[Any]]) -> None:
+    """Fold newly inserted routing rows (laid out as ROUTING_COLUMNS, or at least its first
+    5 + len(POINT_FIELDS): run_id, attempt, rank, layer, step, then POINT_FIELDS) into
+    routing_blocks."""
     if not rows:
         return
-    acc: dict[tuple[Any, ...], list[Any]] = {}
+    fine: dict[tuple[Any, ...], _Spikes] = {}
+    end = 5 + len(POINT_FIELDS)
     for r in rows:
-        v = _spike(r.max_vio)
-        point = tuple(getattr(r, f) for f in POINT_FIELDS)
-        for level in ROLLUP_LEVELS:
-            key = (r.run_id, r.rank, r.layer, level, r.step // level, r.attempt)
-            a = acc.get(key)
-            if a is None:
-                acc[key] = [1, v, r.step, point, v, r.step, point]
-                continue
-            a[0] += 1
-            if (v, r.step) < (a[1], a[2]):
-                a[1], a[2], a[3] = v, r.step, point
-            if v > a[4] or (v == a[4] and r.step < a[5]):
-                a[4], a[5], a[6] = v, r.step, point
+        step = r[4]
+        one = _Spikes(1, _spike(r[_MAX_VIO_AT]), step, tuple(r[5:end]))
+        key = (r[0], r[2], r[3], FINE, step // FINE, r[1])
+        have = fine.get(key)
+        fine[key] = one if have is None else have.merge(one)
+    acc = _levels_up(fine, _Spikes.merge)
     names = ("run_id", "rank", "layer", "level", "block", "attempt")  # the key, in any order
     values = []
-    for k, (n, low, low_step, low_point, high, high_step, high_point) in acc.items():
+    for k, a in acc.items():
         row = dict(zip(names, k, strict=True))
-        row.update(n=n, low=low, low_step=low_step, high=high, high_step=high_step)
-        row.update({f"low_{f}": v for f, v in zip(POINT_FIELDS, low_point, strict=True)})
-        row.update({f"high_{f}": v for f, v in zip(POINT_FIELDS, high_point, strict=True)})
+        row.update(n=a.n, low=a.low, low_step=a.low_step, high=a.high, high_step=a.high_step)
+        row.update({f"low_{f}": v for f, v in zip(POINT_FIELDS, a.low_point, strict=True)})
+        row.update({f"high_{f}": v for f, v in zip(POINT_FIELDS, a.high_point, strict=True)})
         values.append(row)
     stmt = _insert(session, RoutingBlock)
     new, old = stmt.excluded, cast(Any, RoutingBlock)
@@ -686,8 +774,7 @@ def rebuild_run(session: Session, run_id: str) -> None:
         if not chunk:
             break
         after = (chunk[-1].attempt, chunk[-1].rank, chunk[-1].step)
-        rows = [r._asdict() for r in chunk]
-        fill_blocked(session, rows)
+        blocked = blocked_of(session, chunk, [])
         session.execute(
             update(table)
             .where(
@@ -698,28 +785,14 @@ def rebuild_run(session: Session, run_id: str) -> None:
             )
             .values(blocked_s=bindparam("b")),
             [
-                {"at": r["attempt"], "rk": r["rank"], "st": r["step"], "b": r["blocked_s"]}
-                for r in rows
+                {"at": r.attempt, "rk": r.rank, "st": r.step, "b": b}
+                for r, b in zip(chunk, blocked, strict=True)
             ],
         )
-        add_steps(session, [_Rolled(**r) for r in rows])
+        add_steps(session, chunk, blocked)
     add_routing(
         session, session.execute(select(*ROLLED_ROUTING).where(RoutingRow.run_id == run_id)).all()
     )
-
-
-class _Rolled(NamedTuple):
-    run_id: str
-    attempt: int
-    rank: int
-    step: int
-    start: float
-    end: float
-    tokens: int
-    loss: float | None
-    mem_allocated_peak: int | None
-    hook_overhead_s: float | None
-    blocked_s: float
 
 
 def rebuild_all(session: Session) -> int:

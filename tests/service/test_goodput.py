@@ -153,3 +153,22 @@ def test_hooks_overhead_is_charged_as_observability() -> None:
     assert g.badput_s["observability"] == pytest.approx(1.0)
     assert g.goodput_s == pytest.approx(4.0)
     assert g.other_s == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_span_index_sweep_gives_the_same_floats_as_one_query_at_a_time(seed: int) -> None:
+    import random
+
+    from service.goodput import SpanIndex
+
+    rng = random.Random(seed)
+    spans = []
+    for _ in range(rng.randint(0, 40)):  # nested, overlapping, empty and long spans
+        s = rng.uniform(0, 100)
+        spans.append(sp("data_stall", s, s + rng.choice([0.0, 0.01, 0.3, 2.0, 40.0])))
+    index = SpanIndex(spans)
+    steps = []
+    for _ in range(rng.randint(0, 60)):
+        s = T + rng.uniform(-5, 110)
+        steps.append((s, s + rng.choice([0.0, 0.2, 1.0, 7.0])))
+    assert index.overlaps(steps) == [index.overlap(a, b) for a, b in steps]

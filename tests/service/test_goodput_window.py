@@ -46,6 +46,8 @@ def test_rolling_refuses_bad_or_too_many_windows() -> None:
         rolling(inputs(), 0.0, 1.0)
     with pytest.raises(ValueError, match="windows"):
         rolling(inputs(), 1e-4, 1e-4)
+    with pytest.raises(ValueError, match="resolution"):  # T + 1e-10 == T
+        rolling(inputs(), 1e-10, 1e8)
 
 
 def test_goodput_endpoint_windows_and_ranks(client: Any) -> None:
@@ -68,6 +70,10 @@ def test_rolling_endpoint(client: Any) -> None:
     assert sum(w["total_s"] for w in windows) == pytest.approx(18)
     too_many = client.get("/api/v1/runs/run-a/goodput/rolling", params={"window_s": 0.001})
     assert too_many.status_code == 422 and too_many.json()["detail"][0]["field"] == "window_s"
+    tiny = client.get(
+        "/api/v1/runs/run-a/goodput/rolling", params={"window_s": 1e-10, "step_s": 1e8}
+    )  # found by the schema fuzz test: was a 500
+    assert tiny.status_code == 422 and tiny.json()["detail"][0]["field"] == "window_s"
 
 
 def test_goodput_reports_disruptions_ideal_step_time_and_stragglers(client: Any) -> None:

@@ -316,3 +316,47 @@ def test_concurrent_ingests_of_one_rank_count_each_overlap_once(app: Any) -> Non
     with app.state.sessionmaker() as session:
         blocked = session.execute(select(Step.blocked_s)).scalars().all()
     assert len(blocked) == 400 and all(b == pytest.approx(0.3) for b in blocked)
+
+
+def test_a_key_sent_twice_in_one_batch_is_stored_once_with_its_first_record(
+    client: Any, app: Any
+) -> None:
+    first = f.step(0, start=f.T0 + 10, dur=1.0)
+    again = {**first, "loss": 9.0, "end": f.T0 + 13}  # same key, other values
+    stall = f.span("data_stall", f.T0 + 10.2, f.T0 + 10.4)
+    routing = f.routing(0)
+    batch = [f.run(), f.attempt_start(), first, stall, again, stall, routing, routing]
+    resp = client.post("/api/v1/ingest", json={"records": batch})
+    assert resp.json() == {"inserted": 5, "duplicates": 3}
+    with app.state.sessionmaker() as session:
+        (row,) = session.execute(select(Step.end, Step.loss, Step.blocked_s)).all()
+        assert row.end == first["end"] and row.loss == first["loss"]
+        assert row.blocked_s == pytest.approx(0.2)
+        block = session.execute(select(StepBlock).where(StepBlock.level == 64)).scalar_one()
+        assert (block.n, block.blocked_s) == (1, pytest.approx(0.2))
+        totals = session.execute(select(SpanTotal.n, SpanTotal.total_s)).one()
+        assert totals == (1, pytest.approx(0.2))
+        assert session.execute(select(RoutingBlock.n).where(RoutingBlock.level == 64)).scalar() == 1
+
+
+def test_a_bulk_insert_of_a_stored_key_is_an_error_not_a_double_count(app: Any) -> None:
+    """The probe for new keys and the insert run under the run's lock; should a stored key
+    get past the probe anyway, the insert refuses rather than count it in the rollups."""
+    from service import repository_bulk as bulk
+    from service.db import session_scope
+    from trainer_hooks.records import IngestBatch
+
+    records = IngestBatch.model_validate(
+        {"records": [f.run(), f.attempt_start(), f.step(0)]}
+    ).records
+    with session_scope(app.state.sessionmaker) as session:
+        repo.ingest(session, records)
+    step = records[-1]
+    row = tuple(getattr(step, c) for c in rollups.STEP_COLUMNS) + (0.0,)
+    columns = (*rollups.STEP_COLUMNS, "blocked_s")
+    with app.state.sessionmaker() as session:
+        table = Step.__table__
+        assert bulk.keep_new(session, table, ("run_id", "attempt", "rank"), "step", [step]) == []
+        with pytest.raises(RuntimeError, match="already stored"):
+            bulk.insert_rows(session, table, columns, [row])
+        session.rollback()

@@ -1,0 +1,97 @@
+"""Bulk writes of the tables with a row per step (steps, spans, routing): part of the
+repository, so callers pass a Session and nothing here commits.
+
+A batch of 10,000 records spends most of its time in per-row work, so these rows go to the
+driver's `executemany` as plain tuples, in SQL built once per table and dialect, without
+SQLAlchemy's per-row parameter processing (the one typed column among them, the packed
+routing histograms, is packed here). Which rows are new is found before they are written:
+their natural keys are probed in the primary key, a few hundred at a time, and a key seen
+twice in one batch keeps its first record, as ON CONFLICT DO NOTHING would. The callers hold
+the run's lock (repository_rollups.lock_runs), so no other ingest of the run can store a key
+between the probe and the insert; the insert still says ON CONFLICT DO NOTHING and checks its
+row count, so a broken lock could never count a row twice in the rollups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from operator import attrgetter
+from typing import Any
+
+from sqlalchemy import Dialect, Table
+from sqlalchemy.orm import Session
+
+PROBE_CHUNK = 400  # keys per probe (SQLite allows 32,766 parameters, PostgreSQL 65,535)
+
+
+def _placeholder(dialect: Dialect) -> str:
+    return "?" if dialect.paramstyle == "qmark" else "%s"
+
+
+def _quoted(dialect: Dialect, names: Sequence[str]) -> list[str]:
+    return [dialect.identifier_preparer.quote(n) for n in names]
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> str:
+    name = dialect.identifier_preparer.format_table(table)
+    cols = ", ".join(_quoted(dialect, columns))
+    marks = ", ".join([_placeholder(dialect)] * len(columns))
+    return f"INSERT INTO {name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+
+
+@lru_cache(maxsize=64)
+def _probe_sql(dialect: Dialect, table: Table, prefix: tuple[str, ...], probe: str) -> str:
+    mark = _placeholder(dialect)
+    where = [f"{c} = {mark}" for c in _quoted(dialect, prefix)]
+    (col,) = _quoted(dialect, [probe])
+    where.append(f"{col} IN ({', '.join([mark] * PROBE_CHUNK)})")
+    name = dialect.identifier_preparer.format_table(table)
+    return f"SELECT {col} FROM {name} WHERE {' AND '.join(where)}"
+
+
+def insert_rows(
+    session: Session, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    """INSERT rows (tuples in the order of `columns`) that are known to be new."""
+    if not rows:
+        return
+    conn = session.connection()
+    sql = _insert_sql(conn.dialect, table, columns)
+    done = conn.exec_driver_sql(sql, rows).rowcount
+    if done >= 0 and done != len(rows):  # drivers that do not count say -1
+        raise RuntimeError(
+            f"{table.name}: {len(rows) - done} of {len(rows)} rows probed as new were already "
+            "stored: an ingest of the same run ran beside this one without its lock"
+        )
+
+
+def keep_new(
+    session: Session, table: Table, prefix: tuple[str, ...], probe: str, records: Sequence[Any]
+) -> list[Any]:
+    """The records whose natural key (attributes named like the key's columns: `prefix`,
+    then `probe`) is neither stored nor taken by an earlier record of `records`."""
+    if not records:
+        return []
+    conn = session.connection()
+    of_prefix, of_probe = attrgetter(*prefix), attrgetter(probe)
+    groups: dict[Any, list[Any]] = {}
+    for r in records:
+        groups.setdefault(of_prefix(r), []).append(r)
+    out: list[Any] = []
+    for key, group in groups.items():
+        key = key if len(prefix) > 1 else (key,)
+        wanted = list(dict.fromkeys(of_probe(r) for r in group))
+        taken: set[Any] = set()
+        for i in range(0, len(wanted), PROBE_CHUNK):
+            chunk = wanted[i : i + PROBE_CHUNK]
+            chunk += [chunk[-1]] * (PROBE_CHUNK - len(chunk))  # one statement text per table
+            sql = _probe_sql(conn.dialect, table, prefix, probe)
+            taken.update(v for (v,) in conn.exec_driver_sql(sql, (*key, *chunk)))
+        for r in group:
+            v = of_probe(r)
+            if v not in taken:
+                taken.add(v)
+                out.append(r)
+    return out
