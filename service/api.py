@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from service import repository as repo
@@ -81,9 +82,57 @@ def run_or_404(session: Session, run_id: str) -> Run:
     return run
 
 
-@router.post("/ingest", response_model=IngestResult)
-def ingest(batch: IngestBatch, session: SessionDep) -> IngestResult:
-    """Store a batch of records in one transaction; resent records count as duplicates."""
+async def json_body(request: Request) -> bytes:
+    """The raw body of a JSON request (parsed by pydantic-core in one pass, not through
+    Python objects first); any other declared media type is a 415."""
+    kind = request.headers.get("content-type")
+    if kind is not None:
+        media = kind.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise HTTPException(415, detail=f"Content-Type {kind!r}: send application/json")
+    return await request.body()
+
+
+def parse_batch(body: bytes) -> IngestBatch:
+    """The batch in `body`, or the 422 naming each invalid field (as FastAPI words it)."""
+    try:
+        return IngestBatch.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from exc
+
+
+# The body is read by `json_body`, so FastAPI documents no model for it: say it here.
+INGEST_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IngestBatch"}}},
+    }
+}
+DOCUMENTED_BODIES = (IngestBatch,)
+_INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"description": "the body is over the size limit, which the message states"},
+    415: {"description": "a Content-Type other than JSON, or an encoding other than gzip"},
+    422: {
+        "description": "invalid records, each error naming its field: nothing of the batch "
+        "is stored",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+        },
+    },
+}
+
+
+@router.post(
+    "/ingest",
+    response_model=IngestResult,
+    openapi_extra=INGEST_BODY_DOC,
+    responses=_INGEST_ERRORS,
+)
+def ingest(body: Annotated[bytes, Depends(json_body)], session: SessionDep) -> IngestResult:
+    """Store a batch of records (`IngestBatch`) in one transaction; resent records count as
+    duplicates."""
+    batch = parse_batch(body)
     try:
         return repo.ingest(session, batch.records)
     except repo.IngestError as exc:

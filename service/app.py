@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import health_router, router
+from service.api import DOCUMENTED_BODIES, health_router, router
 from service.api_compare import router as compare_router
 from service.api_import import router as import_router
 from service.api_receipts import router as receipts_router
@@ -242,11 +242,31 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(import_router)
     app.include_router(dashboard_router)
     app.include_router(metrics_router)
+    _document_bodies(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(OperationalError, _db_unavailable)
     _add_middleware(app, settings)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Add the models of request bodies that routes read raw (`api.DOCUMENTED_BODIES`) to
+    the OpenAPI components, where those routes' `$ref`s point."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # which caches it in app.openapi_schema
+        parts = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in DOCUMENTED_BODIES:
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            parts.update(doc.pop("$defs", {}))
+            parts[model.__name__] = doc
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:

@@ -58,10 +58,10 @@ class PackedCounts(TypeDecorator[list[int]]):
     def process_bind_param(self, value: list[int] | None, dialect: Dialect) -> bytes | None:
         if value is None:
             return None
-        top = max(value, default=0)
-        code = next(c for c, limit in _WIDTHS if top <= limit)
+        top = max(value, default=0)  # a plain if-chain: this runs once per routing row
+        code = "B" if top < 256 else "H" if top < 65_536 else "I" if top < 2**32 else "Q"
         packed = array(code, value)
-        if sys.byteorder == "big":
+        if _BIG_ENDIAN:
             packed.byteswap()
         return code.encode() + packed.tobytes()
 
@@ -70,13 +70,13 @@ class PackedCounts(TypeDecorator[list[int]]):
             return None
         packed = array(chr(value[0]))
         packed.frombytes(value[1:])
-        if sys.byteorder == "big":
+        if _BIG_ENDIAN:
             packed.byteswap()
         return packed.tolist()
 
 
-_WIDTHS = (("B", 2**8 - 1), ("H", 2**16 - 1), ("I", 2**32 - 1), ("Q", 2**64 - 1))
-assert [array(c).itemsize for c, _ in _WIDTHS] == [1, 2, 4, 8], "unexpected C integer sizes"
+_BIG_ENDIAN = sys.byteorder == "big"
+assert [array(c).itemsize for c in "BHIQ"] == [1, 2, 4, 8], "unexpected C integer sizes"
 
 
 class Base(DeclarativeBase):

@@ -129,16 +129,44 @@ _STEP_ROW = attrgetter(*rollups.STEP_COLUMNS)
 _SPAN_ROW = attrgetter(*rollups.SPAN_COLUMNS)
 
 
+_KEY = ("run_id", "attempt", "rank")
+_PROBES = {  # per kind: its table, its key but the last column, and that column
+    "step": (Step, _KEY, "step"),
+    "span": (Span, (*_KEY, "category"), "start"),
+    "routing": (RoutingRow, (*_KEY, "layer"), "step"),
+}
+
+
 def _store_per_step(session: Session, by_kind: dict[str, list[tuple[int, Any]]]) -> int:
-    """Steps, spans and routing records, with their rollups (the caller holds the runs'
-    locks). Every read of stored rows runs before this batch's rows are written, so each
-    pair of a step and a blocking span is measured once: new steps against stored and new
-    spans, new spans against stored steps."""
-    of = {kind: [r for _, r in by_kind.get(kind, [])] for kind in ("step", "span", "routing")}
-    key = ("run_id", "attempt", "rank")
-    steps = bulk.keep_new(session, _table(Step), key, "step", of["step"])
-    spans = bulk.keep_new(session, _table(Span), (*key, "category"), "start", of["span"])
-    routing = bulk.keep_new(session, _table(RoutingRow), (*key, "layer"), "step", of["routing"])
+    """Steps, spans and routing records with their rollups; returns how many were new (the
+    caller holds the runs' locks). A batch is first stored as if none of its keys were
+    stored yet, which a streaming client's batches are: if an insert finds a key taken, that
+    attempt is rolled back to its savepoint and the batch is stored again with its keys
+    probed first (repository_bulk)."""
+    batch: dict[str, list[Any]] = {}
+    for kind, (_, prefix, last) in _PROBES.items():
+        batch[kind] = bulk.first_of_each_key(
+            [r for _, r in by_kind.get(kind, [])], (*prefix, last)
+        )
+    if not any(batch.values()):
+        return 0
+    try:
+        with session.begin_nested():
+            return _store_new(session, batch["step"], batch["span"], batch["routing"])
+    except bulk.AlreadyStored:
+        pass
+    new = {
+        kind: bulk.keep_new(session, _table(model), prefix, last, batch[kind])
+        for kind, (model, prefix, last) in _PROBES.items()
+    }
+    return _store_new(session, new["step"], new["span"], new["routing"])
+
+
+def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: list[Any]) -> int:
+    """Store records whose keys are not stored yet, and their rollups. Every read of stored
+    rows runs before this batch's rows are written, so each pair of a step and a blocking
+    span is measured once: new steps against stored and new spans, new spans against stored
+    steps."""
     step_rows = [_STEP_ROW(r) for r in steps]
     blocked = rollups.blocked_of(session, step_rows, spans)
     rollups.block_stored_steps(session, spans)

@@ -4,12 +4,13 @@ repository, so callers pass a Session and nothing here commits.
 A batch of 10,000 records spends most of its time in per-row work, so these rows go to the
 driver's `executemany` as plain tuples, in SQL built once per table and dialect, without
 SQLAlchemy's per-row parameter processing (the one typed column among them, the packed
-routing histograms, is packed here). Which rows are new is found before they are written:
-their natural keys are probed in the primary key, a few hundred at a time, and a key seen
-twice in one batch keeps its first record, as ON CONFLICT DO NOTHING would. The callers hold
-the run's lock (repository_rollups.lock_runs), so no other ingest of the run can store a key
-between the probe and the insert; the insert still says ON CONFLICT DO NOTHING and checks its
-row count, so a broken lock could never count a row twice in the rollups.
+routing histograms, is packed by the caller). Every insert says ON CONFLICT DO NOTHING and
+checks its row count: a row whose key was taken raises AlreadyStored, so a caller that
+stored a batch as all new rolls it back (repository._store_per_step) and stores it again
+with the new keys found first by `keep_new`, which probes them in the primary key a few
+hundred at a time. A key seen twice in one batch keeps its first record, as ON CONFLICT DO
+NOTHING would. Callers hold the run's lock (repository_rollups.lock_runs): no other ingest
+of the run can store a key between the probe and the insert.
 """
 
 from __future__ import annotations
@@ -51,20 +52,32 @@ def _probe_sql(dialect: Dialect, table: Table, prefix: tuple[str, ...], probe: s
     return f"SELECT {col} FROM {name} WHERE {' AND '.join(where)}"
 
 
+class AlreadyStored(RuntimeError):
+    """An insert found some of its rows' keys taken."""
+
+
+def first_of_each_key(records: Sequence[Any], key: tuple[str, ...]) -> list[Any]:
+    """The records in order, less those whose key (attributes named like the key's
+    columns) an earlier record has."""
+    of_key = attrgetter(*key)
+    seen: dict[Any, Any] = {}
+    for r in records:
+        seen.setdefault(of_key(r), r)
+    return list(seen.values()) if len(seen) < len(records) else list(records)
+
+
 def insert_rows(
     session: Session, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
-    """INSERT rows (tuples in the order of `columns`) that are known to be new."""
+    """INSERT rows (tuples in the order of `columns`) taken to be new; AlreadyStored (and
+    nothing inserted, once the caller rolls back) if any was not."""
     if not rows:
         return
     conn = session.connection()
     sql = _insert_sql(conn.dialect, table, columns)
     done = conn.exec_driver_sql(sql, rows).rowcount
     if done >= 0 and done != len(rows):  # drivers that do not count say -1
-        raise RuntimeError(
-            f"{table.name}: {len(rows) - done} of {len(rows)} rows probed as new were already "
-            "stored: an ingest of the same run ran beside this one without its lock"
-        )
+        raise AlreadyStored(f"{table.name}: {len(rows) - done} of {len(rows)} rows were stored")
 
 
 def keep_new(

@@ -75,7 +75,24 @@ def test_nan_loss_is_refused(client: Any) -> None:
     )
     resp = client.post("/api/v1/ingest", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 422
+    assert resp.json()["detail"][0]["field"] == "records.1.step.loss"
     assert client.get("/api/v1/runs/r").status_code == 404
+
+
+def test_body_must_be_json(client: Any) -> None:
+    """The body is parsed by pydantic-core straight from bytes: a declared media type other
+    than JSON is a 415 and unparsable JSON a 422; no Content-Type at all is taken as JSON."""
+    body = json.dumps({"records": [f.run()]}).encode()
+    url = "/api/v1/ingest"
+    plain = client.post(url, content=body, headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["detail"]
+    assert client.get("/api/v1/runs/run-a").status_code == 404
+    bad = client.post(url, content=b"{", headers={"content-type": "application/json"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["type"] == "json_invalid"
+    charset = {"content-type": "application/json; charset=utf-8"}
+    assert client.post(url, content=body, headers=charset).json()["inserted"] == 1
+    bare = client.post(url, content=json.dumps({"records": [f.run("run-b")]}).encode())
+    assert bare.status_code == 200 and bare.json()["inserted"] == 1
 
 
 def test_record_for_unknown_run_is_refused_and_the_batch_rolled_back(client: Any) -> None:

@@ -339,9 +339,9 @@ def test_a_key_sent_twice_in_one_batch_is_stored_once_with_its_first_record(
         assert session.execute(select(RoutingBlock.n).where(RoutingBlock.level == 64)).scalar() == 1
 
 
-def test_a_bulk_insert_of_a_stored_key_is_an_error_not_a_double_count(app: Any) -> None:
-    """The probe for new keys and the insert run under the run's lock; should a stored key
-    get past the probe anyway, the insert refuses rather than count it in the rollups."""
+def test_a_bulk_insert_of_a_stored_key_is_refused_not_counted_twice(app: Any) -> None:
+    """An insert that finds a key taken raises (the caller then rolls back), rather than
+    let the rollups count a row that was not inserted."""
     from service import repository_bulk as bulk
     from service.db import session_scope
     from trainer_hooks.records import IngestBatch
@@ -357,6 +357,26 @@ def test_a_bulk_insert_of_a_stored_key_is_an_error_not_a_double_count(app: Any) 
     with app.state.sessionmaker() as session:
         table = Step.__table__
         assert bulk.keep_new(session, table, ("run_id", "attempt", "rank"), "step", [step]) == []
-        with pytest.raises(RuntimeError, match="already stored"):
+        with pytest.raises(bulk.AlreadyStored, match="1 of 1 rows"):
             bulk.insert_rows(session, table, columns, [row])
         session.rollback()
+
+
+def test_a_batch_of_old_and_new_keys_stores_the_new_ones_once(client: Any, app: Any) -> None:
+    """The first try stores the batch as all new and meets a stored key: it is rolled back
+    and the batch stored again with its keys probed, new ones only."""
+    head = [f.run(), f.attempt_start()]
+    old = [f.step(n, start=f.T0 + 10 + n, dur=0.8) for n in range(3)]
+    assert client.post("/api/v1/ingest", json={"records": head + old}).json()["inserted"] == 5
+    new = [f.step(n, start=f.T0 + 10 + n, dur=0.8) for n in range(3, 6)]
+    stalls = [f.span("data_stall", f.T0 + 10.1 + n, f.T0 + 10.2 + n) for n in range(6)]
+    mixed = [*old, *new, *stalls, old[0]]
+    assert client.post("/api/v1/ingest", json={"records": mixed}).json() == {
+        "inserted": 9,
+        "duplicates": 4,
+    }
+    with app.state.sessionmaker() as session:
+        blocked = session.execute(select(Step.blocked_s).order_by(Step.step)).scalars().all()
+        assert blocked == pytest.approx([0.1] * 6, abs=1e-6)  # epoch-sized floats
+        fine = session.execute(select(StepBlock).where(StepBlock.level == 64)).scalar_one()
+        assert (fine.n, fine.blocked_s) == (6, pytest.approx(0.6, abs=1e-5))
