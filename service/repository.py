@@ -145,9 +145,7 @@ def _store_per_step(session: Session, by_kind: dict[str, list[tuple[int, Any]]])
     probed first (repository_bulk)."""
     batch: dict[str, list[Any]] = {}
     for kind, (_, prefix, last) in _PROBES.items():
-        batch[kind] = bulk.first_of_each_key(
-            [r for _, r in by_kind.get(kind, [])], (*prefix, last)
-        )
+        batch[kind] = bulk.first_of_each_key([r for _, r in by_kind.get(kind, [])], (*prefix, last))
     if not any(batch.values()):
         return 0
     try:
@@ -272,14 +270,20 @@ def _check_runs_exist(
     wanted = {r.run_id for r in records if not isinstance(r, RunRecord)} - declared
     if not wanted:
         return
-    found = set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))
-    errors = [
-        _err(i, "run_id", f"unknown run_id {r.run_id!r}: send its run record first", "unknown_run")
-        for i, r in enumerate(records)
-        if not isinstance(r, RunRecord) and r.run_id not in declared | found
-    ]
-    if errors:
-        raise IngestError(errors)
+    missing = wanted - set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))
+    if missing:
+        raise IngestError(
+            [
+                _err(
+                    i,
+                    "run_id",
+                    f"unknown run_id {r.run_id!r}: send its run record first",
+                    "unknown_run",
+                )
+                for i, r in enumerate(records)
+                if r.run_id in missing and not isinstance(r, RunRecord)
+            ]
+        )
 
 
 def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) -> int:
