@@ -864,6 +864,7 @@ _ROUTING_SERIES = _Series(
 class SeriesPick(NamedTuple):
     total: int  # rows in [lo, hi]
     keys: list[tuple[int, int]] | None  # (step, attempt) of the rows kept; None: every row
+    values: dict[tuple[int, int], Any] | None = None  # each kept row's value, with keys
 
 
 def _downsample(
@@ -905,7 +906,10 @@ def _downsample(
         for step, attempt, value in _rows(session, stmt):
             total += 1
             candidates.append((step // width, value, step, attempt))
-    return SeriesPick(total, None if total <= max_points else pick(candidates))
+    if total <= max_points:
+        return SeriesPick(total, None)
+    values = {(step, attempt): value for _, value, step, attempt in candidates}
+    return SeriesPick(total, pick(candidates), values)
 
 
 def _count(
@@ -954,10 +958,12 @@ def step_series(
     *,
     metric: str = "step_time_s",
     columns: Sequence[Any] | None = None,
-) -> tuple[int, list[Row[Any]]]:
+    metric_only: bool = False,
+) -> tuple[int, list[Any]]:
     """(steps in the range, the kept rows ordered by step then attempt): rows of `columns`
     (default STEP_IN_COLUMNS), buckets keeping the extremes of `metric` (STEP_METRICS; a loss
-    series holds the steps that have a loss)."""
+    series holds the steps that have a loss). `metric_only`: the columns are (step, attempt,
+    the metric's value)."""
     spec = STEP_METRICS[metric]
     where_blocks = [StepBlock.run_id == run_id, StepBlock.rank == rank]
     attempts = _attempts_with(session, spec, where_blocks)
@@ -972,6 +978,9 @@ def step_series(
         lo = bounds[0] if lo is None else lo
         hi = bounds[1] if hi is None else hi
     pick = _downsample(session, spec, where_blocks, where_rows, lo, hi, max_points)
+    if metric_only and pick.keys is not None and pick.values is not None:
+        # The blocks' extremes carry their values: no second read of the kept rows.
+        return pick.total, [(s, a, pick.values[s, a]) for s, a in pick.keys]
     where = [*where_rows, *([] if spec.present is None else [spec.present])]
     rows = _fetch(session, Step, columns or STEP_IN_COLUMNS, where, lo, hi, pick.keys)
     return pick.total, rows
@@ -988,11 +997,19 @@ def metric_series(
     start_step: int | None,
     end_step: int | None,
     max_points: int,
-) -> tuple[int, list[Row[Any]]]:
+) -> tuple[int, list[Any]]:
     """One scalar of STEP_METRICS as (step, attempt, value) rows, downsampled on it."""
     columns = (Step.step, Step.attempt, STEP_METRICS[metric].value)
     return step_series(
-        session, run_id, rank, start_step, end_step, max_points, metric=metric, columns=columns
+        session,
+        run_id,
+        rank,
+        start_step,
+        end_step,
+        max_points,
+        metric=metric,
+        columns=columns,
+        metric_only=True,
     )
 
 
@@ -1118,25 +1135,24 @@ def _bounds(
 ) -> tuple[int, int] | None:
     """Lowest and highest step of the series (over every layer the filters admit): the end
     coarse block, the end fine block inside it, then at most FINE step numbers of rows; no
-    scan of the series."""
+    scan of the series, and one statement (each end a chain of scalar subqueries)."""
     b, r = cast(Any, spec.blocks), cast(Any, spec.rows)
-    out = []
+    ends = []
     for agg in (func.min, func.max):
-        span: tuple[int, int] | None = None
+        first: Any = None  # the end block found so far: its first step number, its size
+        size = 0
         for level in DESCENDING:
             stmt = select(agg(b.block)).where(*where_blocks, b.level == level)
-            if span is not None:
-                stmt = stmt.where(b.block.between(span[0] // level, span[1] // level))
-            block = session.scalar(stmt)
-            if block is None:
-                return None
-            span = (block * level, (block + 1) * level - 1)
-        assert span is not None
-        step = session.scalar(select(agg(r.step)).where(*where_rows, r.step.between(*span)))
-        if step is None:
-            return None
-        out.append(int(step))
-    return out[0], out[1]
+            if first is not None:
+                stmt = stmt.where(b.block.between(first // level, (first + size - 1) // level))
+            first, size = stmt.scalar_subquery() * level, level
+        ends.append(
+            select(agg(r.step))
+            .where(*where_rows, r.step.between(first, first + size - 1))
+            .scalar_subquery()
+        )
+    lo, hi = session.execute(select(*ends)).one()
+    return None if lo is None or hi is None else (int(lo), int(hi))
 
 
 def _fetch_routing(

@@ -229,6 +229,8 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         want_loss = minmax_keys([tuple(r) for r in losses], a, b, max_points, ROLLUP_LEVELS)
         assert list(zip(got["step"], got["attempt"], strict=True)) == want_loss, params
         assert got["total"] == sum(1 for r in losses if a <= r[0] <= b)
+        loss_of = {(s, at): v for s, at, v in losses}  # the values too, from the blocks
+        assert got["value"] == [loss_of[k] for k in zip(got["step"], got["attempt"], strict=True)]
         times = client.get(
             "/api/v1/runs/run-a/series", params={**params, "metric": "step_time_s"}
         ).json()
