@@ -1,4 +1,5 @@
-"""Every SQL statement of the service. Callers pass a Session; nothing here commits."""
+"""The service's SQL, with repository_rollups.py and repository_bulk.py. Callers pass a
+Session; nothing here commits."""
 
 from __future__ import annotations
 

@@ -1,18 +1,21 @@
 """Rollups: aggregates kept at ingest so that a run of a million steps answers its goodput
 summary and its downsampled series from a few hundred rows. Part of the repository (all SQL
-lives here and in repository.py); callers pass a Session and nothing here commits.
+lives here, in repository.py and in repository_bulk.py); callers pass a Session and nothing
+here commits.
 
 What is kept, in the same transaction as the rows it summarizes (so it never disagrees with
 them, and a resent record, which is not inserted, is not counted twice):
 
 - `steps.blocked_s`: seconds of blocking spans inside each step. Whichever of a step and a
-  span arrives second adds their overlap: new steps are measured against the spans already
-  stored, then new spans against every stored step (this batch's included). Each pair is
-  counted once. PostgreSQL ingests of one run are serialized by a row lock on the run;
-  SQLite has one writer at a time.
+  span arrives second adds their overlap: before a batch's rows are written, its new steps
+  are measured against the stored spans and its own new spans (`blocked_of`), and its new
+  spans against the stored steps (`block_stored_steps`). Each pair is counted once.
+  PostgreSQL ingests of one run are serialized by a row lock on the run; SQLite has one
+  writer at a time.
 - `step_blocks`: per (run, rank, level, block, attempt), with block = step // level for the
   levels of ROLLUP_LEVELS: count, step time and blocked time, tokens, hook time, first start,
-  last end, and the fastest and slowest step.
+  last end, and the fastest and slowest step. A batch folds its steps into blocks of the
+  finest level, those into the next level's, and so on (`_levels_up`).
 - `span_totals`: per (run, rank, attempt, category, overlapped): count, seconds, longest,
   first start, last end.
 - `routing_blocks`: per (run, rank, layer, level, block, attempt): count and the records with
