@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from service import gc_pause
 from service import repository as repo
 from service import repository_rollups as rollups
 from service.db import session_scope
@@ -132,11 +133,12 @@ _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
 def ingest(body: Annotated[bytes, Depends(json_body)], session: SessionDep) -> IngestResult:
     """Store a batch of records (`IngestBatch`) in one transaction; resent records count as
     duplicates."""
-    batch = parse_batch(body)
-    try:
-        return repo.ingest(session, batch.records)
-    except repo.IngestError as exc:
-        raise RequestValidationError(exc.errors) from exc
+    with gc_pause.paused():
+        batch = parse_batch(body)
+        try:
+            return repo.ingest(session, batch.records)
+        except repo.IngestError as exc:
+            raise RequestValidationError(exc.errors) from exc
 
 
 @router.get("/runs", response_model=RunList)

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import gc_pause
 from service import repository as repo
 from service.db import session_scope
 from service.import_mgm import Mapped, MgmFormatError, map_log
@@ -64,9 +65,10 @@ def _decode(body: bytes) -> str:
 
 
 def _import(body: bytes, run_name: str | None, factory: sessionmaker[Session]) -> ImportResult:
-    mapped: Mapped = map_log(_decode(body), run_name)
-    with session_scope(factory) as session:
-        stored = repo.ingest(session, mapped.records)
+    with gc_pause.paused():  # as for /ingest: a log holds many records until stored
+        mapped: Mapped = map_log(_decode(body), run_name)
+        with session_scope(factory) as session:
+            stored = repo.ingest(session, mapped.records)
     return ImportResult(
         inserted=stored.inserted,
         duplicates=stored.duplicates,

@@ -57,13 +57,6 @@ def _build_app(db: str) -> Any:
     # every few requests under load; bench/ingest.py and BENCHMARKS.md).
     gc.collect()
     gc.freeze()
-    # An ingest batch of 10,000 records holds tens of thousands of container objects until
-    # its response (validating one makes about 30,000): at the default threshold of 700 the
-    # collector runs dozens of times per batch and, with so little left outside the frozen
-    # generation, often as a full collection over all of them. A higher threshold makes
-    # collections rare; cycles are still freed (in-process ingest of the bench/ingest.py
-    # workload, best of three: 11,945 steps/s at the default, 14,255 at this one).
-    gc.set_threshold(100_000, 50, 100)
     return application
 
 

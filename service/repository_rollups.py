@@ -1101,19 +1101,20 @@ def routing_series(
     b = cast(Any, RoutingBlock)
     sides = [getattr(b, f"{side}_{f}") for side in ("low", "high") for f in POINT_FIELDS]
     cols = (b.layer, b.n, b.attempt, b.level, b.block, b.low, b.low_step, b.high, b.high_step)
-    half = len(POINT_FIELDS)
+    lows, highs = slice(9, 9 + len(POINT_FIELDS)), slice(9 + len(POINT_FIELDS), None)
     for lv, first, last in blocks:
         found = select(*cols, *sides).where(
             *where_blocks, b.level == lv, b.block.between(first, last)
         )
-        for n, count, attempt, lv_, block, low, low_step, high, high_step, *fig in _rows(
-            session, found
-        ).all():
+        for row in _rows(session, found).all():  # thousands of rows for every layer: lean
+            n, count, attempt, _, block, low, low_step, high, high_step = row[:9]
             totals[n] += count
-            bucket = block * lv_ // width
-            candidates[n] += [(bucket, low, low_step, attempt), (bucket, high, high_step, attempt)]
-            points[(n, low_step, attempt)] = tuple(fig[:half])
-            points[(n, high_step, attempt)] = tuple(fig[half:])
+            bucket = block * lv // width
+            found_n = candidates[n]
+            found_n.append((bucket, low, low_step, attempt))
+            found_n.append((bucket, high, high_step, attempt))
+            points[n, low_step, attempt] = row[lows]
+            points[n, high_step, attempt] = row[highs]
     value = func.coalesce(RoutingRow.max_vio, _NEG_INF)
     for first, last in raw:
         edge = select(*ROUTING_POINT[:3], value, *_POINT_COLUMNS).where(
