@@ -134,11 +134,18 @@ def ingest(body: Annotated[bytes, Depends(json_body)], session: SessionDep) -> I
     """Store a batch of records (`IngestBatch`) in one transaction; resent records count as
     duplicates."""
     with gc_pause.paused():
-        batch = parse_batch(body)
-        try:
-            return repo.ingest(session, batch.records)
-        except repo.IngestError as exc:
-            raise RequestValidationError(exc.errors) from exc
+        return store_body(session, body)
+
+
+def store_body(session: Session, body: bytes) -> IngestResult:
+    """Validate and store one batch. The caller pauses the collector around this call: the
+    batch's records are freed when it returns, before the collector runs again, so that no
+    collection passes over them (gc_pause)."""
+    batch = parse_batch(body)
+    try:
+        return repo.ingest(session, batch.records)
+    except repo.IngestError as exc:
+        raise RequestValidationError(exc.errors) from exc
 
 
 @router.get("/runs", response_model=RunList)

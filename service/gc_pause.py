@@ -7,6 +7,10 @@ is. With the collector running, it passes over them again and again while they a
 the batch skips that work; queries, which allocate little, keep the default thresholds and
 so short collections (bench/ingest_inprocess.py compares the two; BENCHMARKS.md).
 
+Callers let the batch go before the pause ends (it lives in a function called inside the
+pause): the collection that runs once the collector is back then finds little, where one
+over the live batch would do the work the pause skipped.
+
 The pause is counted across threads: the collector resumes when the last concurrent batch
 is done, and is left alone if something else had disabled it.
 """

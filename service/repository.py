@@ -114,7 +114,7 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     _insert_ignore(session, RunTag, tags)  # part of their run record, not counted apart
     for kind, model in _TABLES.items():
         inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
-    rolled = [r.run_id for kind in ("step", "span", "routing") for _, r in by_kind.get(kind, [])]
+    rolled = {r.run_id for kind in _PROBES for _, r in by_kind.get(kind, [])}
     rollups.lock_runs(session, rolled)
     inserted += _store_per_step(session, by_kind)
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
@@ -144,12 +144,10 @@ def _store_per_step(session: Session, by_kind: dict[str, list[tuple[int, Any]]])
     stored yet, which a streaming client's batches are: if an insert finds a key taken, that
     attempt is rolled back to its savepoint and the batch is stored again with its keys
     probed first (repository_bulk)."""
-    batch: dict[str, list[Any]] = {}
-    for kind, (_, prefix, last) in _PROBES.items():
-        batch[kind] = bulk.first_of_each_key([r for _, r in by_kind.get(kind, [])], (*prefix, last))
+    batch = {kind: [r for _, r in by_kind.get(kind, [])] for kind in _PROBES}
     if not any(batch.values()):
         return 0
-    try:
+    try:  # a key sent twice in the batch is taken by the time its second row is inserted
         with session.begin_nested():
             return _store_new(session, batch["step"], batch["span"], batch["routing"])
     except bulk.AlreadyStored:
@@ -264,11 +262,14 @@ def _unknown_attempt(i: int, rec: Any) -> dict[str, Any]:
     )
 
 
+_RUN_ID = attrgetter("run_id")
+
+
 def _check_runs_exist(
     session: Session, records: Sequence[Record], runs: list[tuple[int, RunRecord]]
 ) -> None:
     declared = {r.run_id for _, r in runs}
-    wanted = {r.run_id for r in records if not isinstance(r, RunRecord)} - declared
+    wanted = set(map(_RUN_ID, records)) - declared  # every record names its run
     if not wanted:
         return
     missing = wanted - set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))

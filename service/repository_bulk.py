@@ -56,16 +56,6 @@ class AlreadyStored(RuntimeError):
     """An insert found some of its rows' keys taken."""
 
 
-def first_of_each_key(records: Sequence[Any], key: tuple[str, ...]) -> list[Any]:
-    """The records in order, less those whose key (attributes named like the key's
-    columns) an earlier record has."""
-    of_key = attrgetter(*key)
-    seen: dict[Any, Any] = {}
-    for r in records:
-        seen.setdefault(of_key(r), r)
-    return list(seen.values()) if len(seen) < len(records) else list(records)
-
-
 def insert_rows(
     session: Session, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
