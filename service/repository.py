@@ -14,7 +14,6 @@ from typing import Any, Literal, NamedTuple, cast
 
 from sqlalchemy import (
     ColumnElement,
-    Dialect,
     Engine,
     Row,
     Select,
@@ -39,7 +38,6 @@ from service.models import (
     Base,
     CheckpointCommit,
     Observation,
-    PackedCounts,
     Profile,
     RoutingRow,
     Run,
@@ -48,6 +46,7 @@ from service.models import (
     SpanTotal,
     Step,
     StepBlock,
+    pack_counts,
 )
 from service.receipts import ObservationIn
 from service.routing_stats import routing_figures
@@ -176,17 +175,13 @@ def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: li
         [(*row, b) for row, b in zip(step_rows, blocked, strict=True)],
     )
     rollups.add_steps(session, step_rows, blocked)
-    dialect = session.get_bind().dialect
-    routing_rows = [_routing_row(r, dialect) for r in routing]
+    routing_rows = [_routing_row(r) for r in routing]
     bulk.insert_rows(session, _table(RoutingRow), rollups.ROUTING_COLUMNS, routing_rows)
     rollups.add_routing(session, routing_rows)
     return len(steps) + len(spans) + len(routing)
 
 
-_PACKED = PackedCounts()
-
-
-def _routing_row(rec: RoutingRecord, dialect: Dialect) -> tuple[Any, ...]:
+def _routing_row(rec: RoutingRecord) -> tuple[Any, ...]:
     """A routing record laid out as rollups.ROUTING_COLUMNS, its derived figures included."""
     fig = routing_figures(
         rec.tokens_per_expert,
@@ -212,8 +207,8 @@ def _routing_row(rec: RoutingRecord, dialect: Dialect) -> tuple[Any, ...]:
         rec.z_loss,
         rec.top_k,  # then the rest
         rec.null_slot,
-        _PACKED.process_bind_param(rec.tokens_per_expert, dialect),
-        _PACKED.process_bind_param(rec.dropped_per_expert, dialect),
+        pack_counts(rec.tokens_per_expert),
+        pack_counts(rec.dropped_per_expert),
         rec.capacity,
         rec.shared_only_tokens,
     )

@@ -287,8 +287,36 @@ class _StepAcc:
             0 if at is None else 1, loss, at, loss, at,
         )  # fmt: skip
 
+    def add(self, row: Sequence[Any], blocked: float) -> None:
+        """Fold one more step in: `merge` of `of(row, blocked)`, without building it."""
+        _, _, _, step, start, end, tokens, loss, mem, hook = row[:10]
+        t = end - start
+        self.n += 1
+        self.busy_s += t
+        self.blocked_s += blocked
+        self.tokens += tokens
+        self.hook_s += hook or 0.0
+        if start < self.first_start:
+            self.first_start = start
+        if end > self.last_end:
+            self.last_end = end
+        if (t, step) < (self.fast_s, self.fast_step):
+            self.fast_s, self.fast_step = t, step
+        if t > self.slow_s or (t == self.slow_s and step < self.slow_step):
+            self.slow_s, self.slow_step = t, step
+        if mem is not None and (self.mem_peak is None or mem > self.mem_peak):
+            self.mem_peak = mem
+        if loss is not None:
+            self.loss_n += 1
+            low, low_at = self.loss_low, self.loss_low_step or 0
+            if low is None or (loss, step) < (low, low_at):
+                self.loss_low, self.loss_low_step = loss, step
+            high, high_at = self.loss_high, self.loss_high_step or 0
+            if high is None or loss > high or (loss == high and step < high_at):
+                self.loss_high, self.loss_high_step = loss, step
+
     def merge(self, o: _StepAcc) -> None:
-        """Fold another block's (or step's) figures into this one."""
+        """Fold another block's figures into this one."""
         self.n += o.n
         self.busy_s += o.busy_s
         self.blocked_s += o.blocked_s
@@ -348,7 +376,7 @@ def add_steps(session: Session, steps: Sequence[Sequence[Any]], blocked: Sequenc
         if have is None:
             fine[key] = _StepAcc.of(row, b)
         else:
-            have.merge(_StepAcc.of(row, b))
+            have.add(row, b)
     blocks = _levels_up(fine, lambda a, b: a.merge(b) or a)
     rows = [
         {"run_id": k[0], "rank": k[1], "level": k[2], "block": k[3], "attempt": k[4]}
@@ -563,11 +591,17 @@ def add_routing(session: Session, rows: Sequence[Sequence[Any]]) -> None:
     fine: dict[tuple[Any, ...], _Spikes] = {}
     end = 5 + len(POINT_FIELDS)
     for r in rows:
-        step = r[4]
-        one = _Spikes(1, _spike(r[_MAX_VIO_AT]), step, tuple(r[5:end]))
+        step, v = r[4], _spike(r[_MAX_VIO_AT])
         key = (r[0], r[2], r[3], FINE, step // FINE, r[1])
         have = fine.get(key)
-        fine[key] = one if have is None else have.merge(one)
+        if have is None:
+            fine[key] = _Spikes(1, v, step, tuple(r[5:end]))
+            continue
+        have.n += 1  # as have.merge(_Spikes(1, v, step, point)), without building it
+        if (v, step) < (have.low, have.low_step):
+            have.low, have.low_step, have.low_point = v, step, tuple(r[5:end])
+        if v > have.high or (v == have.high and step < have.high_step):
+            have.high, have.high_step, have.high_point = v, step, tuple(r[5:end])
     acc = _levels_up(fine, _Spikes.merge)
     names = ("run_id", "rank", "layer", "level", "block", "attempt")  # the key, in any order
     values = []
