@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     w = Workload(steps=args.steps, layers=(1,), checkpoint_every=100)
     batches = list(our_batches(w, seeded_id(w.seed, 1), "bench-ingest"))
     bodies, steps = [b.body for b in batches], sum(b.steps for b in batches)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    print(f"# command: bench/ingest_inprocess.py {' '.join(argv or sys.argv[1:])}")
+    print(f"# git HEAD {head.stdout.strip() or 'unknown'}; Python {sys.version.split()[0]}")
     print(f"# {steps} steps, {sum(b.records for b in batches)} records, {len(bodies)} batches")
     rounds: dict[str, list[Round]] = {"collector": [], "paused": []}
     for i in range(args.rounds):
