@@ -323,10 +323,10 @@ def get_goodput(
         read = _goodput_read(run_id, g, rank)
         recent = rollups.recent_step_times(session, run_id, roll.ranks, read.rank)
         fig = step_figures(roll.ranks, recent, read.rank, roll.checkpoints)
-    else:  # a window: the records clipped to it
-        inputs = repo.goodput_inputs(session, run_id)
+    else:  # a window: the records that overlap it (found through the rollups), clipped
+        lo, hi = start or 0.0, end or float("inf")
         try:
-            inputs = clip_inputs(inputs, start or 0.0, end or float("inf"))
+            inputs = clip_inputs(repo.goodput_inputs(session, run_id, (lo, hi)), lo, hi)
         except ValueError as exc:
             raise _field_error("end", exc) from exc
         read = _goodput_read(run_id, run_goodput(inputs), rank)

@@ -186,11 +186,10 @@ def rank_totals(
     badput: dict[str, float] = {}
     for span in blocking:
         badput[span.category] = badput.get(span.category, 0.0) + (span.end - span.start)
-    index = SpanIndex(blocking)
+    blocked = SpanIndex(blocking).overlaps([(s.start, s.end) for s in steps])
     by_attempt: dict[int, list[tuple[int, float]]] = {}
-    for s in steps:
-        busy = (s.end - s.start) - index.overlap(s.start, s.end)
-        by_attempt.setdefault(s.attempt, []).append((s.step, busy))
+    for s, x in zip(steps, blocked, strict=True):
+        by_attempt.setdefault(s.attempt, []).append((s.step, (s.end - s.start) - x))
 
     def split(attempt: int, upto: float) -> AttemptSplit:
         mine = by_attempt.get(attempt, [])

@@ -444,8 +444,14 @@ def count_steps(session: Session, run_id: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
-    """Everything the goodput calculator needs, as plain data."""
+def goodput_inputs(
+    session: Session, run_id: str, window: tuple[float, float] | None = None
+) -> GoodputInputs:
+    """Everything the goodput calculator needs, as plain data. With a window (lo, hi), what
+    `goodput_window.clip_inputs` needs to see the run through it, and no more: every attempt
+    and checkpoint, and only the steps and spans that overlap the window (read through the
+    rollups); an attempt without an end gets the end of its last record, stored anywhere,
+    folded into `last_seen`, as clipping would have found it among all records."""
     attempts = [
         AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause)
         for a in attempts_of(session, [run_id])
@@ -456,19 +462,29 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
         )
     )
     checkpoints = [CheckpointIn(*row) for row in commits]
+    if window is not None:
+        lo, hi = window
+        last = rollups.last_record_ends(session, run_id)
+        attempts = [
+            a._replace(last_seen=max(a.last_seen or a.start, last[a.attempt, a.rank]))
+            if a.end is None and (a.attempt, a.rank) in last
+            else a
+            for a in attempts
+        ]
+        steps = rollups.steps_between(session, run_id, lo, hi)
+        spans = rollups.spans_between(session, run_id, lo, hi)
+        return GoodputInputs(attempts=attempts, steps=steps, spans=spans, checkpoints=checkpoints)
     steps = [
         StepIn(*row)
         for row in session.execute(select(*rollups.STEP_IN_COLUMNS).where(Step.run_id == run_id))
     ]
     spans = [
-        SpanIn(*row)
-        for row in session.execute(
-            select(
-                Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
-            ).where(Span.run_id == run_id)
-        )
+        SpanIn(*row) for row in session.execute(select(*_SPAN_IN).where(Span.run_id == run_id))
     ]
     return GoodputInputs(attempts=attempts, steps=steps, spans=spans, checkpoints=checkpoints)
+
+
+_SPAN_IN = (Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped)
 
 
 # -- metrics --

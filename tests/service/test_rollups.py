@@ -382,3 +382,35 @@ def test_a_batch_of_old_and_new_keys_stores_the_new_ones_once(client: Any, app: 
         assert blocked == pytest.approx([0.1] * 6, abs=1e-6)  # epoch-sized floats
         fine = session.execute(select(StepBlock).where(StepBlock.level == 64)).scalar_one()
         assert (fine.n, fine.blocked_s) == (6, pytest.approx(0.6, abs=1e-5))
+
+
+def test_a_window_read_through_the_rollups_sees_what_clipping_every_record_sees(
+    client: Any, app: Any
+) -> None:
+    """`goodput_inputs(run, window)` reads only the records that overlap the window; clipped,
+    they are the same records, and the same attempts (a crashed one ends at its last record,
+    which may lie outside the window), as the clipped inputs of the whole run."""
+    from service.goodput_window import clip_inputs
+
+    post_shuffled(client, random_run(5, 700), 5)
+    rng = random.Random(5)
+    with app.state.sessionmaker() as session:
+        full = repo.goodput_inputs(session, "run-a")
+        first = min(a.start for a in full.attempts)
+        last = max(s.end for s in full.steps)
+        windows = [(first - 5.0, last + 5.0), (first + 3.0, first + 3.2)]
+        windows += [tuple(sorted(rng.uniform(first, last) for _ in range(2))) for _ in range(10)]
+        for lo, hi in windows:
+            want = clip_inputs(full, lo, hi)
+            got = clip_inputs(repo.goodput_inputs(session, "run-a", (lo, hi)), lo, hi)
+            assert sorted(got.steps) == sorted(want.steps), (lo, hi)
+            assert sorted(got.spans) == sorted(want.spans), (lo, hi)
+            # The same ends; last_seen carries the folded last record, which clipping used.
+            seen = [a._replace(last_seen=None) for a in (*got.attempts, *want.attempts)]
+            assert sorted(seen[: len(got.attempts)]) == sorted(seen[len(got.attempts) :])
+            assert run_goodput(got) == run_goodput(want), (lo, hi)
+    assert any(a.end is None for a in full.attempts)  # a crashed attempt was in play
+    body = client.get(
+        "/api/v1/runs/run-a/goodput", params={"start": windows[-1][0], "end": windows[-1][1]}
+    ).json()
+    assert body["total_s"] == pytest.approx(windows[-1][1] - windows[-1][0], abs=1e-6)
