@@ -15,7 +15,7 @@ from service import repository as repo
 from service import repository_rollups as rollups
 from service.db import session_scope
 from service.goodput import RankGoodput, RunGoodput, StepIn, run_goodput
-from service.goodput_window import clip_inputs, rolling
+from service.goodput_window import Clipper, clip_inputs, rolling
 from service.migrate import current_revision
 from service.models import Attempt, Run
 from service.schemas import (
@@ -357,8 +357,9 @@ def get_rolling_goodput(
     except ValueError as exc:
         raise _field_error("window_s", exc) from exc
     windows = []
+    clipper = Clipper(inputs)  # each window looks only at the records that overlap it
     for a, b in bounds:
-        g = run_goodput(clip_inputs(inputs, a, b))
+        g = run_goodput(clipper.clip(a, b))
         if rank is not None and not any(r.rank == rank for r in g.ranks):
             continue
         read = _goodput_read(run_id, g, rank)

@@ -8,56 +8,95 @@ The invariant holds per window: goodput + badput + other == the window's share o
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from service.goodput import (
     AttemptIn,
     GoodputInputs,
     RankGoodput,
     RunGoodput,
+    SpanIn,
+    StepIn,
     run_goodput,
 )
 
 MAX_WINDOWS = 10_000
+R = TypeVar("R", StepIn, SpanIn)
 
 
 def _attempt_ends(inputs: GoodputInputs) -> list[AttemptIn]:
+    last: dict[tuple[int, int], float] = {}
+    records: list[StepIn | SpanIn] = [*inputs.steps, *inputs.spans]
+    for r in records:
+        key = (r.attempt, r.rank)
+        if r.end > last.get(key, -math.inf):
+            last[key] = r.end
     out = []
     for a in inputs.attempts:
-        if a.end is not None:
-            out.append(a)
-            continue
-        mine = [s.end for s in inputs.steps if (s.attempt, s.rank) == (a.attempt, a.rank)]
-        mine += [s.end for s in inputs.spans if (s.attempt, s.rank) == (a.attempt, a.rank)]
-        out.append(a._replace(end=max([a.start, a.last_seen or a.start, *mine])))
+        if a.end is None:
+            mine = last.get((a.attempt, a.rank), a.start)
+            a = a._replace(end=max(a.start, a.last_seen or a.start, mine))
+        out.append(a)
     return out
+
+
+class _Sorted(Generic[R]):
+    """Records sorted by start, to find those overlapping a window without a pass over all."""
+
+    def __init__(self, records: list[R]) -> None:
+        self.order = sorted(range(len(records)), key=lambda i: records[i].start)
+        self.starts = [records[i].start for i in self.order]
+        self.records: list[R] = records
+        self.longest = max((r.end - r.start for r in records), default=0.0)
+
+    def overlapping(self, start: float, end: float) -> list[R]:
+        """The records with end > start and start < end, in their original order."""
+        lo = bisect.bisect_left(self.starts, start - self.longest)
+        hi = bisect.bisect_left(self.starts, end)
+        hits = sorted(i for i in self.order[lo:hi] if self.records[i].end > start)
+        return [self.records[i] for i in hits]
+
+
+class Clipper:
+    """`clip` for many windows of one run: the attempts' ends are inferred once, and each
+    window looks only at the records that overlap it."""
+
+    def __init__(self, inputs: GoodputInputs) -> None:
+        self.attempts = _attempt_ends(inputs)
+        self.steps = _Sorted(inputs.steps)
+        self.spans = _Sorted(inputs.spans)
+        self.checkpoints = inputs.checkpoints
+
+    def clip(self, start: float, end: float) -> GoodputInputs:
+        """The records as seen through [start, end]."""
+        if not end > start:
+            raise ValueError(f"end ({end}) must be after start ({start})")
+        attempts = [
+            a._replace(start=max(a.start, start), end=min(a.end, end))
+            for a in self.attempts
+            if a.end is not None and a.end > start and a.start < end
+        ]
+        steps = [
+            s._replace(
+                start=max(s.start, start),
+                end=min(s.end, end),
+                hook_overhead_s=s.hook_overhead_s if start < s.end <= end else None,
+            )
+            for s in self.steps.overlapping(start, end)
+        ]
+        spans = [
+            s._replace(start=max(s.start, start), end=min(s.end, end))
+            for s in self.spans.overlapping(start, end)
+        ]
+        return GoodputInputs(attempts, steps, spans, self.checkpoints)
 
 
 def clip_inputs(inputs: GoodputInputs, start: float, end: float) -> GoodputInputs:
     """The records as seen through [start, end]."""
-    if not end > start:
-        raise ValueError(f"end ({end}) must be after start ({start})")
-    attempts = [
-        a._replace(start=max(a.start, start), end=min(a.end, end))
-        for a in _attempt_ends(inputs)
-        if a.end is not None and a.end > start and a.start < end
-    ]
-    steps = [
-        s._replace(
-            start=max(s.start, start),
-            end=min(s.end, end),
-            hook_overhead_s=s.hook_overhead_s if start < s.end <= end else None,
-        )
-        for s in inputs.steps
-        if s.end > start and s.start < end
-    ]
-    spans = [
-        s._replace(start=max(s.start, start), end=min(s.end, end))
-        for s in inputs.spans
-        if s.end > start and s.start < end
-    ]
-    return GoodputInputs(attempts, steps, spans, inputs.checkpoints)
+    return Clipper(inputs).clip(start, end)
 
 
 @dataclass

@@ -93,3 +93,58 @@ def test_goodput_reports_disruptions_ideal_step_time_and_stragglers(client: Any)
     assert g["disruptions"] == [
         {"attempt": 0, "time": f.T0 + 100, "cause": "NCCL timeout", "wasted_steps": 10}
     ]
+
+
+def clip_by_definition(inputs: GoodputInputs, start: float, end: float) -> GoodputInputs:
+    """The window's records as the docstring defines them, one pass over everything."""
+    attempts = []
+    for a in inputs.attempts:
+        if a.end is None:
+            mine = [r.end for r in (*inputs.steps, *inputs.spans) if r[:2] == a[:2]]
+            a = a._replace(end=max([a.start, a.last_seen or a.start, *mine]))
+        if a.end > start and a.start < end:
+            attempts.append(a._replace(start=max(a.start, start), end=min(a.end, end)))
+    steps = [
+        s._replace(
+            start=max(s.start, start),
+            end=min(s.end, end),
+            hook_overhead_s=s.hook_overhead_s if start < s.end <= end else None,
+        )
+        for s in inputs.steps
+        if s.end > start and s.start < end
+    ]
+    spans = [
+        s._replace(start=max(s.start, start), end=min(s.end, end))
+        for s in inputs.spans
+        if s.end > start and s.start < end
+    ]
+    return GoodputInputs(attempts, steps, spans, inputs.checkpoints)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_clipper_finds_the_records_of_any_window_as_the_definition_does(seed: int) -> None:
+    import random
+
+    from service.goodput_window import Clipper
+
+    rng = random.Random(seed)
+    attempts = [AttemptIn(0, r, T, None if r else T + 90, None) for r in (0, 1)]
+    steps, spans = [], []
+    for rank in (0, 1):
+        t = T + rng.uniform(0, 2)
+        for n in range(rng.randint(0, 60)):
+            dur = rng.choice([0.0, 0.5, 1.0, 1.5])
+            steps.append(StepIn(0, rank, n, t, t + dur, 10, None, rng.choice([None, 0.01])))
+            if rng.random() < 0.5:  # nested, overlapping, empty and long spans
+                s = t + rng.uniform(-1, 1)
+                cat = rng.choice(["data_stall", "eval", "checkpoint_save"])
+                length = rng.choice([0.0, 0.2, 3.0, 40.0])
+                spans.append(SpanIn(0, rank, cat, s, s + length, rng.random() < 0.2))
+            t += dur + rng.choice([0.0, 0.1])
+    rng.shuffle(steps)  # any order in, the same order out
+    inputs = GoodputInputs(attempts, steps, spans)
+    clipper = Clipper(inputs)
+    for _ in range(25):
+        a = T + rng.uniform(-5, 100)
+        b = a + rng.choice([0.01, 0.5, 3.0, 30.0, 200.0])
+        assert clipper.clip(a, b) == clip_by_definition(inputs, a, b), (a, b)
