@@ -2,28 +2,33 @@
 repository, so callers pass a Session and nothing here commits.
 
 A batch of 10,000 records spends most of its time in per-row work, so these rows go to the
-driver's `executemany` as plain tuples, in SQL built once per table and dialect, without
-SQLAlchemy's per-row parameter processing (the one typed column among them, the packed
-routing histograms, is packed by the caller). Every insert says ON CONFLICT DO NOTHING and
-checks its row count: a row whose key was taken raises AlreadyStored, so a caller that
-stored a batch as all new rolls it back (repository._store_per_step) and stores it again
-with the new keys found first by `keep_new`, which probes them in the primary key a few
-hundred at a time. A key seen twice in one batch keeps its first record, as ON CONFLICT DO
-NOTHING would. Callers hold the run's lock (repository_rollups.lock_runs): no other ingest
-of the run can store a key between the probe and the insert.
+driver as plain values, a few hundred rows per INSERT (multi-row VALUES, in SQL built once
+per table, dialect and row count), without SQLAlchemy's per-row parameter processing (the
+one typed column among them, the packed routing histograms, is packed by the caller).
+
+Every insert says ON CONFLICT DO NOTHING and checks its row count: a row whose key was taken
+raises AlreadyStored, so a caller that stored a batch as all new rolls it back
+(repository._store_per_step) and stores it again with the new keys found first by
+`keep_new`, which probes them in the primary key a few hundred at a time. A key seen twice
+in one batch keeps its first record, as ON CONFLICT DO NOTHING would. Callers hold the
+run's lock (repository_rollups.lock_runs): no other ingest of the run can store a key
+between the probe and the insert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import Dialect, Table
 from sqlalchemy.orm import Session
 
-PROBE_CHUNK = 400  # keys per probe (SQLite allows 32,766 parameters, PostgreSQL 65,535)
+PROBE_CHUNK = 400  # keys per probe
+INSERT_ROWS = 200  # rows per INSERT: one statement's VALUES list, bound at once
+MAX_PARAMETERS = 32_000  # per statement: SQLite allows 32,766, PostgreSQL 65,535
 
 
 def _placeholder(dialect: Dialect) -> str:
@@ -35,11 +40,12 @@ def _quoted(dialect: Dialect, names: Sequence[str]) -> list[str]:
 
 
 @lru_cache(maxsize=64)
-def _insert_sql(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> str:
+def _insert_sql(dialect: Dialect, table: Table, columns: tuple[str, ...], n: int) -> str:
+    """INSERT of `n` rows in one statement (multi-row VALUES)."""
     name = dialect.identifier_preparer.format_table(table)
     cols = ", ".join(_quoted(dialect, columns))
-    marks = ", ".join([_placeholder(dialect)] * len(columns))
-    return f"INSERT INTO {name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+    row = "(" + ", ".join([_placeholder(dialect)] * len(columns)) + ")"
+    return f"INSERT INTO {name} ({cols}) VALUES {', '.join([row] * n)} ON CONFLICT DO NOTHING"
 
 
 @lru_cache(maxsize=64)
@@ -59,14 +65,19 @@ class AlreadyStored(RuntimeError):
 def insert_rows(
     session: Session, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
-    """INSERT rows (tuples in the order of `columns`) taken to be new; AlreadyStored (and
-    nothing inserted, once the caller rolls back) if any was not."""
+    """INSERT rows (tuples in the order of `columns`) taken to be new, up to INSERT_ROWS per
+    statement; AlreadyStored (and nothing inserted, once the caller rolls back) if any was
+    not."""
     if not rows:
         return
     conn = session.connection()
-    sql = _insert_sql(conn.dialect, table, columns)
-    done = conn.exec_driver_sql(sql, rows).rowcount
-    if done >= 0 and done != len(rows):  # drivers that do not count say -1
+    per = max(1, min(INSERT_ROWS, MAX_PARAMETERS // len(columns)))
+    done = 0
+    for i in range(0, len(rows), per):
+        part = rows[i : i + per]
+        sql = _insert_sql(conn.dialect, table, columns, len(part))
+        done += conn.exec_driver_sql(sql, tuple(chain.from_iterable(part))).rowcount
+    if done != len(rows):
         raise AlreadyStored(f"{table.name}: {len(rows) - done} of {len(rows)} rows were stored")
 
 
