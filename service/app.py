@@ -262,8 +262,9 @@ def _document_bodies(app: FastAPI) -> None:
         parts = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in DOCUMENTED_BODIES:
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            parts.update(doc.pop("$defs", {}))
-            parts[model.__name__] = doc
+            for name, part in {**doc.pop("$defs", {}), model.__name__: doc}.items():
+                if parts.setdefault(name, part) != part:  # a name FastAPI already uses
+                    raise RuntimeError(f"OpenAPI component {name!r} defined twice, differently")
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
