@@ -54,7 +54,9 @@ class _Sorted(Generic[R]):
 
     def overlapping(self, start: float, end: float) -> list[R]:
         """The records with end > start and start < end, in their original order."""
-        lo = bisect.bisect_left(self.starts, start - self.longest)
+        # A microsecond more than the longest record: `end - start` and `start - longest` round
+        # differently; a record found too many is dropped by its end just below.
+        lo = bisect.bisect_left(self.starts, start - self.longest - 1e-6)
         hi = bisect.bisect_left(self.starts, end)
         hits = sorted(i for i in self.order[lo:hi] if self.records[i].end > start)
         return [self.records[i] for i in hits]
