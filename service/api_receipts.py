@@ -36,6 +36,7 @@ from service.schemas import (
     ReceiptSummary,
     ReceiptThroughput,
     RoutingHistogram,
+    RoutingPoint,
     RoutingSeries,
 )
 from service.step_stats import RECENT_STEPS
@@ -133,6 +134,8 @@ def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
 
 
 _POINT_FIELDS = ("step", "attempt", *rollups.POINT_FIELDS)  # rollups.ROUTING_POINT less its layer
+# get_routing writes points as plain dicts: their keys are RoutingPoint's fields, in order.
+assert tuple(RoutingPoint.model_fields) == _POINT_FIELDS, "RoutingPoint and rollups disagree"
 
 
 @router.get("/runs/{run_id}/routing", response_model=RoutingSeries)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from service.goodput import (
+    ROUNDING_SLACK_S,
     AttemptIn,
     GoodputInputs,
     RankGoodput,
@@ -54,9 +55,7 @@ class _Sorted(Generic[R]):
 
     def overlapping(self, start: float, end: float) -> list[R]:
         """The records with end > start and start < end, in their original order."""
-        # A microsecond more than the longest record: `end - start` and `start - longest` round
-        # differently; a record found too many is dropped by its end just below.
-        lo = bisect.bisect_left(self.starts, start - self.longest - 1e-6)
+        lo = bisect.bisect_left(self.starts, start - self.longest - ROUNDING_SLACK_S)
         hi = bisect.bisect_left(self.starts, end)
         hits = sorted(i for i in self.order[lo:hi] if self.records[i].end > start)
         return [self.records[i] for i in hits]

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from service.downsample import bucket_plan, pick
 from service.goodput import (
+    ROUNDING_SLACK_S,
     AttemptIn,
     AttemptSplit,
     CheckpointIn,
@@ -241,7 +242,7 @@ def _stored_blocking_spans(
         Span.attempt.in_(sorted({t.attempt for t in totals})),
         Span.rank == rank,
         Span.category.in_(sorted({t.category for t in totals})),
-        Span.start >= lo - longest - 1e-6,  # a microsecond for rounding, as in Clipper
+        Span.start >= lo - longest - ROUNDING_SLACK_S,
         Span.start < hi,
         Span.end > lo,
         Span.overlapped.is_(False),
@@ -843,7 +844,7 @@ def spans_between(session: Session, run_id: str, lo: float, hi: float) -> list[S
             Span.attempt == attempt,
             Span.rank == rank,
             Span.category == category,
-            Span.start >= lo - longest - 1e-6,  # a microsecond for rounding, as in Clipper
+            Span.start >= lo - longest - ROUNDING_SLACK_S,
             Span.start < hi,
             Span.end > lo,
         )
