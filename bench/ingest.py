@@ -51,7 +51,8 @@ layers, each summing its 10 steps. Batches are built by a producer thread while 
 one is in flight. It then times the goodput summary and the downsampled step and routing
 queries, up to `--scale-reps` (50) times after a warm-up each, stopping a query early once it
 has spent `--query-budget-s` (and run at least 3 times); `/series?metric=loss` is timed too,
-and, with no target, the goodput of a one-hour window (`?start=&end=`) in the middle of the run.
+and, with no target, the goodput of a one-hour window (`?start=&end=`) in the middle of the run
+and the whole run's goodput in rolling one-hour windows (`/goodput/rolling?window_s=3600`).
 
 The last line is always `ingest: rows_per_s_ratio=<x> history_ratio=<y> bytes_ratio=<z>`
 (`n/a` for what was not measured).
@@ -851,16 +852,21 @@ def scale_queries(run_id: str, steps: int) -> list[tuple[str, str, dict[str, Any
         ),
         ("routing?layer=3&max_points=320", f"{runs}/routing", {"layer": 3, "max_points": 320}),
         ("routing?max_points=320 (12 layers)", f"{runs}/routing", {"max_points": DOWNSAMPLED}),
-        (  # no target: a window's accounting reads the records that overlap it
+        (  # no target: a window's accounting sums the spans that overlap it
             f"goodput?start=&end= (one hour from {WINDOW_AT:.0%} of the run)",
             f"{runs}/goodput",
             {"start": (mid := T0 + steps * STEP_TIME_S * WINDOW_AT), "end": mid + 3600.0},
+        ),
+        (
+            "goodput/rolling?window_s=3600 (every hour of the run)",
+            f"{runs}/goodput/rolling",
+            {"window_s": 3600.0},
         ),
     ]
 
 
 WINDOW_AT = 0.45
-UNTARGETED = "goodput?start="
+UNTARGETED = ("goodput?start=", "goodput/rolling")
 
 
 def scale(args: argparse.Namespace) -> None:

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 from service import gc_pause
 from service import repository as repo
 from service import repository_rollups as rollups
+from service import repository_windows as windows
 from service.db import session_scope
-from service.goodput import RankGoodput, RunGoodput, StepIn, run_goodput
-from service.goodput_window import Clipper, clip_inputs, rolling
+from service.goodput import RankGoodput, RunGoodput, StepIn
+from service.goodput_window import rolling, run_extent
 from service.migrate import current_revision
 from service.models import Attempt, Run
 from service.schemas import (
@@ -34,7 +35,7 @@ from service.schemas import (
     StepSeries,
     StragglerRead,
 )
-from service.step_stats import raw_step_figures, step_figures
+from service.step_stats import step_figures
 from service.throughput import peak_of, step_rates
 from trainer_hooks.records import ID_PATTERN, MAX_COUNT, MAX_RANK, IngestBatch, IngestResult
 
@@ -323,14 +324,16 @@ def get_goodput(
         read = _goodput_read(run_id, g, rank)
         recent = rollups.recent_step_times(session, run_id, roll.ranks, read.rank)
         fig = step_figures(roll.ranks, recent, read.rank, roll.checkpoints)
-    else:  # a window: the records that overlap it (found through the rollups), clipped
+    else:  # a window: the records that overlap it, cut to it and summed by the database
         lo, hi = start or 0.0, end or float("inf")
+        reader = windows.WindowReader(session, run_id)
         try:
-            inputs = clip_inputs(repo.goodput_inputs(session, run_id, (lo, hi)), lo, hi)
+            window = reader.rollup(lo, hi)
         except ValueError as exc:
             raise _field_error("end", exc) from exc
-        read = _goodput_read(run_id, run_goodput(inputs), rank)
-        fig = raw_step_figures(inputs, read.rank)
+        read = _goodput_read(run_id, window.goodput(), rank)
+        recent = reader.recent_step_times(lo, hi, window, read.rank)
+        fig = step_figures(window.ranks, recent, read.rank, window.checkpoints)
     return read.model_copy(
         update={
             "ideal_step_time_s": fig.ideal_step_time_s,
@@ -351,24 +354,20 @@ def get_rolling_goodput(
 ) -> RollingGoodput:
     """Goodput over windows of `window_s` seconds every `step_s` (default: back to back)."""
     run_or_404(session, run_id)
-    inputs = repo.goodput_inputs(session, run_id)
+    whole, _ = rollups.run_goodput_rolled(session, run_id)
     try:
-        bounds = rolling(inputs, window_s, step_s or window_s)
+        bounds = rolling(run_extent(whole), window_s, step_s or window_s)
     except ValueError as exc:
         raise _field_error("window_s", exc) from exc
-    windows = []
-    clipper = Clipper(inputs)  # each window looks only at the records that overlap it
+    out = []
+    reader = windows.WindowReader(session, run_id)  # reads what every window shares once
     for a, b in bounds:
-        g = run_goodput(clipper.clip(a, b))
+        g = reader.rollup(a, b).goodput()
         if rank is not None and not any(r.rank == rank for r in g.ranks):
             continue
         read = _goodput_read(run_id, g, rank)
-        windows.append(
-            GoodputWindow(start=a, end=b, **read.model_dump(exclude={"run_id", "ranks"}))
-        )
-    return RollingGoodput(
-        run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=windows
-    )
+        out.append(GoodputWindow(start=a, end=b, **read.model_dump(exclude={"run_id", "ranks"})))
+    return RollingGoodput(run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=out)
 
 
 @health_router.get("/healthz", response_model=Health)

@@ -1,31 +1,20 @@
 """Goodput over a time window: the same accounting, on records cut to the window.
 
-Every attempt gets an explicit end first (its end record, else its last record or heartbeat,
-as the calculator infers), then every interval is clipped to [start, end] and what lies
-outside is dropped. A step's measured hook overhead counts in the window its step ends in.
-The invariant holds per window: goodput + badput + other == the window's share of the run.
+This is the definition. Every attempt gets an explicit end first (its end record, else its
+last record or heartbeat, as the calculator infers), then every interval is clipped to
+[start, end] and what lies outside is dropped. A step's measured hook overhead counts in the
+window its step ends in. The invariant holds per window: goodput + badput + other == the
+window's share of the run. The service reads windows through the rollups and has the database
+sum them (repository_windows.py); tests check that against this on the raw records.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass
-from typing import Generic, TypeVar
 
-from service.goodput import (
-    ROUNDING_SLACK_S,
-    AttemptIn,
-    GoodputInputs,
-    RankGoodput,
-    RunGoodput,
-    SpanIn,
-    StepIn,
-    run_goodput,
-)
+from service.goodput import AttemptIn, GoodputInputs, RunGoodput, SpanIn, StepIn
 
 MAX_WINDOWS = 10_000
-R = TypeVar("R", StepIn, SpanIn)
 
 
 def _attempt_ends(inputs: GoodputInputs) -> list[AttemptIn]:
@@ -44,84 +33,48 @@ def _attempt_ends(inputs: GoodputInputs) -> list[AttemptIn]:
     return out
 
 
-class _Sorted(Generic[R]):
-    """Records sorted by start, to find those overlapping a window without a pass over all."""
-
-    def __init__(self, records: list[R]) -> None:
-        self.order = sorted(range(len(records)), key=lambda i: records[i].start)
-        self.starts = [records[i].start for i in self.order]
-        self.records: list[R] = records
-        self.longest = max((r.end - r.start for r in records), default=0.0)
-
-    def overlapping(self, start: float, end: float) -> list[R]:
-        """The records with end > start and start < end, in their original order."""
-        lo = bisect.bisect_left(self.starts, start - self.longest - ROUNDING_SLACK_S)
-        hi = bisect.bisect_left(self.starts, end)
-        hits = sorted(i for i in self.order[lo:hi] if self.records[i].end > start)
-        return [self.records[i] for i in hits]
-
-
-class Clipper:
-    """`clip` for many windows of one run: the attempts' ends are inferred once, and each
-    window looks only at the records that overlap it."""
-
-    def __init__(self, inputs: GoodputInputs) -> None:
-        self.attempts = _attempt_ends(inputs)
-        self.steps = _Sorted(inputs.steps)
-        self.spans = _Sorted(inputs.spans)
-        self.checkpoints = inputs.checkpoints
-
-    def clip(self, start: float, end: float) -> GoodputInputs:
-        """The records as seen through [start, end]."""
-        if not end > start:
-            raise ValueError(f"end ({end}) must be after start ({start})")
-        attempts = [
-            a._replace(start=max(a.start, start), end=min(a.end, end))
-            for a in self.attempts
-            if a.end is not None and a.end > start and a.start < end
-        ]
-        steps = [
-            s._replace(
-                start=max(s.start, start),
-                end=min(s.end, end),
-                hook_overhead_s=s.hook_overhead_s if start < s.end <= end else None,
-            )
-            for s in self.steps.overlapping(start, end)
-        ]
-        spans = [
-            s._replace(start=max(s.start, start), end=min(s.end, end))
-            for s in self.spans.overlapping(start, end)
-        ]
-        return GoodputInputs(attempts, steps, spans, self.checkpoints)
-
-
 def clip_inputs(inputs: GoodputInputs, start: float, end: float) -> GoodputInputs:
     """The records as seen through [start, end]."""
-    return Clipper(inputs).clip(start, end)
+    if not end > start:
+        raise ValueError(f"end ({end}) must be after start ({start})")
+    attempts = [
+        a._replace(start=max(a.start, start), end=min(a.end, end))
+        for a in _attempt_ends(inputs)
+        if a.end is not None and a.end > start and a.start < end
+    ]
+    steps = [
+        s._replace(
+            start=max(s.start, start),
+            end=min(s.end, end),
+            hook_overhead_s=s.hook_overhead_s if start < s.end <= end else None,
+        )
+        for s in inputs.steps
+        if s.end > start and s.start < end
+    ]
+    spans = [
+        s._replace(start=max(s.start, start), end=min(s.end, end))
+        for s in inputs.spans
+        if s.end > start and s.start < end
+    ]
+    return GoodputInputs(attempts, steps, spans, inputs.checkpoints)
 
 
-@dataclass
-class Window:
-    start: float
-    end: float
-    goodput: RankGoodput | RunGoodput
-
-
-def run_extent(inputs: GoodputInputs) -> tuple[float, float] | None:
-    """First start and last end over every rank, or None for a run with no records."""
-    g = run_goodput(inputs)
+def run_extent(g: RunGoodput) -> tuple[float, float] | None:
+    """First start and last end over every rank of an accounted run, or None for a run with
+    no records."""
     if not g.ranks:
         return None
     return min(r.start for r in g.ranks), max(r.end for r in g.ranks)
 
 
-def rolling(inputs: GoodputInputs, window_s: float, step_s: float) -> list[tuple[float, float]]:
+def rolling(
+    extent: tuple[float, float] | None, window_s: float, step_s: float
+) -> list[tuple[float, float]]:
     """Window bounds from the run's start, every step_s, each window_s long."""
     if not (math.isfinite(window_s) and window_s > 0):
         raise ValueError(f"window_s must be a positive number of seconds, got {window_s}")
     if not (math.isfinite(step_s) and step_s > 0):
         raise ValueError(f"step_s must be a positive number of seconds, got {step_s}")
-    extent = run_extent(inputs)
     if extent is None:
         return []
     first, last = extent

@@ -444,14 +444,10 @@ def count_steps(session: Session, run_id: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def goodput_inputs(
-    session: Session, run_id: str, window: tuple[float, float] | None = None
-) -> GoodputInputs:
-    """Everything the goodput calculator needs, as plain data. With a window (lo, hi), what
-    `goodput_window.clip_inputs` needs to see the run through it, and no more: every attempt
-    and checkpoint, and only the steps and spans that overlap the window (read through the
-    rollups); an attempt without an end gets the end of its last record, stored anywhere,
-    folded into `last_seen`, as clipping would have found it among all records."""
+def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
+    """Every record the goodput calculator reads, as plain data: its definition on the raw
+    rows, which the tests hold the rollups (repository_rollups.py) and the window sums
+    (repository_windows.py) to."""
     attempts = [
         AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause)
         for a in attempts_of(session, [run_id])
@@ -462,18 +458,6 @@ def goodput_inputs(
         )
     )
     checkpoints = [CheckpointIn(*row) for row in commits]
-    if window is not None:
-        lo, hi = window
-        last = rollups.last_record_ends(session, run_id)
-        attempts = [
-            a._replace(last_seen=max(a.last_seen or a.start, last[a.attempt, a.rank]))
-            if a.end is None and (a.attempt, a.rank) in last
-            else a
-            for a in attempts
-        ]
-        steps = rollups.steps_between(session, run_id, lo, hi)
-        spans = rollups.spans_between(session, run_id, lo, hi)
-        return GoodputInputs(attempts=attempts, steps=steps, spans=spans, checkpoints=checkpoints)
     steps = [
         StepIn(*row)
         for row in session.execute(select(*rollups.STEP_IN_COLUMNS).where(Step.run_id == run_id))

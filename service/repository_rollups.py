@@ -803,55 +803,6 @@ def last_record_ends(session: Session, run_id: str) -> dict[tuple[int, int], flo
     return out
 
 
-def steps_between(session: Session, run_id: str, lo: float, hi: float) -> list[StepIn]:
-    """The steps that overlap (lo, hi): found through the fine blocks whose time span meets
-    it, then read by step number."""
-    b = StepBlock
-    found = select(b.rank, b.attempt, b.block).where(
-        b.run_id == run_id, b.level == FINE, b.last_end > lo, b.first_start < hi
-    )
-    by_key = _group(_rows(session, found), lambda r: (r.attempt, r.rank))
-    out: list[StepIn] = []
-    for (attempt, rank), blocks in sorted(by_key.items()):
-        for first, last in _runs(sorted(r.block for r in blocks)):
-            stmt = select(*STEP_IN_COLUMNS).where(
-                Step.run_id == run_id,
-                Step.attempt == attempt,
-                Step.rank == rank,
-                Step.step.between(first * FINE, (last + 1) * FINE - 1),
-                Step.end > lo,
-                Step.start < hi,
-            )
-            out += [StepIn(*row) for row in _rows(session, stmt)]
-    return out
-
-
-def spans_between(session: Session, run_id: str, lo: float, hi: float) -> list[SpanIn]:
-    """The spans that overlap (lo, hi): per (attempt, rank, category), those that start
-    within the category's longest span before `hi`, through the spans' primary key."""
-    t = SpanTotal
-    groups = select(t.attempt, t.rank, t.category, func.max(t.longest_s)).where(
-        t.run_id == run_id, t.first_start < hi, t.last_end > lo
-    )
-    out: list[SpanIn] = []
-    for attempt, rank, category, longest in _rows(
-        session, groups.group_by(t.attempt, t.rank, t.category)
-    ):
-        stmt = select(
-            Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
-        ).where(
-            Span.run_id == run_id,
-            Span.attempt == attempt,
-            Span.rank == rank,
-            Span.category == category,
-            Span.start >= lo - longest - ROUNDING_SLACK_S,
-            Span.start < hi,
-            Span.end > lo,
-        )
-        out += [SpanIn(*row) for row in _rows(session, stmt)]
-    return out
-
-
 # -- rebuilding (migration 0004 fills the rollups of rows stored before it) --
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from service.goodput import AttemptIn, GoodputInputs, SpanIn, StepIn, run_goodput
-from service.goodput_window import clip_inputs, rolling
+from service.goodput_window import clip_inputs, rolling, run_extent
 from tests import factories as f
 
 T = 1_790_000_000.0
@@ -35,19 +35,24 @@ def test_window_cuts_intervals_and_keeps_the_invariant() -> None:
 
 def test_windows_partition_the_run() -> None:
     whole = run_goodput(inputs())
-    parts = [run_goodput(clip_inputs(inputs(), a, b)) for a, b in rolling(inputs(), 5.0, 5.0)]
+    parts = [
+        run_goodput(clip_inputs(inputs(), a, b)) for a, b in rolling(run_extent(whole), 5.0, 5.0)
+    ]
     assert sum(p.total_s for p in parts) == pytest.approx(whole.total_s)
     assert sum(p.goodput_s for p in parts) == pytest.approx(whole.goodput_s)
     assert all(adds_up(p) for p in parts)
 
 
 def test_rolling_refuses_bad_or_too_many_windows() -> None:
+    extent = run_extent(run_goodput(inputs()))
+    assert extent == (T, T + 20)
     with pytest.raises(ValueError, match="window_s"):
-        rolling(inputs(), 0.0, 1.0)
+        rolling(extent, 0.0, 1.0)
     with pytest.raises(ValueError, match="windows"):
-        rolling(inputs(), 1e-4, 1e-4)
+        rolling(extent, 1e-4, 1e-4)
     with pytest.raises(ValueError, match="resolution"):  # T + 1e-10 == T
-        rolling(inputs(), 1e-10, 1e8)
+        rolling(extent, 1e-10, 1e8)
+    assert rolling(None, 1.0, 1.0) == []
 
 
 def test_goodput_endpoint_windows_and_ranks(client: Any) -> None:
@@ -93,58 +98,3 @@ def test_goodput_reports_disruptions_ideal_step_time_and_stragglers(client: Any)
     assert g["disruptions"] == [
         {"attempt": 0, "time": f.T0 + 100, "cause": "NCCL timeout", "wasted_steps": 10}
     ]
-
-
-def clip_by_definition(inputs: GoodputInputs, start: float, end: float) -> GoodputInputs:
-    """The window's records as the docstring defines them, one pass over everything."""
-    attempts = []
-    for a in inputs.attempts:
-        if a.end is None:
-            mine = [r.end for r in (*inputs.steps, *inputs.spans) if r[:2] == a[:2]]
-            a = a._replace(end=max([a.start, a.last_seen or a.start, *mine]))
-        if a.end > start and a.start < end:
-            attempts.append(a._replace(start=max(a.start, start), end=min(a.end, end)))
-    steps = [
-        s._replace(
-            start=max(s.start, start),
-            end=min(s.end, end),
-            hook_overhead_s=s.hook_overhead_s if start < s.end <= end else None,
-        )
-        for s in inputs.steps
-        if s.end > start and s.start < end
-    ]
-    spans = [
-        s._replace(start=max(s.start, start), end=min(s.end, end))
-        for s in inputs.spans
-        if s.end > start and s.start < end
-    ]
-    return GoodputInputs(attempts, steps, spans, inputs.checkpoints)
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_clipper_finds_the_records_of_any_window_as_the_definition_does(seed: int) -> None:
-    import random
-
-    from service.goodput_window import Clipper
-
-    rng = random.Random(seed)
-    attempts = [AttemptIn(0, r, T, None if r else T + 90, None) for r in (0, 1)]
-    steps, spans = [], []
-    for rank in (0, 1):
-        t = T + rng.uniform(0, 2)
-        for n in range(rng.randint(0, 60)):
-            dur = rng.choice([0.0, 0.5, 1.0, 1.5])
-            steps.append(StepIn(0, rank, n, t, t + dur, 10, None, rng.choice([None, 0.01])))
-            if rng.random() < 0.5:  # nested, overlapping, empty and long spans
-                s = t + rng.uniform(-1, 1)
-                cat = rng.choice(["data_stall", "eval", "checkpoint_save"])
-                length = rng.choice([0.0, 0.2, 3.0, 40.0])
-                spans.append(SpanIn(0, rank, cat, s, s + length, rng.random() < 0.2))
-            t += dur + rng.choice([0.0, 0.1])
-    rng.shuffle(steps)  # any order in, the same order out
-    inputs = GoodputInputs(attempts, steps, spans)
-    clipper = Clipper(inputs)
-    for _ in range(25):
-        a = T + rng.uniform(-5, 100)
-        b = a + rng.choice([0.01, 0.5, 3.0, 30.0, 200.0])
-        assert clipper.clip(a, b) == clip_by_definition(inputs, a, b), (a, b)

@@ -384,33 +384,78 @@ def test_a_batch_of_old_and_new_keys_stores_the_new_ones_once(client: Any, app: 
         assert (fine.n, fine.blocked_s) == (6, pytest.approx(0.6, abs=1e-5))
 
 
-def test_a_window_read_through_the_rollups_sees_what_clipping_every_record_sees(
+def assert_goodput_equal(got: dict[str, Any], want: Any, where: Any) -> None:
+    """A goodput body (or a rolling window) against a RunGoodput: every figure."""
+    assert (got["rank"], got["steps"], got["tokens"]) == (want.rank, want.steps, want.tokens), where
+    for name in ("total_s", "goodput_s", "other_s"):
+        assert got[name] == pytest.approx(getattr(want, name), rel=1e-9, abs=1e-6), (where, name)
+    assert set(got["badput_s"]) == set(want.badput_s)
+    for cat, seconds in want.badput_s.items():
+        assert got["badput_s"][cat] == pytest.approx(seconds, rel=1e-9, abs=1e-6), (where, cat)
+    if "ranks" not in got:
+        return
+    assert [r["rank"] for r in got["ranks"]] == [r.rank for r in want.ranks], where
+    for mine, theirs in zip(got["ranks"], want.ranks, strict=True):
+        assert mine["steps"] == theirs.steps, where
+        for name in ("total_s", "goodput_s", "other_s"):
+            assert mine[name] == pytest.approx(getattr(theirs, name), rel=1e-9, abs=1e-6), where
+
+
+def test_a_window_summed_by_the_database_equals_clipping_every_record(
     client: Any, app: Any
 ) -> None:
-    """`goodput_inputs(run, window)` reads only the records that overlap the window; clipped,
-    they are the same records, and the same attempts (a crashed one ends at its last record,
-    which may lie outside the window), as the clipped inputs of the whole run."""
+    """The goodput of [start, end] (repository_windows: rollups and SQL sums) against its
+    definition, every record of the run clipped to the window and accounted in Python: whole
+    and tiny windows, windows that cut steps, spans and the crash, and windows outside."""
     from service.goodput_window import clip_inputs
 
     post_shuffled(client, random_run(5, 700), 5)
     rng = random.Random(5)
     with app.state.sessionmaker() as session:
         full = repo.goodput_inputs(session, "run-a")
-        first = min(a.start for a in full.attempts)
-        last = max(s.end for s in full.steps)
-        windows = [(first - 5.0, last + 5.0), (first + 3.0, first + 3.2)]
-        windows += [tuple(sorted(rng.uniform(first, last) for _ in range(2))) for _ in range(10)]
-        for lo, hi in windows:
-            want = clip_inputs(full, lo, hi)
-            got = clip_inputs(repo.goodput_inputs(session, "run-a", (lo, hi)), lo, hi)
-            assert sorted(got.steps) == sorted(want.steps), (lo, hi)
-            assert sorted(got.spans) == sorted(want.spans), (lo, hi)
-            # The same ends; last_seen carries the folded last record, which clipping used.
-            seen = [a._replace(last_seen=None) for a in (*got.attempts, *want.attempts)]
-            assert sorted(seen[: len(got.attempts)]) == sorted(seen[len(got.attempts) :])
-            assert run_goodput(got) == run_goodput(want), (lo, hi)
+    first = min(a.start for a in full.attempts)
+    last = max(s.end for s in full.steps)
+    windows = [(first - 5.0, last + 5.0), (first + 3.0, first + 3.2), (first - 9.0, first - 1.0)]
+    windows += [(s.start, s.end) for s in rng.sample(full.steps, 3)]  # exactly one step
+    windows += [(s.start + 0.1, s.end + 0.3) for s in rng.sample(full.spans, 3)]
+    windows += [tuple(sorted(rng.uniform(first, last) for _ in range(2))) for _ in range(12)]
     assert any(a.end is None for a in full.attempts)  # a crashed attempt was in play
-    body = client.get(
-        "/api/v1/runs/run-a/goodput", params={"start": windows[-1][0], "end": windows[-1][1]}
-    ).json()
-    assert body["total_s"] == pytest.approx(windows[-1][1] - windows[-1][0], abs=1e-6)
+    for lo, hi in windows:
+        clipped = clip_inputs(full, lo, hi)
+        want = run_goodput(clipped)
+        got = client.get("/api/v1/runs/run-a/goodput", params={"start": lo, "end": hi}).json()
+        if want.rank is None:  # nothing in the window
+            assert got["total_s"] == 0 and got["ranks"] == [], (lo, hi)
+            continue
+        assert_goodput_equal(got, want, (lo, hi))
+        fig = raw_step_figures(clipped, want.rank)
+        for name in ("ideal_step_time_s", "step_time_deviation_s"):
+            expected = getattr(fig, name)
+            close = pytest.approx(expected, rel=1e-9) if expected is not None else None
+            assert got[name] == close, (lo, hi, name)
+        assert [(d["attempt"], d["wasted_steps"], d["cause"]) for d in got["disruptions"]] == [
+            (d.attempt, d.wasted_steps, d.cause) for d in fig.disruptions
+        ], (lo, hi)
+        assert [s["rank"] for s in got["stragglers"]] == [s.rank for s in fig.stragglers]
+    whole = client.get("/api/v1/runs/run-a/goodput", params={"start": first - 5.0}).json()
+    assert whole["total_s"] == pytest.approx(run_goodput(full).total_s, abs=1e-6)
+
+
+@pytest.mark.parametrize("window_s,step_s", [(40.0, None), (97.5, 31.0), (3.0, 700.0)])
+def test_rolling_windows_equal_clipping_every_record(
+    client: Any, app: Any, window_s: float, step_s: float | None
+) -> None:
+    """Back to back, overlapping and sparse windows, each against its definition."""
+    from service.goodput_window import clip_inputs, rolling, run_extent
+
+    post_shuffled(client, random_run(6, 500), 6)
+    with app.state.sessionmaker() as session:
+        full = repo.goodput_inputs(session, "run-a")
+    params = {"window_s": window_s} | ({"step_s": step_s} if step_s else {})
+    body = client.get("/api/v1/runs/run-a/goodput/rolling", params=params).json()
+    bounds = rolling(run_extent(run_goodput(full)), window_s, step_s or window_s)
+    assert [(w["start"], w["end"]) for w in body["windows"]] == bounds and len(bounds) > 1
+    for w, (lo, hi) in zip(body["windows"], bounds, strict=True):
+        assert_goodput_equal(w, run_goodput(clip_inputs(full, lo, hi)), (lo, hi))
+    one = client.get("/api/v1/runs/run-a/goodput/rolling", params=params | {"rank": 1}).json()
+    assert one["windows"] and all(w["rank"] == 1 for w in one["windows"])

@@ -1,0 +1,469 @@
+"""Goodput of a time window, summed by the database: part of the repository (all SQL lives in
+the repository modules). Callers pass a Session; nothing here writes.
+
+The definition is `goodput_window.clip_inputs` then `goodput.run_goodput`: every record cut to
+[lo, hi], then the usual accounting. What that accounting reads of a rank is its RankTotals;
+here they come from a few statements per window whose rows the database sums, instead of
+every overlapping record read into Python:
+
+- spans: per (attempt, rank, category, overlapped), the sum of the cut durations and the first
+  cut start and last cut end, over the spans that overlap the window. Each category's spans
+  are found through the spans' primary key, from the category's longest span before `lo`.
+- steps: found through the fine step blocks whose time span meets the window, then read by
+  step number. The database sums count, tokens, the hook time of the steps that end inside,
+  cut extents, and, for the steps wholly inside, step time minus `blocked_s` on either side of
+  the attempt's last successful checkpoint (the one step number the accounting splits at).
+  The few steps that cross an edge come back as rows: their blocked time inside the window
+  is measured against the blocking spans there, as the definition measures every step.
+
+An attempt without an end ends where clipping every record would end it: at its end record,
+else its last heartbeat or its last record, wherever that lies (rollups.last_record_ends).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, literal, not_, select, union_all
+from sqlalchemy.orm import Session
+
+from service import repository_rollups as rollups
+from service.goodput import (
+    ROUNDING_SLACK_S,
+    AttemptIn,
+    AttemptSplit,
+    CheckpointIn,
+    RankTotals,
+    RunGoodput,
+    SpanIn,
+    SpanIndex,
+    account,
+    slowest,
+)
+from service.models import Attempt, CheckpointCommit, Span, SpanTotal, Step, StepBlock
+from service.step_stats import RECENT_STEPS, STRAGGLER_STEPS
+
+FINE = rollups.FINE
+UNION_TERMS = 100  # SELECTs per UNION ALL statement (SQLite allows 500)
+
+
+def _later(x: Any, bound: float) -> Any:
+    """SQL: max(x, bound), the same on SQLite and PostgreSQL."""
+    return case((x > bound, x), else_=literal(bound))
+
+
+def _earlier(x: Any, bound: float) -> Any:
+    """SQL: min(x, bound)."""
+    return case((x < bound, x), else_=literal(bound))
+
+
+def _union(session: Session, selects: Sequence[Select[Any]]) -> list[Any]:
+    out: list[Any] = []
+    for i in range(0, len(selects), UNION_TERMS):
+        part = selects[i : i + UNION_TERMS]
+        stmt = part[0] if len(part) == 1 else union_all(*part)
+        out += rollups._rows(session, stmt).all()
+    return out
+
+
+@dataclass
+class _Sums:
+    """One attempt rank's steps in a window, summed."""
+
+    n: int = 0
+    tokens: int = 0
+    hook_s: float = 0.0
+    first: float = math.inf
+    last: float = -math.inf
+    busy_upto: float = 0.0  # step time minus blocked time, steps <= the checkpoint
+    busy_after: float = 0.0
+    n_after: int = 0
+
+    def split(self, upto: float, checkpoint: int) -> AttemptSplit:
+        if upto == math.inf:
+            return AttemptSplit(self.busy_upto + self.busy_after, 0.0, 0)
+        if upto != checkpoint:  # the accounting only ever cuts at these two
+            raise ValueError(f"no sums kept for a cut at step {upto}")
+        return AttemptSplit(self.busy_upto, self.busy_after, self.n_after)
+
+
+@dataclass
+class WindowRollup:
+    """The RankTotals of every rank in a window, and the checkpoints they are read with."""
+
+    ranks: dict[int, RankTotals]
+    checkpoints: list[CheckpointIn]
+    ranges: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
+
+    def goodput(self) -> RunGoodput:
+        return slowest([account(t, self.checkpoints) for t in self.ranks.values()])
+
+
+class WindowReader:
+    """Reads a run's windows: what every window shares (attempts with their ends, checkpoints,
+    span categories, the longest fine block) is read once."""
+
+    def __init__(self, session: Session, run_id: str) -> None:
+        self.session, self.run_id = session, run_id
+        last = rollups.last_record_ends(session, run_id)
+        rows = rollups._rows(
+            session,
+            select(
+                Attempt.attempt,
+                Attempt.rank,
+                Attempt.start,
+                Attempt.end,
+                Attempt.status,
+                Attempt.last_seen,
+                Attempt.cause,
+            ).where(Attempt.run_id == run_id),
+        )
+        self.attempts: list[AttemptIn] = []
+        for row in rows:
+            a = AttemptIn(*row)
+            if a.end is None:
+                seen = last.get((a.attempt, a.rank), a.start)
+                a = a._replace(end=max(a.start, a.last_seen or a.start, seen))
+            self.attempts.append(a)
+        self.checkpoints = [
+            CheckpointIn(attempt, step, True)
+            for attempt, step in rollups._rows(
+                session,
+                select(CheckpointCommit.attempt, func.max(CheckpointCommit.step))
+                .where(CheckpointCommit.run_id == run_id, CheckpointCommit.ok.is_(True))
+                .group_by(CheckpointCommit.attempt),
+            )
+        ]
+        self.saved = {c.attempt: c.step for c in self.checkpoints}
+        t = SpanTotal
+        self.span_groups = rollups._rows(
+            session,
+            select(
+                t.attempt, t.rank, t.category, t.overlapped, t.longest_s, t.first_start, t.last_end
+            ).where(t.run_id == run_id),
+        ).all()
+        b = StepBlock
+        self.block_ranks = sorted(
+            rollups._rows(
+                session,
+                select(b.rank).where(b.run_id == run_id, b.level == rollups.COARSE).distinct(),
+            ).scalars()
+        )
+        longest = rollups._rows(
+            session,
+            select(func.max(b.last_end - b.first_start)).where(b.run_id == run_id, b.level == FINE),
+        ).scalar()
+        self.longest_block = longest or 0.0
+
+    def rollup(self, lo: float, hi: float) -> WindowRollup:
+        """The run's records as seen through [lo, hi], in aggregate."""
+        if not hi > lo:
+            raise ValueError(f"end ({hi}) must be after start ({lo})")
+        attempts = [
+            a._replace(start=max(a.start, lo), end=min(a.end, hi))
+            for a in self.attempts
+            if a.end is not None and a.end > lo and a.start < hi
+        ]
+        blocks = self._fine_blocks(lo, hi)
+        sums, raw = self._whole_blocks(lo, hi, blocks)
+        self._step_sums(lo, hi, _ranges(raw), sums)
+        self._add_edges(lo, hi, _ranges(raw), sums)
+        extents: dict[tuple[int, int], tuple[float, float]] = {
+            k: (s.first, s.last) for k, s in sums.items()
+        }
+        blocking: dict[int, dict[str, float]] = {}
+        for attempt, rank, category, overlapped, total, first, last in self._span_sums(lo, hi):
+            f0, l0 = extents.get((attempt, rank), (math.inf, -math.inf))
+            extents[attempt, rank] = (min(f0, first), max(l0, last))
+            if not overlapped:
+                mine = blocking.setdefault(rank, {})
+                mine[category] = mine.get(category, 0.0) + total
+        ranks = sorted({a.rank for a in attempts} | {rank for _, rank in extents})
+        out: dict[int, RankTotals] = {}
+        for rank in ranks:
+            mine_sums = {attempt: s for (attempt, r), s in sums.items() if r == rank}
+
+            def split(
+                attempt: int, upto: float, mine_sums: dict[int, _Sums] = mine_sums
+            ) -> AttemptSplit:
+                s = mine_sums.get(attempt, _Sums())
+                return s.split(upto, self.saved.get(attempt, -1))
+
+            out[rank] = RankTotals(
+                rank=rank,
+                attempts=[a for a in attempts if a.rank == rank],
+                extents={attempt: e for (attempt, r), e in extents.items() if r == rank},
+                blocking_s=blocking.get(rank, {}),
+                hook_s=sum(s.hook_s for s in mine_sums.values()),
+                steps=sum(s.n for s in mine_sums.values()),
+                tokens=sum(s.tokens for s in mine_sums.values()),
+                split=split,
+            )
+        return WindowRollup(out, self.checkpoints, _ranges(blocks))
+
+    # -- steps --
+
+    def _fine_blocks(self, lo: float, hi: float) -> list[Any]:
+        """The fine blocks whose time span meets the window: they hold every step that
+        overlaps it. A block ends no later than `longest_block` after it starts, which bounds
+        the index range read."""
+        if not self.block_ranks:
+            return []
+        b = StepBlock
+        found = select(
+            b.attempt,
+            b.rank,
+            b.block,
+            b.n,
+            b.busy_s - b.blocked_s,
+            b.tokens,
+            b.hook_s,
+            b.first_start,
+            b.last_end,
+        ).where(
+            b.run_id == self.run_id,
+            b.rank.in_(self.block_ranks),
+            b.level == FINE,
+            b.last_end > lo,
+            b.last_end <= hi + self.longest_block + ROUNDING_SLACK_S,
+            b.first_start < hi,
+        )
+        return list(rollups._rows(self.session, found))
+
+    def _whole_blocks(
+        self, lo: float, hi: float, blocks: list[Any]
+    ) -> tuple[dict[tuple[int, int], _Sums], list[Any]]:
+        """Sums of the blocks that lie wholly inside the window and on one side of their
+        attempt's checkpoint, and the other blocks, whose steps are read."""
+        sums: dict[tuple[int, int], _Sums] = {}
+        raw = []
+        for attempt, rank, block, n, busy, tokens, hook, first, last in blocks:
+            saved = self.saved.get(attempt, -1)
+            after = block * FINE > saved
+            if first < lo or last > hi or (not after and (block + 1) * FINE - 1 > saved):
+                raw.append((attempt, rank, block))
+                continue
+            s = sums.setdefault((attempt, rank), _Sums())
+            s.n += n
+            s.tokens += tokens
+            s.hook_s += hook
+            s.first, s.last = min(s.first, first), max(s.last, last)
+            if after:
+                s.busy_after += busy
+                s.n_after += n
+            else:
+                s.busy_upto += busy
+        return sums, raw
+
+    def _where(
+        self, attempt: int, rank: int, lo_step: int, hi_step: int, lo: float, hi: float
+    ) -> Any:
+        return and_(
+            Step.run_id == self.run_id,
+            Step.attempt == attempt,
+            Step.rank == rank,
+            Step.step.between(lo_step, hi_step),
+            Step.end > lo,
+            Step.start < hi,
+        )
+
+    def _step_sums(
+        self,
+        lo: float,
+        hi: float,
+        ranges: dict[tuple[int, int], list[tuple[int, int]]],
+        out: dict[tuple[int, int], _Sums],
+    ) -> None:
+        """Add the sums of the steps in `ranges` that overlap the window."""
+        inside = and_(Step.start >= lo, Step.end <= hi)
+        busy = Step.end - Step.start - Step.blocked_s
+        selects = []
+        for (attempt, rank), spans in ranges.items():
+            saved = self.saved.get(attempt, -1)
+            for first, last in spans:
+                selects.append(
+                    select(
+                        literal(attempt),
+                        literal(rank),
+                        func.count(),
+                        func.sum(Step.tokens),
+                        func.sum(
+                            case(
+                                (Step.end <= hi, func.coalesce(Step.hook_overhead_s, 0.0)),
+                                else_=0.0,
+                            )
+                        ),
+                        func.min(_later(Step.start, lo)),
+                        func.max(_earlier(Step.end, hi)),
+                        func.sum(case((and_(inside, Step.step <= saved), busy), else_=0.0)),
+                        func.sum(case((and_(inside, Step.step > saved), busy), else_=0.0)),
+                        func.sum(case((Step.step > saved, 1), else_=0)),
+                    ).where(self._where(attempt, rank, first, last, lo, hi))
+                )
+        for attempt, rank, n, tokens, hook, first, last, upto, after, n_after in _union(
+            self.session, selects
+        ):
+            if not n:
+                continue
+            s = out.setdefault((attempt, rank), _Sums())
+            s.n += n
+            s.tokens += int(tokens)
+            s.hook_s += hook
+            s.first, s.last = min(s.first, first), max(s.last, last)
+            s.busy_upto += upto
+            s.busy_after += after
+            s.n_after += int(n_after)
+
+    def _add_edges(
+        self,
+        lo: float,
+        hi: float,
+        ranges: dict[tuple[int, int], list[tuple[int, int]]],
+        sums: dict[tuple[int, int], _Sums],
+    ) -> None:
+        """Busy time of the steps that cross an edge of the window: cut to it, minus their
+        overlap with the blocking spans there."""
+        inside = and_(Step.start >= lo, Step.end <= hi)
+        selects = [
+            select(Step.attempt, Step.rank, Step.step, Step.start, Step.end).where(
+                self._where(attempt, rank, first, last, lo, hi), not_(inside)
+            )
+            for (attempt, rank), spans in ranges.items()
+            for first, last in spans
+        ]
+        edges = _union(self.session, selects)
+        if not edges:
+            return
+        cut = [(max(s.start, lo), min(s.end, hi)) for s in edges]
+        blocked = [0.0] * len(edges)
+        left = [i for i, s in enumerate(edges) if s.start < lo]  # these reach from lo
+        right = [i for i, s in enumerate(edges) if s.start >= lo]  # these reach to hi
+        for part in (left, right):
+            if not part:
+                continue
+            a, b = min(cut[i][0] for i in part), max(cut[i][1] for i in part)
+            spans = self._blocking_spans({edges[i].rank for i in part}, a, b)
+            by_rank = rollups._group(spans, lambda s: s.rank)
+            for rank, mine in rollups._group(part, lambda i: edges[i].rank).items():
+                index = SpanIndex(by_rank.get(rank, []))
+                for i, x in zip(mine, index.overlaps([cut[i] for i in mine]), strict=True):
+                    blocked[i] = x
+        for s, (a, b), x in zip(edges, cut, blocked, strict=True):
+            target = sums[s.attempt, s.rank]
+            if s.step <= self.saved.get(s.attempt, -1):
+                target.busy_upto += (b - a) - x
+            else:
+                target.busy_after += (b - a) - x
+
+    def _blocking_spans(self, ranks: set[int], lo: float, hi: float) -> list[SpanIn]:
+        """The ranks' blocking spans that overlap [lo, hi] (every attempt's: a step's blocked
+        time counts any span on its rank)."""
+        groups = [
+            g
+            for g in self.span_groups
+            if g.rank in ranks and not g.overlapped and g.first_start < hi and g.last_end > lo
+        ]
+        selects = [
+            select(Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped)
+            .where(*self._span_where(attempts, in_ranks, category, longest, lo, hi))
+            .where(Span.overlapped.is_(False))
+            for category, attempts, in_ranks, longest in _by_category(groups)
+        ]
+        return [SpanIn(*row) for row in _union(self.session, selects)]
+
+    # -- spans --
+
+    def _span_where(
+        self,
+        attempts: Iterable[int],
+        ranks: Iterable[int],
+        category: str,
+        longest: float,
+        lo: float,
+        hi: float,
+    ) -> list[Any]:
+        return [
+            Span.run_id == self.run_id,
+            Span.attempt.in_(sorted(attempts)),
+            Span.rank.in_(sorted(ranks)),
+            Span.category == category,
+            Span.start >= lo - longest - ROUNDING_SLACK_S,
+            Span.start < hi,
+            Span.end > lo,
+        ]
+
+    def _span_sums(self, lo: float, hi: float) -> list[Any]:
+        """(attempt, rank, category, overlapped, cut seconds, first cut start, last cut end)
+        of the spans that overlap the window."""
+        groups = [g for g in self.span_groups if g.first_start < hi and g.last_end > lo]
+        first, last = _later(Span.start, lo), _earlier(Span.end, hi)
+        selects = [
+            select(
+                Span.attempt,
+                Span.rank,
+                Span.category,
+                Span.overlapped,
+                func.sum(last - first),
+                func.min(first),
+                func.max(last),
+            )
+            .where(*self._span_where(attempts, ranks, category, longest, lo, hi))
+            .group_by(Span.attempt, Span.rank, Span.category, Span.overlapped)
+            for category, attempts, ranks, longest in _by_category(groups)
+        ]
+        return _union(self.session, selects)
+
+    # -- the step-time figures --
+
+    def recent_step_times(
+        self, lo: float, hi: float, window: WindowRollup, summary_rank: int | None
+    ) -> dict[int, list[float]]:
+        """What step_figures reads, of the steps cut to the window: the summary rank's newest
+        RECENT_STEPS step times and every other rank's newest STRAGGLER_STEPS (none of them
+        when the window holds one rank), oldest first."""
+        ranks = sorted({rank for _, rank in window.ranges})
+        wanted = ranks if len(ranks) > 1 else [r for r in ranks if r == summary_rank]
+        out: dict[int, list[float]] = {}
+        for rank in wanted:
+            limit = RECENT_STEPS if rank == summary_rank else STRAGGLER_STEPS
+            times: list[float] = []
+            keys = sorted((k for k in window.ranges if k[1] == rank), reverse=True)
+            for attempt, _ in keys:
+                for first, last in reversed(window.ranges[attempt, rank]):
+                    if len(times) >= limit:
+                        break
+                    stmt = (
+                        select(_earlier(Step.end, hi) - _later(Step.start, lo))
+                        .where(self._where(attempt, rank, first, last, lo, hi))
+                        .order_by(Step.step.desc())
+                        .limit(limit - len(times))
+                    )
+                    times += rollups._rows(self.session, stmt).scalars().all()
+            out[rank] = times[::-1]
+        return out
+
+
+def _ranges(blocks: Iterable[Any]) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Per (attempt, rank): the step numbers of the blocks, as runs of whole blocks."""
+    by_key = rollups._group(blocks, lambda r: (r[0], r[1]))
+    return {
+        key: [
+            (first * FINE, (last + 1) * FINE - 1)
+            for first, last in rollups._runs(sorted(r[2] for r in rows))
+        ]
+        for key, rows in sorted(by_key.items())
+    }
+
+
+def _by_category(groups: Iterable[Any]) -> list[tuple[str, set[int], set[int], float]]:
+    """Span total rows grouped by category: (category, attempts, ranks, longest span)."""
+    out: dict[str, tuple[set[int], set[int], list[float]]] = {}
+    for g in groups:
+        attempts, ranks, longest = out.setdefault(g.category, (set(), set(), [0.0]))
+        attempts.add(g.attempt)
+        ranks.add(g.rank)
+        longest[0] = max(longest[0], g.longest_s)
+    return [(c, a, r, longest[0]) for c, (a, r, longest) in sorted(out.items())]
