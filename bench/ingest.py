@@ -406,14 +406,16 @@ def free_port() -> int:
 class Server:
     """A server process in its own session, stopped with its children at exit."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+    ) -> None:
+        self.name, self.argv, self.env, self.log, self.cwd = name, argv, env, log, cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, health_url: str, timeout_s: float = 180.0) -> None:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
                 start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout_s
