@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+_SHARD = re.compile(r"^ep(\d+)-of-(\d+)$")
 KEEP_LAST = 2
 
 
@@ -31,6 +32,7 @@ class Checkpoint:
     model: dict[str, Any]
     optimizer: dict[str, Any]
     rng: dict[str, Any]
+    ep_size: int = 1  # > 1: this file holds one expert shard of ep_size (shard_dir)
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
@@ -61,7 +63,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(directory: Path, ckpt: Checkpoint) -> Path:
     """Write atomically; keep the newest KEEP_LAST checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{ckpt.step:08d}.pt"
+    final = step_path(directory, ckpt.step)
     tmp = directory / f".{final.name}.tmp"
     torch.save(ckpt.__dict__, tmp)
     _fsync_replace(tmp, final)
@@ -76,13 +78,42 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
-def load_latest(directory: Path, device: torch.device) -> Checkpoint | None:
-    found = list_checkpoints(directory)
-    if not found:
-        return None
+def load(path: Path, device: torch.device) -> Checkpoint:
     # weights_only=False: RNG states hold Python tuples; these files are our own.
-    raw = torch.load(found[-1], map_location=device, weights_only=False)
+    raw = torch.load(path, map_location=device, weights_only=False)
     return Checkpoint(**raw)
+
+
+def shard_dir(directory: Path, ep_rank: int, ep_size: int) -> Path:
+    """Where a rank's checkpoints live: the run directory, or with ep_size P > 1 one
+    subdirectory per expert shard (each file also holds the replicated parameters)."""
+    return directory if ep_size == 1 else directory / f"ep{ep_rank}-of-{ep_size}"
+
+
+def ep_sizes_in(directory: Path) -> set[int]:
+    """The ep_size of every layout that left checkpoints in the run directory."""
+    sizes = {1} if list_checkpoints(directory) else set()
+    if directory.is_dir():
+        for sub in directory.iterdir():
+            m = _SHARD.match(sub.name)
+            if m and list_checkpoints(sub):
+                sizes.add(int(m.group(2)))
+    return sizes
+
+
+def latest_complete(directory: Path, ep_size: int) -> int | None:
+    """The newest step whose checkpoint every shard wrote (a crash between the shards' writes
+    leaves a step that not all of them hold); None when there is none."""
+    common: set[int] | None = None
+    for ep_rank in range(ep_size):
+        names = list_checkpoints(shard_dir(directory, ep_rank, ep_size))
+        steps = {int(_NAME.match(p.name).group(1)) for p in names}  # type: ignore[union-attr]
+        common = steps if common is None else common & steps
+    return max(common) if common else None
+
+
+def step_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
 
 
 def next_attempt(directory: Path, fresh: bool) -> int:

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_core import checkpoint as ckpt
 from moe_core.config import ModelConfig
 from moe_core.data import ByteCorpus
 from moe_core.model import build_model
+from moe_core.parallel import Layout, sync_and_clip
 
 FAIL_EXIT_CODE = 17
 
@@ -45,9 +47,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     corpus_bytes: int = 2_000_000
+    ep_size: int = 1  # routed experts split over this many ranks (moe_core.parallel)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_batches", "corpus_bytes"):
+        for name in ("steps", "batch_size", "eval_batches", "corpus_bytes", "ep_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
@@ -126,6 +129,7 @@ class TrainState:
     first_step: int
     data_position: int  # train batches already consumed
     run_id: str
+    layout: Layout = Layout(world=1, rank=0, ep_size=1)
 
 
 @dataclass
@@ -157,15 +161,27 @@ def setup(
     run_id: str,
     resume_from: ckpt.Checkpoint | None,
     wrap: Callable[[Any], Any] | None,
+    layout: Layout | None = None,
 ) -> TrainState:
-    """Build (or restore) model, optimizer and data; the caller times this as `startup`."""
+    """Build (or restore) model, optimizer and data; the caller times this as `startup`.
+    With a layout of ep_size > 1 the model holds this rank's expert shard."""
+    layout = layout or Layout(world=1, rank=0, ep_size=1)
+    if layout.ep_size != cfg.ep_size:
+        raise ValueError(f"ep_size: the config says {cfg.ep_size}, the layout {layout.ep_size}")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     corpus = ByteCorpus.from_stdlib(max_bytes=cfg.corpus_bytes)
-    raw = build_model(model_cfg, seed=cfg.seed, dispatch_backend=cfg.dispatch).to(device)
+    raw = build_model(
+        model_cfg, seed=cfg.seed, dispatch_backend=cfg.dispatch, ep_group=layout.ep_group
+    ).to(device)
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr)
     first, position = 0, 0
     if resume_from is not None:
+        if resume_from.ep_size != layout.ep_size:
+            raise ValueError(
+                f"ep_size: the checkpoint holds a shard of ep_size={resume_from.ep_size}, "
+                f"this run has {layout.ep_size}"
+            )
         raw.load_state_dict(resume_from.model)
         opt.load_state_dict(resume_from.optimizer)
         ckpt.set_rng_state(resume_from.rng)
@@ -174,7 +190,7 @@ def setup(
     model = wrap(raw) if wrap is not None else raw
     if cfg.compile:
         model = torch.compile(model)
-    return TrainState(model, raw, opt, corpus, first, position, run_id)
+    return TrainState(model, raw, opt, corpus, first, position, run_id, layout)
 
 
 def train(
@@ -206,10 +222,8 @@ def train(
                 # The same held-out batches every time, so eval losses compare across steps.
                 val = st.corpus.batches("val", cfg.batch_size, model_cfg.seq_len, cfg.seed + 1)
                 evals.append((step, evaluate(st.model, val, cfg.eval_batches, device)))
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and rank == 0:
-            with rec.span("checkpoint_save", step=step):
-                _save(st, cfg, step, data_position=st.data_position + step + 1 - st.first_step)
-            rec.checkpoint_committed(step)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _checkpoint(st, cfg, step, rec)
         if progress is not None:
             progress(step)
     return TrainResult(st.run_id, cfg.steps - st.first_step, loss, evals, _observed(st.raw_model))
@@ -240,16 +254,35 @@ def train_step(
     loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
     st.opt.zero_grad(set_to_none=True)
     (loss + aux_loss).backward()
-    torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+    if st.layout.ep_size > 1:  # the expert shards differ between ranks: no DDP
+        sync_and_clip(st.raw_model, st.layout, cfg.grad_clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
     st.opt.step()
-    st.raw_model.update_router_biases()
+    # Every replica of a router takes the same balancing step, from the whole job's counts.
+    st.raw_model.update_router_biases(group=dist.group.WORLD if st.layout.world > 1 else None)
     return loss.detach()
+
+
+def _checkpoint(st: TrainState, cfg: TrainConfig, step: int, rec: Any) -> None:
+    """Rank 0 writes the checkpoint, or with ep_size > 1 the first group's ranks write one
+    shard each; the commit is recorded once every shard is on disk."""
+    layout = st.layout
+    if layout.saves_checkpoints:
+        with rec.span("checkpoint_save", step=step):
+            _save(st, cfg, step, data_position=st.data_position + step + 1 - st.first_step)
+    if layout.ep_size > 1:
+        with rec.span("checkpoint_save", step=step):  # waiting for the other shards blocks too
+            dist.barrier()
+    if layout.rank == 0:
+        rec.checkpoint_committed(step)
 
 
 def _save(st: TrainState, cfg: TrainConfig, step: int, data_position: int) -> None:
     assert cfg.checkpoint_dir is not None
+    layout = st.layout
     ckpt.save(
-        cfg.checkpoint_dir,
+        ckpt.shard_dir(cfg.checkpoint_dir, layout.ep_rank, layout.ep_size),
         ckpt.Checkpoint(
             step=step,
             run_id=st.run_id,
@@ -257,6 +290,7 @@ def _save(st: TrainState, cfg: TrainConfig, step: int, data_position: int) -> No
             model=st.raw_model.state_dict(),
             optimizer=st.opt.state_dict(),
             rng=ckpt.rng_state(),
+            ep_size=layout.ep_size,
         ),
     )
 

@@ -92,17 +92,19 @@ class MoEModel(nn.Module):
         return [block for block in self.blocks if isinstance(block, MoEBlock)]
 
     @torch.no_grad()
-    def update_router_biases(self) -> None:
+    def update_router_biases(self, group: Any = None) -> None:
         """Loss-free balancing step of every E block's router; call right after ``opt.step()``.
 
         A no-op (beyond resetting counts) when ``bias_update_rate`` is 0. Nothing syncs.
-        An expert-parallel block first sums its router's counts over the EP group (an
-        all-reduce on the device): the router is replicated, so every rank must take the same
-        step from the same counts, or the ranks' routers drift apart.
+        The router is replicated, so every rank must take the same step from the same counts,
+        or the ranks' routers drift apart: the counts are first summed (an all-reduce on the
+        device) over ``group``, else over an expert-parallel block's EP group. A data-parallel
+        job passes its whole group, so the step follows every rank's tokens.
         """
         for block in self.moe_blocks:
-            if block.ep_group is not None and block.router.bias_update_rate > 0:
-                dist.all_reduce(block.router.bias_counts, group=block.ep_group)
+            over = group if group is not None else block.ep_group
+            if over is not None and block.router.bias_update_rate > 0:
+                dist.all_reduce(block.router.bias_counts, group=over)
             block.router.update_bias()
 
     def dispatch_observations(self) -> list[dict[str, str | None]]:

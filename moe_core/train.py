@@ -3,6 +3,7 @@
     python -m moe_core.train --steps 30 --server http://127.0.0.1:8787
     goodput train --steps 30 --server http://127.0.0.1:8787      (the same, via the CLI)
     torchrun --nproc-per-node 2 -m moe_core.train ...           (data parallel, one rank each)
+    torchrun --nproc-per-node 4 -m moe_core.train --ep-size 2   (+ experts split over 2 ranks)
 
 Training never waits for the service: records go to an on-disk spool and a background thread
 sends them. With no --server the run is offline and the spool is replayed later with
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 
 from moe_core import checkpoint as ckpt
-from moe_core.config import ModelConfig, model_plan, parse_pattern
+from moe_core.config import ModelConfig, check_ep_size, model_plan, parse_pattern
 from moe_core.loop import TrainConfig, TrainResult, setup, train
+from moe_core.parallel import Layout, make_layout
 from trainer_hooks import Recorder, SpoolSink
 
 
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="split the routed experts over this many ranks (expert parallel; divides the "
+        "world size and --num-experts)",
+    )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=0)
@@ -103,6 +112,7 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         top_k=args.top_k,
         capacity_factor=args.capacity_factor,
     )
+    check_ep_size(args.ep_size, model_cfg.num_experts)
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -115,6 +125,7 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         compile=args.compile,
         seed=args.seed,
         device=args.device,
+        ep_size=args.ep_size,
     )
     return model_cfg, cfg
 
@@ -135,8 +146,9 @@ def parse_window(text: str | None) -> tuple[int, int] | None:
 def runtime_policy(model_cfg: ModelConfig, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return {
         "world_size": world_size,
-        "dp_size": world_size,
-        "ep_size": 1,
+        "dp_size": world_size,  # every rank runs its own batch
+        "ep_size": cfg.ep_size,
+        "expert_dp_size": world_size // cfg.ep_size,  # ranks holding each expert shard
         "batch_size": cfg.batch_size,
         "seq_len": model_cfg.seq_len,
         "tokens_per_step": cfg.batch_size * model_cfg.seq_len * world_size,
@@ -173,16 +185,27 @@ def _shared_run_id(wanted: str | None) -> str:
 
 
 def _resume_point(args: argparse.Namespace, cfg: TrainConfig) -> ckpt.Checkpoint | None:
-    assert cfg.checkpoint_dir is not None
-    found = ckpt.load_latest(cfg.checkpoint_dir, torch.device(cfg.device))
-    if args.resume:
-        return found  # None: resuming a run that crashed before its first checkpoint
-    if found is not None:
+    """This rank's checkpoint to resume from (its expert shard's, with ep_size > 1): the
+    newest step that every shard holds. Checked before the process group exists."""
+    directory = cfg.checkpoint_dir
+    assert directory is not None
+    written = ckpt.ep_sizes_in(directory)
+    if written and not args.resume:
         raise ValueError(
-            f"checkpoint_dir {cfg.checkpoint_dir} already holds checkpoints; "
+            f"checkpoint_dir {directory} already holds checkpoints; "
             "pass --resume to continue that run, or choose another directory"
         )
-    return None
+    if written - {cfg.ep_size}:
+        raise ValueError(
+            f"ep_size: the checkpoints in {directory} were written with ep_size="
+            f"{', '.join(map(str, sorted(written)))}; resume with the same --ep-size"
+        )
+    step = ckpt.latest_complete(directory, cfg.ep_size)
+    if step is None:
+        return None  # resuming a run that crashed before its first checkpoint
+    ep_rank = int(os.environ.get("RANK", "0")) % cfg.ep_size
+    path = ckpt.step_path(ckpt.shard_dir(directory, ep_rank, cfg.ep_size), step)
+    return ckpt.load(path, torch.device(cfg.device))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     world = _init_distributed(cfg.device)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        layout = make_layout(cfg.ep_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank = layout.rank
     run_id = resume.run_id if resume is not None else _shared_run_id(args.run_id)
     assert cfg.checkpoint_dir is not None
     attempt = ckpt.next_attempt(cfg.checkpoint_dir / f"rank{rank}", fresh=not args.resume)
@@ -220,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run_id {run_id}  name {args.run_name}  attempt {attempt}", flush=True)
     try:
         with rec.span("startup"):
-            state = setup(model_cfg, cfg, run_id, resume, _ddp_wrapper(cfg, world))
+            state = setup(model_cfg, cfg, run_id, resume, _ddp_wrapper(cfg, layout), layout)
         rec.watch(state.raw_model)
         result = _run_with_progress(model_cfg, cfg, state, rec, show=not args.no_progress)
     except BaseException as exc:
@@ -237,8 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _ddp_wrapper(cfg: TrainConfig, world: int) -> Any:
-    if world <= 1:
+def _ddp_wrapper(cfg: TrainConfig, layout: Layout) -> Any:
+    """Data parallel without expert parallel: DDP. With ep_size > 1 the loop exchanges the
+    gradients itself (moe_core.parallel), since the expert shards differ between ranks."""
+    if layout.world <= 1 or layout.ep_size > 1:
         return None
     from torch.nn.parallel import DistributedDataParallel
 

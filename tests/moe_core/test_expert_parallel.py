@@ -98,10 +98,11 @@ def _sum_replicated_grads(model, grads):
 
 def _compare(rank, got, want, sharded, num_local):
     """Output and input grad of this rank's rows (None: not compared), then every param grad."""
-    own, experts = _own(rank, want[0].shape[0]), slice(rank * num_local, (rank + 1) * num_local)
-    torch.testing.assert_close(got[0], want[0][own], **CLOSE)
+    experts = slice(rank * num_local, (rank + 1) * num_local)
+    if got[0] is not None:
+        torch.testing.assert_close(got[0], want[0][_own(rank, want[0].shape[0])], **CLOSE)
     if got[1] is not None:
-        torch.testing.assert_close(got[1], want[1][own], **CLOSE)
+        torch.testing.assert_close(got[1], want[1][_own(rank, want[1].shape[0])], **CLOSE)
     assert set(got[2]) == set(want[2])
     for name, grad in got[2].items():
         expected = want[2][name][experts] if name in sharded else want[2][name]
@@ -230,6 +231,42 @@ def case_ep_size_that_does_not_divide_the_experts_is_refused(rank):
         build_model(_cfg(cfg, pattern="A"), seed=0, ep_group=dist.group.WORLD)
 
 
+def case_the_loop_gradient_exchange_gives_the_data_parallel_step(rank):
+    """moe_core.parallel: each rank's loss on its own batch, then sync_and_clip, against the
+    ep_size=1 model on the mean of the ranks' losses (what DDP computes): the same replicated
+    grads, each shard the slice of the expert grads, the same norm; and clipped alike."""
+    from moe_core.parallel import make_layout, sync_and_clip
+
+    layout = make_layout(WORLD)
+    assert (layout.ep_size, layout.ep_rank, layout.expert_dp_size) == (WORLD, rank, 1)
+    cfg = _cfg(pattern="AE*2", capacity_factor=1.0, vocab_size=64)
+    tokens_BL = torch.randint(0, 64, (WORLD * 2, 9), generator=torch.Generator().manual_seed(5))
+
+    def loss(model, s):
+        logits_BLV, aux = model(tokens_BL[s, :-1])
+        return F.cross_entropy(logits_BLV.flatten(0, 1), tokens_BL[s, 1:].flatten()) + aux
+
+    # The third time only the experts train, so the norm is theirs alone: summed over shards.
+    for clip, experts_only in ((False, False), (True, False), (True, True)):
+        ep = build_model(cfg, seed=3, ep_group=layout.ep_group)
+        ref = build_model(cfg, seed=3)
+        for model in (ep, ref) if experts_only else ():
+            for p in model.parameters():
+                p.requires_grad_(p.ndim == 3)  # the stacked expert weights
+        loss(ep, _own(rank, 4)).backward()
+        (sum(loss(ref, _own(r, 4)) for r in range(WORLD)) / WORLD).backward()
+        trained = [p for p in ref.parameters() if p.requires_grad]
+        want_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trained]))
+        max_norm = float(want_norm) / 2 if clip else 1e9
+        got_norm = sync_and_clip(ep, layout, max_norm)
+        torch.testing.assert_close(got_norm, want_norm, **CLOSE)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trained, max_norm)
+        want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+        got = {n: p.grad for n, p in ep.named_parameters() if p.requires_grad}
+        _compare(rank, (None, None, got), (None, None, want), sharded_parameter_names(ep), 2)
+
+
 CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -293,6 +330,10 @@ def test_ep_router_bias_step_keeps_the_replicated_routers_identical(ep_results):
 
 def test_ep_block_refuses_a_group_size_that_does_not_divide_the_experts(ep_results):
     _assert_case_ok(ep_results, "case_ep_size_that_does_not_divide_the_experts_is_refused")
+
+
+def test_the_training_loops_gradient_exchange_equals_data_parallel(ep_results):
+    _assert_case_ok(ep_results, "case_the_loop_gradient_exchange_gives_the_data_parallel_step")
 
 
 def test_ep_size_is_checked_up_front_naming_both_fields():
