@@ -1,6 +1,7 @@
 """The bundled training loop with expert parallelism against data parallel, on N GPUs.
 
     python3 bench/ep_train_check.py --nproc 2            # bench/results/ep_train_check.log
+    python3 bench/ep_train_check.py --nproc 2 --compile
 
 Runs `python -m moe_core.train` under torchrun twice from one seed, `--ep-size 1` (DDP) and
 `--ep-size N` (the routed experts split over the N ranks, gradients exchanged by
@@ -43,6 +44,7 @@ def train(work: Path, nproc: int, ep_size: int, args: argparse.Namespace) -> Non
     cmd += ["--d-model", str(args.d_model), "--seq-len", str(args.seq_len)]
     cmd += ["--batch-size", str(args.batch_size), "--eval-every", "0", "--pattern", args.pattern]
     cmd += ["--checkpoint-every", str(args.steps), "--run-id", f"ep{ep_size}"]
+    cmd += ["--compile"] if args.compile else []
     cmd += ["--spool", str(work / "spool"), "--checkpoint-dir", str(work / "ckpt")]
     done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
     if done.returncode != 0:
@@ -74,6 +76,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--pattern", default="AEAE")
+    p.add_argument("--compile", action="store_true", help="torch.compile both runs")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="ep-train-") as tmp:
