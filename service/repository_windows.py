@@ -82,11 +82,30 @@ class _Sums:
     busy_after: float = 0.0
     n_after: int = 0
 
+    def add(
+        self,
+        n: int,
+        tokens: int,
+        hook_s: float,
+        first: float,
+        last: float,
+        busy_upto: float,
+        busy_after: float,
+        n_after: int,
+    ) -> None:
+        self.n += n
+        self.tokens += tokens
+        self.hook_s += hook_s
+        self.first, self.last = min(self.first, first), max(self.last, last)
+        self.busy_upto += busy_upto
+        self.busy_after += busy_after
+        self.n_after += n_after
+
     def split(self, upto: float, checkpoint: int) -> AttemptSplit:
         if upto == math.inf:
             return AttemptSplit(self.busy_upto + self.busy_after, 0.0, 0)
         if upto != checkpoint:  # the accounting only ever cuts at these two
-            raise ValueError(f"no sums kept for a cut at step {upto}")
+            raise RuntimeError(f"no sums kept for a cut at step {upto}")
         return AttemptSplit(self.busy_upto, self.busy_after, self.n_after)
 
 
@@ -169,8 +188,9 @@ class WindowReader:
         ]
         blocks = self._fine_blocks(lo, hi)
         sums, raw = self._whole_blocks(lo, hi, blocks)
-        self._step_sums(lo, hi, _ranges(raw), sums)
-        self._add_edges(lo, hi, _ranges(raw), sums)
+        raw_ranges = _ranges(raw)
+        self._step_sums(lo, hi, raw_ranges, sums)
+        self._add_edges(lo, hi, raw_ranges, sums)
         extents: dict[tuple[int, int], tuple[float, float]] = {
             k: (s.first, s.last) for k, s in sums.items()
         }
@@ -246,16 +266,8 @@ class WindowReader:
             if first < lo or last > hi or (not after and (block + 1) * FINE - 1 > saved):
                 raw.append((attempt, rank, block))
                 continue
-            s = sums.setdefault((attempt, rank), _Sums())
-            s.n += n
-            s.tokens += tokens
-            s.hook_s += hook
-            s.first, s.last = min(s.first, first), max(s.last, last)
-            if after:
-                s.busy_after += busy
-                s.n_after += n
-            else:
-                s.busy_upto += busy
+            split = (0.0, busy, n) if after else (busy, 0.0, 0)
+            sums.setdefault((attempt, rank), _Sums()).add(n, tokens, hook, first, last, *split)
         return sums, raw
 
     def _where(
@@ -306,16 +318,9 @@ class WindowReader:
         for attempt, rank, n, tokens, hook, first, last, upto, after, n_after in _union(
             self.session, selects
         ):
-            if not n:
-                continue
-            s = out.setdefault((attempt, rank), _Sums())
-            s.n += n
-            s.tokens += int(tokens)
-            s.hook_s += hook
-            s.first, s.last = min(s.first, first), max(s.last, last)
-            s.busy_upto += upto
-            s.busy_after += after
-            s.n_after += int(n_after)
+            if n:  # PostgreSQL sums bigints as numeric
+                sums = (int(tokens), hook, first, last, upto, after, int(n_after))
+                out.setdefault((attempt, rank), _Sums()).add(n, *sums)
 
     def _add_edges(
         self,
