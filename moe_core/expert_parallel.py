@@ -201,7 +201,9 @@ def sharded_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that are expert shards; every other one is replicated.
 
     Replicated gradients must be summed over the expert-parallel group (data parallel does
-    this); shard gradients already hold every rank's tokens and must not be reduced.
+    this); shard gradients already hold every rank's tokens of the group and must not be
+    reduced over it (only over the ranks holding the same shard in other groups, as
+    ``moe_core.parallel`` does).
     """
     from moe_core.moe import RoutedExperts  # moe imports this module
 

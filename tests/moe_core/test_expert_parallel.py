@@ -231,16 +231,18 @@ def case_ep_size_that_does_not_divide_the_experts_is_refused(rank):
         build_model(_cfg(cfg, pattern="A"), seed=0, ep_group=dist.group.WORLD)
 
 
-def case_the_loop_gradient_exchange_gives_the_data_parallel_step(rank):
+def _gradient_exchange(rank, world, ep_size):
     """moe_core.parallel: each rank's loss on its own batch, then sync_and_clip, against the
     ep_size=1 model on the mean of the ranks' losses (what DDP computes): the same replicated
     grads, each shard the slice of the expert grads, the same norm; and clipped alike."""
     from moe_core.parallel import make_layout, sync_and_clip
 
-    layout = make_layout(WORLD)
-    assert (layout.ep_size, layout.ep_rank, layout.expert_dp_size) == (WORLD, rank, 1)
+    layout = make_layout(ep_size)
+    assert (layout.world, layout.ep_rank) == (world, rank % ep_size)
+    assert layout.expert_dp_size == world // ep_size
     cfg = _cfg(pattern="AE*2", capacity_factor=1.0, vocab_size=64)
-    tokens_BL = torch.randint(0, 64, (WORLD * 2, 9), generator=torch.Generator().manual_seed(5))
+    rows = [slice(2 * r, 2 * r + 2) for r in range(world)]  # two sequences per rank
+    tokens_BL = torch.randint(0, 64, (world * 2, 9), generator=torch.Generator().manual_seed(5))
 
     def loss(model, s):
         logits_BLV, aux = model(tokens_BL[s, :-1])
@@ -253,8 +255,8 @@ def case_the_loop_gradient_exchange_gives_the_data_parallel_step(rank):
         for model in (ep, ref) if experts_only else ():
             for p in model.parameters():
                 p.requires_grad_(p.ndim == 3)  # the stacked expert weights
-        loss(ep, _own(rank, 4)).backward()
-        (sum(loss(ref, _own(r, 4)) for r in range(WORLD)) / WORLD).backward()
+        loss(ep, rows[rank]).backward()
+        (sum(loss(ref, s) for s in rows) / world).backward()
         trained = [p for p in ref.parameters() if p.requires_grad]
         want_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trained]))
         max_norm = float(want_norm) / 2 if clip else 1e9
@@ -264,21 +266,31 @@ def case_the_loop_gradient_exchange_gives_the_data_parallel_step(rank):
             torch.nn.utils.clip_grad_norm_(trained, max_norm)
         want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
         got = {n: p.grad for n, p in ep.named_parameters() if p.requires_grad}
-        _compare(rank, (None, None, got), (None, None, want), sharded_parameter_names(ep), 2)
+        local = cfg.num_experts // ep_size
+        sharded = sharded_parameter_names(ep)
+        _compare(layout.ep_rank, (None, None, got), (None, None, want), sharded, local)
+
+
+def case_the_loop_gradient_exchange_gives_the_data_parallel_step(rank):
+    _gradient_exchange(rank, WORLD, WORLD)
 
 
 CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
-def _worker(rank: int, store_path: str, out_dir: str) -> None:
+def _init(rank: int, store_path: str, world: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store_path}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=timedelta(seconds=60),  # a desynced case fails instead of hanging
     )
+
+
+def _worker(rank: int, store_path: str, out_dir: str) -> None:
+    _init(rank, store_path, WORLD)
     results = {}
     for name, case in CASES.items():
         try:
@@ -334,6 +346,30 @@ def test_ep_block_refuses_a_group_size_that_does_not_divide_the_experts(ep_resul
 
 def test_the_training_loops_gradient_exchange_equals_data_parallel(ep_results):
     _assert_case_ok(ep_results, "case_the_loop_gradient_exchange_gives_the_data_parallel_step")
+
+
+def _four_ranks_worker(rank: int, store_path: str, out_dir: str) -> None:
+    _init(rank, store_path, 4)
+    try:
+        _gradient_exchange(rank, world=4, ep_size=2)
+        result = "ok"
+    except Exception:
+        result = traceback.format_exc()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_the_gradient_exchange_with_two_expert_parallel_groups_equals_data_parallel(tmp_path):
+    """4 ranks, ep_size 2: two groups, each shard held by 2 ranks (the expert data-parallel
+    group the shard's gradients are summed over)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.multiprocessing.spawn(
+            _four_ranks_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=4
+        )
+    for rank in range(4):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == "ok", f"rank {rank}:\n{result}"
 
 
 def test_ep_size_is_checked_up_front_naming_both_fields():
