@@ -13,7 +13,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,10 @@ class Checkpoint:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     ep_size: int = 1  # > 1: this file holds one expert shard of ep_size (shard_dir)
+    # For resharding: the parameters stacked by expert on dim 0, and the optimizer's
+    # parameter order (its state is keyed by position). Empty in older checkpoints.
+    expert_params: list[str] = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
@@ -114,6 +118,74 @@ def latest_complete(directory: Path, ep_size: int) -> int | None:
 
 def step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:08d}.pt"
+
+
+def reshard(shards: list[Checkpoint], ep_rank: int, ep_size: int) -> Checkpoint:
+    """Shard `ep_rank` of `ep_size` built from every shard of another layout (in shard order):
+    each expert-stacked parameter, and its optimizer state, is joined along the experts and
+    cut again; everything else (replicated) is taken from the first shard."""
+    first = shards[0]
+    if not first.expert_params:
+        raise ValueError(
+            f"ep_size: this checkpoint (ep_size={first.ep_size}) predates resharding; "
+            f"resume it with --ep-size {first.ep_size}"
+        )
+    experts = set(first.expert_params)
+
+    def cut(parts: list[Any]) -> Any:
+        whole = torch.cat(parts, dim=0)
+        if whole.shape[0] % ep_size:
+            raise ValueError(
+                f"ep_size: {ep_size} must divide the {whole.shape[0]} experts of the checkpoint"
+            )
+        local = whole.shape[0] // ep_size
+        return whole[ep_rank * local : (ep_rank + 1) * local].clone()
+
+    model = {
+        k: cut([s.model[k] for s in shards]) if k in experts else v for k, v in first.model.items()
+    }
+    state = {}
+    for index, values in first.optimizer["state"].items():
+        if first.param_names[index] not in experts:
+            state[index] = values
+            continue
+        state[index] = {
+            k: cut([s.optimizer["state"][index][k] for s in shards])
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+            else v
+            for k, v in values.items()
+        }
+    optimizer = {**first.optimizer, "state": state}
+    return replace(first, model=model, optimizer=optimizer, ep_size=ep_size)
+
+
+def newest_layout(directory: Path, prefer: int) -> tuple[int, int] | None:
+    """(ep_size, step) of the newest step that some layout in the run directory holds whole
+    (on a tie, the layout `prefer`); None when none does."""
+    found = []
+    for size in ep_sizes_in(directory):
+        step = latest_complete(directory, size)
+        if step is not None:
+            found.append((step, size == prefer, size))
+    if not found:
+        return None
+    step, _, size = max(found)
+    return size, step
+
+
+def load_for(
+    directory: Path, ep_rank: int, ep_size: int, device: torch.device
+) -> Checkpoint | None:
+    """This rank's checkpoint to resume from: the newest whole step in the run directory, in
+    its own layout, or resharded from another ep_size."""
+    newest = newest_layout(directory, ep_size)
+    if newest is None:
+        return None
+    size, step = newest
+    if size == ep_size:
+        return load(step_path(shard_dir(directory, ep_rank, ep_size), step), device)
+    shards = [load(step_path(shard_dir(directory, r, size), step), device) for r in range(size)]
+    return reshard(shards, ep_rank, ep_size)
 
 
 def next_attempt(directory: Path, fresh: bool) -> int:

@@ -23,7 +23,7 @@ from moe_core import checkpoint as ckpt
 from moe_core.config import ModelConfig
 from moe_core.data import ByteCorpus
 from moe_core.model import build_model
-from moe_core.parallel import Layout, sync_and_clip
+from moe_core.parallel import Layout, expert_stacked_names, sync_and_clip
 
 FAIL_EXIT_CODE = 17
 
@@ -177,7 +177,7 @@ def setup(
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr)
     first, position = 0, 0
     if resume_from is not None:
-        if resume_from.ep_size != layout.ep_size:
+        if resume_from.ep_size != layout.ep_size:  # ckpt.load_for reshards
             raise ValueError(
                 f"ep_size: the checkpoint holds a shard of ep_size={resume_from.ep_size}, "
                 f"this run has {layout.ep_size}"
@@ -291,8 +291,16 @@ def _save(st: TrainState, cfg: TrainConfig, step: int, data_position: int) -> No
             optimizer=st.opt.state_dict(),
             rng=ckpt.rng_state(),
             ep_size=layout.ep_size,
+            expert_params=sorted(expert_stacked_names(st.raw_model)),
+            param_names=_optimizer_order(st),
         ),
     )
+
+
+def _optimizer_order(st: TrainState) -> list[str]:
+    """Parameter names in the optimizer's order, which keys its state."""
+    names = {id(p): n for n, p in st.raw_model.named_parameters()}
+    return [names[id(p)] for group in st.opt.param_groups for p in group["params"]]
 
 
 def _observed(model: torch.nn.Module) -> list[str]:

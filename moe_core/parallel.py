@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe_core.expert_parallel import sharded_parameter_names
+from moe_core.moe import RoutedExperts
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,17 @@ def make_layout(ep_size: int) -> Layout:
         if rank % ep_size == position:
             expert_dp_group = group
     return Layout(world, rank, ep_size, ep_group, expert_dp_group)
+
+
+def expert_stacked_names(model: nn.Module) -> set[str]:
+    """Names of the parameters stacked by routed expert on dim 0 (whole or a shard): what
+    checkpoint.reshard joins and cuts."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, RoutedExperts)
+        for name, _ in module.named_parameters()
+    }
 
 
 def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

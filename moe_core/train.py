@@ -185,27 +185,19 @@ def _shared_run_id(wanted: str | None) -> str:
 
 
 def _resume_point(args: argparse.Namespace, cfg: TrainConfig) -> ckpt.Checkpoint | None:
-    """This rank's checkpoint to resume from (its expert shard's, with ep_size > 1): the
-    newest step that every shard holds. Checked before the process group exists."""
+    """This rank's checkpoint to resume from: the newest step that every shard of some layout
+    holds, resharded when it was written with another --ep-size. Read before the process
+    group exists (torchrun's RANK says which shard)."""
     directory = cfg.checkpoint_dir
     assert directory is not None
-    written = ckpt.ep_sizes_in(directory)
-    if written and not args.resume:
+    if ckpt.ep_sizes_in(directory) and not args.resume:
         raise ValueError(
             f"checkpoint_dir {directory} already holds checkpoints; "
             "pass --resume to continue that run, or choose another directory"
         )
-    if written - {cfg.ep_size}:
-        raise ValueError(
-            f"ep_size: the checkpoints in {directory} were written with ep_size="
-            f"{', '.join(map(str, sorted(written)))}; resume with the same --ep-size"
-        )
-    step = ckpt.latest_complete(directory, cfg.ep_size)
-    if step is None:
-        return None  # resuming a run that crashed before its first checkpoint
     ep_rank = int(os.environ.get("RANK", "0")) % cfg.ep_size
-    path = ckpt.step_path(ckpt.shard_dir(directory, ep_rank, cfg.ep_size), step)
-    return ckpt.load(path, torch.device(cfg.device))
+    # None: resuming a run that crashed before its first checkpoint
+    return ckpt.load_for(directory, ep_rank, cfg.ep_size, torch.device(cfg.device))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

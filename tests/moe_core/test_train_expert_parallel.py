@@ -8,13 +8,15 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_core import checkpoint as ckpt
-from moe_core.loop import FAIL_EXIT_CODE
+from moe_core.config import ModelConfig
+from moe_core.loop import FAIL_EXIT_CODE, NullRecorder, TrainConfig, setup, train
 from tests.moe_core.test_train import _free_port, run_cli, spooled
 
 STEPS = "5"
@@ -100,6 +102,15 @@ def test_expert_parallel_training_takes_the_steps_of_data_parallel(tmp_path: Pat
     commits = {(r["attempt"], r["step"]) for r in spooled(work) if r["kind"] == "checkpoint"}
     assert (1, 3) in commits  # recorded once both shards were written
 
+    # One process, no expert parallelism, resumes the shards of step 3 joined into one model.
+    cmd = [sys.executable, "-m", "moe_core.train", *COMMON, "--steps", "7", "--resume"]
+    cmd += ["--checkpoint-every", "2"]
+    cmd += ["--spool", str(work / "spool"), "--checkpoint-dir", str(work / "ckpt")]
+    alone = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=work)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert sorted(losses(work, attempt=2)) == [(0, 4), (0, 5), (0, 6)]
+    assert [p.name for p in ckpt.list_checkpoints(work / "ckpt")] == ["step_00000005.pt"]
+
 
 def test_a_lost_shard_write_resumes_from_the_step_every_shard_holds(tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
@@ -118,9 +129,39 @@ def test_bad_expert_parallel_layouts_are_refused_with_the_field(tmp_path: Path) 
     assert odd.returncode == 2 and "ep_size" in odd.stderr, odd.stderr
     alone = run_cli(tmp_path, "--ep-size", "2")  # one process: a world of 1
     assert alone.returncode == 2 and "world size 1" in alone.stderr, alone.stderr
-    # Shards written with ep_size=2; resuming them with another ep_size is refused.
-    path = ckpt.step_path(ckpt.shard_dir(tmp_path / "ckpt", 0, 2), 1)
-    path.parent.mkdir(parents=True)
-    path.touch()
-    other = run_cli(tmp_path, "--resume")
-    assert other.returncode == 2 and "ep_size=2" in other.stderr, other.stderr
+
+
+def test_reshard_joins_and_cuts_the_experts_and_their_optimizer_state(tmp_path: Path) -> None:
+    model_cfg = ModelConfig(
+        pattern="AE", d_model=16, n_heads=2, ffn_hidden=16, expert_hidden=8, num_experts=4,
+        top_k=2, seq_len=8,
+    )  # fmt: skip
+    cfg = TrainConfig(
+        steps=2, batch_size=2, checkpoint_every=2, checkpoint_dir=tmp_path, dispatch="loop",
+        eval_every=0, corpus_bytes=20_000,
+    )  # fmt: skip
+    train(model_cfg, cfg, setup(model_cfg, cfg, "r", None, None), NullRecorder())
+    full = ckpt.load(ckpt.step_path(tmp_path, 1), torch.device("cpu"))
+    assert full.expert_params == ["blocks.1.experts.w13", "blocks.1.experts.w2"]
+    shards = [ckpt.reshard([full], r, 2) for r in (0, 1)]
+    index = full.param_names.index("blocks.1.experts.w2")
+    for r, shard in enumerate(shards):
+        assert shard.ep_size == 2
+        for name in full.expert_params:
+            assert torch.equal(shard.model[name], full.model[name][2 * r : 2 * r + 2])
+        moments = shard.optimizer["state"][index]
+        assert torch.equal(
+            moments["exp_avg"], full.optimizer["state"][index]["exp_avg"][2 * r : 2 * r + 2]
+        )
+        assert shard.model["embed.weight"] is full.model["embed.weight"]  # replicated
+    back = ckpt.reshard(shards, 0, 1)
+    assert back.model.keys() == full.model.keys()
+    for name, value in full.model.items():
+        assert torch.equal(back.model[name], value), name
+    for i, state in full.optimizer["state"].items():
+        for k, v in state.items():
+            assert torch.equal(back.optimizer["state"][i][k], v), (i, k)
+    with pytest.raises(ValueError, match="ep_size: 3 must divide the 4 experts"):
+        ckpt.reshard([full], 0, 3)
+    with pytest.raises(ValueError, match="predates resharding"):
+        ckpt.reshard([replace(full, expert_params=[])], 0, 2)
