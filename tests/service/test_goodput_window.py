@@ -67,6 +67,18 @@ def test_goodput_endpoint_windows_and_ranks(client: Any) -> None:
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "end"
 
 
+def test_a_window_of_a_run_without_steps(client: Any) -> None:
+    """Only an attempt and a startup span: the window reads no step block at all."""
+    records = [f.run(), f.attempt_start(), f.span("startup", f.T0, f.T0 + 10)]
+    client.post("/api/v1/ingest", json={"records": records}).raise_for_status()
+    g = client.get("/api/v1/runs/run-a/goodput", params={"start": f.T0 + 2, "end": f.T0 + 6})
+    body = g.json()
+    assert g.status_code == 200 and body["steps"] == 0
+    assert body["total_s"] == pytest.approx(4) and body["badput_s"]["startup"] == pytest.approx(4)
+    rolled = client.get("/api/v1/runs/run-a/goodput/rolling", params={"window_s": 5}).json()
+    assert [w["badput_s"]["startup"] for w in rolled["windows"]] == pytest.approx([5, 5])
+
+
 def test_rolling_endpoint(client: Any) -> None:
     client.post("/api/v1/ingest", json={"records": f.full_run(steps=4)})
     body = client.get("/api/v1/runs/run-a/goodput/rolling", params={"window_s": 6}).json()

@@ -406,7 +406,8 @@ def test_a_window_summed_by_the_database_equals_clipping_every_record(
 ) -> None:
     """The goodput of [start, end] (repository_windows: rollups and SQL sums) against its
     definition, every record of the run clipped to the window and accounted in Python: whole
-    and tiny windows, windows that cut steps, spans and the crash, and windows outside."""
+    and tiny windows, a window of spans alone, windows that cut steps, spans and the crash,
+    and windows outside."""
     from service.goodput_window import clip_inputs
 
     post_shuffled(client, random_run(5, 700), 5)
@@ -416,6 +417,7 @@ def test_a_window_summed_by_the_database_equals_clipping_every_record(
     first = min(a.start for a in full.attempts)
     last = max(s.end for s in full.steps)
     windows = [(first - 5.0, last + 5.0), (first + 3.0, first + 3.2), (first - 9.0, first - 1.0)]
+    windows += [(first + 0.5, first + 1.5)]  # inside the startup spans: no step at all
     windows += [(s.start, s.end) for s in rng.sample(full.steps, 3)]  # exactly one step
     windows += [(s.start + 0.1, s.end + 0.3) for s in rng.sample(full.spans, 3)]
     windows += [tuple(sorted(rng.uniform(first, last) for _ in range(2))) for _ in range(12)]
