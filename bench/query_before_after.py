@@ -40,6 +40,7 @@ def queries(run_id: str, steps: int) -> list[tuple[str, str, dict[str, Any]]]:
         ("goodput", f"{runs}/goodput", {}),
         ("goodput?start=&end= (one hour)", f"{runs}/goodput", {"start": mid, "end": mid + 3600}),
         ("goodput/rolling?window_s=3600", f"{runs}/goodput/rolling", {"window_s": 3600.0}),
+        ("goodput/rolling?window_s=600", f"{runs}/goodput/rolling", {"window_s": 600.0}),
     ]
 
 

@@ -23,11 +23,22 @@ else its last heartbeat or its last record, wherever that lies (rollups.last_rec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Select, and_, case, func, literal, not_, select, union_all
+from sqlalchemy import (
+    BigInteger,
+    Double,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    not_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from service import repository_rollups as rollups
@@ -47,26 +58,106 @@ from service.models import Attempt, CheckpointCommit, Span, SpanTotal, Step, Ste
 from service.step_stats import RECENT_STEPS, STRAGGLER_STEPS
 
 FINE = rollups.FINE
-UNION_TERMS = 100  # SELECTs per UNION ALL statement (SQLite allows 500)
+
+# The statements, built once with bound parameters and run with each window's values (built
+# per window, their construction cost more than the database's work). LO and HI: the window.
+LO, HI = bindparam("lo", type_=Double), bindparam("hi", type_=Double)
+_RUN = bindparam("run_id", type_=String)
 
 
-def _later(x: Any, bound: float) -> Any:
-    """SQL: max(x, bound), the same on SQLite and PostgreSQL."""
-    return case((x > bound, x), else_=literal(bound))
+def _later(x: Any) -> Any:
+    """SQL: max(x, LO), the same on SQLite and PostgreSQL."""
+    return case((x > LO, x), else_=LO)
 
 
-def _earlier(x: Any, bound: float) -> Any:
-    """SQL: min(x, bound)."""
-    return case((x < bound, x), else_=literal(bound))
+def _earlier(x: Any) -> Any:
+    """SQL: min(x, HI)."""
+    return case((x < HI, x), else_=HI)
 
 
-def _union(session: Session, selects: Sequence[Select[Any]]) -> list[Any]:
-    out: list[Any] = []
-    for i in range(0, len(selects), UNION_TERMS):
-        part = selects[i : i + UNION_TERMS]
-        stmt = part[0] if len(part) == 1 else union_all(*part)
-        out += rollups._rows(session, stmt).all()
-    return out
+_b = StepBlock
+FINE_BLOCKS = select(
+    _b.attempt,
+    _b.rank,
+    _b.block,
+    _b.n,
+    _b.busy_s - _b.blocked_s,
+    _b.tokens,
+    _b.hook_s,
+    _b.first_start,
+    _b.last_end,
+).where(
+    _b.run_id == _RUN,
+    _b.rank.in_(bindparam("ranks", expanding=True)),
+    _b.level == FINE,
+    _b.last_end > LO,
+    _b.last_end <= bindparam("reach", type_=Double),  # HI + the longest block
+    _b.first_start < HI,
+)
+# The steps numbered first..last of one attempt rank that overlap the window.
+_STEPS_IN = and_(
+    Step.run_id == _RUN,
+    Step.attempt == bindparam("attempt", type_=Integer),
+    Step.rank == bindparam("rank", type_=Integer),
+    Step.step.between(bindparam("first", type_=BigInteger), bindparam("last", type_=BigInteger)),
+    Step.end > LO,
+    Step.start < HI,
+)
+_INSIDE = and_(Step.start >= LO, Step.end <= HI)
+_SAVED = bindparam("saved", type_=BigInteger)  # the attempt's last successful checkpoint
+_BUSY = Step.end - Step.start - Step.blocked_s
+STEP_SUMS = select(
+    func.count(),
+    func.sum(Step.tokens),
+    func.sum(case((Step.end <= HI, func.coalesce(Step.hook_overhead_s, 0.0)), else_=0.0)),
+    func.min(_later(Step.start)),
+    func.max(_earlier(Step.end)),
+    func.sum(case((and_(_INSIDE, Step.step <= _SAVED), _BUSY), else_=0.0)),
+    func.sum(case((and_(_INSIDE, Step.step > _SAVED), _BUSY), else_=0.0)),
+    func.sum(case((Step.step > _SAVED, 1), else_=0)),
+).where(_STEPS_IN)
+EDGE_STEPS = select(Step.step, Step.start, Step.end).where(_STEPS_IN, not_(_INSIDE))
+RECENT_TIMES = (
+    select(_earlier(Step.end) - _later(Step.start))
+    .where(_STEPS_IN)
+    .order_by(Step.step.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
+# One category's spans of some attempts and ranks that overlap the window, found through the
+# spans' primary key from the category's longest span before LO.
+_SPANS_IN = and_(
+    Span.run_id == _RUN,
+    Span.attempt.in_(bindparam("attempts", expanding=True)),
+    Span.rank.in_(bindparam("ranks", expanding=True)),
+    Span.category == bindparam("category", type_=String),
+    Span.start >= bindparam("reach", type_=Double),  # LO - the longest span
+    Span.start < HI,
+    Span.end > LO,
+)
+SPAN_SUMS = (
+    select(
+        Span.attempt,
+        Span.rank,
+        Span.category,
+        Span.overlapped,
+        func.sum(_earlier(Span.end) - _later(Span.start)),
+        func.min(_later(Span.start)),
+        func.max(_earlier(Span.end)),
+    )
+    .where(_SPANS_IN)
+    .group_by(Span.attempt, Span.rank, Span.category, Span.overlapped)
+)
+BLOCKING_SPANS = select(
+    Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
+).where(_SPANS_IN, Span.overlapped.is_(False))
+
+
+class _Edge(NamedTuple):
+    attempt: int
+    rank: int
+    step: int
+    start: float
+    end: float
 
 
 @dataclass
@@ -226,32 +317,17 @@ class WindowReader:
 
     # -- steps --
 
+    def _run(self, stmt: Any, **params: Any) -> Any:
+        return self.session.connection().execute(stmt, {"run_id": self.run_id, **params})
+
     def _fine_blocks(self, lo: float, hi: float) -> list[Any]:
         """The fine blocks whose time span meets the window: they hold every step that
         overlaps it. A block ends no later than `longest_block` after it starts, which bounds
         the index range read."""
         if not self.block_ranks:
             return []
-        b = StepBlock
-        found = select(
-            b.attempt,
-            b.rank,
-            b.block,
-            b.n,
-            b.busy_s - b.blocked_s,
-            b.tokens,
-            b.hook_s,
-            b.first_start,
-            b.last_end,
-        ).where(
-            b.run_id == self.run_id,
-            b.rank.in_(self.block_ranks),
-            b.level == FINE,
-            b.last_end > lo,
-            b.last_end <= hi + self.longest_block + ROUNDING_SLACK_S,
-            b.first_start < hi,
-        )
-        return list(rollups._rows(self.session, found))
+        reach = hi + self.longest_block + ROUNDING_SLACK_S
+        return list(self._run(FINE_BLOCKS, ranks=self.block_ranks, lo=lo, hi=hi, reach=reach))
 
     def _whole_blocks(
         self, lo: float, hi: float, blocks: list[Any]
@@ -270,18 +346,6 @@ class WindowReader:
             sums.setdefault((attempt, rank), _Sums()).add(n, tokens, hook, first, last, *split)
         return sums, raw
 
-    def _where(
-        self, attempt: int, rank: int, lo_step: int, hi_step: int, lo: float, hi: float
-    ) -> Any:
-        return and_(
-            Step.run_id == self.run_id,
-            Step.attempt == attempt,
-            Step.rank == rank,
-            Step.step.between(lo_step, hi_step),
-            Step.end > lo,
-            Step.start < hi,
-        )
-
     def _step_sums(
         self,
         lo: float,
@@ -290,37 +354,15 @@ class WindowReader:
         out: dict[tuple[int, int], _Sums],
     ) -> None:
         """Add the sums of the steps in `ranges` that overlap the window."""
-        inside = and_(Step.start >= lo, Step.end <= hi)
-        busy = Step.end - Step.start - Step.blocked_s
-        selects = []
         for (attempt, rank), spans in ranges.items():
             saved = self.saved.get(attempt, -1)
             for first, last in spans:
-                selects.append(
-                    select(
-                        literal(attempt),
-                        literal(rank),
-                        func.count(),
-                        func.sum(Step.tokens),
-                        func.sum(
-                            case(
-                                (Step.end <= hi, func.coalesce(Step.hook_overhead_s, 0.0)),
-                                else_=0.0,
-                            )
-                        ),
-                        func.min(_later(Step.start, lo)),
-                        func.max(_earlier(Step.end, hi)),
-                        func.sum(case((and_(inside, Step.step <= saved), busy), else_=0.0)),
-                        func.sum(case((and_(inside, Step.step > saved), busy), else_=0.0)),
-                        func.sum(case((Step.step > saved, 1), else_=0)),
-                    ).where(self._where(attempt, rank, first, last, lo, hi))
-                )
-        for attempt, rank, n, tokens, hook, first, last, upto, after, n_after in _union(
-            self.session, selects
-        ):
-            if n:  # PostgreSQL sums bigints as numeric
-                sums = (int(tokens), hook, first, last, upto, after, int(n_after))
-                out.setdefault((attempt, rank), _Sums()).add(n, *sums)
+                where = {"attempt": attempt, "rank": rank, "first": first, "last": last}
+                row = self._run(STEP_SUMS, lo=lo, hi=hi, saved=saved, **where).one()
+                n, tokens, hook, first_start, last_end, upto, after, n_after = row
+                if n:  # PostgreSQL sums bigints as numeric
+                    sums = (int(tokens), hook, first_start, last_end, upto, after, int(n_after))
+                    out.setdefault((attempt, rank), _Sums()).add(n, *sums)
 
     def _add_edges(
         self,
@@ -331,15 +373,14 @@ class WindowReader:
     ) -> None:
         """Busy time of the steps that cross an edge of the window: cut to it, minus their
         overlap with the blocking spans there."""
-        inside = and_(Step.start >= lo, Step.end <= hi)
-        selects = [
-            select(Step.attempt, Step.rank, Step.step, Step.start, Step.end).where(
-                self._where(attempt, rank, first, last, lo, hi), not_(inside)
-            )
+        edges = [
+            _Edge(attempt, rank, step, start, end)
             for (attempt, rank), spans in ranges.items()
             for first, last in spans
+            for step, start, end in self._run(
+                EDGE_STEPS, lo=lo, hi=hi, attempt=attempt, rank=rank, first=first, last=last
+            )
         ]
-        edges = _union(self.session, selects)
         if not edges:
             return
         cut = [(max(s.start, lo), min(s.end, hi)) for s in edges]
@@ -366,60 +407,46 @@ class WindowReader:
     def _blocking_spans(self, ranks: set[int], lo: float, hi: float) -> list[SpanIn]:
         """The ranks' blocking spans that overlap [lo, hi] (every attempt's: a step's blocked
         time counts any span on its rank)."""
-        groups = [
-            g
-            for g in self.span_groups
-            if g.rank in ranks and not g.overlapped and g.first_start < hi and g.last_end > lo
+        groups = [g for g in self.span_groups if g.rank in ranks and not g.overlapped]
+        return [
+            SpanIn(*row)
+            for params in self._span_params(groups, lo, hi)
+            for row in self._run(BLOCKING_SPANS, **params)
         ]
-        selects = [
-            select(Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped)
-            .where(*self._span_where(attempts, in_ranks, category, longest, lo, hi))
-            .where(Span.overlapped.is_(False))
-            for category, attempts, in_ranks, longest in _by_category(groups)
-        ]
-        return [SpanIn(*row) for row in _union(self.session, selects)]
 
     # -- spans --
 
-    def _span_where(
-        self,
-        attempts: Iterable[int],
-        ranks: Iterable[int],
-        category: str,
-        longest: float,
-        lo: float,
-        hi: float,
-    ) -> list[Any]:
+    def _span_params(self, groups: Iterable[Any], lo: float, hi: float) -> list[dict[str, Any]]:
+        """The parameters of _SPANS_IN for each category among the span total rows `groups`
+        whose time span meets [lo, hi]."""
+        out: dict[str, dict[str, Any]] = {}
+        for g in groups:
+            if not (g.first_start < hi and g.last_end > lo):
+                continue
+            p = out.setdefault(g.category, {"attempts": set(), "ranks": set(), "longest": 0.0})
+            p["attempts"].add(g.attempt)
+            p["ranks"].add(g.rank)
+            p["longest"] = max(p["longest"], g.longest_s)
         return [
-            Span.run_id == self.run_id,
-            Span.attempt.in_(sorted(attempts)),
-            Span.rank.in_(sorted(ranks)),
-            Span.category == category,
-            Span.start >= lo - longest - ROUNDING_SLACK_S,
-            Span.start < hi,
-            Span.end > lo,
+            {
+                "category": category,
+                "attempts": sorted(p["attempts"]),
+                "ranks": sorted(p["ranks"]),
+                "reach": lo - p["longest"] - ROUNDING_SLACK_S,
+                "lo": lo,
+                "hi": hi,
+            }
+            for category, p in sorted(out.items())
         ]
 
     def _span_sums(self, lo: float, hi: float) -> list[Any]:
         """(attempt, rank, category, overlapped, cut seconds, first cut start, last cut end)
         of the spans that overlap the window."""
-        groups = [g for g in self.span_groups if g.first_start < hi and g.last_end > lo]
-        first, last = _later(Span.start, lo), _earlier(Span.end, hi)
-        selects = [
-            select(
-                Span.attempt,
-                Span.rank,
-                Span.category,
-                Span.overlapped,
-                func.sum(last - first),
-                func.min(first),
-                func.max(last),
-            )
-            .where(*self._span_where(attempts, ranks, category, longest, lo, hi))
-            .group_by(Span.attempt, Span.rank, Span.category, Span.overlapped)
-            for category, attempts, ranks, longest in _by_category(groups)
+        return [
+            row
+            for params in self._span_params(self.span_groups, lo, hi)
+            for row in self._run(SPAN_SUMS, **params)
         ]
-        return _union(self.session, selects)
 
     # -- the step-time figures --
 
@@ -440,13 +467,9 @@ class WindowReader:
                 for first, last in reversed(window.ranges[attempt, rank]):
                     if len(times) >= limit:
                         break
-                    stmt = (
-                        select(_earlier(Step.end, hi) - _later(Step.start, lo))
-                        .where(self._where(attempt, rank, first, last, lo, hi))
-                        .order_by(Step.step.desc())
-                        .limit(limit - len(times))
-                    )
-                    times += rollups._rows(self.session, stmt).scalars().all()
+                    where = {"attempt": attempt, "rank": rank, "first": first, "last": last}
+                    left = limit - len(times)
+                    times += self._run(RECENT_TIMES, lo=lo, hi=hi, limit=left, **where).scalars()
             out[rank] = times[::-1]
         return out
 
@@ -461,14 +484,3 @@ def _ranges(blocks: Iterable[Any]) -> dict[tuple[int, int], list[tuple[int, int]
         ]
         for key, rows in sorted(by_key.items())
     }
-
-
-def _by_category(groups: Iterable[Any]) -> list[tuple[str, set[int], set[int], float]]:
-    """Span total rows grouped by category: (category, attempts, ranks, longest span)."""
-    out: dict[str, tuple[set[int], set[int], list[float]]] = {}
-    for g in groups:
-        attempts, ranks, longest = out.setdefault(g.category, (set(), set(), [0.0]))
-        attempts.add(g.attempt)
-        ranks.add(g.rank)
-        longest[0] = max(longest[0], g.longest_s)
-    return [(c, a, r, longest[0]) for c, (a, r, longest) in sorted(out.items())]
