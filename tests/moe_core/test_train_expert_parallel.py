@@ -41,9 +41,9 @@ COMMON = [
 ]
 
 
-def torchrun(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Two ranks of `python -m moe_core.train`, spool and checkpoints under `work`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+def torchrun(work: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """`nproc` ranks of `python -m moe_core.train`, spool and checkpoints under `work`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += ["--master-port", str(_free_port()), "-m", "moe_core.train", *COMMON]
     cmd += ["--spool", str(work / "spool"), "--checkpoint-dir", str(work / "ckpt"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -110,6 +110,26 @@ def test_expert_parallel_training_takes_the_steps_of_data_parallel(tmp_path: Pat
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert sorted(losses(work, attempt=2)) == [(0, 4), (0, 5), (0, 6)]
     assert [p.name for p in ckpt.list_checkpoints(work / "ckpt")] == ["step_00000005.pt"]
+
+
+@pytest.mark.timeout(600)
+def test_two_expert_parallel_groups_take_the_steps_of_data_parallel(tmp_path: Path) -> None:
+    """4 ranks, ep_size 2: two groups of 2, each expert shard held by 2 ranks. The same losses
+    as DDP over 4 ranks; the first group's ranks write the two checkpoint shards."""
+    args = ["--steps", "3", "--checkpoint-every", "3"]
+    dp = torchrun(tmp_path / "dp", *args, nproc=4)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    ep = torchrun(tmp_path / "ep", *args, "--ep-size", "2", nproc=4)
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    want, got = losses(tmp_path / "dp"), losses(tmp_path / "ep")
+    assert sorted(got) == sorted(want) == [(r, s) for r in range(4) for s in range(3)]
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+    shards = [ckpt.shard_dir(tmp_path / "ep" / "ckpt", r, 2) for r in (0, 1)]
+    assert [[p.name for p in ckpt.list_checkpoints(d)] for d in shards] == [
+        ["step_00000002.pt"]
+    ] * 2
+    assert ckpt.ep_sizes_in(tmp_path / "ep" / "ckpt") == {2}
 
 
 def test_a_lost_shard_write_resumes_from_the_step_every_shard_holds(tmp_path: Path) -> None:
