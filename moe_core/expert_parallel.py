@@ -197,6 +197,19 @@ class ExpertParallelDispatcher(Dispatcher):
         return EP_LOOP, f"auto chose loop: {reason}"
 
 
+def expert_parameter_names(model: nn.Module, *, shards_only: bool = False) -> set[str]:
+    """Names of the parameters stacked by routed expert on dim 0 (``RoutedExperts``), whole
+    or shards; with ``shards_only`` those of expert-parallel shards alone."""
+    from moe_core.moe import RoutedExperts  # moe imports this module
+
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, RoutedExperts) and (module.is_shard or not shards_only)
+        for name, _ in module.named_parameters()
+    }
+
+
 def sharded_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that are expert shards; every other one is replicated.
 
@@ -205,12 +218,4 @@ def sharded_parameter_names(model: nn.Module) -> set[str]:
     reduced over it (only over the ranks holding the same shard in other groups, as
     ``moe_core.parallel`` does).
     """
-    from moe_core.moe import RoutedExperts  # moe imports this module
-
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, RoutedExperts) and module.is_shard:
-            names.update(
-                f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters()
-            )
-    return names
+    return expert_parameter_names(model, shards_only=True)

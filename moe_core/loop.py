@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from moe_core import checkpoint as ckpt
 from moe_core.config import ModelConfig
 from moe_core.data import ByteCorpus
+from moe_core.expert_parallel import expert_parameter_names
 from moe_core.model import build_model
-from moe_core.parallel import Layout, expert_stacked_names, sync_and_clip
+from moe_core.parallel import SINGLE, Layout, sync_and_clip
 
 FAIL_EXIT_CODE = 17
 
@@ -129,7 +130,7 @@ class TrainState:
     first_step: int
     data_position: int  # train batches already consumed
     run_id: str
-    layout: Layout = Layout(world=1, rank=0, ep_size=1)
+    layout: Layout = SINGLE
 
 
 @dataclass
@@ -165,7 +166,7 @@ def setup(
 ) -> TrainState:
     """Build (or restore) model, optimizer and data; the caller times this as `startup`.
     With a layout of ep_size > 1 the model holds this rank's expert shard."""
-    layout = layout or Layout(world=1, rank=0, ep_size=1)
+    layout = layout or SINGLE
     if layout.ep_size != cfg.ep_size:
         raise ValueError(f"ep_size: the config says {cfg.ep_size}, the layout {layout.ep_size}")
     device = torch.device(cfg.device)
@@ -291,7 +292,7 @@ def _save(st: TrainState, cfg: TrainConfig, step: int, data_position: int) -> No
             optimizer=st.opt.state_dict(),
             rng=ckpt.rng_state(),
             ep_size=layout.ep_size,
-            expert_params=sorted(expert_stacked_names(st.raw_model)),
+            expert_params=sorted(expert_parameter_names(st.raw_model)),
             param_names=_optimizer_order(st),
         ),
     )

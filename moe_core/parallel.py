@@ -19,7 +19,6 @@ is the same step whatever P is (up to float order):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +28,12 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe_core.expert_parallel import sharded_parameter_names
-from moe_core.moe import RoutedExperts
 
 
 @dataclass(frozen=True)
 class Layout:
+    """Where this rank stands: its rank in a world of ``world``, and its groups."""
+
     world: int
     rank: int
     ep_size: int
@@ -52,6 +52,9 @@ class Layout:
     @property
     def expert_dp_size(self) -> int:
         return self.world // self.ep_size
+
+
+SINGLE = Layout(world=1, rank=0, ep_size=1)  # one process, the whole model
 
 
 def make_layout(ep_size: int) -> Layout:
@@ -77,28 +80,18 @@ def make_layout(ep_size: int) -> Layout:
     return Layout(world, rank, ep_size, ep_group, expert_dp_group)
 
 
-def expert_stacked_names(model: nn.Module) -> set[str]:
-    """Names of the parameters stacked by routed expert on dim 0 (whole or a shard): what
-    checkpoint.reshard joins and cuts."""
-    return {
-        f"{prefix}.{name}" if prefix else name
-        for prefix, module in model.named_modules()
-        if isinstance(module, RoutedExperts)
-        for name, _ in module.named_parameters()
-    }
-
-
-def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(replicated, expert shard) parameters, each in a fixed order; a parameter without a
-    gradient this step gets zeros, so every rank exchanges the same buffers."""
+def _grads(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """The gradients of (replicated, expert shard) parameters, each in a fixed order; a
+    parameter without one this step gets zeros, so every rank exchanges the same buffers."""
     sharded = sharded_parameter_names(model)
-    replicated, shards = [], []
+    replicated: list[Tensor] = []
+    shards: list[Tensor] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (shards if name in sharded else replicated).append(p)
+        (shards if name in sharded else replicated).append(p.grad)
     return replicated, shards
 
 
@@ -117,17 +110,10 @@ def _all_reduce_mean(grads: list[Tensor], group: Any, divide_by: int) -> None:
             g.copy_(reduced)
 
 
-def _grads(params: list[nn.Parameter]) -> Iterator[Tensor]:
-    for p in params:
-        assert p.grad is not None
-        yield p.grad
-
-
 def sync_and_clip(model: nn.Module, layout: Layout, max_norm: float) -> Tensor:
     """The expert-parallel step's gradient exchange and clipping (see the module docstring);
     returns the total norm before clipping, as ``clip_grad_norm_`` does. No host sync."""
-    replicated, shards = _split(model)
-    dense, expert = list(_grads(replicated)), list(_grads(shards))
+    dense, expert = _grads(model)
     _all_reduce_mean(dense, dist.group.WORLD if layout.world > 1 else None, layout.world)
     _all_reduce_mean(
         expert, layout.expert_dp_group if layout.expert_dp_size > 1 else None, layout.world

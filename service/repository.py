@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, aliased
 
 from service import repository_bulk as bulk
 from service import repository_rollups as rollups
-from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, SpanIn, StepIn
+from service.goodput import CheckpointIn, GoodputInputs, SpanIn, StepIn
 from service.models import (
     Attempt,
     Base,
@@ -448,10 +448,7 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     """Every record the goodput calculator reads, as plain data: its definition on the raw
     rows, which the tests hold the rollups (repository_rollups.py) and the window sums
     (repository_windows.py) to."""
-    attempts = [
-        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause)
-        for a in attempts_of(session, [run_id])
-    ]
+    attempts = rollups.attempt_rows(session, run_id)
     commits = session.execute(
         select(CheckpointCommit.attempt, CheckpointCommit.step, CheckpointCommit.ok).where(
             CheckpointCommit.run_id == run_id

@@ -700,35 +700,41 @@ class RunRollup:
     ranks: dict[int, RankTotals]
     checkpoints: list[CheckpointIn]
 
+    def goodput(self) -> RunGoodput:
+        """The accounting (service/goodput.py) of these totals."""
+        return slowest([account(t, self.checkpoints) for t in self.ranks.values()])
+
+
+def attempt_rows(session: Session, run_id: str) -> list[AttemptIn]:
+    """The run's attempt rows, as the accounting reads them."""
+    stmt = select(
+        Attempt.attempt,
+        Attempt.rank,
+        Attempt.start,
+        Attempt.end,
+        Attempt.status,
+        Attempt.last_seen,
+        Attempt.cause,
+    ).where(Attempt.run_id == run_id)
+    return [AttemptIn(*row) for row in _rows(session, stmt.order_by(Attempt.attempt, Attempt.rank))]
+
+
+def saved_checkpoints(session: Session, run_id: str) -> list[CheckpointIn]:
+    """Each attempt's last successful checkpoint: all the accounting reads of them (a run may
+    have thousands), one row per attempt."""
+    stmt = (
+        select(CheckpointCommit.attempt, func.max(CheckpointCommit.step))
+        .where(CheckpointCommit.run_id == run_id, CheckpointCommit.ok.is_(True))
+        .group_by(CheckpointCommit.attempt)
+    )
+    return [CheckpointIn(attempt, step, True) for attempt, step in _rows(session, stmt)]
+
 
 def run_rollup(session: Session, run_id: str) -> RunRollup:
     """Every rank's RankTotals from attempt rows, checkpoints, coarse step blocks and span
     totals: a few rows per attempt rank and 1 per 4096 steps."""
-    attempts = [
-        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause)
-        for a in session.execute(
-            select(
-                Attempt.attempt,
-                Attempt.rank,
-                Attempt.start,
-                Attempt.end,
-                Attempt.status,
-                Attempt.last_seen,
-                Attempt.cause,
-            ).where(Attempt.run_id == run_id)
-        )
-    ]
-    # The accounting reads only each attempt's last successful checkpoint (a run may have
-    # thousands): one row per attempt.
-    checkpoints = [
-        CheckpointIn(attempt, step, True)
-        for attempt, step in _rows(
-            session,
-            select(CheckpointCommit.attempt, func.max(CheckpointCommit.step))
-            .where(CheckpointCommit.run_id == run_id, CheckpointCommit.ok.is_(True))
-            .group_by(CheckpointCommit.attempt),
-        )
-    ]
+    attempts = attempt_rows(session, run_id)
+    checkpoints = saved_checkpoints(session, run_id)
     coarse = (
         session.execute(
             select(StepBlock).where(StepBlock.run_id == run_id, StepBlock.level == COARSE)
@@ -860,7 +866,7 @@ def rebuild_all(session: Session) -> int:
 def run_goodput_rolled(session: Session, run_id: str) -> tuple[RunGoodput, RunRollup]:
     """The run's goodput accounting (service/goodput.py) on its rollups."""
     roll = run_rollup(session, run_id)
-    return slowest([account(t, roll.checkpoints) for t in roll.ranks.values()]), roll
+    return roll.goodput(), roll
 
 
 def recent_step_times(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -46,15 +46,11 @@ from service.goodput import (
     ROUNDING_SLACK_S,
     AttemptIn,
     AttemptSplit,
-    CheckpointIn,
     RankTotals,
-    RunGoodput,
     SpanIn,
     SpanIndex,
-    account,
-    slowest,
 )
-from service.models import Attempt, CheckpointCommit, Span, SpanTotal, Step, StepBlock
+from service.models import Span, SpanTotal, Step, StepBlock
 from service.step_stats import RECENT_STEPS, STRAGGLER_STEPS
 
 FINE = rollups.FINE
@@ -201,15 +197,11 @@ class _Sums:
 
 
 @dataclass
-class WindowRollup:
-    """The RankTotals of every rank in a window, and the checkpoints they are read with."""
+class WindowRollup(rollups.RunRollup):
+    """The RankTotals of every rank in a window, and the checkpoints they are read with; and
+    per (attempt, rank), the step numbers of the fine blocks that meet the window."""
 
-    ranks: dict[int, RankTotals]
-    checkpoints: list[CheckpointIn]
-    ranges: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
-
-    def goodput(self) -> RunGoodput:
-        return slowest([account(t, self.checkpoints) for t in self.ranks.values()])
+    ranges: dict[tuple[int, int], list[tuple[int, int]]]
 
 
 class WindowReader:
@@ -219,34 +211,13 @@ class WindowReader:
     def __init__(self, session: Session, run_id: str) -> None:
         self.session, self.run_id = session, run_id
         last = rollups.last_record_ends(session, run_id)
-        rows = rollups._rows(
-            session,
-            select(
-                Attempt.attempt,
-                Attempt.rank,
-                Attempt.start,
-                Attempt.end,
-                Attempt.status,
-                Attempt.last_seen,
-                Attempt.cause,
-            ).where(Attempt.run_id == run_id),
-        )
         self.attempts: list[AttemptIn] = []
-        for row in rows:
-            a = AttemptIn(*row)
+        for a in rollups.attempt_rows(session, run_id):
             if a.end is None:
                 seen = last.get((a.attempt, a.rank), a.start)
                 a = a._replace(end=max(a.start, a.last_seen or a.start, seen))
             self.attempts.append(a)
-        self.checkpoints = [
-            CheckpointIn(attempt, step, True)
-            for attempt, step in rollups._rows(
-                session,
-                select(CheckpointCommit.attempt, func.max(CheckpointCommit.step))
-                .where(CheckpointCommit.run_id == run_id, CheckpointCommit.ok.is_(True))
-                .group_by(CheckpointCommit.attempt),
-            )
-        ]
+        self.checkpoints = rollups.saved_checkpoints(session, run_id)
         self.saved = {c.attempt: c.step for c in self.checkpoints}
         t = SpanTotal
         self.span_groups = rollups._rows(

@@ -136,7 +136,8 @@ def step_figures(
 
 
 def raw_step_figures(inputs: GoodputInputs, rank: int | None) -> StepFigures:
-    """step_figures on raw records (used for time windows)."""
+    """step_figures on raw records: the definition the figures read through the rollups and
+    the window sums are tested against."""
     by_rank: dict[int, list[StepIn]] = {}
     for s in inputs.steps:
         by_rank.setdefault(s.rank, []).append(s)
