@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -100,6 +101,9 @@ class Run(Base):
     runtime_policy: Mapped[dict[str, Any]] = mapped_column(JSON)
     environment: Mapped[dict[str, Any]] = mapped_column(JSON)
     ingested_at: Mapped[float] = mapped_column(Double)
+    # False while only other records of the run have arrived (records come in any order):
+    # the row holds placeholders until the run record fills it in.
+    declared: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
 
     __table_args__ = (Index("ix_runs_created_at_run_id", "created_at", "run_id"),)
 
@@ -134,6 +138,10 @@ class Attempt(Base):
     hook_errors: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[float | None] = mapped_column(Double)
     counters: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # False while the row was made by a heartbeat or attempt_end that arrived before the
+    # attempt_start (its start is then a placeholder: the earliest time seen).
+    start_declared: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    heartbeat_s: Mapped[float | None] = mapped_column(Double)  # the declared interval
 
     __table_args__ = (
         UniqueConstraint("run_id", "attempt", "rank"),
@@ -191,12 +199,39 @@ class Span(Base):
     end: Mapped[float] = mapped_column(Double)
     overlapped: Mapped[bool] = mapped_column(Boolean, default=False)
     step: Mapped[int | None] = mapped_column(BigInteger)
+    # A blocking span that shares time with another blocking span of its rank: the accounting
+    # charges these by precedence (docs/ACCOUNTING.md); every other span is charged whole.
+    clashes: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     __table_args__ = (
         CheckConstraint('"end" >= start', name="end_after_start"),
         CheckConstraint(_CATEGORY_SQL, name="known_category"),
+        # The few clashing spans of a run, without reading the others.
+        Index(
+            "ix_spans_clashes",
+            "run_id",
+            "rank",
+            "start",
+            sqlite_where=text("clashes"),
+            postgresql_where=text("clashes"),
+        ),
         _CLUSTERED,
     )
+
+
+class ExcludedWindow(Base):
+    """Wall time the operator declared out of the run's accounting."""
+
+    __tablename__ = "excluded_windows"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    start: Mapped[float] = mapped_column(Double, primary_key=True)
+    end: Mapped[float] = mapped_column(Double, primary_key=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (CheckConstraint('"end" > start', name="end_after_start"),)
 
 
 class _RankRow:

@@ -135,7 +135,7 @@ STEP_COLUMNS = (
     "mem_reserved_peak",
     "alloc_retries",
 )  # then blocked_s
-SPAN_COLUMNS = (*(c.key for c in ROLLED_SPAN), "step")
+SPAN_COLUMNS = (*(c.key for c in ROLLED_SPAN), "step", "clashes")
 ROUTING_COLUMNS = (
     *(c.key for c in ROLLED_ROUTING),
     "top_k",
@@ -471,6 +471,47 @@ def add_spans(session: Session, spans: Sequence[Any]) -> None:
         },
     )
     session.execute(stmt, rows)
+
+
+def flag_clashes(session: Session, spans: Sequence[Any]) -> list[bool]:
+    """Whether each new span (records not yet stored) shares time with another blocking span
+    of its rank, stored or new; stored spans it shares time with are flagged here. Only
+    clashing spans are charged by precedence (calc in service/goodput.py): the others are
+    charged whole, from span_totals."""
+    out = [False] * len(spans)
+    mine = [i for i, s in enumerate(spans) if not s.overlapped]
+    for (run_id, rank), idx in _group(mine, lambda i: (spans[i].run_id, spans[i].rank)).items():
+        new = sorted(idx, key=lambda i: spans[i].start)
+        lo, hi = spans[new[0]].start, max(spans[i].end for i in new)
+        stored = _stored_blocking_spans(session, run_id, rank, lo, hi)
+        hit: list[SpanIn] = []
+        for s in stored:
+            clash = [i for i in new if spans[i].start < s.end and s.start < spans[i].end]
+            for i in clash:
+                out[i] = True
+            if clash:
+                hit.append(s)
+        reach, last = -math.inf, -1  # new spans against each other, in start order
+        for i in new:
+            if spans[i].start < reach:
+                out[i] = out[last] = True
+            if spans[i].end > reach:
+                reach, last = spans[i].end, i
+        if hit:
+            t = _table(Span).c
+            session.execute(
+                update(_table(Span))
+                .where(
+                    t.run_id == run_id,
+                    t.attempt == bindparam("at"),
+                    t.rank == rank,
+                    t.category == bindparam("cat"),
+                    t.start == bindparam("st"),
+                )
+                .values(clashes=True),
+                [{"at": s.attempt, "cat": s.category, "st": s.start} for s in hit],
+            )
+    return out
 
 
 def block_stored_steps(session: Session, spans: Sequence[Any]) -> None:

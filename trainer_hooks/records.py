@@ -14,6 +14,10 @@ Natural keys:
   routing        (run_id, attempt, rank, step, layer)
   observation    (run_id, attempt, rank, seam, observed)
   profile        (run_id, attempt, rank, first_step)
+  excluded_window (run_id, start, end)
+
+Records may arrive in any order across batches and ranks: a record whose run or attempt_start
+has not arrived yet is stored, and the run or attempt is completed when its record comes.
 """
 
 from __future__ import annotations
@@ -152,6 +156,11 @@ class HeartbeatRecord(_RankScoped):
 
     kind: Literal["heartbeat"] = "heartbeat"
     time: Epoch
+    interval_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] | None = Field(
+        None,
+        description="how often this rank sends heartbeats; with it, a rank silent for "
+        "STALL_INTERVALS intervals is judged stalled (docs/ACCOUNTING.md)",
+    )
 
 
 class StepRecord(_RankScoped):
@@ -204,6 +213,25 @@ class CheckpointRecord(_RankScoped):
     step: Count
     time: Epoch
     ok: bool = True
+
+
+class ExcludedWindowRecord(_Record):
+    """A stretch of wall time the operator declares out of the run's accounting (maintenance,
+    an incident): it is subtracted from the total and from every part, on every rank."""
+
+    kind: Literal["excluded_window"] = "excluded_window"
+    run_id: RunId
+    start: Epoch
+    end: Epoch
+    reason: Annotated[Text, Field(max_length=2000)] | None = None
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start")
+        if start is not None and not end > start:
+            raise ValueError(f"end ({end}) must be after start ({start})")
+        return end
 
 
 Counts = Annotated[list[Count], Field(min_length=1, max_length=MAX_SLOTS)]
@@ -284,7 +312,8 @@ Record = Annotated[
     | CheckpointRecord
     | RoutingRecord
     | ObservationRecord
-    | ProfileRecord,
+    | ProfileRecord
+    | ExcludedWindowRecord,
     Field(discriminator="kind"),
 ]
 

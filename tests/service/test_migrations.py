@@ -75,7 +75,7 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
 
     engine = make_engine(migrated_url)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0)"))
+        conn.execute(text("INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true)"))
     bad_rows = [
         'INSERT INTO steps (run_id, attempt, rank, step, start, "end", tokens) '
         "VALUES ('r', 0, 0, 0, 10.0, 5.0, 1)",
