@@ -133,14 +133,14 @@ def _union_inside(start: float, end: float, spans: list[tuple[float, float]]) ->
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("spans", schema=None) as batch_op:
-        batch_op.drop_index(
-            "ix_spans_clashes", sqlite_where=sa.text("clashes"), postgresql_where=sa.text("clashes")
-        )
-        batch_op.drop_column("clashes")
+    # Plain ALTER TABLE ... DROP COLUMN (SQLite 3.35+): batch mode would copy `runs`, and
+    # dropping the old copy cascades to every child row on SQLite.
+    op.drop_index("ix_spans_clashes", table_name="spans")
+    for table, column in (
+        ("spans", "clashes"),
+        ("attempts", "heartbeat_s"),
+        ("attempts", "start_declared"),
+        ("runs", "declared"),
+    ):
+        op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     op.drop_table("excluded_windows")
-    with op.batch_alter_table("attempts", schema=None) as batch_op:
-        batch_op.drop_column("heartbeat_s")
-        batch_op.drop_column("start_declared")
-    with op.batch_alter_table("runs", schema=None) as batch_op:
-        batch_op.drop_column("declared")
