@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from service import gc_pause
+from service import accounting, gc_pause
 from service import repository as repo
 from service import repository_rollups as rollups
 from service import repository_windows as windows
 from service.db import session_scope
-from service.goodput import RankGoodput, RunGoodput, StepIn
+from service.goodput import AttemptIn, RankGoodput, RunGoodput, StepIn, attempt_statuses
 from service.goodput_window import rolling, run_extent
 from service.migrate import current_revision
 from service.models import Attempt, Run
@@ -41,11 +42,22 @@ from trainer_hooks.records import ID_PATTERN, MAX_COUNT, MAX_RANK, IngestBatch, 
 
 
 def get_session(request: Request) -> Iterator[Session]:
+    """The request's unit of work (session_scope). Routes take it as `SessionDep`, whose
+    scope "function" closes it when the route returns, before the response is sent: a
+    commit that fails is the error response, and the database holds what a 200 said."""
     with session_scope(request.app.state.sessionmaker) as session:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+    """For routes that open their unit of work themselves (`session_scope`) and commit it
+    before they answer, as ingest does."""
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    return factory
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 RunIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="the run's id")]
 RunIdQuery = Annotated[str, Query(pattern=ID_PATTERN, description="the run's id")]
 
@@ -53,17 +65,17 @@ router = APIRouter(prefix="/api/v1")
 health_router = APIRouter()
 
 
-def run_status(attempts: list[Attempt]) -> str:
-    """running / completed / failed, from the newest attempt's ranks."""
+def run_status(attempts: list[Attempt], now: float | None = None) -> str:
+    """running / completed / failed / stalled: the newest attempt's status, as the
+    accounting decides it (docs/ACCOUNTING.md)."""
     if not attempts:
         return "running"
-    last = max(a.attempt for a in attempts)
-    ranks = [a for a in attempts if a.attempt == last]
-    if any(a.status == "failed" for a in ranks):
-        return "failed"
-    if any(a.end is None for a in ranks):
-        return "running"
-    return "completed"
+    rows = [
+        AttemptIn(a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.cause, a.heartbeat_s)
+        for a in attempts
+    ]
+    statuses = attempt_statuses(rows, (), time.time() if now is None else now)
+    return statuses[max(statuses)][0]
 
 
 def _summary(run: Run, attempts: list[Attempt], tags: list[str]) -> RunSummary:
@@ -131,11 +143,13 @@ _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     openapi_extra=INGEST_BODY_DOC,
     responses=_INGEST_ERRORS,
 )
-def ingest(body: Annotated[bytes, Depends(json_body)], session: SessionDep) -> IngestResult:
-    """Store a batch of records (`IngestBatch`) in one transaction; resent records count as
-    duplicates."""
-    with gc_pause.paused():
-        return store_body(session, body)
+def ingest(body: Annotated[bytes, Depends(json_body)], factory: SessionmakerDep) -> IngestResult:
+    """Store a batch of records (`IngestBatch`) in one transaction, committed before the
+    answer: a 200 means stored (a commit that fails is an error response). Records may come
+    in any order; resent records count as duplicates."""
+    with gc_pause.paused(), session_scope(factory) as session:
+        result = store_body(session, body)
+    return result  # committed: session_scope has returned
 
 
 def store_body(session: Session, body: bytes) -> IngestResult:
@@ -154,7 +168,7 @@ def list_runs(
     session: SessionDep,
     name: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     project: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
-    status: Annotated[Literal["running", "completed", "failed"] | None, Query()] = None,
+    status: Annotated[Literal["running", "completed", "failed", "stalled"] | None, Query()] = None,
     pattern: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     tag: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -317,23 +331,24 @@ def get_goodput(
     rank: Annotated[int | None, Query(ge=0, le=MAX_RANK)] = None,
 ) -> GoodputRead:
     """Goodput and badput of the run (or of [start, end], or of one rank); the parts add up
-    to total_s. Without `rank`, the figures are the slowest rank's."""
+    to total_s. Without `rank`, the figures are the slowest rank's (chosen on the whole run,
+    also for a window). The rules: docs/ACCOUNTING.md."""
     run_or_404(session, run_id)
+    acc = accounting.whole_run(session, run_id)
     if start is None and end is None:  # the whole run: from the rollups, fast at any length
-        g, roll = rollups.run_goodput_rolled(session, run_id)
-        read = _goodput_read(run_id, g, rank)
-        recent = rollups.recent_step_times(session, run_id, roll.ranks, read.rank)
-        fig = step_figures(roll.ranks, recent, read.rank, roll.checkpoints)
-    else:  # a window: the records that overlap it, cut to it and summed by the database
+        read = _goodput_read(run_id, acc.goodput, rank)
+        ranks = [g.rank for g in acc.goodput.ranks]
+        recent = rollups.recent_step_times(session, run_id, ranks, read.rank)
+    else:  # a window: the whole run's decisions, the records cut to it and summed by the DB
         lo, hi = start or 0.0, end or float("inf")
-        reader = windows.WindowReader(session, run_id)
+        reader = windows.WindowReader(session, run_id, acc)
         try:
-            window = reader.rollup(lo, hi)
+            g, parts = accounting.window(reader, acc, lo, hi)
         except ValueError as exc:
             raise _field_error("end", exc) from exc
-        read = _goodput_read(run_id, window.goodput(), rank)
-        recent = reader.recent_step_times(lo, hi, window, read.rank)
-        fig = step_figures(window.ranks, recent, read.rank, window.checkpoints)
+        read = _goodput_read(run_id, g, rank)
+        recent = reader.recent_step_times(lo, hi, parts, read.rank)
+    fig = step_figures(recent, read.rank, acc.disruptions(read.rank))
     return read.model_copy(
         update={
             "ideal_step_time_s": fig.ideal_step_time_s,
@@ -352,19 +367,20 @@ def get_rolling_goodput(
     step_s: Annotated[float | None, Query(gt=0, le=1e8)] = None,
     rank: Annotated[int | None, Query(ge=0, le=MAX_RANK)] = None,
 ) -> RollingGoodput:
-    """Goodput over windows of `window_s` seconds every `step_s` (default: back to back)."""
+    """Goodput over windows of `window_s` seconds every `step_s` (default: back to back);
+    back-to-back windows add up to the whole run."""
     run_or_404(session, run_id)
-    whole, _ = rollups.run_goodput_rolled(session, run_id)
+    acc = accounting.whole_run(session, run_id)
     try:
-        bounds = rolling(run_extent(whole), window_s, step_s or window_s)
+        bounds = rolling(run_extent(acc.goodput), window_s, step_s or window_s)
     except ValueError as exc:
         raise _field_error("window_s", exc) from exc
+    if rank is not None and not any(r.rank == rank for r in acc.goodput.ranks):
+        raise HTTPException(404, detail=f"rank {rank} has no records in run {run_id!r}")
     out = []
-    reader = windows.WindowReader(session, run_id)  # reads what every window shares once
+    reader = windows.WindowReader(session, run_id, acc)  # reads what every window shares once
     for a, b in bounds:
-        g = reader.rollup(a, b).goodput()
-        if rank is not None and not any(r.rank == rank for r in g.ranks):
-            continue
+        g, _ = accounting.window(reader, acc, a, b)
         read = _goodput_read(run_id, g, rank)
         out.append(GoodputWindow(start=a, end=b, **read.model_dump(exclude={"run_id", "ranks"})))
     return RollingGoodput(run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=out)

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic_core import to_json
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import accounting
 from service import repository as repo
 from service import repository_rollups as rollups
 from service.api import RunIdPath, SessionDep, run_or_404, run_status
@@ -70,7 +71,7 @@ def _ends(attempts: list[Attempt]) -> list[AttemptEndIn]:
 
 def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
     """From the rollups: the same figures at any run length."""
-    g, _ = rollups.run_goodput_rolled(session, run_id)
+    g = accounting.whole_run(session, run_id).goodput
     per_rank = {r: RankSteps(*sums) for r, sums in rollups.rank_step_sums(session, run_id).items()}
     ref = reference_rank(r for r, v in per_rank.items() if v.steps > 0)
     recent, final_loss = [], None

@@ -1,38 +1,49 @@
-"""Goodput accounting: a pure function of stored records (see ARCHITECTURE.md).
+"""Goodput accounting: a pure function of stored records. The rules are docs/ACCOUNTING.md;
+this module holds them as code, on data the store has already read (no SQL here).
 
-Per rank, over the window from its first attempt's start to its last attempt's end (or the
-last time it was seen):
+Two phases, so that windows are cuts of one accounting:
 
-  goodput        step time of committed steps, minus blocking badput spans inside them. A
-                 step is committed when its attempt completed, or when a checkpoint of its
-                 attempt (from any rank) covering it succeeded; the steps of the attempt still
-                 running (the last one, with no end) are counted as goodput provisionally.
-  badput[cat]    blocking spans of each category, plus two derived ones:
-                 `wasted_progress`: the uncommitted steps of an attempt that failed (or that
-                 stopped without an end record and was followed by another), plus its tail from
-                 the last record to its end (the partial step at the crash);
-                 `infra_recovery`: the gap between an attempt's end and the next one's start;
-                 `observability`: the hooks' own host time, which they measure and report
-                 with each step (it lies between steps, so it comes out of `other`).
-                 An attempt with no end record ends at its last heartbeat or record.
-  other          total - goodput - sum(badput), unclamped: overlapping spans show up negative
+1. `decide`: on the whole run, each rank's attempts get a start, an end, a last sign of life,
+   a status shared by all ranks (failed on one rank: failed on all) and the step number up to
+   which their steps are committed; `inferred_compile` fixes the first step's excess over the
+   ideal step time as compile intervals.
+2. `account`: one rank's parts within [lo, hi] (the whole run: -inf, inf), from those
+   decisions and the sums the store made of the records cut to [lo, hi] (`RankParts`).
 
-so goodput + sum(badput) + other == total by construction. The run's figures are those of its
-slowest rank (largest total; on a tie, least goodput); every rank stays listed.
+Per rank and window: goodput + sum(badput) + other == total, by construction.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from trainer_hooks.records import BADPUT_CATEGORIES
 
+# Overlapping blocking spans: each second goes to the first of these that covers it, then to
+# custom:<name> in name order (docs/ACCOUNTING.md, section 2).
+PRECEDENCE: tuple[str, ...] = (
+    "checkpoint_restore",
+    "checkpoint_save",
+    "startup",
+    "compile",
+    "eval",
+    "data_stall",
+    "profiling",
+    "observability",
+)
+STALL_INTERVALS = 6  # heartbeat intervals of silence after which an open attempt is stalled
+CHOICE_RESOLUTION_S = 1e-6  # totals and goodput are compared at this resolution
+RESTARTED = "restarted (no end record)"
+FAILED_STATUSES = ("failed", "stalled")
+
 
 class AttemptIn(NamedTuple):
+    """One rank's stored attempt row."""
+
     attempt: int
     rank: int
     start: float
@@ -40,12 +51,15 @@ class AttemptIn(NamedTuple):
     status: str | None
     last_seen: float | None = None
     cause: str | None = None
+    heartbeat_s: float | None = None
 
 
 class CheckpointIn(NamedTuple):
     attempt: int
     step: int
     ok: bool
+    rank: int | None = None
+    time: float | None = None
 
 
 class StepIn(NamedTuple):
@@ -70,12 +84,64 @@ class SpanIn(NamedTuple):
     overlapped: bool
 
 
+class Interval(NamedTuple):
+    start: float
+    end: float
+
+
 @dataclass
 class GoodputInputs:
+    """Every record the accounting reads, raw (the definition the stored sums are held to)."""
+
     attempts: list[AttemptIn]
     steps: list[StepIn]
     spans: list[SpanIn]
     checkpoints: list[CheckpointIn] = field(default_factory=list)
+    excluded: list[Interval] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One rank's attempt as the whole run decides it."""
+
+    attempt: int
+    rank: int
+    start: float
+    end: float
+    progress: float  # the last record of progress: a step, span or checkpoint commit
+    status: str  # completed, failed, stalled, running
+    cause: str | None
+    upto: float  # steps numbered <= upto are committed
+
+
+class CompileCut(NamedTuple):
+    """Seconds of an attempt rank's first step charged to compile (inferred)."""
+
+    attempt: int
+    rank: int
+    step: int
+    intervals: tuple[Interval, ...]
+
+
+class AttemptSplit(NamedTuple):
+    """One attempt rank's steps within a window: busy time (cut step time minus the blocked
+    time inside) of the committed steps and of the others, and how many others."""
+
+    busy_upto: float
+    busy_after: float
+    steps_after: int
+
+
+@dataclass
+class RankParts:
+    """What the store summed of one rank's records cut to a window."""
+
+    rank: int
+    split: dict[int, AttemptSplit]  # attempt -> split at its decided `upto`
+    blocking_s: dict[str, float]  # charged by precedence
+    hook_s: float  # of the steps that end in the window
+    steps: int
+    tokens: int
 
 
 @dataclass
@@ -108,12 +174,13 @@ class RunGoodput:
     ranks: list[RankGoodput] = field(default_factory=list)
 
 
-def _empty_badput() -> dict[str, float]:
+def empty_badput() -> dict[str, float]:
     return {c: 0.0 for c in BADPUT_CATEGORIES}
 
 
-def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
-    return max(0.0, min(a1, b1) - max(a0, b0))
+def clip(a: float, b: float, lo: float, hi: float) -> float:
+    """Seconds of [a, b] inside [lo, hi]."""
+    return max(0.0, min(b, hi) - max(a, lo))
 
 
 # Slack, in seconds, where a record's start is bounded below by (a time - the longest record):
@@ -122,17 +189,27 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 ROUNDING_SLACK_S = 1e-6
 
 
+def union_inside(a: float, b: float, spans: Iterable[tuple[float, float]]) -> float:
+    """Seconds of [a, b] covered by at least one of the spans."""
+    total, reach = 0.0, a
+    for s, e in sorted(spans):
+        s, e = max(s, reach), min(e, b)
+        if e > s:
+            total += e - s
+            reach = e
+    return total
+
+
 class SpanIndex:
-    """Blocking spans sorted by start, for summing their overlap with many steps at once."""
+    """Blocking spans sorted by start, for measuring how much of many intervals they cover."""
 
     def __init__(self, spans: list[SpanIn]) -> None:
-        self.spans = sorted(spans, key=lambda s: s.start)
+        self.spans = sorted(spans, key=lambda s: (s.start, s.end))
 
     def overlaps(self, intervals: Sequence[tuple[float, float]]) -> list[float]:
-        """The seconds each (start, end) shares with the spans (summed, nested spans each
-        counted), in one sweep: intervals and spans both in start order, with the spans that
-        may still reach the next interval in a heap by end. Each sum adds its spans in start
-        order, so the floats do not depend on the order of the intervals."""
+        """The seconds of each (start, end) covered by the spans (their union: a second
+        covered twice counts once), in one sweep: intervals and spans both in start order,
+        with the spans that may still reach the next interval in a heap by end."""
         out = [0.0] * len(intervals)
         spans, n, j = self.spans, len(self.spans), 0
         live: list[tuple[float, int]] = []  # (end, index into spans)
@@ -143,176 +220,270 @@ class SpanIndex:
                 j += 1
             while live and live[0][0] <= start:
                 heapq.heappop(live)
-            if live:
-                hits = sorted(k for _, k in live) if len(live) > 1 else [live[0][1]]
-                out[i] = sum(_overlap(start, end, spans[k].start, spans[k].end) for k in hits)
+            if len(live) == 1:
+                k = live[0][1]
+                out[i] = clip(spans[k].start, spans[k].end, start, end)
+            elif live:
+                hits = sorted(live, key=lambda h: h[1])
+                out[i] = union_inside(start, end, ((spans[k].start, spans[k].end) for _, k in hits))
         return out
 
 
-class AttemptSplit(NamedTuple):
-    """One attempt's steps cut at a step number: busy time (step time minus the blocking
-    spans inside) and step count of the steps at or before the cut, and after it."""
-
-    busy_upto: float
-    busy_after: float
-    steps_after: int
+def precedence(category: str) -> tuple[int, str]:
+    try:
+        return PRECEDENCE.index(category), ""
+    except ValueError:
+        return len(PRECEDENCE), category
 
 
-class RankTotals(NamedTuple):
-    """What the accounting needs about one rank, in aggregate: from raw records
-    (`rank_totals`) or from rollups kept at ingest (service/repository_rollups.py)."""
-
-    rank: int
-    attempts: list[AttemptIn]  # the rank's attempt rows
-    extents: dict[int, tuple[float, float]]  # attempt -> (first start, last end) of its records
-    blocking_s: dict[str, float]  # blocking span seconds by category
-    hook_s: float
-    steps: int
-    tokens: int
-    split: Callable[[int, float], AttemptSplit]  # (attempt, committed up to step) -> split
-
-
-def rank_totals(
-    rank: int, attempts: list[AttemptIn], steps: list[StepIn], spans: list[SpanIn]
-) -> RankTotals:
-    """The aggregates of one rank's raw records."""
-    extents: dict[int, tuple[float, float]] = {}
-    records: list[StepIn | SpanIn] = [*steps, *spans]
-    for r in records:
-        lo, hi = extents.get(r.attempt, (math.inf, -math.inf))
-        extents[r.attempt] = (min(lo, r.start), max(hi, r.end))
-    blocking = [s for s in spans if not s.overlapped]
-    badput: dict[str, float] = {}
-    for span in blocking:
-        badput[span.category] = badput.get(span.category, 0.0) + (span.end - span.start)
-    blocked = SpanIndex(blocking).overlaps([(s.start, s.end) for s in steps])
-    by_attempt: dict[int, list[tuple[int, float]]] = {}
-    for s, x in zip(steps, blocked, strict=True):
-        by_attempt.setdefault(s.attempt, []).append((s.step, (s.end - s.start) - x))
-
-    def split(attempt: int, upto: float) -> AttemptSplit:
-        mine = by_attempt.get(attempt, [])
-        after = [b for n, b in mine if n > upto]
-        return AttemptSplit(sum(b for n, b in mine if n <= upto), sum(after), len(after))
-
-    return RankTotals(
-        rank=rank,
-        attempts=attempts,
-        extents=extents,
-        blocking_s=badput,
-        hook_s=sum(s.hook_overhead_s or 0.0 for s in steps),
-        steps=len(steps),
-        tokens=sum(s.tokens for s in steps),
-        split=split,
-    )
+def charged(spans: Iterable[SpanIn], lo: float, hi: float) -> dict[str, float]:
+    """Seconds of [lo, hi] charged to each category by blocking spans of one rank: each
+    second to the covering span of highest precedence."""
+    events: list[tuple[float, int, str]] = []
+    for s in spans:
+        a, b = max(s.start, lo), min(s.end, hi)
+        if b > a and not s.overlapped:
+            events += [(a, 1, s.category), (b, -1, s.category)]
+    events.sort(key=lambda e: e[0])
+    out: dict[str, float] = {}
+    live: dict[str, int] = {}
+    prev = -math.inf
+    for t, delta, category in events:
+        if live and t > prev:
+            top = min(live, key=precedence)
+            out[top] = out.get(top, 0.0) + (t - prev)
+        live[category] = live.get(category, 0) + delta
+        if not live[category]:
+            del live[category]
+        prev = t
+    return out
 
 
-def committed_upto(a: AttemptIn, is_last: bool, checkpoints: list[CheckpointIn]) -> float:
-    """Steps <= this are committed: all of a completed or still-running attempt, else up to
-    its last successful checkpoint (-1: none)."""
-    if a.status == "completed" or (a.status is None and is_last):
-        return math.inf
-    return max((c.step for c in checkpoints if c.attempt == a.attempt and c.ok), default=-1)
+def clash_correction(clashing: Iterable[SpanIn], lo: float, hi: float) -> dict[str, float]:
+    """What to add to the plain sums of span durations (cut to [lo, hi]) so that they charge
+    by precedence: for the spans that share time with another (the store flags them), their
+    charged seconds minus their summed seconds, per category."""
+    mine = [s for s in clashing if not s.overlapped]
+    out = charged(mine, lo, hi)
+    for s in mine:
+        out[s.category] = out.get(s.category, 0.0) - clip(s.start, s.end, lo, hi)
+    return out
 
 
-def ordered_attempts(t: RankTotals) -> list[AttemptIn]:
-    """The rank's attempts by number; one with records but no attempt_start row is inferred,
-    and an attempt starts no later than its first record."""
-    by_attempt: dict[int, AttemptIn] = {a.attempt: a for a in t.attempts}
-    for attempt, (first, _) in t.extents.items():
-        a = by_attempt.get(attempt) or AttemptIn(attempt, t.rank, first, None, None)
-        by_attempt[attempt] = a._replace(start=min(a.start, first))
-    return [by_attempt[k] for k in sorted(by_attempt)]
+def inferred_compile(
+    start: float, end: float, blocking: Iterable[tuple[float, float]], ideal: float | None
+) -> tuple[Interval, ...]:
+    """The first `busy - ideal` unblocked seconds of a first step (docs/ACCOUNTING.md)."""
+    if ideal is None:
+        return ()
+    spans = sorted((max(a, start), min(b, end)) for a, b in blocking if b > start and a < end)
+    busy = (end - start) - union_inside(start, end, spans)
+    excess = busy - ideal
+    if not excess > 0:
+        return ()
+    out: list[Interval] = []
+    t = start
+    for a, b in [*spans, (end, end)]:
+        if a > t:
+            take = min(a - t, excess)
+            out.append(Interval(t, t + take))
+            excess -= take
+            if excess <= 0:
+                break
+        t = max(t, b)
+    return tuple(out)
 
 
-def attempt_end(a: AttemptIn, t: RankTotals) -> tuple[float, float]:
-    """(last record, end) of an attempt: its end record, else its last record or heartbeat."""
-    last = max(a.start, t.extents.get(a.attempt, (math.inf, -math.inf))[1])
-    return last, a.end if a.end is not None else max(last, a.last_seen or last)
+def attempt_statuses(
+    rows: Sequence[AttemptIn], numbers: Iterable[int], now: float
+) -> dict[int, tuple[str, str | None]]:
+    """(status, cause) of each attempt number, shared by all its ranks."""
+    numbers = sorted(set(numbers) | {a.attempt for a in rows})
+    newest = numbers[-1] if numbers else -1
+    out: dict[int, tuple[str, str | None]] = {}
+    for n in numbers:
+        mine = sorted((a for a in rows if a.attempt == n), key=lambda a: a.rank)
+        failed = [a for a in mine if a.status == "failed"]
+        if failed:
+            out[n] = ("failed", failed[0].cause)
+        elif any(a.status == "completed" for a in mine):
+            out[n] = ("completed", None)
+        elif n < newest:
+            out[n] = ("failed", RESTARTED)
+        else:
+            out[n] = _open_status(mine, now)
+    return out
 
 
-def account(t: RankTotals, checkpoints: list[CheckpointIn] | None = None) -> RankGoodput:
-    """Account one rank's wall time from its aggregates."""
-    ordered = ordered_attempts(t)
-    badput = _empty_badput()
-    for category, seconds in t.blocking_s.items():
+def _open_status(rows: Sequence[AttemptIn], now: float) -> tuple[str, str | None]:
+    intervals = [a.heartbeat_s for a in rows if a.heartbeat_s]
+    beats = [a.last_seen for a in rows if a.last_seen is not None]
+    if intervals and beats:
+        silent = now - max(beats)
+        if silent > STALL_INTERVALS * max(intervals):
+            return "stalled", f"stalled: no heartbeat for {silent:.0f} s"
+    return "running", None
+
+
+def decide(
+    rows: Sequence[AttemptIn],
+    life: dict[tuple[int, int], tuple[float, float]],
+    saved: dict[int, int],
+    now: float,
+) -> dict[int, list[Decided]]:
+    """Each rank's attempts, decided on the whole run. `life[attempt, rank]`: the earliest
+    start and the latest end or time among its records of progress (steps, spans, checkpoint
+    commits; heartbeats are in the attempt rows); `saved[attempt]`: its last successful
+    checkpoint's step."""
+    by_key = {(a.attempt, a.rank): a for a in rows}
+    keys = sorted(set(by_key) | set(life))
+    statuses = attempt_statuses(rows, (k[0] for k in keys), now)
+    out: dict[int, list[Decided]] = {}
+    for attempt, rank in keys:
+        row = by_key.get((attempt, rank))
+        first, last = life.get((attempt, rank), (math.inf, -math.inf))
+        start = min(row.start, first) if row is not None else first
+        seen = row.last_seen if row is not None and row.last_seen is not None else -math.inf
+        progress = max(start, last)
+        alive = max(progress, seen)  # the last sign of life
+        end = row.end if row is not None and row.end is not None and row.end >= alive else alive
+        status, cause = statuses[attempt]
+        upto = saved.get(attempt, -1) if status in FAILED_STATUSES else math.inf
+        out.setdefault(rank, []).append(
+            Decided(attempt, rank, start, end, progress, status, cause, upto)
+        )
+    return out
+
+
+def account(
+    decided: Sequence[Decided],
+    parts: RankParts,
+    compile_cuts: Sequence[CompileCut] = (),
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> RankGoodput:
+    """One rank's parts within [lo, hi] (docs/ACCOUNTING.md, section 2)."""
+    ordered = sorted(decided, key=lambda d: d.attempt)
+    badput = empty_badput()
+    for category, seconds in parts.blocking_s.items():
         badput[category] = badput.get(category, 0.0) + seconds
-    badput["observability"] += t.hook_s
+    badput["observability"] += parts.hook_s
     goodput = 0.0
+    start = min((d.start for d in ordered), default=0.0)
+    end = max((d.end for d in ordered), default=start)
     prev_end: float | None = None
-    start = ordered[0].start if ordered else 0.0
-    end = start
-    for i, a in enumerate(ordered):
-        last, a_end = attempt_end(a, t)
-        if prev_end is not None and a.start > prev_end:
-            badput["infra_recovery"] += a.start - prev_end
-        upto = committed_upto(a, i == len(ordered) - 1, checkpoints or [])
-        split = t.split(a.attempt, upto)
+    for d in ordered:
+        if prev_end is not None and d.start > prev_end:
+            badput["infra_recovery"] += clip(prev_end, d.start, lo, hi)
+        split = parts.split.get(d.attempt, AttemptSplit(0.0, 0.0, 0))
         goodput += split.busy_upto
         badput["wasted_progress"] += split.busy_after
-        if upto != math.inf:
-            badput["wasted_progress"] += max(0.0, a_end - last)  # the partial step
-        prev_end = a_end
-        end = max(end, a_end)
-    total = end - start
+        if d.status in FAILED_STATUSES:
+            badput["wasted_progress"] += clip(d.progress, d.end, lo, hi)  # the partial step
+        prev_end = d.end if prev_end is None else max(prev_end, d.end)
+    upto = {d.attempt: d.upto for d in ordered}
+    for c in compile_cuts:
+        x = sum(clip(a, b, lo, hi) for a, b in c.intervals)
+        badput["compile"] += x
+        if c.step <= upto.get(c.attempt, math.inf):
+            goodput -= x
+        else:
+            badput["wasted_progress"] -= x
+    total = clip(start, end, lo, hi)
     return RankGoodput(
-        rank=t.rank,
+        rank=parts.rank,
         start=start,
         end=end,
         total_s=total,
         goodput_s=goodput,
         badput_s=badput,
         other_s=total - goodput - sum(badput.values()),
-        steps=t.steps,
-        tokens=t.tokens,
+        steps=parts.steps,
+        tokens=parts.tokens,
     )
 
 
-def rank_goodput(
-    rank: int,
-    attempts: list[AttemptIn],
-    steps: list[StepIn],
-    spans: list[SpanIn],
-    checkpoints: list[CheckpointIn] | None = None,
-) -> RankGoodput:
-    """Account one rank's wall time; attempts without an attempt_start row are inferred."""
-    return account(rank_totals(rank, attempts, steps, spans), checkpoints)
+def minus(a: RankGoodput, b: RankGoodput) -> RankGoodput:
+    """a without the seconds of b (an excluded window's share of a)."""
+    badput = {k: a.badput_s.get(k, 0.0) - b.badput_s.get(k, 0.0) for k in a.badput_s}
+    for k, v in b.badput_s.items():
+        if k not in badput:
+            badput[k] = -v
+    return RankGoodput(
+        rank=a.rank,
+        start=a.start,
+        end=a.end,
+        total_s=a.total_s - b.total_s,
+        goodput_s=a.goodput_s - b.goodput_s,
+        badput_s=badput,
+        other_s=a.other_s - b.other_s,
+        steps=a.steps,
+        tokens=a.tokens,
+    )
 
 
-def slowest(per_rank: list[RankGoodput]) -> RunGoodput:
-    """The run's figures: its slowest rank's (largest total; on a tie, least goodput)."""
+def merged(intervals: Iterable[tuple[float, float]]) -> list[Interval]:
+    """The union of intervals, as disjoint intervals in order."""
+    out: list[Interval] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1].end:
+            out[-1] = Interval(out[-1].start, max(out[-1].end, b))
+        elif b > a:
+            out.append(Interval(a, b))
+    return out
+
+
+def slowest_rank(per_rank: Sequence[RankGoodput]) -> int | None:
+    """The run's rank: the largest total, then the least goodput (both at
+    CHOICE_RESOLUTION_S), then the lowest rank."""
     if not per_rank:
-        return RunGoodput(0.0, 0.0, None, _empty_badput(), 0.0, None, 0, 0, [])
-    worst = max(per_rank, key=lambda g: (g.total_s, -g.goodput_s))
+        return None
+
+    def key(g: RankGoodput) -> tuple[int, int, int]:
+        return (
+            -round(g.total_s / CHOICE_RESOLUTION_S),
+            round(g.goodput_s / CHOICE_RESOLUTION_S),
+            g.rank,
+        )
+
+    return min(per_rank, key=key).rank
+
+
+def run_figures(per_rank: list[RankGoodput], rank: int | None) -> RunGoodput:
+    """The run's figures: those of `rank` (chosen on the whole run by slowest_rank)."""
+    chosen = next((g for g in per_rank if g.rank == rank), None)
+    if chosen is None:
+        return RunGoodput(0.0, 0.0, None, empty_badput(), 0.0, rank, 0, 0, per_rank)
     return RunGoodput(
-        total_s=worst.total_s,
-        goodput_s=worst.goodput_s,
-        goodput_fraction=worst.goodput_fraction,
-        badput_s=dict(worst.badput_s),
-        other_s=worst.other_s,
-        rank=worst.rank,
-        steps=worst.steps,
-        tokens=worst.tokens,
+        total_s=chosen.total_s,
+        goodput_s=chosen.goodput_s,
+        goodput_fraction=chosen.goodput_fraction,
+        badput_s=dict(chosen.badput_s),
+        other_s=chosen.other_s,
+        rank=chosen.rank,
+        steps=chosen.steps,
+        tokens=chosen.tokens,
         ranks=per_rank,
     )
 
 
-def run_goodput(inputs: GoodputInputs) -> RunGoodput:
-    """Account every rank; the run takes its slowest rank's figures."""
-    ranks = sorted(
-        {a.rank for a in inputs.attempts}
-        | {s.rank for s in inputs.steps}
-        | {s.rank for s in inputs.spans}
-    )
-    return slowest(
-        [
-            rank_goodput(
-                r,
-                [a for a in inputs.attempts if a.rank == r],
-                [s for s in inputs.steps if s.rank == r],
-                [s for s in inputs.spans if s.rank == r],
-                inputs.checkpoints,
-            )
-            for r in ranks
-        ]
-    )
+@dataclass(frozen=True)
+class Disruption:
+    attempt: int
+    time: float
+    cause: str
+    wasted_steps: int
+
+
+def disruptions(decided: Sequence[Decided], parts: RankParts) -> list[Disruption]:
+    """One per failed or stalled attempt of the rank, from the whole run's parts."""
+    return [
+        Disruption(
+            d.attempt,
+            d.end,
+            d.cause or d.status,
+            parts.split.get(d.attempt, AttemptSplit(0.0, 0.0, 0)).steps_after,
+        )
+        for d in sorted(decided, key=lambda d: d.attempt)
+        if d.status in FAILED_STATUSES
+    ]

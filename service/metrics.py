@@ -1,7 +1,8 @@
 """Prometheus metrics at /metrics, in the text exposition format 0.0.4, written here.
 
 Per run, for the newest `METRICS_RUNS` runs (labels run_id, run_name, project):
-goodput_fraction, goodput_badput_seconds{category}, goodput_tokens_per_second (rank 0's last
+goodput_fraction, goodput_badput_seconds{category}, goodput_run_status{status} (1 for the
+run's status: running, completed, failed or stalled), goodput_tokens_per_second (rank 0's last
 `RECENT_STEPS` steps: their tokens over their step time) and goodput_routing_drop_rate (mean
 over the layers of rank 0's newest routing step). A figure a run does not have yet is left out.
 
@@ -17,17 +18,16 @@ import json
 import math
 import threading
 from collections.abc import Hashable, Iterable, Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import accounting
 from service import repository as repo
-from service import repository_rollups as rollups
-from service.api import get_session
-from service.goodput import RunGoodput
+from service.api import get_session, run_status
 from service.models import Run
 from service.security import route_path
 
@@ -113,30 +113,36 @@ class GoodputCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[str, tuple[Hashable, RunGoodput]] = {}
+        self._items: dict[str, tuple[Hashable, accounting.Accounted]] = {}
 
-    def goodput(self, session: Session, run_ids: list[str]) -> dict[str, RunGoodput]:
+    def goodput(self, session: Session, run_ids: list[str]) -> dict[str, accounting.Accounted]:
         keys = _change_keys(session, run_ids)  # before the rows: a figure is never older
         with self._lock:
             items = dict(self._items)
-        out: dict[str, RunGoodput] = {}
+        out: dict[str, accounting.Accounted] = {}
         for run_id in run_ids:
             hit = items.get(run_id)
             if hit is not None and hit[0] == keys[run_id]:
                 out[run_id] = hit[1]
             else:
-                out[run_id] = rollups.run_goodput_rolled(session, run_id)[0]
+                out[run_id] = accounting.whole_run(session, run_id)
         with self._lock:
             self._items = {r: (keys[r], out[r]) for r in run_ids}
         return out
 
 
 def _change_keys(session: Session, run_ids: list[str]) -> dict[str, Hashable]:
+    """What a run's figures depend on: its row counts, its attempt rows and, since a run
+    stalls with time alone, its status now."""
     attempts: dict[str, list[tuple[object, ...]]] = {r: [] for r in run_ids}
+    rows: dict[str, list[Any]] = {r: [] for r in run_ids}
     for a in repo.attempts_of(session, run_ids):
-        attempts[a.run_id].append((a.attempt, a.rank, a.start, a.end, a.status, a.last_seen))
+        rows[a.run_id].append(a)
+        attempts[a.run_id].append(
+            (a.attempt, a.rank, a.start, a.end, a.status, a.last_seen, a.heartbeat_s)
+        )
     counts = repo.goodput_row_counts(session, run_ids)
-    return {r: (counts[r], tuple(attempts[r])) for r in run_ids}
+    return {r: (counts[r], tuple(attempts[r]), run_status(rows[r])) for r in run_ids}
 
 
 def escape_label(value: str) -> str:
@@ -173,17 +179,21 @@ def _run_labels(run: Run) -> dict[str, str]:
 
 def _goodput_samples(
     session: Session, runs: list[Run], cache: GoodputCache
-) -> tuple[list[Sample], list[Sample]]:
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
     fractions: list[Sample] = []
     badput: list[Sample] = []
-    goodput = cache.goodput(session, [r.run_id for r in runs])
+    statuses: list[Sample] = []
+    accounted = cache.goodput(session, [r.run_id for r in runs])
     for run in runs:
         labels = _run_labels(run)
-        g = goodput[run.run_id]
+        acc = accounted[run.run_id]
+        g = acc.goodput
         if g.goodput_fraction is not None:
             fractions.append((labels, g.goodput_fraction))
         badput += [({**labels, "category": c}, s) for c, s in g.badput_s.items()]
-    return fractions, badput
+        now = acc.status()
+        statuses += [({**labels, "status": s}, float(s == now)) for s in repo.RUN_STATUSES]
+    return fractions, badput, statuses
 
 
 def _rate_samples(session: Session, runs: list[Run]) -> tuple[list[Sample], list[Sample]]:
@@ -203,13 +213,19 @@ def _rate_samples(session: Session, runs: list[Run]) -> tuple[list[Sample], list
 
 def _run_lines(session: Session, cache: GoodputCache) -> list[str]:
     runs, _ = repo.list_runs(session, limit=METRICS_RUNS)
-    fractions, badput = _goodput_samples(session, runs, cache)
+    fractions, badput, statuses = _goodput_samples(session, runs, cache)
     rates, drops = _rate_samples(session, runs)
     return [
         *family(
             "goodput_fraction", "gauge", "Goodput over total wall time (slowest rank).", fractions
         ),
         *family("goodput_badput_seconds", "gauge", "Badput of the run by category.", badput),
+        *family(
+            "goodput_run_status",
+            "gauge",
+            "1 for the run's status (running, completed, failed, stalled), 0 for the others.",
+            statuses,
+        ),
         *family(
             "goodput_tokens_per_second",
             "gauge",

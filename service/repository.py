@@ -6,8 +6,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple, cast
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     exists,
     func,
     or_,
@@ -32,11 +34,12 @@ from sqlalchemy.orm import Session, aliased
 
 from service import repository_bulk as bulk
 from service import repository_rollups as rollups
-from service.goodput import CheckpointIn, GoodputInputs, SpanIn, StepIn
+from service.goodput import STALL_INTERVALS, CheckpointIn, GoodputInputs, SpanIn, StepIn
 from service.models import (
     Attempt,
     Base,
     CheckpointCommit,
+    ExcludedWindow,
     Observation,
     Profile,
     RoutingRow,
@@ -52,6 +55,7 @@ from service.receipts import ObservationIn
 from service.routing_stats import routing_figures
 from trainer_hooks.records import (
     AttemptEndRecord,
+    AttemptStartRecord,
     HeartbeatRecord,
     IngestResult,
     Record,
@@ -91,34 +95,101 @@ def _insert_new(
     return session.execute(stmt, rows).all()
 
 
-_TABLES: dict[str, type[Base]] = {
-    "attempt_start": Attempt,
+_TABLES: dict[str, type[Base]] = {  # kinds stored as one row each, a duplicate key ignored
     "checkpoint": CheckpointCommit,
     "observation": Observation,
     "profile": Profile,
+    "excluded_window": ExcludedWindow,
 }
 
 
 def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
-    """Store a batch; records already stored (same natural key) count as duplicates."""
+    """Store a batch; records already stored (same natural key) count as duplicates. Records
+    may come in any order across batches: a record whose run is not stored yet gets a
+    placeholder run (filled in by the run record when it comes), a heartbeat or attempt_end
+    whose attempt was never started a placeholder attempt (filled in by its attempt_start)."""
     by_kind: dict[str, list[tuple[int, Any]]] = {}
     for i, rec in enumerate(records):
         by_kind.setdefault(rec.kind, []).append((i, rec))
-    _check_runs_exist(session, records, by_kind.get("run", []))
+    run_ids = set(map(_RUN_ID, records))  # every record names its run
+    # Before the first read: the batch's runs are locked until it commits (on SQLite the
+    # database's write lock is taken), so what is decided from stored rows still holds.
+    rollups.lock_runs(session, run_ids)
     now = time.time()
     run_records = [r for _, r in by_kind.get("run", [])]
-    runs = [{**_row(r, "tags"), "ingested_at": now} for r in run_records]
-    inserted = _insert_ignore(session, Run, runs)
+    inserted = _store_runs(session, run_records, now)
+    _placeholder_runs(session, records, run_ids - {r.run_id for r in run_records}, now)
     tags = [{"run_id": r.run_id, "tag": t} for r in run_records for t in dict.fromkeys(r.tags)]
     _insert_ignore(session, RunTag, tags)  # part of their run record, not counted apart
+    inserted += _start_attempts(session, by_kind.get("attempt_start", []))
     for kind, model in _TABLES.items():
         inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
-    rolled = {r.run_id for kind in _PROBES for _, r in by_kind.get(kind, [])}
-    rollups.lock_runs(session, rolled)
     inserted += _store_per_step(session, by_kind)
     inserted += _end_attempts(session, by_kind.get("attempt_end", []))
     inserted += _heartbeats(session, by_kind.get("heartbeat", []))
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
+
+
+def _dialect_insert(session: Session, model: type[Base]) -> Any:
+    ins = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return ins(_table(model))
+
+
+_RUN_FILLED = ("name", "project", "created_at", "model_plan", "runtime_policy", "environment")
+
+
+def _store_runs(session: Session, run_records: list[RunRecord], now: float) -> int:
+    """Insert the run records, or fill in placeholder runs (declared false) with them, in one
+    statement; a run already declared is a duplicate. Returns how many were stored."""
+    first = {r.run_id: r for r in reversed(run_records)}  # a run_id sent twice: the first
+    if not first:
+        return 0
+    rows = [{**_row(first[k], "tags"), "ingested_at": now, "declared": True} for k in sorted(first)]
+    table = _table(Run)
+    stmt = _dialect_insert(session, Run)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.run_id],
+        set_={**{c: stmt.excluded[c] for c in _RUN_FILLED}, "declared": True},
+        where=table.c.declared.is_(False),
+    ).returning(table.c.run_id)
+    return len(session.execute(stmt, rows).all())
+
+
+_TIME_FIELDS = ("start", "time", "end")  # a record's earliest time, by kind (routing: none)
+
+
+def _placeholder_runs(
+    session: Session, records: Sequence[Record], wanted: set[str], now: float
+) -> None:
+    """A placeholder row (declared false) for each of the `wanted` runs that is not stored:
+    its id as name, project "default", created at the earliest time of its records in the
+    batch (else now), empty receipt parts."""
+    if not wanted:
+        return
+    missing = wanted - set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))
+    if not missing:
+        return
+    earliest: dict[str, float] = {}
+    for rec in records:
+        if rec.run_id in missing:
+            t = next((getattr(rec, f) for f in _TIME_FIELDS if hasattr(rec, f)), None)
+            if t is not None and t < earliest.get(rec.run_id, math.inf):
+                earliest[rec.run_id] = t
+    rows = [
+        {
+            "run_id": run_id,
+            "name": run_id,
+            "project": "default",
+            "created_at": earliest.get(run_id, now),
+            "model_plan": {},
+            "runtime_policy": {},
+            "environment": {},
+            "ingested_at": now,
+            "declared": False,
+        }
+        for run_id in sorted(missing)
+    ]
+    _insert_ignore(session, Run, rows)  # a concurrent batch may have made it: that one stays
 
 
 def _row(rec: Record, *exclude: str) -> dict[str, Any]:
@@ -223,115 +294,194 @@ def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
-def _attempt_key(rec: Any) -> Any:
-    return and_(
-        Attempt.run_id == rec.run_id, Attempt.attempt == rec.attempt, Attempt.rank == rec.rank
-    )
+_AttemptKey = tuple[str, int, int]
+_ATTEMPT_KEY = attrgetter("run_id", "attempt", "rank")
+_KEYS_PER_QUERY = 300
+_ATTEMPT_STATE = ("start", "end", "start_declared", "last_seen", "heartbeat_s")
 
 
-def _heartbeats(session: Session, beats: list[tuple[int, HeartbeatRecord]]) -> int:
-    """Advance each attempt's last_seen; a heartbeat that does not advance it is a duplicate."""
-    done = 0
-    errors: list[dict[str, Any]] = []
-    for i, rec in beats:
-        stmt = (
-            update(Attempt)
-            .where(
-                _attempt_key(rec), or_(Attempt.last_seen.is_(None), Attempt.last_seen < rec.time)
-            )
-            .values(last_seen=rec.time)
+def _stored_attempts(session: Session, keys: Iterable[_AttemptKey]) -> dict[_AttemptKey, Any]:
+    """The stored rows of these attempts (id, key and _ATTEMPT_STATE), a few hundred keys a
+    query; on PostgreSQL locked until the transaction ends, so that what is decided from
+    them still holds when the rows are written."""
+    table = _table(Attempt)
+    key = tuple_(table.c.run_id, table.c.attempt, table.c.rank)
+    cols = [table.c.id, table.c.run_id, table.c.attempt, table.c.rank]
+    cols += [table.c[c] for c in _ATTEMPT_STATE]
+    lock = session.get_bind().dialect.name == "postgresql"
+    ordered = sorted(keys)  # one lock order for every batch
+    out: dict[_AttemptKey, Any] = {}
+    for i in range(0, len(ordered), _KEYS_PER_QUERY):
+        stmt = select(*cols).where(key.in_(ordered[i : i + _KEYS_PER_QUERY]))
+        for row in session.execute(stmt.with_for_update() if lock else stmt):
+            out[(row.run_id, row.attempt, row.rank)] = row
+    return out
+
+
+def _start_attempts(session: Session, starts: list[tuple[int, AttemptStartRecord]]) -> int:
+    """Insert attempt rows, or fill in the placeholders that a heartbeat or attempt_end made
+    before their attempt_start (declared start and world size); a start already declared is
+    a duplicate. A declared start after the end stored on a placeholder is refused."""
+    first: dict[_AttemptKey, tuple[int, AttemptStartRecord]] = {}
+    for i, rec in starts:
+        first.setdefault(_ATTEMPT_KEY(rec), (i, rec))
+    if not first:
+        return 0
+    stored = _stored_attempts(session, first)
+    errors = [
+        _err(
+            i,
+            "start",
+            f"start ({rec.start}) is after the end of attempt {rec.attempt} of rank "
+            f"{rec.rank} ({stored[k].end}), which its attempt_end stored first",
+            "start_after_end",
         )
-        if session.execute(stmt).rowcount:  # type: ignore[attr-defined]
-            done += 1
-        elif session.execute(select(Attempt.id).where(_attempt_key(rec))).first() is None:
-            errors.append(_unknown_attempt(i, rec))
+        for k, (i, rec) in first.items()
+        if k in stored
+        and not stored[k].start_declared
+        and stored[k].end is not None
+        and rec.start > stored[k].end
+    ]
     if errors:
         raise IngestError(errors)
-    return done
+    rows = [
+        {**_row(rec), "start_declared": True}
+        for k, (_, rec) in first.items()
+        if k not in stored or not stored[k].start_declared
+    ]
+    if not rows:
+        return 0
+    table = _table(Attempt)
+    stmt = _dialect_insert(session, Attempt)
+    stmt = stmt.on_conflict_do_update(  # a row another batch made meanwhile: the same rules
+        index_elements=[table.c.run_id, table.c.attempt, table.c.rank],
+        set_={
+            "start": stmt.excluded.start,
+            "world_size": stmt.excluded.world_size,
+            "start_declared": True,
+        },
+        where=table.c.start_declared.is_(False),
+    ).returning(table.c.id)
+    return len(session.execute(stmt, rows).all())
 
 
-def _unknown_attempt(i: int, rec: Any) -> dict[str, Any]:
-    return _err(
-        i,
-        "attempt",
-        f"attempt {rec.attempt} of rank {rec.rank} was never started: send its attempt_start first",
-        "unknown_attempt",
-    )
-
-
-_RUN_ID = attrgetter("run_id")
-
-
-def _check_runs_exist(
-    session: Session, records: Sequence[Record], runs: list[tuple[int, RunRecord]]
-) -> None:
-    declared = {r.run_id for _, r in runs}
-    wanted = set(map(_RUN_ID, records)) - declared  # every record names its run
-    if not wanted:
-        return
-    missing = wanted - set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))
+def _open_attempts(
+    session: Session, recs: Sequence[tuple[int, Any]], time_of: Callable[[Any], float]
+) -> dict[_AttemptKey, dict[str, Any]]:
+    """The rows of the attempts these records belong to, as mutable dicts; an attempt never
+    started gets a placeholder row first (start_declared false, world size 1, started at the
+    earliest of these records' times), which its attempt_start fills in when it comes."""
+    earliest: dict[_AttemptKey, float] = {}
+    for _, rec in recs:
+        k, t = _ATTEMPT_KEY(rec), time_of(rec)
+        if t < earliest.get(k, math.inf):
+            earliest[k] = t
+    stored = _stored_attempts(session, earliest)
+    missing = [k for k in earliest if k not in stored]
     if missing:
-        raise IngestError(
-            [
-                _err(
-                    i,
-                    "run_id",
-                    f"unknown run_id {r.run_id!r}: send its run record first",
-                    "unknown_run",
-                )
-                for i, r in enumerate(records)
-                if r.run_id in missing and not isinstance(r, RunRecord)
-            ]
-        )
+        placeholders = [
+            {
+                "run_id": run_id,
+                "attempt": attempt,
+                "rank": rank,
+                "world_size": 1,
+                "start": earliest[(run_id, attempt, rank)],
+                "start_declared": False,
+                "hook_errors": 0,
+            }
+            for run_id, attempt, rank in missing
+        ]
+        _insert_ignore(session, Attempt, placeholders)  # or a concurrent batch made it
+        stored.update(_stored_attempts(session, missing))
+    return {k: dict(row._mapping) for k, row in stored.items()}
+
+
+def _update_attempts(
+    session: Session, rows: Iterable[dict[str, Any]], columns: tuple[str, ...]
+) -> None:
+    """Write `columns` of attempt rows (dicts holding `id`), one executemany."""
+    params = [{"b_id": r["id"], **{f"b_{c}": r[c] for c in columns}} for r in rows]
+    if not params:
+        return
+    table = _table(Attempt)
+    values = {c: bindparam(f"b_{c}", type_=table.c[c].type) for c in columns}
+    stmt = update(table).where(table.c.id == bindparam("b_id")).values(values)
+    session.connection().execute(stmt, params)
+
+
+def _lower_placeholder_start(row: dict[str, Any], t: float) -> bool:
+    """A placeholder start is the earliest time seen of its attempt: lower it to `t`."""
+    if row["start_declared"] or t >= row["start"]:
+        return False
+    row["start"] = t
+    return True
+
+
+_END_FIELDS = ("end", "status", "cause", "hook_errors", "counters")
 
 
 def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) -> int:
-    """Complete attempt rows; an end already stored is a duplicate, an end before the
-    attempt's start or for an attempt never started is refused."""
-    done = 0
+    """Complete attempt rows (an attempt never started gets a placeholder row); an end already
+    stored is a duplicate, an end before the attempt's declared start is refused."""
+    if not ends:
+        return 0
+    attempts = _open_attempts(session, ends, attrgetter("end"))
+    changed: dict[_AttemptKey, dict[str, Any]] = {}
     errors: list[dict[str, Any]] = []
     for i, rec in ends:
-        key = and_(
-            Attempt.run_id == rec.run_id, Attempt.attempt == rec.attempt, Attempt.rank == rec.rank
-        )
-        row = session.execute(select(Attempt.start, Attempt.end).where(key)).first()
-        if row is None:
-            errors.append(
-                _err(
-                    i,
-                    "attempt",
-                    f"attempt {rec.attempt} of rank {rec.rank} was "
-                    "never started: send its attempt_start first",
-                    "unknown_attempt",
-                )
-            )
-        elif row.end is not None:
+        k = _ATTEMPT_KEY(rec)
+        row = attempts[k]
+        if row["end"] is not None:
             continue
-        elif rec.end < row.start:
+        if rec.end < row["start"] and row["start_declared"]:
             errors.append(
                 _err(
                     i,
                     "end",
-                    f"end ({rec.end}) is before the attempt's start ({row.start})",
+                    f"end ({rec.end}) is before the attempt's start ({row['start']})",
                     "end_before_start",
                 )
             )
-        else:
-            session.execute(
-                update(Attempt)
-                .where(key)
-                .values(
-                    end=rec.end,
-                    status=rec.status,
-                    cause=rec.cause,
-                    hook_errors=rec.hook_errors,
-                    counters=rec.counters,
-                )
-            )
-            done += 1
+            continue
+        _lower_placeholder_start(row, rec.end)
+        row.update({f: getattr(rec, f) for f in _END_FIELDS})
+        changed[k] = row
     if errors:
         raise IngestError(errors)
+    _update_attempts(session, changed.values(), ("start", *_END_FIELDS))
+    return len(changed)
+
+
+def _heartbeats(session: Session, beats: list[tuple[int, HeartbeatRecord]]) -> int:
+    """Advance each attempt's last_seen (an attempt never started gets a placeholder row); a
+    heartbeat that does not advance it is a duplicate. A declared interval is kept in
+    heartbeat_s, the newest heartbeat's winning."""
+    if not beats:
+        return 0
+    attempts = _open_attempts(session, beats, attrgetter("time"))
+    changed: dict[_AttemptKey, dict[str, Any]] = {}
+    done = 0
+    for _, rec in beats:
+        k = _ATTEMPT_KEY(rec)
+        row = attempts[k]
+        if _lower_placeholder_start(row, rec.time):
+            changed[k] = row
+        last = row["last_seen"]
+        newest = last is None or rec.time >= last
+        interval = rec.interval_s
+        known = row["heartbeat_s"]
+        if interval is not None and interval != known and (newest or known is None):
+            row["heartbeat_s"] = interval
+            changed[k] = row
+        if last is None or rec.time > last:
+            row["last_seen"] = rec.time
+            changed[k] = row
+            done += 1
+    _update_attempts(session, changed.values(), ("start", "last_seen", "heartbeat_s"))
     return done
+
+
+_RUN_ID = attrgetter("run_id")
 
 
 # -- queries --
@@ -356,11 +506,13 @@ class Cursor:
             raise ValueError("cursor is not one this server issued") from exc
 
 
-RUN_STATUSES = ("running", "completed", "failed")
+RUN_STATUSES = ("running", "completed", "failed", "stalled")
 
 
-def _status_clause(status: str) -> ColumnElement[bool]:
-    """A run's status in SQL, as `run_status` derives it: from its newest attempt's ranks."""
+def _status_clause(status: str, now: float) -> ColumnElement[bool]:
+    """A run's status in SQL, as goodput.attempt_statuses derives it for its newest attempt:
+    failed on any rank, else completed on any rank, else stalled (heartbeats silent for
+    STALL_INTERVALS declared intervals at `now`), else running."""
     other = aliased(Attempt)  # the max() runs over its own copy of attempts, per run
     last = (
         select(func.max(other.attempt))
@@ -369,14 +521,27 @@ def _status_clause(status: str) -> ColumnElement[bool]:
         .scalar_subquery()
     )
     of_last = and_(Attempt.run_id == Run.run_id, Attempt.attempt == last)
+
+    def newest(column: Any) -> Any:
+        return select(func.max(column)).where(of_last).correlate(Run).scalar_subquery()
+
     failed = exists().where(of_last, Attempt.status == "failed")
-    open_ = exists().where(of_last, Attempt.end.is_(None))
-    none = ~exists().where(Attempt.run_id == Run.run_id)
+    completed = exists().where(of_last, Attempt.status == "completed")
+    interval, seen = newest(Attempt.heartbeat_s), newest(Attempt.last_seen)
+    stalled = and_(
+        ~failed,
+        ~completed,
+        interval.is_not(None),
+        seen.is_not(None),
+        seen < now - STALL_INTERVALS * interval,
+    )
     if status == "failed":
         return failed
-    if status == "running":
-        return and_(~failed, or_(open_, none))
-    return and_(~failed, ~open_, ~none)
+    if status == "completed":
+        return and_(~failed, completed)
+    if status == "stalled":
+        return stalled
+    return and_(~failed, ~completed, ~stalled)
 
 
 def list_runs(
@@ -397,7 +562,7 @@ def list_runs(
     if project is not None:
         stmt = stmt.where(Run.project == project)
     if status is not None:
-        stmt = stmt.where(_status_clause(status))
+        stmt = stmt.where(_status_clause(status, time.time()))
     if pattern is not None:
         stmt = stmt.where(Run.model_plan["pattern"].as_string() == pattern)
     if tag is not None:
@@ -451,10 +616,9 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     rows, which the tests hold the rollups (repository_rollups.py) and the window sums
     (repository_windows.py) to."""
     attempts = rollups.attempt_rows(session, run_id)
+    c = CheckpointCommit
     commits = session.execute(
-        select(CheckpointCommit.attempt, CheckpointCommit.step, CheckpointCommit.ok).where(
-            CheckpointCommit.run_id == run_id
-        )
+        select(c.attempt, c.step, c.ok, c.rank, c.time).where(c.run_id == run_id)
     )
     checkpoints = [CheckpointIn(*row) for row in commits]
     steps = [
@@ -464,7 +628,13 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     spans = [
         SpanIn(*row) for row in session.execute(select(*_SPAN_IN).where(Span.run_id == run_id))
     ]
-    return GoodputInputs(attempts=attempts, steps=steps, spans=spans, checkpoints=checkpoints)
+    return GoodputInputs(
+        attempts=attempts,
+        steps=steps,
+        spans=spans,
+        checkpoints=checkpoints,
+        excluded=rollups.excluded_windows(session, run_id),
+    )
 
 
 _SPAN_IN = (Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped)
@@ -524,10 +694,11 @@ def latest_drop_rates(session: Session, run_ids: Sequence[str]) -> dict[str, flo
 
 
 def goodput_row_counts(session: Session, run_ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Per run: how many step, span and checkpoint rows it has (steps and spans counted from
-    their rollups, not row by row). These rows are only ever inserted, so with the attempt
-    rows (which are updated) they tell whether a run's goodput inputs changed."""
-    counts: dict[str, list[int]] = {r: [0, 0, 0] for r in run_ids}
+    """Per run: how many step, span, checkpoint and excluded-window rows it has (steps and
+    spans counted from their rollups, not row by row). These rows are only ever inserted, so
+    with the attempt rows (which are updated) they tell whether a run's goodput inputs
+    changed."""
+    counts: dict[str, list[int]] = {r: [0, 0, 0, 0] for r in run_ids}
     sums = (
         select(StepBlock.run_id, func.sum(StepBlock.n))
         .where(StepBlock.run_id.in_(run_ids), StepBlock.level == rollups.COARSE)
@@ -538,6 +709,9 @@ def goodput_row_counts(session: Session, run_ids: Sequence[str]) -> dict[str, tu
         select(CheckpointCommit.run_id, func.count())
         .where(CheckpointCommit.run_id.in_(run_ids))
         .group_by(CheckpointCommit.run_id),
+        select(ExcludedWindow.run_id, func.count())
+        .where(ExcludedWindow.run_id.in_(run_ids))
+        .group_by(ExcludedWindow.run_id),
     )
     for i, stmt in enumerate(sums):
         for run_id, n in session.execute(stmt):

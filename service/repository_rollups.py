@@ -42,20 +42,22 @@ from service.goodput import (
     ROUNDING_SLACK_S,
     AttemptIn,
     AttemptSplit,
-    CheckpointIn,
-    RankTotals,
-    RunGoodput,
+    CompileCut,
+    Decided,
+    Interval,
+    RankParts,
     SpanIn,
     SpanIndex,
     StepIn,
-    account,
-    slowest,
+    clash_correction,
+    inferred_compile,
 )
 from service.models import (
     ROLLUP_LEVELS,
     Attempt,
     Base,
     CheckpointCommit,
+    ExcludedWindow,
     RoutingBlock,
     RoutingRow,
     Run,
@@ -515,9 +517,10 @@ def flag_clashes(session: Session, spans: Sequence[Any]) -> list[bool]:
 
 
 def block_stored_steps(session: Session, spans: Sequence[Any]) -> None:
-    """Add the overlap of new blocking spans (records not yet stored) to the steps already
-    stored, and to their step_blocks: run before this batch's steps are inserted, which
-    `blocked_of` measures against these spans instead."""
+    """Measure again the blocked time of the stored steps that new blocking spans (records
+    not yet stored) touch: the union of every blocking span of the rank inside the step,
+    stored or new. Their step_blocks move by the same amounts. Run before this batch's steps
+    are inserted, which `blocked_of` measures against these spans instead."""
     blocking = [s for s in spans if not s.overlapped]
     for (run_id, rank), mine in _group(blocking, lambda s: (s.run_id, s.rank)).items():
         _block_stored_steps(session, run_id, rank, mine)
@@ -536,11 +539,11 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
     ).all()
     if not candidates:
         return
-    index = SpanIndex([SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False) for s in spans])
-    added: list[dict[str, Any]] = []
+    new = [SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False) for s in spans]
+    touched: list[tuple[int, int, float, float, float]] = []  # attempt, step, start, end, old
     for attempt, blocks in _group(candidates, lambda c: c.attempt).items():
         for first, last in _runs(sorted(c.block for c in blocks)):
-            stmt = select(Step.step, Step.start, Step.end).where(
+            stmt = select(Step.step, Step.start, Step.end, Step.blocked_s).where(
                 Step.run_id == run_id,
                 Step.attempt == attempt,
                 Step.rank == rank,
@@ -549,9 +552,18 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
                 Step.end > lo,
             )
             rows = _rows(session, stmt).all()
-            for (step, _, _), x in zip(rows, index.overlaps([r[1:] for r in rows]), strict=True):
-                if x > 0:
-                    added.append({"step": step, "attempt": attempt, "x": x})
+            hit = SpanIndex(new).overlaps([(r.start, r.end) for r in rows])
+            touched += [(attempt, *r) for r, x in zip(rows, hit, strict=True) if x > 0]
+    if not touched:
+        return
+    a, b = min(t[2] for t in touched), max(t[3] for t in touched)
+    index = SpanIndex(_stored_blocking_spans(session, run_id, rank, a, b) + new)
+    blocked = index.overlaps([(t[2], t[3]) for t in touched])
+    added = [
+        {"attempt": t[0], "step": t[1], "x": x - t[4]}
+        for t, x in zip(touched, blocked, strict=True)
+        if x != t[4]
+    ]
     if not added:
         return
     steps = _table(Step).c
@@ -736,14 +748,23 @@ def _blocks_of(
 
 @dataclass
 class RunRollup:
-    """A run's goodput inputs in aggregate: per rank totals, attempt rows and checkpoints."""
+    """What the whole-run accounting reads of a run, in aggregate: attempt rows, each attempt
+    rank's records' extent, saved checkpoints, coarse step blocks, span totals, the clashing
+    spans and the excluded windows. A few rows per attempt rank and 1 per 4096 steps."""
 
-    ranks: dict[int, RankTotals]
-    checkpoints: list[CheckpointIn]
+    run_id: str
+    rows: list[AttemptIn]
+    life: dict[tuple[int, int], tuple[float, float]]  # (attempt, rank) -> first, last sign
+    saved: dict[int, int]  # attempt -> its last successful checkpoint's step
+    coarse: dict[int, dict[int, list[Any]]]  # rank -> attempt -> coarse StepBlock rows
+    blocking: dict[int, dict[str, float]]  # rank -> category -> seconds, by precedence
+    with_compile: set[tuple[int, int]]  # (attempt, rank) that sent compile spans
+    clashing: list[SpanIn]
+    excluded: list[Interval]
 
-    def goodput(self) -> RunGoodput:
-        """The accounting (service/goodput.py) of these totals."""
-        return slowest([account(t, self.checkpoints) for t in self.ranks.values()])
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({r for _, r in self.life} | {a.rank for a in self.rows})
 
 
 def attempt_rows(session: Session, run_id: str) -> list[AttemptIn]:
@@ -756,65 +777,173 @@ def attempt_rows(session: Session, run_id: str) -> list[AttemptIn]:
         Attempt.status,
         Attempt.last_seen,
         Attempt.cause,
+        Attempt.heartbeat_s,
     ).where(Attempt.run_id == run_id)
     return [AttemptIn(*row) for row in _rows(session, stmt.order_by(Attempt.attempt, Attempt.rank))]
 
 
-def saved_checkpoints(session: Session, run_id: str) -> list[CheckpointIn]:
-    """Each attempt's last successful checkpoint: all the accounting reads of them (a run may
-    have thousands), one row per attempt."""
+def saved_checkpoints(session: Session, run_id: str) -> dict[int, int]:
+    """Each attempt's last successful checkpoint's step: all the accounting reads of them (a
+    run may have thousands), one row per attempt."""
     stmt = (
         select(CheckpointCommit.attempt, func.max(CheckpointCommit.step))
         .where(CheckpointCommit.run_id == run_id, CheckpointCommit.ok.is_(True))
         .group_by(CheckpointCommit.attempt)
     )
-    return [CheckpointIn(attempt, step, True) for attempt, step in _rows(session, stmt)]
+    return dict(_rows(session, stmt).tuples().all())
+
+
+def record_life(session: Session, run_id: str) -> dict[tuple[int, int], tuple[float, float]]:
+    """Per (attempt, rank): the earliest start and the latest sign of life among its steps,
+    spans (blocking or overlapped) and checkpoint commits."""
+    out: dict[tuple[int, int], tuple[float, float]] = {}
+    c = CheckpointCommit
+    queries = [
+        select(
+            StepBlock.attempt,
+            StepBlock.rank,
+            func.min(StepBlock.first_start),
+            func.max(StepBlock.last_end),
+        )
+        .where(StepBlock.run_id == run_id, StepBlock.level == COARSE)
+        .group_by(StepBlock.attempt, StepBlock.rank),
+        select(
+            SpanTotal.attempt,
+            SpanTotal.rank,
+            func.min(SpanTotal.first_start),
+            func.max(SpanTotal.last_end),
+        )
+        .where(SpanTotal.run_id == run_id)
+        .group_by(SpanTotal.attempt, SpanTotal.rank),
+        select(c.attempt, c.rank, func.min(c.time), func.max(c.time))
+        .where(c.run_id == run_id)
+        .group_by(c.attempt, c.rank),
+    ]
+    for stmt in queries:
+        for attempt, rank, first, last in _rows(session, stmt):
+            lo, hi = out.get((attempt, rank), (math.inf, -math.inf))
+            out[attempt, rank] = (min(lo, first), max(hi, last))
+    return out
+
+
+def clashing_spans(session: Session, run_id: str) -> list[SpanIn]:
+    """The run's blocking spans that share time with another (few; through their index)."""
+    stmt = select(
+        Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
+    ).where(Span.run_id == run_id, Span.clashes.is_(True))
+    return [SpanIn(*row) for row in _rows(session, stmt)]
+
+
+def excluded_windows(session: Session, run_id: str) -> list[Interval]:
+    stmt = select(ExcludedWindow.start, ExcludedWindow.end).where(ExcludedWindow.run_id == run_id)
+    return [Interval(*row) for row in _rows(session, stmt)]
 
 
 def run_rollup(session: Session, run_id: str) -> RunRollup:
-    """Every rank's RankTotals from attempt rows, checkpoints, coarse step blocks and span
-    totals: a few rows per attempt rank and 1 per 4096 steps."""
-    attempts = attempt_rows(session, run_id)
-    checkpoints = saved_checkpoints(session, run_id)
-    coarse = (
+    coarse_rows = (
         session.execute(
             select(StepBlock).where(StepBlock.run_id == run_id, StepBlock.level == COARSE)
         )
         .scalars()
         .all()
     )
-    spans = session.execute(select(SpanTotal).where(SpanTotal.run_id == run_id)).scalars().all()
-    ranks = sorted({a.rank for a in attempts} | {b.rank for b in coarse} | {s.rank for s in spans})
-    out: dict[int, RankTotals] = {}
-    for rank in ranks:
-        blocks = _group([b for b in coarse if b.rank == rank], lambda b: b.attempt)
-        extents: dict[int, tuple[float, float]] = {}
-        records: list[Any] = [b for b in coarse if b.rank == rank]
-        for r in [*records, *(s for s in spans if s.rank == rank)]:
-            lo, hi = extents.get(r.attempt, (math.inf, -math.inf))
-            extents[r.attempt] = (min(lo, r.first_start), max(hi, r.last_end))
-        blocking: dict[str, float] = {}
-        for s in spans:
-            if s.rank == rank and not s.overlapped:
-                blocking[s.category] = blocking.get(s.category, 0.0) + s.total_s
-        mine = [b for b in coarse if b.rank == rank]
+    coarse: dict[int, dict[int, list[Any]]] = {}
+    for b in coarse_rows:
+        coarse.setdefault(b.rank, {}).setdefault(b.attempt, []).append(b)
+    totals = session.execute(
+        select(
+            SpanTotal.rank,
+            SpanTotal.attempt,
+            SpanTotal.category,
+            SpanTotal.overlapped,
+            SpanTotal.total_s,
+        ).where(SpanTotal.run_id == run_id)
+    ).all()
+    blocking: dict[int, dict[str, float]] = {}
+    for t in totals:
+        if not t.overlapped:
+            mine = blocking.setdefault(t.rank, {})
+            mine[t.category] = mine.get(t.category, 0.0) + t.total_s
+    clashing = clashing_spans(session, run_id)
+    for rank, spans in _group(clashing, lambda s: s.rank).items():
+        mine = blocking.setdefault(rank, {})
+        for category, x in clash_correction(spans, -math.inf, math.inf).items():
+            mine[category] = mine.get(category, 0.0) + x
+    return RunRollup(
+        run_id=run_id,
+        rows=attempt_rows(session, run_id),
+        life=record_life(session, run_id),
+        saved=saved_checkpoints(session, run_id),
+        coarse=coarse,
+        blocking=blocking,
+        with_compile={(t.attempt, t.rank) for t in totals if t.category == "compile"},
+        clashing=clashing,
+        excluded=excluded_windows(session, run_id),
+    )
 
-        def split(
-            attempt: int, upto: float, rank: int = rank, blocks: Any = blocks
-        ) -> AttemptSplit:
-            return _busy_split(session, run_id, rank, attempt, blocks.get(attempt, []), upto)
 
-        out[rank] = RankTotals(
+def run_parts(
+    session: Session, roll: RunRollup, decided: dict[int, list[Decided]]
+) -> dict[int, RankParts]:
+    """Each rank's whole-run parts, its steps split at each attempt's decided `upto`."""
+    out: dict[int, RankParts] = {}
+    for rank, mine in decided.items():
+        blocks = roll.coarse.get(rank, {})
+        split = {
+            d.attempt: _busy_split(
+                session, roll.run_id, rank, d.attempt, blocks.get(d.attempt, []), d.upto
+            )
+            for d in mine
+        }
+        every = [b for bs in blocks.values() for b in bs]
+        out[rank] = RankParts(
             rank=rank,
-            attempts=[a for a in attempts if a.rank == rank],
-            extents=extents,
-            blocking_s=blocking,
-            hook_s=sum(b.hook_s for b in mine),
-            steps=sum(b.n for b in mine),
-            tokens=sum(b.tokens for b in mine),
             split=split,
+            blocking_s=roll.blocking.get(rank, {}),
+            hook_s=sum(b.hook_s for b in every),
+            steps=sum(b.n for b in every),
+            tokens=sum(b.tokens for b in every),
         )
-    return RunRollup(out, checkpoints)
+    return out
+
+
+def first_steps(session: Session, run_id: str, keys: Iterable[tuple[int, int]]) -> list[Any]:
+    """The first step (lowest number) of each (attempt, rank), with its blocked time."""
+    out = []
+    for attempt, rank in keys:
+        row = _rows(
+            session,
+            select(Step.attempt, Step.rank, Step.step, Step.start, Step.end, Step.blocked_s)
+            .where(Step.run_id == run_id, Step.attempt == attempt, Step.rank == rank)
+            .order_by(Step.step)
+            .limit(1),
+        ).first()
+        if row is not None:
+            out.append(row)
+    return out
+
+
+def compile_cuts(
+    session: Session, roll: RunRollup, ideal: dict[int, float | None]
+) -> list[CompileCut]:
+    """The inferred compile of each attempt rank without compile spans (goodput.py)."""
+    keys = [
+        (attempt, rank)
+        for rank, blocks in sorted(roll.coarse.items())
+        for attempt in sorted(blocks)
+        if (attempt, rank) not in roll.with_compile and ideal.get(rank) is not None
+    ]
+    out = []
+    for s in first_steps(session, roll.run_id, keys):
+        spans = (
+            _stored_blocking_spans(session, roll.run_id, s.rank, s.start, s.end)
+            if s.blocked_s > 0
+            else []
+        )
+        cut = inferred_compile(s.start, s.end, ((b.start, b.end) for b in spans), ideal[s.rank])
+        if cut:
+            out.append(CompileCut(s.attempt, s.rank, s.step, cut))
+    return out
 
 
 def newest_step_times(session: Session, run_id: str, rank: int, limit: int) -> list[float]:
@@ -835,19 +964,6 @@ def newest_step_times(session: Session, run_id: str, rank: int, limit: int) -> l
 
 
 # -- the records of a time window --
-
-
-def last_record_ends(session: Session, run_id: str) -> dict[tuple[int, int], float]:
-    """Per (attempt, rank): the latest end of any of its steps and spans."""
-    out: dict[tuple[int, int], float] = {}
-    for model in (StepBlock, SpanTotal):
-        m = cast(Any, model)
-        where = [m.run_id == run_id] + ([m.level == COARSE] if model is StepBlock else [])
-        stmt = select(m.attempt, m.rank, func.max(m.last_end)).where(*where)
-        for attempt, rank, end in _rows(session, stmt.group_by(m.attempt, m.rank)):
-            key = (attempt, rank)
-            out[key] = max(out.get(key, end), end)
-    return out
 
 
 # -- rebuilding (migration 0004 fills the rollups of rows stored before it) --
@@ -902,12 +1018,6 @@ def rebuild_all(session: Session) -> int:
     for run_id in run_ids:
         rebuild_run(session, run_id)
     return len(run_ids)
-
-
-def run_goodput_rolled(session: Session, run_id: str) -> tuple[RunGoodput, RunRollup]:
-    """The run's goodput accounting (service/goodput.py) on its rollups."""
-    roll = run_rollup(session, run_id)
-    return roll.goodput(), roll
 
 
 def recent_step_times(

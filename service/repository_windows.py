@@ -1,23 +1,22 @@
-"""Goodput of a time window, summed by the database: part of the repository (all SQL lives in
-the repository modules). Callers pass a Session; nothing here writes.
+"""A time window's share of the run's records, summed by the database: part of the
+repository (all SQL lives in the repository modules). Callers pass a Session; nothing here
+writes.
 
-The definition is `goodput_window.clip_inputs` then `goodput.run_goodput`: every record cut to
-[lo, hi], then the usual accounting. What that accounting reads of a rank is its RankTotals;
-here they come from a few statements per window whose rows the database sums, instead of
-every overlapping record read into Python:
+The definition is `goodput_window.parts_of`: every record cut to [lo, hi] and summed; the
+whole run's decisions (each attempt's end, status and committed steps: goodput.decide) are
+kept, not re-derived from the cut records. Here the sums come from a few statements per
+window whose rows the database sums, instead of every overlapping record read into Python:
 
-- spans: per (attempt, rank, category, overlapped), the sum of the cut durations and the first
-  cut start and last cut end, over the spans that overlap the window. Each category's spans
-  are found through the spans' primary key, from the category's longest span before `lo`.
+- spans: per (attempt, rank, category, overlapped), the sum of the cut durations, over the
+  spans that overlap the window. Each category's spans are found through the spans' primary
+  key, from the category's longest span before `lo`. The clashing spans (few, read once) turn
+  these sums into seconds charged by precedence (goodput.clash_correction).
 - steps: found through the fine step blocks whose time span meets the window, then read by
   step number. The database sums count, tokens, the hook time of the steps that end inside,
-  cut extents, and, for the steps wholly inside, step time minus `blocked_s` on either side of
-  the attempt's last successful checkpoint (the one step number the accounting splits at).
-  The few steps that cross an edge come back as rows: their blocked time inside the window
-  is measured against the blocking spans there, as the definition measures every step.
-
-An attempt without an end ends where clipping every record would end it: at its end record,
-else its last heartbeat or its last record, wherever that lies (rollups.last_record_ends).
+  and, for the steps wholly inside, step time minus `blocked_s` on either side of the
+  attempt's last successful checkpoint (the one step number the accounting splits at). The
+  few steps that cross an edge come back as rows: their blocked time inside the window is
+  measured against the blocking spans there, as the definition measures every step.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -44,14 +43,17 @@ from sqlalchemy.orm import Session
 from service import repository_rollups as rollups
 from service.goodput import (
     ROUNDING_SLACK_S,
-    AttemptIn,
     AttemptSplit,
-    RankTotals,
+    RankParts,
     SpanIn,
     SpanIndex,
+    clash_correction,
 )
 from service.models import Span, SpanTotal, Step, StepBlock
 from service.step_stats import RECENT_STEPS, STRAGGLER_STEPS
+
+if TYPE_CHECKING:
+    from service.accounting import Accounted
 
 FINE = rollups.FINE
 
@@ -197,28 +199,23 @@ class _Sums:
 
 
 @dataclass
-class WindowRollup(rollups.RunRollup):
-    """The RankTotals of every rank in a window, and the checkpoints they are read with; and
-    per (attempt, rank), the step numbers of the fine blocks that meet the window."""
+class WindowParts:
+    """Every rank's records cut to a window, summed; and per (attempt, rank), the step
+    numbers of the fine blocks that meet the window."""
 
+    ranks: dict[int, RankParts]
     ranges: dict[tuple[int, int], list[tuple[int, int]]]
 
 
 class WindowReader:
-    """Reads a run's windows: what every window shares (attempts with their ends, checkpoints,
-    span categories, the longest fine block) is read once."""
+    """Reads a run's windows: what every window shares (the whole run's decisions, saved
+    checkpoints, span categories, clashing spans, the longest fine block) is read once."""
 
-    def __init__(self, session: Session, run_id: str) -> None:
+    def __init__(self, session: Session, run_id: str, acc: Accounted) -> None:
         self.session, self.run_id = session, run_id
-        last = rollups.last_record_ends(session, run_id)
-        self.attempts: list[AttemptIn] = []
-        for a in rollups.attempt_rows(session, run_id):
-            if a.end is None:
-                seen = last.get((a.attempt, a.rank), a.start)
-                a = a._replace(end=max(a.start, a.last_seen or a.start, seen))
-            self.attempts.append(a)
-        self.checkpoints = rollups.saved_checkpoints(session, run_id)
-        self.saved = {c.attempt: c.step for c in self.checkpoints}
+        self.upto = {d.attempt: d.upto for ds in acc.decided.values() for d in ds}
+        self.saved = rollups.saved_checkpoints(session, run_id)
+        self.clashing = _group_by_rank(rollups.clashing_spans(session, run_id))
         t = SpanTotal
         self.span_groups = rollups._rows(
             session,
@@ -239,52 +236,41 @@ class WindowReader:
         ).scalar()
         self.longest_block = longest or 0.0
 
-    def rollup(self, lo: float, hi: float) -> WindowRollup:
+    def parts(self, lo: float, hi: float) -> WindowParts:
         """The run's records as seen through [lo, hi], in aggregate."""
         if not hi > lo:
             raise ValueError(f"end ({hi}) must be after start ({lo})")
-        attempts = [
-            a._replace(start=max(a.start, lo), end=min(a.end, hi))
-            for a in self.attempts
-            if a.end is not None and a.end > lo and a.start < hi
-        ]
         blocks = self._fine_blocks(lo, hi)
         sums, raw = self._whole_blocks(lo, hi, blocks)
         raw_ranges = _ranges(raw)
         self._step_sums(lo, hi, raw_ranges, sums)
         self._add_edges(lo, hi, raw_ranges, sums)
-        extents: dict[tuple[int, int], tuple[float, float]] = {
-            k: (s.first, s.last) for k, s in sums.items()
-        }
         blocking: dict[int, dict[str, float]] = {}
-        for attempt, rank, category, overlapped, total, first, last in self._span_sums(lo, hi):
-            f0, l0 = extents.get((attempt, rank), (math.inf, -math.inf))
-            extents[attempt, rank] = (min(f0, first), max(l0, last))
+        for _, rank, category, overlapped, total, _, _ in self._span_sums(lo, hi):
             if not overlapped:
                 mine = blocking.setdefault(rank, {})
                 mine[category] = mine.get(category, 0.0) + total
-        ranks = sorted({a.rank for a in attempts} | {rank for _, rank in extents})
-        out: dict[int, RankTotals] = {}
+        for rank, spans in self.clashing.items():
+            for category, x in clash_correction(spans, lo, hi).items():
+                if x:
+                    mine = blocking.setdefault(rank, {})
+                    mine[category] = mine.get(category, 0.0) + x
+        ranks = sorted({rank for _, rank in sums} | set(blocking))
+        out: dict[int, RankParts] = {}
         for rank in ranks:
             mine_sums = {attempt: s for (attempt, r), s in sums.items() if r == rank}
-
-            def split(
-                attempt: int, upto: float, mine_sums: dict[int, _Sums] = mine_sums
-            ) -> AttemptSplit:
-                s = mine_sums.get(attempt, _Sums())
-                return s.split(upto, self.saved.get(attempt, -1))
-
-            out[rank] = RankTotals(
+            out[rank] = RankParts(
                 rank=rank,
-                attempts=[a for a in attempts if a.rank == rank],
-                extents={attempt: e for (attempt, r), e in extents.items() if r == rank},
+                split={
+                    attempt: s.split(self.upto.get(attempt, math.inf), self.saved.get(attempt, -1))
+                    for attempt, s in mine_sums.items()
+                },
                 blocking_s=blocking.get(rank, {}),
                 hook_s=sum(s.hook_s for s in mine_sums.values()),
                 steps=sum(s.n for s in mine_sums.values()),
                 tokens=sum(s.tokens for s in mine_sums.values()),
-                split=split,
             )
-        return WindowRollup(out, self.checkpoints, _ranges(blocks))
+        return WindowParts(out, _ranges(blocks))
 
     # -- steps --
 
@@ -422,7 +408,7 @@ class WindowReader:
     # -- the step-time figures --
 
     def recent_step_times(
-        self, lo: float, hi: float, window: WindowRollup, summary_rank: int | None
+        self, lo: float, hi: float, window: WindowParts, summary_rank: int | None
     ) -> dict[int, list[float]]:
         """What step_figures reads, of the steps cut to the window: the summary rank's newest
         RECENT_STEPS step times and every other rank's newest STRAGGLER_STEPS (none of them
@@ -443,6 +429,13 @@ class WindowReader:
                     times += self._run(RECENT_TIMES, lo=lo, hi=hi, limit=left, **where).scalars()
             out[rank] = times[::-1]
         return out
+
+
+def _group_by_rank(spans: list[SpanIn]) -> dict[int, list[SpanIn]]:
+    out: dict[int, list[SpanIn]] = {}
+    for s in spans:
+        out.setdefault(s.rank, []).append(s)
+    return out
 
 
 def _ranges(blocks: Iterable[Any]) -> dict[tuple[int, int], list[tuple[int, int]]]:

@@ -5,8 +5,7 @@ ideal step time      mean of the steady steps within median +- 3 * MAD (no 1 s f
 step-time deviation  p90 of the last N steps minus the median of the M steps before them
 stragglers           ranks whose median step time (over each rank's newest STRAGGLER_STEPS
                      steps) exceeds the ranks' median by a margin
-disruptions          attempt boundaries: when an attempt ended, why, and how many of its
-                     steps were wasted (not covered by a checkpoint)
+disruptions          from the accounting (goodput.disruptions)
 """
 
 from __future__ import annotations
@@ -16,15 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from service.compare import steady
-from service.goodput import (
-    CheckpointIn,
-    GoodputInputs,
-    RankTotals,
-    StepIn,
-    attempt_end,
-    ordered_attempts,
-    rank_totals,
-)
+from service.goodput import Disruption, StepIn
 
 LAST_N = 20
 PREVIOUS_M = 100
@@ -82,29 +73,6 @@ def stragglers(
 
 
 @dataclass(frozen=True)
-class Disruption:
-    attempt: int
-    time: float
-    cause: str
-    wasted_steps: int
-
-
-def disruptions(t: RankTotals, checkpoints: Sequence[CheckpointIn]) -> list[Disruption]:
-    """One per attempt of this rank that a later attempt followed, or that failed."""
-    ordered = ordered_attempts(t)
-    out = []
-    for i, a in enumerate(ordered):
-        followed = i < len(ordered) - 1
-        if a.status == "completed" or not (followed or a.status == "failed"):
-            continue
-        saved = max((c.step for c in checkpoints if c.attempt == a.attempt and c.ok), default=-1)
-        cause = a.cause or ("no end record: the process died" if a.status is None else a.status)
-        wasted = t.split(a.attempt, saved).steps_after
-        out.append(Disruption(a.attempt, attempt_end(a, t)[1], cause, wasted))
-    return out
-
-
-@dataclass(frozen=True)
 class StepFigures:
     ideal_step_time_s: float | None
     step_time_deviation_s: float | None
@@ -113,12 +81,12 @@ class StepFigures:
 
 
 def step_figures(
-    totals: Mapping[int, RankTotals],
     recent: Mapping[int, Sequence[float]],
     rank: int | None,
-    checkpoints: Sequence[CheckpointIn],
+    disrupted: Sequence[Disruption] = (),
 ) -> StepFigures:
-    """The figures above for one rank (the summary's), stragglers over every rank.
+    """The figures above for one rank (the summary's), stragglers over every rank; the
+    disruptions come from the accounting (goodput.disruptions).
 
     `recent[r]` holds rank r's newest step times, oldest first (by attempt, then step): at
     most RECENT_STEPS for the summary rank and STRAGGLER_STEPS for the others. So on a long run
@@ -126,35 +94,23 @@ def step_figures(
     is slow now."""
     medians = {r: statistics.median(v[-STRAGGLER_STEPS:]) for r, v in recent.items() if len(v) > 0}
     times = list(recent.get(rank, [])) if rank is not None else []
-    mine = totals.get(rank) if rank is not None else None
     return StepFigures(
         ideal_step_time(times[-RECENT_STEPS:]),
         step_time_deviation(times),
         stragglers(medians),
-        disruptions(mine, checkpoints) if mine is not None else [],
+        list(disrupted),
     )
 
 
-def raw_step_figures(inputs: GoodputInputs, rank: int | None) -> StepFigures:
-    """step_figures on raw records: the definition the figures read through the rollups and
-    the window sums are tested against."""
+def raw_recent(steps: Sequence[StepIn], rank: int | None) -> dict[int, list[float]]:
+    """What step_figures reads, on raw steps: the definition the figures read through the
+    rollups and the window sums are tested against."""
     by_rank: dict[int, list[StepIn]] = {}
-    for s in inputs.steps:
+    for s in steps:
         by_rank.setdefault(s.rank, []).append(s)
-    recent = {
+    return {
         r: [s.end - s.start for s in sorted(v, key=lambda s: (s.attempt, s.step))][
             -(RECENT_STEPS if r == rank else STRAGGLER_STEPS) :
         ]
         for r, v in by_rank.items()
     }
-    ranks = {a.rank for a in inputs.attempts} | set(by_rank) | {s.rank for s in inputs.spans}
-    totals = {
-        r: rank_totals(
-            r,
-            [a for a in inputs.attempts if a.rank == r],
-            by_rank.get(r, []),
-            [s for s in inputs.spans if s.rank == r],
-        )
-        for r in ranks
-    }
-    return step_figures(totals, recent, rank, inputs.checkpoints)

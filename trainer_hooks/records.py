@@ -151,13 +151,16 @@ class AttemptEndRecord(_RankScoped):
     )
 
 
+Interval = Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)]
+
+
 class HeartbeatRecord(_RankScoped):
     """The rank was alive at `time`; dates a crash that sent no attempt_end."""
 
     kind: Literal["heartbeat"] = "heartbeat"
     time: Epoch
-    interval_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] | None = Field(
-        None,
+    interval_s: Interval | None = Field(
+        default=None,
         description="how often this rank sends heartbeats; with it, a rank silent for "
         "STALL_INTERVALS intervals is judged stalled (docs/ACCOUNTING.md)",
     )

@@ -1,4 +1,5 @@
-"""The goodput calculator on hand-built records."""
+"""The goodput calculator on hand-built records (the raw-records definition,
+service/goodput_window.run_goodput, over goodput.py's arithmetic)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,34 @@ import math
 
 import pytest
 
-from service.goodput import AttemptIn, GoodputInputs, SpanIn, StepIn, rank_goodput, run_goodput
+from service import goodput_window
+from service.goodput import (
+    AttemptIn,
+    CheckpointIn,
+    GoodputInputs,
+    RankGoodput,
+    RunGoodput,
+    SpanIn,
+    StepIn,
+)
 
 T = 1_790_000_000.0
+NOW = T + 1e6
+
+
+def run_goodput(inputs: GoodputInputs) -> RunGoodput:
+    return goodput_window.run_goodput(inputs, NOW)
+
+
+def rank_goodput(
+    rank: int,
+    attempts: list[AttemptIn],
+    steps: list[StepIn],
+    spans: list[SpanIn],
+    checkpoints: list[CheckpointIn] | None = None,
+) -> RankGoodput:
+    g = run_goodput(GoodputInputs(attempts, steps, spans, checkpoints or []))
+    return next(r for r in g.ranks if r.rank == rank)
 
 
 def st(n: int, start: float, end: float, attempt: int = 0, rank: int = 0) -> StepIn:
@@ -83,9 +109,92 @@ def test_attempt_still_running_ends_at_the_last_record_seen() -> None:
     assert g.goodput_s == pytest.approx(8)
 
 
-def test_nested_blocking_spans_show_up_as_negative_other() -> None:
+def test_nested_blocking_spans_charge_their_union_by_precedence() -> None:
     g = rank_goodput(0, [at(0, 10)], [], [sp("eval", 0, 10), sp("checkpoint_save", 2, 4)])
-    assert g.other_s == pytest.approx(-2)
+    assert g.badput_s["checkpoint_save"] == pytest.approx(2)
+    assert g.badput_s["eval"] == pytest.approx(8)
+    assert g.other_s == pytest.approx(0, abs=1e-9)
+    assert_adds_up(g)
+
+
+def test_equal_spans_of_two_categories_inside_a_step_are_charged_once() -> None:
+    """Issue 11, item 3: step [1,2] with blocking data_stall [1,2] and custom:x [1,2]."""
+    g = rank_goodput(0, [at(0, 3)], [st(0, 1, 2)], [sp("data_stall", 1, 2), sp("custom:x", 1, 2)])
+    assert g.goodput_s == pytest.approx(0, abs=1e-9)
+    assert g.badput_s["data_stall"] == pytest.approx(1)
+    assert g.badput_s.get("custom:x", 0.0) == pytest.approx(0, abs=1e-9)
+    assert all(v >= -1e-9 for v in g.badput_s.values())
+    assert_adds_up(g)
+
+
+def test_a_failed_rank_fails_the_attempt_on_every_rank() -> None:
+    """Issue 11, item 4: rank 1 sent no end record and a last heartbeat at 3.5."""
+    attempts = [
+        AttemptIn(0, 0, T, T + 3, "failed", None, "NCCL timeout"),
+        AttemptIn(0, 1, T, None, None, T + 3.5),
+    ]
+    steps = [st(0, 1, 2, rank=0), st(0, 1, 2, rank=1)]
+    g = run_goodput(GoodputInputs(attempts, steps, []))
+    one = next(r for r in g.ranks if r.rank == 1)
+    assert one.goodput_s == pytest.approx(0, abs=1e-9)
+    assert one.badput_s["wasted_progress"] == pytest.approx(1 + 1.5)  # the step, then [2, 3.5]
+    assert one.total_s == pytest.approx(3.5)
+    assert g.rank == 1  # the longer rank
+    assert [(d.cause, d.wasted_steps) for d in goodput_window.raw_disruptions(
+        GoodputInputs(attempts, steps, []), NOW, 1
+    )] == [("NCCL timeout", 1)]
+
+
+def test_a_checkpoint_commit_is_progress_not_wasted() -> None:
+    """Issue 11, item 5: step [1,2], commit of step 0 at 2.5, failed at 3."""
+    ck = [CheckpointIn(0, 0, True, 0, T + 2.5)]
+    g = rank_goodput(0, [at(0, 3, "failed")], [st(0, 1, 2)], [], ck)
+    assert g.goodput_s == pytest.approx(1)
+    assert g.badput_s["wasted_progress"] == pytest.approx(0.5)
+    no_end = rank_goodput(0, [at(0, None, None)], [st(0, 1, 2)], [], ck)
+    assert no_end.total_s == pytest.approx(2.5)  # the death dated at the commit, not at 2.0
+
+
+def test_a_stalled_run_is_accounted_as_ended_at_its_last_sign_of_life() -> None:
+    rows = [AttemptIn(0, 0, T, None, None, T + 4, None, 1.0)]
+    steps = [st(n, 1 + n, 2 + n) for n in range(3)]  # 1..4, no checkpoint
+    g = goodput_window.run_goodput(GoodputInputs(rows, steps, []), T + 100)
+    assert g.total_s == pytest.approx(4)
+    assert g.goodput_s == pytest.approx(0, abs=1e-9)  # stalled: uncommitted steps are wasted
+    assert g.badput_s["wasted_progress"] == pytest.approx(3)
+    fresh = goodput_window.run_goodput(GoodputInputs(rows, steps, []), T + 5)
+    assert fresh.goodput_s == pytest.approx(3)  # heartbeats are recent: still running
+
+
+def test_compile_is_inferred_from_the_first_steps_excess() -> None:
+    steps = [st(0, 0, 5)] + [st(n, 5 + (n - 1), 5 + n) for n in range(1, 20)]
+    g = rank_goodput(0, [at(0, 24)], steps, [sp("data_stall", 1, 2)])
+    # first step: 5 s with 1 s blocked, busy 4 s, ideal 1 s: the first 3 unblocked seconds
+    assert g.badput_s["compile"] == pytest.approx(3)
+    assert g.badput_s["data_stall"] == pytest.approx(1)
+    assert g.goodput_s == pytest.approx(1 + 19)
+    with_records = rank_goodput(
+        0, [at(0, 24)], steps, [sp("data_stall", 1, 2), sp("compile", 0, 0.5, overlapped=True)]
+    )
+    assert with_records.badput_s["compile"] == 0  # compile records: nothing inferred
+    windowed = goodput_window.run_goodput(
+        GoodputInputs([at(0, 24)], steps, [sp("data_stall", 1, 2)]), NOW, T + 0, T + 1.5
+    )
+    assert windowed.badput_s["compile"] == pytest.approx(1)  # [0, 1] of [0, 1] + [2, 4]
+    assert windowed.badput_s["data_stall"] == pytest.approx(0.5)
+
+
+def test_excluded_windows_leave_the_total_and_every_part() -> None:
+    from service.goodput import Interval
+
+    inputs = GoodputInputs(
+        [at(0, 20)], [st(0, 5, 8), st(1, 9, 12)], [sp("startup", 0, 4)], [],
+        [Interval(T + 2, T + 6), Interval(T + 3, T + 7)],
+    )
+    g = run_goodput(inputs)
+    assert g.total_s == pytest.approx(15)
+    assert g.badput_s["startup"] == pytest.approx(2)
+    assert g.goodput_s == pytest.approx(1 + 3)
     assert_adds_up(g)
 
 
@@ -123,8 +232,6 @@ def test_many_steps_and_spans_still_add_up() -> None:
 
 
 def test_checkpoint_commits_the_steps_it_covers_and_the_rest_is_wasted() -> None:
-    from service.goodput import CheckpointIn
-
     attempts = [at(0, 20, "failed", attempt=0), at(25, 40, "completed", attempt=1)]
     steps = [st(n, 2 * n, 2 * n + 2, attempt=0) for n in range(8)]  # 0..16 s
     steps += [st(n, 25 + n, 26 + n, attempt=1) for n in range(5, 10)]
@@ -132,7 +239,9 @@ def test_checkpoint_commits_the_steps_it_covers_and_the_rest_is_wasted() -> None
     # attempt 0: steps 0-4 committed (10 s), steps 5-7 wasted (6 s) plus the tail 16 -> 20 s
     assert g.badput_s["wasted_progress"] == pytest.approx(6 + 4)
     assert g.badput_s["infra_recovery"] == pytest.approx(5)
-    assert g.goodput_s == pytest.approx(10 + 5)
+    # the newest steps take 1 s: attempt 0's first step (2 s) holds 1 s of inferred compile
+    assert g.badput_s["compile"] == pytest.approx(1)
+    assert g.goodput_s == pytest.approx(10 - 1 + 5)
     assert_adds_up(g)
 
 
@@ -156,13 +265,18 @@ def test_hooks_overhead_is_charged_as_observability() -> None:
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_span_index_sweep_gives_the_same_floats_as_the_definition(seed: int) -> None:
+def test_span_index_sweep_measures_the_union_of_the_spans(seed: int) -> None:
     import random
 
     from service.goodput import SpanIndex
 
-    def by_definition(a: float, b: float) -> float:  # every span, in start order
-        return sum(max(0.0, min(b, s.end) - max(a, s.start)) for s in index.spans)
+    def by_definition(a: float, b: float) -> float:  # a point-by-point union, on a grid
+        cuts = sorted({a, b} | {min(max(x, a), b) for s in index.spans for x in (s.start, s.end)})
+        return sum(
+            y - x
+            for x, y in zip(cuts, cuts[1:], strict=False)
+            if any(s.start <= x and y <= s.end for s in index.spans)
+        )
 
     rng = random.Random(seed)
     spans = []
@@ -174,4 +288,5 @@ def test_span_index_sweep_gives_the_same_floats_as_the_definition(seed: int) -> 
     for _ in range(rng.randint(0, 60)):
         s = T + rng.uniform(-5, 110)
         steps.append((s, s + rng.choice([0.0, 0.2, 1.0, 7.0])))
-    assert index.overlaps(steps) == [by_definition(a, b) for a, b in steps]
+    got = index.overlaps(steps)
+    assert got == pytest.approx([by_definition(a, b) for a, b in steps], abs=1e-6)

@@ -5,11 +5,16 @@ from typing import Any
 
 import pytest
 
-from service.goodput import AttemptIn, GoodputInputs, SpanIn, StepIn, run_goodput
-from service.goodput_window import clip_inputs, rolling, run_extent
+from service import goodput_window
+from service.goodput import AttemptIn, GoodputInputs, RunGoodput, SpanIn, StepIn
+from service.goodput_window import rolling, run_extent
 from tests import factories as f
 
 T = 1_790_000_000.0
+
+
+def run_goodput(inputs: GoodputInputs, lo: float = -math.inf, hi: float = math.inf) -> RunGoodput:
+    return goodput_window.run_goodput(inputs, T + 1e6, lo, hi)
 
 
 def inputs() -> GoodputInputs:
@@ -25,7 +30,7 @@ def adds_up(g: Any) -> bool:
 
 
 def test_window_cuts_intervals_and_keeps_the_invariant() -> None:
-    g = run_goodput(clip_inputs(inputs(), T + 2, T + 6.5))
+    g = run_goodput(inputs(), T + 2, T + 6.5)
     assert g.total_s == pytest.approx(4.5)
     assert g.badput_s["startup"] == pytest.approx(2.0)
     assert g.goodput_s == pytest.approx(1.0 + 0.5)  # step 0 whole, step 1 half
@@ -36,7 +41,7 @@ def test_window_cuts_intervals_and_keeps_the_invariant() -> None:
 def test_windows_partition_the_run() -> None:
     whole = run_goodput(inputs())
     parts = [
-        run_goodput(clip_inputs(inputs(), a, b)) for a, b in rolling(run_extent(whole), 5.0, 5.0)
+        run_goodput(inputs(), a, b) for a, b in rolling(run_extent(whole), 5.0, 5.0)
     ]
     assert sum(p.total_s for p in parts) == pytest.approx(whole.total_s)
     assert sum(p.goodput_s for p in parts) == pytest.approx(whole.goodput_s)

@@ -3,6 +3,8 @@ exactly once, and the goodput of what was stored always adds up to its total."""
 
 from __future__ import annotations
 
+import time
+
 import uuid
 from typing import Any
 
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from service import repository as repo
 from service.db import session_scope
-from service.goodput import run_goodput
+from service.goodput_window import run_goodput
 from tests import factories as f
 from trainer_hooks.records import IngestBatch
 
@@ -94,7 +96,7 @@ def test_any_split_and_resend_stores_each_record_once_and_goodput_adds_up(
     with session_scope(app.state.sessionmaker) as session:
         inputs = repo.goodput_inputs(session, run_id)
         stored_steps = len(inputs.steps)
-        g = run_goodput(inputs)
+        g = run_goodput(inputs, time.time())
     assert stored_steps == sum(1 for r in batch if r["kind"] == "step")
     parts = g.goodput_s + sum(g.badput_s.values()) + g.other_s
     assert abs(parts - g.total_s) <= 1e-9 * max(1.0, g.total_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any
 
 import pytest
@@ -14,9 +15,9 @@ from sqlalchemy import func, select
 
 from service import repository as repo
 from service import repository_rollups as rollups
-from service.goodput import run_goodput
+from service.goodput_window import cut_steps, raw_disruptions, run_goodput
 from service.models import RoutingBlock, SpanTotal, Step, StepBlock
-from service.step_stats import raw_step_figures
+from service.step_stats import raw_recent, step_figures
 from tests import factories as f
 
 
@@ -103,7 +104,8 @@ def test_goodput_from_rollups_equals_goodput_from_raw_rows(
     got = client.get("/api/v1/runs/run-a/goodput").json()
     with app.state.sessionmaker() as session:
         inputs = repo.goodput_inputs(session, "run-a")
-    want = run_goodput(inputs)
+    now = time.time()
+    want = run_goodput(inputs, now)
     assert got["rank"] == want.rank
     assert got["steps"] == want.steps and got["tokens"] == want.tokens
     for name in ("total_s", "goodput_s", "other_s"):
@@ -115,7 +117,9 @@ def test_goodput_from_rollups_equals_goodput_from_raw_rows(
         assert mine["goodput_s"] == pytest.approx(theirs.goodput_s, rel=1e-9, abs=1e-6)
     parts = got["goodput_s"] + sum(got["badput_s"].values()) + got["other_s"]
     assert math.isclose(parts, got["total_s"], rel_tol=0, abs_tol=1e-6)
-    fig = raw_step_figures(inputs, want.rank)
+    fig = step_figures(
+        raw_recent(inputs.steps, want.rank), want.rank, raw_disruptions(inputs, now, want.rank)
+    )
     assert [(d["attempt"], d["wasted_steps"]) for d in got["disruptions"]] == [
         (d.attempt, d.wasted_steps) for d in fig.disruptions
     ]
@@ -408,8 +412,6 @@ def test_a_window_summed_by_the_database_equals_clipping_every_record(
     definition, every record of the run clipped to the window and accounted in Python: whole
     and tiny windows, a window of spans alone, windows that cut steps, spans and the crash,
     and windows outside."""
-    from service.goodput_window import clip_inputs
-
     post_shuffled(client, random_run(5, 700), 5)
     rng = random.Random(5)
     with app.state.sessionmaker() as session:
@@ -422,15 +424,15 @@ def test_a_window_summed_by_the_database_equals_clipping_every_record(
     windows += [(s.start + 0.1, s.end + 0.3) for s in rng.sample(full.spans, 3)]
     windows += [tuple(sorted(rng.uniform(first, last) for _ in range(2))) for _ in range(12)]
     assert any(a.end is None for a in full.attempts)  # a crashed attempt was in play
+    now = time.time()
     for lo, hi in windows:
-        clipped = clip_inputs(full, lo, hi)
-        want = run_goodput(clipped)
+        want = run_goodput(full, now, lo, hi)
         got = client.get("/api/v1/runs/run-a/goodput", params={"start": lo, "end": hi}).json()
-        if want.rank is None:  # nothing in the window
-            assert got["total_s"] == 0 and got["ranks"] == [], (lo, hi)
-            continue
         assert_goodput_equal(got, want, (lo, hi))
-        fig = raw_step_figures(clipped, want.rank)
+        recent = raw_recent(cut_steps(full.steps, lo, hi), want.rank)
+        if len(recent) == 1:  # one rank: only the summary rank's steps are read
+            recent = {r: v for r, v in recent.items() if r == want.rank}
+        fig = step_figures(recent, want.rank, raw_disruptions(full, now, want.rank))
         for name in ("ideal_step_time_s", "step_time_deviation_s"):
             expected = getattr(fig, name)
             close = pytest.approx(expected, rel=1e-9) if expected is not None else None
@@ -440,7 +442,7 @@ def test_a_window_summed_by_the_database_equals_clipping_every_record(
         ], (lo, hi)
         assert [s["rank"] for s in got["stragglers"]] == [s.rank for s in fig.stragglers]
     whole = client.get("/api/v1/runs/run-a/goodput", params={"start": first - 5.0}).json()
-    assert whole["total_s"] == pytest.approx(run_goodput(full).total_s, abs=1e-6)
+    assert whole["total_s"] == pytest.approx(run_goodput(full, now).total_s, abs=1e-6)
 
 
 @pytest.mark.parametrize("window_s,step_s", [(40.0, None), (97.5, 31.0), (3.0, 700.0)])
@@ -448,16 +450,17 @@ def test_rolling_windows_equal_clipping_every_record(
     client: Any, app: Any, window_s: float, step_s: float | None
 ) -> None:
     """Back to back, overlapping and sparse windows, each against its definition."""
-    from service.goodput_window import clip_inputs, rolling, run_extent
+    from service.goodput_window import rolling, run_extent
 
     post_shuffled(client, random_run(6, 500), 6)
     with app.state.sessionmaker() as session:
         full = repo.goodput_inputs(session, "run-a")
     params = {"window_s": window_s} | ({"step_s": step_s} if step_s else {})
     body = client.get("/api/v1/runs/run-a/goodput/rolling", params=params).json()
-    bounds = rolling(run_extent(run_goodput(full)), window_s, step_s or window_s)
+    now = time.time()
+    bounds = rolling(run_extent(run_goodput(full, now)), window_s, step_s or window_s)
     assert [(w["start"], w["end"]) for w in body["windows"]] == bounds and len(bounds) > 1
     for w, (lo, hi) in zip(body["windows"], bounds, strict=True):
-        assert_goodput_equal(w, run_goodput(clip_inputs(full, lo, hi)), (lo, hi))
+        assert_goodput_equal(w, run_goodput(full, now, lo, hi), (lo, hi))
     one = client.get("/api/v1/runs/run-a/goodput/rolling", params=params | {"rank": 1}).json()
     assert one["windows"] and all(w["rank"] == 1 for w in one["windows"])

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.goodput import AttemptIn, CheckpointIn, StepIn, rank_totals
-from service.step_stats import disruptions, ideal_step_time, step_time_deviation, stragglers
+from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, StepIn
+from service.goodput_window import raw_disruptions
+from service.step_stats import ideal_step_time, step_time_deviation, stragglers
 
 T = 1_790_000_000.0
 
@@ -38,8 +39,8 @@ def test_disruptions_come_from_attempt_boundaries_with_wasted_steps() -> None:
         for a in (0, 1)
         for n in range(6)
     ]
-    totals = rank_totals(0, attempts, steps, [])
-    found = disruptions(totals, [CheckpointIn(0, 3, True), CheckpointIn(1, 1, True)])
+    checkpoints = [CheckpointIn(0, 3, True), CheckpointIn(1, 1, True)]
+    found = raw_disruptions(GoodputInputs(attempts, steps, [], checkpoints), T + 1e6, 0)
     assert [(d.attempt, d.wasted_steps) for d in found] == [(0, 2), (1, 4)]
     assert found[0].cause == "failed" and found[1].time == T + 20
-    assert "died" in found[1].cause
+    assert found[1].cause == "restarted (no end record)"

@@ -1,0 +1,124 @@
+"""The run's goodput accounting, read from the store: whole run and windows (the rules:
+docs/ACCOUNTING.md; the arithmetic: goodput.py; the sums: repository_rollups.py for the whole
+run, repository_windows.py for windows). Plain functions the routes, /metrics and the
+receipts call; no HTTP here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from service import repository_rollups as rollups
+from service import repository_windows as windows
+from service.goodput import (
+    CompileCut,
+    Decided,
+    Disruption,
+    Interval,
+    RankGoodput,
+    RankParts,
+    RunGoodput,
+    account,
+    decide,
+    disruptions,
+    merged,
+    minus,
+    run_figures,
+    slowest_rank,
+)
+from service.step_stats import STRAGGLER_STEPS, ideal_step_time
+
+
+@dataclass
+class Accounted:
+    """A run accounted on the whole run, with the decisions its windows are cut from."""
+
+    run_id: str
+    goodput: RunGoodput
+    decided: dict[int, list[Decided]]
+    parts: dict[int, RankParts]
+    cuts: list[CompileCut]
+    excluded: list[Interval]
+    now: float
+
+    def disruptions(self, rank: int | None) -> list[Disruption]:
+        if rank is None or rank not in self.decided:
+            return []
+        return disruptions(self.decided[rank], self.parts[rank])
+
+    def status(self) -> str:
+        """The run's status: its newest attempt's (running, completed, failed, stalled)."""
+        return status_of(self.decided)
+
+
+def status_of(decided: dict[int, list[Decided]]) -> str:
+    newest = [d for ds in decided.values() for d in ds]
+    if not newest:
+        return "running"
+    last = max(d.attempt for d in newest)
+    return next(d.status for d in newest if d.attempt == last)
+
+
+def _cuts(cuts: Sequence[CompileCut], rank: int) -> list[CompileCut]:
+    return [c for c in cuts if c.rank == rank]
+
+
+def whole_run(session: Session, run_id: str, now: float | None = None) -> Accounted:
+    """The whole run, from the rollups: fast at any length."""
+    now = time.time() if now is None else now
+    roll = rollups.run_rollup(session, run_id)
+    decided = decide(roll.rows, roll.life, roll.saved, now)
+    parts = rollups.run_parts(session, roll, decided)
+    ideal = {
+        rank: ideal_step_time(rollups.newest_step_times(session, run_id, rank, STRAGGLER_STEPS))
+        for rank in roll.coarse
+        if any((a, rank) not in roll.with_compile for a in roll.coarse[rank])
+    }
+    cuts = rollups.compile_cuts(session, roll, ideal)
+    excluded = merged(roll.excluded)
+    per_rank = [account(decided[r], parts[r], _cuts(cuts, r)) for r in sorted(decided)]
+    acc = Accounted(run_id, run_figures([], None), decided, parts, cuts, excluded, now)
+    if excluded:
+        reader = windows.WindowReader(session, run_id, acc)
+        per_rank = [_without(reader, acc, g, -math.inf, math.inf) for g in per_rank]
+    acc.goodput = run_figures(per_rank, slowest_rank(per_rank))
+    return acc
+
+
+def _without(
+    reader: windows.WindowReader, acc: Accounted, g: RankGoodput, lo: float, hi: float
+) -> RankGoodput:
+    """g (one rank's share of [lo, hi]) without the excluded windows' seconds."""
+    for e in acc.excluded:
+        a, b = max(e.start, lo), min(e.end, hi)
+        if b > a:
+            g = minus(g, _rank_window(reader, acc, g.rank, a, b))
+    return g
+
+
+def _rank_window(
+    reader: windows.WindowReader, acc: Accounted, rank: int, lo: float, hi: float
+) -> RankGoodput:
+    parts = reader.parts(lo, hi).ranks.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
+    return account(acc.decided[rank], parts, _cuts(acc.cuts, rank), lo, hi)
+
+
+def window(
+    reader: windows.WindowReader, acc: Accounted, lo: float, hi: float
+) -> tuple[RunGoodput, windows.WindowParts]:
+    """The run's share of [lo, hi]: the whole run's decisions, every interval cut to it;
+    reported for the rank the whole run chose."""
+    if not hi > lo:
+        raise ValueError(f"end ({hi}) must be after start ({lo})")
+    parts = reader.parts(lo, hi)
+    per_rank = []
+    for rank in sorted(acc.decided):
+        mine = parts.ranks.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
+        g = account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi)
+        per_rank.append(_without(reader, acc, g, lo, hi) if acc.excluded else g)
+    return run_figures(per_rank, acc.goodput.rank), parts
