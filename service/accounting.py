@@ -85,27 +85,26 @@ def whole_run(session: Session, run_id: str, now: float | None = None) -> Accoun
     acc = Accounted(run_id, run_figures([], None), decided, parts, cuts, excluded, now)
     if excluded:
         reader = windows.WindowReader(session, run_id, acc)
-        per_rank = [_without(reader, acc, g, -math.inf, math.inf) for g in per_rank]
+        per_rank = _without(reader, acc, per_rank, -math.inf, math.inf)
     acc.goodput = run_figures(per_rank, slowest_rank(per_rank))
     return acc
 
 
 def _without(
-    reader: windows.WindowReader, acc: Accounted, g: RankGoodput, lo: float, hi: float
-) -> RankGoodput:
-    """g (one rank's share of [lo, hi]) without the excluded windows' seconds."""
+    reader: windows.WindowReader, acc: Accounted, per_rank: list[RankGoodput], lo: float, hi: float
+) -> list[RankGoodput]:
+    """Each rank's share of [lo, hi] without the excluded windows' seconds: each excluded
+    window's share of [lo, hi] is read once for every rank, accounted and taken out."""
+    out = {g.rank: g for g in per_rank}
     for e in acc.excluded:
         a, b = max(e.start, lo), min(e.end, hi)
-        if b > a:
-            g = minus(g, _rank_window(reader, acc, g.rank, a, b))
-    return g
-
-
-def _rank_window(
-    reader: windows.WindowReader, acc: Accounted, rank: int, lo: float, hi: float
-) -> RankGoodput:
-    parts = reader.parts(lo, hi).ranks.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
-    return account(acc.decided[rank], parts, _cuts(acc.cuts, rank), lo, hi)
+        if not b > a:
+            continue
+        parts = reader.parts(a, b).ranks
+        for rank, g in out.items():
+            mine = parts.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
+            out[rank] = minus(g, account(acc.decided[rank], mine, _cuts(acc.cuts, rank), a, b))
+    return [out[g.rank] for g in per_rank]
 
 
 def window(
@@ -119,6 +118,7 @@ def window(
     per_rank = []
     for rank in sorted(acc.decided):
         mine = parts.ranks.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
-        g = account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi)
-        per_rank.append(_without(reader, acc, g, lo, hi) if acc.excluded else g)
+        per_rank.append(account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi))
+    if acc.excluded:
+        per_rank = _without(reader, acc, per_rank, lo, hi)
     return run_figures(per_rank, acc.goodput.rank), parts

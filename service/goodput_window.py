@@ -203,4 +203,12 @@ def rolling(
     return bounds
 
 
-__all__ = ["Interval", "SpanIn", "cut_steps", "raw_disruptions", "rolling", "run_extent", "run_goodput"]
+__all__ = [
+    "Interval",
+    "SpanIn",
+    "cut_steps",
+    "raw_disruptions",
+    "rolling",
+    "run_extent",
+    "run_goodput",
+]

@@ -556,10 +556,10 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
             touched += [(attempt, *r) for r, x in zip(rows, hit, strict=True) if x > 0]
     if not touched:
         return
-    a, b = min(t[2] for t in touched), max(t[3] for t in touched)
-    index = SpanIndex(_stored_blocking_spans(session, run_id, rank, a, b) + new)
+    reach = (min(t[2] for t in touched), max(t[3] for t in touched))
+    index = SpanIndex(_stored_blocking_spans(session, run_id, rank, *reach) + new)
     blocked = index.overlaps([(t[2], t[3]) for t in touched])
-    added = [
+    added: list[dict[str, Any]] = [
         {"attempt": t[0], "step": t[1], "x": x - t[4]}
         for t, x in zip(touched, blocked, strict=True)
         if x != t[4]

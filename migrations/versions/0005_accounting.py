@@ -77,7 +77,8 @@ def _flag_clashes() -> None:
     )
     clashing = conn.execute(
         sa.text(
-            'SELECT run_id, rank, start, "end" FROM spans WHERE clashes ORDER BY run_id, rank, start'
+            'SELECT run_id, rank, start, "end" FROM spans WHERE clashes '
+            "ORDER BY run_id, rank, start"
         )
     ).all()
     by_rank: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -116,8 +117,14 @@ def _flag_clashes() -> None:
                         "UPDATE step_blocks SET blocked_s = blocked_s + :d WHERE run_id = :r "
                         "AND rank = :k AND level = :l AND block = :b AND attempt = :a"
                     ),
-                    {"d": new - old, "r": run_id, "k": rank, "l": level, "b": step // level,
-                     "a": attempt},
+                    {
+                        "d": new - old,
+                        "r": run_id,
+                        "k": rank,
+                        "l": level,
+                        "b": step // level,
+                        "a": attempt,
+                    },
                 )
 
 

@@ -140,9 +140,10 @@ def test_a_failed_rank_fails_the_attempt_on_every_rank() -> None:
     assert one.badput_s["wasted_progress"] == pytest.approx(1 + 1.5)  # the step, then [2, 3.5]
     assert one.total_s == pytest.approx(3.5)
     assert g.rank == 1  # the longer rank
-    assert [(d.cause, d.wasted_steps) for d in goodput_window.raw_disruptions(
-        GoodputInputs(attempts, steps, []), NOW, 1
-    )] == [("NCCL timeout", 1)]
+    assert [
+        (d.cause, d.wasted_steps)
+        for d in goodput_window.raw_disruptions(GoodputInputs(attempts, steps, []), NOW, 1)
+    ] == [("NCCL timeout", 1)]
 
 
 def test_a_checkpoint_commit_is_progress_not_wasted() -> None:
@@ -188,7 +189,10 @@ def test_excluded_windows_leave_the_total_and_every_part() -> None:
     from service.goodput import Interval
 
     inputs = GoodputInputs(
-        [at(0, 20)], [st(0, 5, 8), st(1, 9, 12)], [sp("startup", 0, 4)], [],
+        [at(0, 20)],
+        [st(0, 5, 8), st(1, 9, 12)],
+        [sp("startup", 0, 4)],
+        [],
         [Interval(T + 2, T + 6), Interval(T + 3, T + 7)],
     )
     g = run_goodput(inputs)

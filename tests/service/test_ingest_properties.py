@@ -4,7 +4,6 @@ exactly once, and the goodput of what was stored always adds up to its total."""
 from __future__ import annotations
 
 import time
-
 import uuid
 from typing import Any
 

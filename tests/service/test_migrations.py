@@ -75,7 +75,9 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
 
     engine = make_engine(migrated_url)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true)"))
+        conn.execute(
+            text("INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true)")
+        )
     bad_rows = [
         'INSERT INTO steps (run_id, attempt, rank, step, start, "end", tokens) '
         "VALUES ('r', 0, 0, 0, 10.0, 5.0, 1)",
@@ -109,4 +111,48 @@ def test_downgrade_and_upgrade_keep_the_data_of_tables_that_stay(db_url: str) ->
         assert [r.run_id for r in runs] == ["run-a"]
         steps = session.execute(text("SELECT count(*) FROM steps")).scalar()
         assert steps == 3
+    engine.dispose()
+
+
+def test_0005_flags_clashing_spans_and_measures_blocked_time_as_their_union(
+    db_url: str,
+) -> None:
+    """A database at 0004 holds a step whose blocked time was the sum of two overlapping
+    spans (as 0004's ingest stored it): the upgrade flags both spans and measures the step's
+    blocked time, and its step blocks, again as the union."""
+    from service import accounting
+    from service.db import make_sessionmaker, session_scope
+    from service.repository import ingest
+    from trainer_hooks.records import IngestBatch
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    T = f.T0
+    records = [f.run(), f.attempt_start(), f.step(0, start=T + 1, dur=4.0)]
+    records += [f.span("data_stall", T + 1, T + 3), f.span("custom:x", T + 2, T + 4)]
+    records += [f.span("eval", T + 6, T + 7), f.attempt_end(end=T + 8)]
+    with session_scope(make_sessionmaker(engine)) as session:
+        ingest(session, IngestBatch.model_validate({"records": records}).records)
+    with session_scope(make_sessionmaker(engine)) as session:
+        want = accounting.whole_run(session, "run-a").goodput
+    assert want.goodput_s == pytest.approx(1.0)  # 4 s less the union [1, 4] of the spans
+    with engine.begin() as conn:  # what 0004 stored: the sum of the spans inside the step
+        conn.execute(text("UPDATE steps SET blocked_s = 4.0"))
+        conn.execute(text("UPDATE step_blocks SET blocked_s = 4.0"))
+    downgrade(db_url, "0004")
+    upgrade(db_url)
+    with engine.connect() as conn:
+        flags = dict(conn.execute(text("SELECT category, clashes FROM spans")).tuples().all())
+        assert {k: bool(v) for k, v in flags.items()} == {
+            "data_stall": True,
+            "custom:x": True,
+            "eval": False,
+        }
+        assert conn.execute(text("SELECT blocked_s FROM steps")).scalar() == pytest.approx(3.0)
+        blocks = conn.execute(text("SELECT blocked_s FROM step_blocks")).scalars().all()
+        assert blocks == pytest.approx([3.0, 3.0])
+    with session_scope(make_sessionmaker(engine)) as session:
+        got = accounting.whole_run(session, "run-a").goodput
+    assert got.goodput_s == pytest.approx(want.goodput_s)
+    assert got.badput_s == pytest.approx(want.badput_s)
     engine.dispose()
