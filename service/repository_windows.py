@@ -21,6 +21,7 @@ window whose rows the database sums, instead of every overlapping record read in
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -215,7 +216,10 @@ class WindowReader:
         self.session, self.run_id = session, run_id
         self.upto = {d.attempt: d.upto for ds in acc.decided.values() for d in ds}
         self.saved = rollups.saved_checkpoints(session, run_id)
-        self.clashing = _group_by_rank(rollups.clashing_spans(session, run_id))
+        self.clashing = {
+            rank: _SortedSpans(spans)
+            for rank, spans in _group_by_rank(rollups.clashing_spans(session, run_id)).items()
+        }
         t = SpanTotal
         self.span_groups = rollups._rows(
             session,
@@ -250,8 +254,8 @@ class WindowReader:
             if not overlapped:
                 mine = blocking.setdefault(rank, {})
                 mine[category] = mine.get(category, 0.0) + total
-        for rank, spans in self.clashing.items():
-            for category, x in clash_correction(spans, lo, hi).items():
+        for rank, sorted_spans in self.clashing.items():
+            for category, x in clash_correction(sorted_spans.meeting(lo, hi), lo, hi).items():
                 if x:
                     mine = blocking.setdefault(rank, {})
                     mine[category] = mine.get(category, 0.0) + x
@@ -429,6 +433,20 @@ class WindowReader:
                     times += self._run(RECENT_TIMES, lo=lo, hi=hi, limit=left, **where).scalars()
             out[rank] = times[::-1]
         return out
+
+
+class _SortedSpans:
+    """Spans in start order, for finding those that meet a window without reading all."""
+
+    def __init__(self, spans: list[SpanIn]) -> None:
+        self.spans = sorted(spans, key=lambda s: s.start)
+        self.starts = [s.start for s in self.spans]
+        self.longest = max((s.end - s.start for s in self.spans), default=0.0)
+
+    def meeting(self, lo: float, hi: float) -> list[SpanIn]:
+        first = bisect.bisect_left(self.starts, lo - self.longest - ROUNDING_SLACK_S)
+        last = bisect.bisect_left(self.starts, hi)
+        return [s for s in self.spans[first:last] if s.end > lo]
 
 
 def _group_by_rank(spans: list[SpanIn]) -> dict[int, list[SpanIn]]:
