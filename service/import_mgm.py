@@ -24,6 +24,12 @@ logs", has it as a table):
 
 Entries it does not recognise, or cannot place, are counted in `ignored` and explained in
 `warnings`. Entries of the wrong type raise `MgmFormatError`, naming the entry and the key.
+
+An import never merges silently into a run already stored under its id (`check_stored`,
+given what the route read of that run): a record that contradicts a stored one of the same
+natural key, or a run name other than the stored one, raises `ImportConflict` (a 409) before
+anything is stored. The same log again, or a longer one (the job ran on), agrees with what is
+stored and lands on the run; `existing_run_warning` says so.
 """
 
 from __future__ import annotations
@@ -118,6 +124,9 @@ class Mapped:
     records: list[Record]
     ignored: int
     warnings: list[str]
+    name: str = ""  # the run's name: run_name, else the job name
+    job: str | None = None
+    first_start: float = 0.0
 
 
 # ---------------------------------------------------------------- reading the body
@@ -458,11 +467,12 @@ def _records(job: str | None, run_name: str | None, state: _State, pre: _State) 
     first = state.attempts[0].start
     run_id = run_id_of(job or "", first)
     records: list[Record] = []
+    name = run_name or (job or "ml-goodput-import")[:200]
     try:
         records.append(
             RunRecord(
                 run_id=run_id,
-                name=run_name or (job or "ml-goodput-import")[:200],
+                name=name,
                 project=PROJECT,
                 created_at=first,
                 environment={"source": SOURCE, "job_name": job},
@@ -477,4 +487,139 @@ def _records(job: str | None, run_name: str | None, state: _State, pre: _State) 
     if len(warnings) > MAX_WARNINGS:
         more = len(warnings) - MAX_WARNINGS
         warnings = [*warnings[:MAX_WARNINGS], f"... and {more} more"]
-    return Mapped(run_id, records, pre.ignored + state.ignored, warnings)
+    return Mapped(run_id, records, pre.ignored + state.ignored, warnings, name, job, first)
+
+
+# ---------------------------------------------------------------- against the stored run
+
+# Per kind of record compared: the names of its natural key (run_id aside). Attempt starts
+# and ends are both keyed by the attempt row; heartbeats only ever advance it (never a
+# conflict) and the run record is compared by name alone.
+KEYS: dict[str, tuple[str, ...]] = {
+    "attempt_start": ("attempt", "rank"),
+    "attempt_end": ("attempt", "rank"),
+    "step": ("attempt", "rank", "step"),
+    "span": ("attempt", "rank", "category", "start"),
+    "checkpoint": ("attempt", "rank", "step"),
+}
+MAX_CONFLICTS = 20  # listed in a 409; the count covers them all
+
+
+@dataclass
+class StoredRun:
+    """What a run holds already, read by the route before an import lands on it: per kind
+    of KEYS, natural key -> the values an import must agree with. `attempt_start` holds
+    declared starts only (not a placeholder from a record that came first), `attempt_end`
+    ended attempts only (an open one may be ended by a longer log)."""
+
+    run_id: str
+    name: str
+    declared: bool = True  # False: a placeholder run row, its name not sent yet
+    rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+
+
+def compared_values(rec: Record) -> tuple[str, tuple[Any, ...], dict[str, Any]] | None:
+    """(its kind, its natural key, the values compared with the stored record's)."""
+    if isinstance(rec, StepRecord):
+        return "step", (rec.attempt, rec.rank, rec.step), {"start": rec.start, "end": rec.end}
+    if isinstance(rec, SpanRecord):
+        key = (rec.attempt, rec.rank, rec.category, rec.start)
+        return "span", key, {"end": rec.end, "overlapped": rec.overlapped}
+    if isinstance(rec, CheckpointRecord):
+        return "checkpoint", (rec.attempt, rec.rank, rec.step), {"time": rec.time, "ok": rec.ok}
+    if isinstance(rec, AttemptStartRecord):
+        return "attempt_start", (rec.attempt, rec.rank), {"start": rec.start}
+    if isinstance(rec, AttemptEndRecord):
+        values = {"end": rec.end, "status": rec.status, "cause": rec.cause}
+        return "attempt_end", (rec.attempt, rec.rank), values
+    return None
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """One record of the import that contradicts the stored record of its natural key."""
+
+    kind: str
+    key: dict[str, Any]
+    stored: dict[str, Any]
+    imported: dict[str, Any]
+
+    def describe(self) -> str:
+        key = ", ".join(f"{k} {v!r}" for k, v in self.key.items())
+        return f"{self.kind} ({key}): stored {self.stored}, this log {self.imported}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "key": self.key, "stored": self.stored, "import": self.imported}
+
+
+class ImportConflict(Exception):
+    """The import contradicts the run stored under its id; `detail` is the 409's body."""
+
+    def __init__(self, detail: dict[str, Any]) -> None:
+        super().__init__(detail["message"])
+        self.detail = detail
+
+
+def conflicts(records: list[Record], stored: StoredRun) -> list[Conflict]:
+    out: list[Conflict] = []
+    for rec in records:
+        found = compared_values(rec)
+        if found is None:
+            continue
+        kind, key, new = found
+        old = stored.rows.get(kind, {}).get(key)
+        if old is not None and any(old[k] != v for k, v in new.items()):
+            out.append(Conflict(kind, dict(zip(KEYS[kind], key, strict=True)), old, new))
+    return out
+
+
+def check_stored(mapped: Mapped, stored: StoredRun | None) -> None:
+    """Raise ImportConflict when the import contradicts the run stored under its id: a
+    record of the same natural key with other values (the first MAX_CONFLICTS listed), or,
+    when every record agrees, another run name. Nothing to check for a new run."""
+    if stored is None:
+        return
+    found = conflicts(mapped.records, stored)
+    origin = (
+        f"run {mapped.run_id} (job {mapped.job!r}, first job_start_time {mapped.first_start!r})"
+    )
+    names = {"run_id": mapped.run_id, "stored_name": stored.name, "import_name": mapped.name}
+    if found:
+        raise ImportConflict(
+            {
+                "error": "conflicting_records",
+                "message": f"{len(found)} record(s) of this log contradict what {origin} "
+                f"already stores, first {found[0].describe()}: this is not that run's log nor "
+                "a longer version of it, and nothing was stored. The run id comes from the job "
+                "name and the first job_start_time only, so another job's log needs its own "
+                "job_name to be imported apart.",
+                **names,
+                "count": len(found),
+                "conflicts": [c.as_json() for c in found[:MAX_CONFLICTS]],
+            }
+        )
+    if stored.declared and stored.name != mapped.name:
+        raise ImportConflict(
+            {
+                "error": "run_name_mismatch",
+                "message": f"this log maps to {origin}, stored under the name {stored.name!r}; "
+                f"this import would name it {mapped.name!r}. Nothing was stored. To add this "
+                f"log to that run (the same log again, or a longer one), pass "
+                f"run_name={stored.name!r}. Another job's log cannot share the id: give its "
+                "entries their own job_name.",
+                **names,
+                "suggested_run_name": stored.name,
+            }
+        )
+
+
+def existing_run_warning(mapped: Mapped, stored: StoredRun, inserted: int, duplicates: int) -> str:
+    """What landing on an existing run did: extended it, or repeated it."""
+    total = inserted + duplicates
+    head = (
+        f"run {mapped.run_id} ({stored.name!r}) was already stored: {duplicates} of this "
+        f"log's {total} records were already there"
+    )
+    if inserted:
+        return f"{head}; this import extended that run with {inserted} new records"
+    return f"{head}; this import repeated that run and stored nothing new"

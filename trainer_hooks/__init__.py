@@ -6,9 +6,14 @@ wire contract) is what the service needs, and it stays light. The names below lo
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from trainer_hooks.records import SCHEMA_VERSION
+
+# When the hooks were first imported: a Recorder's attempt starts at the process's start, or,
+# where that cannot be read, at this time (trainer_hooks.recorder.default_attempt_start).
+IMPORTED_AT = time.time()
 
 if TYPE_CHECKING:
     from trainer_hooks.recorder import Recorder

@@ -19,6 +19,12 @@ Every call is cheap and never synchronizes the device; none can raise into train
 recorder's own failures are counted and reported in the attempt's end record. An exception
 raised by the training code inside `step` or `span` propagates unchanged and that step is not
 recorded (an out-of-memory error is recorded first).
+
+The attempt starts when the process started (`process_start_time`), not when the recorder is
+built: everything before the recorder is ready (interpreter start, imports, torch and
+torch._dynamo included, the recorder's own set-up) is sent as one blocking `startup` span, so
+none of it is left unexplained. Only the first recorder of a process takes the process start;
+see `Recorder` for later ones and for `attempt_start`.
 """
 
 from __future__ import annotations
@@ -30,12 +36,21 @@ import time
 import uuid
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from trainer_hooks.environment import collect_environment
-from trainer_hooks.parts import Parts
+
+if TYPE_CHECKING:
+    from trainer_hooks.parts import Parts
 
 log = logging.getLogger("trainer_hooks.recorder")
+
+# The fallback start where /proc cannot tell: when the hooks were first imported. The package
+# may record it itself (`trainer_hooks.IMPORTED_AT`); else this module's import is the
+# earliest the hooks know of (it runs before anything heavy: torch is imported later, by the
+# recorder's parts).
+_IMPORTED_AT = time.time()
+_MIN_EPOCH = 946_684_800.0  # 2000-01-01, as the wire contract
 
 
 class Sink(Protocol):
@@ -60,6 +75,122 @@ def _dist_rank_world() -> tuple[int, int] | None:
     except Exception:
         pass
     return None
+
+
+# -- when the attempt started --
+
+AttemptStart = float | Literal["now"] | None
+
+
+def process_start_time(proc: str = "/proc") -> float | None:
+    """Wall time this process started, from Linux's /proc: `starttime` (field 22 of
+    /proc/self/stat, clock ticks since boot) after the boot time; None where it cannot be
+    read (not Linux, no /proc)."""
+    try:
+        with open(f"{proc}/self/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        # the command name (field 2) is in parentheses and may hold spaces or ")": the
+        # fields after its last ")" start at field 3, so field 22 is the 20th of them
+        ticks = int(stat[stat.rindex(")") + 1 :].split()[19])
+        btime: float | None = None
+        with open(f"{proc}/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    btime = float(line.split()[1])
+                    break
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    if btime is None or hz <= 0:
+        return None
+    return _boot_time(btime) + ticks / hz
+
+
+def _boot_time(btime: float) -> float:
+    """/proc/stat's `btime` is the boot time in whole seconds (truncated). The clocks give it
+    to the microsecond (wall time less the time since boot); that is used when the two
+    agree, as they do unless the /proc read is not this machine's."""
+    try:
+        precise = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # no CLOCK_BOOTTIME: not Linux
+        return btime
+    return precise if btime - 1.0 <= precise < btime + 2.0 else btime
+
+
+def hooks_imported_at() -> float:
+    """When the `trainer_hooks` package was first imported, as well as the hooks know."""
+    import trainer_hooks
+
+    found = getattr(trainer_hooks, "IMPORTED_AT", None)
+    return float(found) if isinstance(found, int | float) else _IMPORTED_AT
+
+
+def default_attempt_start(now: float, proc: str = "/proc") -> float:
+    """The process's start; where /proc cannot tell (or tells nonsense: before 2000, after
+    `now`), when the hooks were first imported. Never after `now`."""
+    start = process_start_time(proc)
+    if start is None or not _MIN_EPOCH <= start <= now:
+        start = hooks_imported_at()
+    return min(start, now)
+
+
+class _Starts:
+    """What this process's recorders have claimed: the process start (the first recorder's)
+    and each attempt's start, keyed (run_id, attempt, rank)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.process_claimed = False
+        self.by_key: dict[tuple[str, int, int], float] = {}
+
+    def claim(
+        self, key: tuple[str, int, int], wanted: AttemptStart, now: float
+    ) -> tuple[float, bool]:
+        """(the attempt's start, whether this recorder sends its startup span)."""
+        with self.lock:
+            if os.getpid() != self.pid:  # a forked child: a process of its own, nothing claimed
+                self.pid, self.process_claimed, self.by_key = os.getpid(), False, {}
+            first_here = not self.process_claimed
+            self.process_claimed = True
+            known = self.by_key.get(key)
+            if known is not None:
+                if wanted is not None and _resolve(wanted, now, first_here) != known:
+                    log.warning(
+                        "goodput: attempt %s of rank %s of run %s was already started in this "
+                        "process at %.3f; attempt_start=%r is ignored",
+                        key[1],
+                        key[2],
+                        key[0],
+                        known,
+                        wanted,
+                    )
+                return known, False
+            start = _resolve(wanted, now, first_here)
+            self.by_key[key] = start
+            return start, True
+
+
+def _resolve(wanted: AttemptStart, now: float, first_here: bool) -> float:
+    if wanted is None:
+        return default_attempt_start(now) if first_here else now
+    if isinstance(wanted, str):  # "now": checked by _check_attempt_start
+        return now
+    return float(wanted)
+
+
+def _check_attempt_start(wanted: Any, now: float) -> None:
+    if wanted is None or wanted == "now":
+        return
+    if isinstance(wanted, bool) or not isinstance(wanted, int | float):
+        raise TypeError(f"attempt_start must be None, 'now' or epoch seconds, not {wanted!r}")
+    if not _MIN_EPOCH <= wanted <= now:
+        raise ValueError(
+            f"attempt_start ({wanted!r}) must be epoch seconds between 2000 and now ({now:.3f})"
+        )
+
+
+_STARTS = _Starts()
 
 
 class StepHandle:
@@ -120,7 +251,21 @@ class SpanHandle:
 
 class Recorder:
     """Records one rank of one attempt of a run. Rank, world size and attempt default to
-    torch.distributed, then `RANK`/`WORLD_SIZE`/`TORCHELASTIC_RESTART_COUNT`."""
+    torch.distributed, then `RANK`/`WORLD_SIZE`/`TORCHELASTIC_RESTART_COUNT`.
+
+    `attempt_start`: when the attempt began. By default the process's start for the first
+    recorder of the process (where /proc cannot tell: when `trainer_hooks` was first
+    imported), and the recorder's construction for later ones (a notebook's second run, a
+    test's); `"now"` is the construction, a float an explicit epoch time (not in the future).
+    The time from it until the recorder is ready (its imports and set-up included) is sent
+    as a blocking `startup` span. A long-lived process (a notebook started hours ago) would
+    charge all those hours to startup: pass `attempt_start="now"` (or a time) there. A second
+    recorder of an attempt (same run id, attempt and rank) in the same process keeps the
+    first one's start and sends no second startup span.
+
+    `heartbeat_s`: a heartbeat every that many seconds, declaring that interval (the server
+    judges a rank silent for several intervals stalled); 0 sends none.
+    """
 
     def __init__(
         self,
@@ -139,23 +284,31 @@ class Recorder:
         routing_every: int = 1,
         heartbeat_s: float = 10.0,
         watch_compile: bool = True,
+        attempt_start: AttemptStart = None,
     ) -> None:
+        # One anchor: wall time = anchor + monotonic elapsed, so steps never go backwards
+        # when NTP adjusts the clock mid-run. Taken first: it is "now" for attempt_start.
+        self._wall0 = time.time()
+        self._mono0 = time.perf_counter()
+        _check_attempt_start(attempt_start, self._wall0)
         self.sink = sink
         self.errors = 0
         self.closed = False
         self.overhead_s = 0.0
         self.counters: dict[str, int] = {"ooms": 0}
-        # One anchor: wall time = anchor + monotonic elapsed, so steps never go backwards
-        # when NTP adjusts the clock mid-run.
-        self._wall0 = time.time()
-        self._mono0 = time.perf_counter()
         found = _dist_rank_world() or (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1))
         self.rank = rank if rank is not None else found[0]
         self.world_size = world_size if world_size is not None else found[1]
         self.attempt = attempt if attempt is not None else _env_int("TORCHELASTIC_RESTART_COUNT", 0)
         self.run_id = run_id or os.environ.get("GOODPUT_RUN_ID") or uuid.uuid4().hex
         self._key = {"run_id": self.run_id, "attempt": self.attempt, "rank": self.rank}
-        self._parts = Parts(self, device, routing_every, watch_compile)
+        key = (self.run_id, self.attempt, self.rank)
+        self.attempt_start, sends_startup = _STARTS.claim(key, attempt_start, self._wall0)
+        # The heavy imports (torch, torch._dynamo for the compile callbacks) run here, after
+        # the attempt's start and before the recorder is ready: inside the startup span.
+        from trainer_hooks.parts import Parts
+
+        self._parts: Parts = Parts(self, device, routing_every, watch_compile)
         env = collect_environment() if environment is None else environment
         self._safe_emit(
             "run",
@@ -163,16 +316,20 @@ class Recorder:
                 "run_id": self.run_id,
                 "name": run_name,
                 "project": project,
-                "created_at": self._wall0,
+                "created_at": self.attempt_start,
                 "model_plan": model_plan or {},
                 "runtime_policy": runtime_policy or {},
                 "environment": env,
             },
         )
         self._safe_emit(
-            "attempt_start", {**self._key, "world_size": self.world_size, "start": self._wall0}
+            "attempt_start",
+            {**self._key, "world_size": self.world_size, "start": self.attempt_start},
         )
         self._heartbeat = _Heartbeat(self, heartbeat_s) if heartbeat_s > 0 else None
+        self.ready_at = self.now()
+        if sends_startup:
+            self.emit_span("startup", self.attempt_start, self.ready_at)
 
     def now(self) -> float:
         return self._wall0 + (time.perf_counter() - self._mono0)
@@ -324,18 +481,25 @@ class Recorder:
 
 
 class _Heartbeat:
-    """A daemon thread that says every `period_s` that this rank is alive."""
+    """A daemon thread that says every `period_s` that this rank is alive, and that it says
+    so every `period_s` (`interval_s`): the server judges a rank stalled after a multiple of
+    it without a sign of life."""
 
     def __init__(self, rec: Recorder, period_s: float) -> None:
         self._rec = rec
         self._stop = threading.Event()
         self._period = period_s
+        # the contract takes intervals up to a day; a longer one is not declared
+        self._declared = period_s if period_s <= 86_400.0 else None
         self._thread = threading.Thread(target=self._run, name="goodput-heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        rec = self._rec
         while not self._stop.wait(self._period):
-            self._rec._safe_emit("heartbeat", {**self._rec._key, "time": self._rec.now()})
+            rec._safe_emit(
+                "heartbeat", {**rec._key, "time": rec.now(), "interval_s": self._declared}
+            )
 
     def stop(self) -> None:
         self._stop.set()

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from service.import_mgm import MgmFormatError, custom_category, map_log
+from service.import_mgm import (
+    ImportConflict,
+    MgmFormatError,
+    StoredRun,
+    check_stored,
+    custom_category,
+    map_log,
+)
 from tests.conftest import LiveServer
 from trainer_hooks.records import (
     AttemptEndRecord,
@@ -249,11 +256,146 @@ def test_import_stores_the_run_and_its_goodput_adds_up(client: Any) -> None:
 
 def test_json_array_then_json_lines_store_the_same_and_nothing_twice(client: Any) -> None:
     first = post(client, json.dumps(realistic_log())).json()
-    again = post(client, lines(realistic_log()), "application/x-ndjson", run_name="other").json()
+    assert first["existing_run"] is False
+    again = post(client, lines(realistic_log()), "application/x-ndjson", run_name=JOB).json()
     assert again["run_id"] == first["run_id"]
     assert (again["inserted"], again["duplicates"]) == (0, first["inserted"])
+    assert again["existing_run"] is True
+    n = first["inserted"]
+    assert again["warnings"][0] == (
+        f"run {first['run_id']} ({JOB!r}) was already stored: {n} of this log's {n} records "
+        "were already there; this import repeated that run and stored nothing new"
+    )
     third = post(client, json.dumps(realistic_log())).json()
     assert (third["inserted"], third["duplicates"]) == (0, first["inserted"])
+    assert third["warnings"][1:] == first["warnings"]  # the import's own, after it
+
+
+def stored_steps(client: Any, run_id: str) -> list[tuple[int, int]]:
+    points = client.get(f"/api/v1/runs/{run_id}/steps").json()["points"]
+    return [(p["attempt"], p["step"]) for p in points]
+
+
+def test_a_longer_log_of_the_same_job_extends_the_run(client: Any) -> None:
+    full = realistic_log()
+    cut = full.index(e(job_start_time=T0 + 200))  # the job ran on after this export
+    short = post(client, json.dumps(full[:cut])).json()
+    assert short["existing_run"] is False
+    longer = post(client, json.dumps(full)).json()
+    assert longer["run_id"] == short["run_id"] and longer["existing_run"] is True
+    # all it stored but the heartbeat of attempt 1, then open, which the longer log ends
+    assert longer["duplicates"] == short["inserted"] - 1 and longer["inserted"] > 0
+    total = longer["inserted"] + longer["duplicates"]
+    assert longer["warnings"][0] == (
+        f"run {short['run_id']} ({JOB!r}) was already stored: {longer['duplicates']} of this "
+        f"log's {total} records were already there; this import extended that run with "
+        f"{longer['inserted']} new records"
+    )
+    # the same as importing the whole log at once (test_import_stores_the_run_...)
+    g = client.get(f"/api/v1/runs/{short['run_id']}/goodput").json()
+    assert g["total_s"] == pytest.approx(245.0) and g["goodput_s"] == pytest.approx(80.0)
+    assert g["badput_s"]["infra_recovery"] == pytest.approx(110.0)
+    run = client.get(f"/api/v1/runs/{short['run_id']}").json()
+    assert [a["status"] for a in run["attempts"]] == ["failed", "failed", "completed"]
+    again = post(client, json.dumps(full[:cut])).json()  # the shorter one again: nothing new
+    assert again["inserted"] == 0 and again["existing_run"] is True
+
+
+def test_another_run_name_for_a_stored_run_is_a_409_naming_both(client: Any) -> None:
+    first = post(client, json.dumps(realistic_log()), run_name="hist")
+    assert first.status_code == 200
+    run_id = first.json()["run_id"]
+    for given, name in ((None, JOB), ("other", "other")):
+        params = {"run_name": given} if given else {}
+        resp = post(client, json.dumps(realistic_log()), **params)
+        assert resp.status_code == 409, resp.text
+        detail = resp.json()["detail"]
+        assert detail["error"] == "run_name_mismatch" and detail["run_id"] == run_id
+        assert (detail["stored_name"], detail["import_name"]) == ("hist", name)
+        assert detail["suggested_run_name"] == "hist"
+        assert "'hist'" in detail["message"] and repr(name) in detail["message"]
+        assert "run_name='hist'" in detail["message"]
+    runs = client.get("/api/v1/runs").json()["runs"]
+    assert [r["name"] for r in runs] == ["hist"]
+    ok = post(client, json.dumps(realistic_log()), run_name="hist").json()  # as suggested
+    assert ok["existing_run"] is True and ok["inserted"] == 0
+
+
+def test_a_different_log_that_contradicts_the_stored_run_is_a_409_storing_nothing(
+    client: Any,
+) -> None:
+    first = post(client, json.dumps(realistic_log())).json()
+    run_id = first["run_id"]
+    before = stored_steps(client, run_id)
+    other = [  # the same job name and first start, another history
+        e(job_start_time=T0),
+        *pair("data_loading", 16, 25),  # stored: 16 -> 20
+        *steps(0, 21, 31, 41),  # stored: step 0 from 20 to 30
+        *steps(3, 50),  # stored: step 3 from 50 to 60 (agrees: not listed)
+        *steps(9, 60),  # a new step: no conflict of its own
+        e(job_end_time=T0 + 80),  # stored: attempt 0 failed at 60
+    ]
+    resp = post(client, json.dumps(other))
+    assert resp.status_code == 409, resp.text
+    detail = resp.json()["detail"]
+    assert detail["error"] == "conflicting_records" and detail["run_id"] == run_id
+    got = {
+        (c["kind"], tuple(c["key"].values())): (c["stored"], c["import"])
+        for c in detail["conflicts"]
+    }
+    assert got[("step", (0, 0, 0))] == (
+        {"start": T0 + 20, "end": T0 + 30},
+        {"start": T0 + 21, "end": T0 + 31},
+    )
+    assert got[("span", (0, 0, "data_stall", T0 + 16))] == (
+        {"end": T0 + 20, "overlapped": False},
+        {"end": T0 + 25, "overlapped": False},
+    )
+    assert got[("attempt_end", (0, 0))] == (
+        {"end": T0 + 60, "status": "failed", "cause": "restarted"},
+        {"end": T0 + 80, "status": "completed", "cause": None},
+    )
+    assert ("step", (0, 0, 3)) not in got and detail["count"] == len(got) == 5  # steps 0, 1, 2
+    assert "step (attempt 0, rank 0, step 0)" in detail["message"]
+    assert "nothing was stored" in detail["message"]
+    # nothing of it was stored, not even the new step 9
+    assert stored_steps(client, run_id) == before
+    g = client.get(f"/api/v1/runs/{run_id}/goodput").json()
+    assert g["total_s"] == pytest.approx(245.0) and g["goodput_s"] == pytest.approx(80.0)
+
+
+def test_a_different_log_that_only_adds_to_the_stored_run_lands_with_a_warning(
+    client: Any,
+) -> None:
+    """What the check cannot tell from a longer log: nothing contradicts, so it is stored,
+    and the answer says it landed on a stored run."""
+    first = post(client, lines([e(job_start_time=T0), *pair("tpu_init", 1, 5)])).json()
+    more = post(client, lines([e(job_start_time=T0), *steps(0, 6, 7), e(job_end_time=T0 + 8)]))
+    assert more.status_code == 200, more.text
+    body = more.json()
+    assert body["run_id"] == first["run_id"] and body["existing_run"] is True
+    assert body["inserted"] == 3 and body["duplicates"] == 2  # steps 0, 1, the end; run, start
+    assert "already stored: 2 of this log's 5 records" in body["warnings"][0]
+    assert "extended that run with 3 new records" in body["warnings"][0]
+
+
+def test_check_stored_skips_what_a_placeholder_holds() -> None:
+    mapped = map_log(json.dumps(realistic_log()))
+    placeholder = StoredRun(
+        run_id=mapped.run_id,
+        name=mapped.run_id,  # a placeholder run row: its id as name
+        declared=False,
+        rows={
+            "attempt_start": {},
+            "attempt_end": {(0, 0): {"end": T0 + 60, "status": "failed", "cause": "restarted"}},
+        },
+    )
+    check_stored(mapped, placeholder)  # neither the name nor an agreeing end is a conflict
+    named = StoredRun(run_id=mapped.run_id, name="someone-else")
+    with pytest.raises(ImportConflict) as info:
+        check_stored(mapped, named)
+    assert info.value.detail["error"] == "run_name_mismatch"
+    check_stored(mapped, None)  # a new run: nothing to check
 
 
 def test_bad_log_is_a_422_naming_the_entry_and_stores_nothing(client: Any) -> None:

@@ -36,6 +36,16 @@ class ExplodingSink(ListSink):
         raise OSError("still on fire")
 
 
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test as its own process: a run id reused by another test (the SQLite and the
+    PostgreSQL case) would otherwise be a second recorder of that attempt, which sends no
+    startup span of its own."""
+    from trainer_hooks import recorder as recorder_mod
+
+    monkeypatch.setattr(recorder_mod, "_STARTS", recorder_mod._Starts())
+
+
 def scripted_loop(rec: Recorder, steps: int = 3) -> None:
     for i in range(steps):
         with rec.span("data_stall", step=i):
@@ -58,8 +68,10 @@ def test_scripted_loop_records_exactly_its_steps_and_spans() -> None:
     scripted_loop(rec)
     rec.close()
     kinds = [k for k, _ in sink.records]
-    assert kinds == ["run", "attempt_start"] + ["span", "step"] * 3 + ["attempt_end"]
-    for kind, fields in sink.records:
+    assert kinds == ["run", "attempt_start", "span"] + ["span", "step"] * 3 + ["attempt_end"]
+    startup = sink.records[2][1]  # the recorder's own: from the attempt's start until ready
+    assert startup["category"] == "startup" and startup["start"] == sink.records[1][1]["start"]
+    for kind, fields in sink.records[3:]:
         if kind in ("span", "step"):
             want = SLEEP_STALL if kind == "span" else SLEEP_STEP
             assert want <= fields["end"] - fields["start"] < want + 0.25
@@ -71,7 +83,7 @@ def test_scripted_loop_goodput_matches_the_sleeps(live_server: LiveServer, tmp_p
     rec = Recorder(run_name="scripted", sink=sink, run_id="scripted-1", environment={})
     scripted_loop(rec)
     stats = rec.close()
-    assert stats.pending_bytes == 0 and stats.records_sent == 9
+    assert stats.pending_bytes == 0 and stats.records_sent == 10
     g = httpx.get(f"{live_server.base}/api/v1/runs/scripted-1/goodput").json()
     assert 3 * SLEEP_STALL <= g["badput_s"]["data_stall"] < 3 * SLEEP_STALL + 0.3
     assert 3 * SLEEP_STEP <= g["goodput_s"] < 3 * SLEEP_STEP + 0.3
@@ -85,14 +97,15 @@ def test_training_error_propagates_and_its_step_is_not_recorded() -> None:
     rec = Recorder(run_name="x", sink=sink, environment={})
     with pytest.raises(RuntimeError, match="boom"), rec.step(0):
         raise RuntimeError("boom")
-    assert [k for k, _ in sink.records] == ["run", "attempt_start"]
+    assert [k for k, _ in sink.records] == ["run", "attempt_start", "span"]  # span: startup
 
 
 def test_a_sink_that_raises_never_stops_training() -> None:
     rec = Recorder(run_name="x", sink=ExplodingSink(), environment={})
     scripted_loop(rec, steps=2)
     assert rec.close() is None
-    assert rec.errors == 2 + 4 + 1 + 1  # run, attempt_start, 4 records, attempt_end, close
+    # run, attempt_start, the startup span, 4 records, attempt_end, close
+    assert rec.errors == 3 + 4 + 1 + 1
 
 
 def test_rank_world_and_attempt_come_from_the_environment(monkeypatch: Any) -> None:
@@ -120,7 +133,7 @@ def test_invalid_record_is_rejected_on_the_sink_thread_not_spooled(tmp_path: Pat
         s.loss = torch.tensor(float("nan"))  # kept, as a step without loss
     stats = rec.close()
     assert stats.records_rejected == 1
-    assert spooled_kinds(tmp_path) == ["run", "attempt_start", "step", "attempt_end"]
+    assert spooled_kinds(tmp_path) == ["run", "attempt_start", "span", "step", "attempt_end"]
 
 
 def test_service_down_loses_nothing_and_replay_stores_it_once(
@@ -138,9 +151,9 @@ def test_service_down_loses_nothing_and_replay_stores_it_once(
     server.start()
     try:
         first = replay(tmp_path, server.base)
-        assert first["inserted"] == 11 and first["duplicates"] == 0
+        assert first["inserted"] == 12 and first["duplicates"] == 0
         again = replay(tmp_path, server.base, from_start=True)
-        assert again["inserted"] == 0 and again["duplicates"] == 11
+        assert again["inserted"] == 0 and again["duplicates"] == 12
         steps = httpx.get(f"{server.base}/api/v1/runs/outage-1/steps").json()["points"]
         assert [p["step"] for p in steps] == [0, 1, 2, 3]
     finally:
@@ -208,7 +221,7 @@ def test_full_disk_keeps_training_and_records_land_once_it_frees(
     assert sink.stats.records_spooled == 0 and "No space" in (sink.stats.last_error or "")
     disk_full["on"] = False
     stats = rec.close()
-    assert stats.records_dropped == 0 and stats.records_spooled == 9
+    assert stats.records_dropped == 0 and stats.records_spooled == 10
 
 
 def test_records_behind_a_torn_frame_are_replayed_after_recovery(
@@ -222,7 +235,7 @@ def test_records_behind_a_torn_frame_are_replayed_after_recovery(
     with open(seg.path, "ab") as f:
         f.write(b"GP\xff\x00\x00\x00garbage")  # a crash mid-append: a torn tail
     result = replay(tmp_path, live_server.base)
-    assert result["inserted"] == 7 and result["corrupt_frames"] == 1
+    assert result["inserted"] == 8 and result["corrupt_frames"] == 1
     steps = httpx.get(f"{live_server.base}/api/v1/runs/torn-1/steps").json()["points"]
     assert [p["step"] for p in steps] == [0, 1]
 
@@ -238,11 +251,11 @@ def test_sink_sends_the_write_token_and_keeps_records_when_refused(
         scripted_loop(rec, steps=1)
         stats = rec.close(flush_timeout_s=0.5)
         assert stats.records_sent == 0 and stats.pending_bytes > 0 and "403" in stats.last_error
-        assert replay(tmp_path / "a", server.base, token="w-secret")["inserted"] == 5
+        assert replay(tmp_path / "a", server.base, token="w-secret")["inserted"] == 6
         right = SpoolSink(tmp_path / "b", server.base, token="w-secret")
         rec = Recorder(run_name="tok", sink=right, run_id="tok-2", environment={}, heartbeat_s=0)
         scripted_loop(rec, steps=1)
-        assert rec.close().records_sent == 5
+        assert rec.close().records_sent == 6
         headers = {"authorization": "Bearer r-secret"}
         got = httpx.get(f"{server.base}/api/v1/runs/tok-2/steps", headers=headers).json()
         assert [p["step"] for p in got["points"]] == [0]

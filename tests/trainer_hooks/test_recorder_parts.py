@@ -3,6 +3,7 @@ heartbeats, checkpoints, OOM, and its own overhead."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from trainer_hooks import Recorder
 from trainer_hooks.routing import finish_routing_fields
+from trainer_hooks.sink import to_payload
 
 
 class ListSink:
@@ -162,7 +164,11 @@ def test_heartbeats_checkpoints_and_overhead() -> None:
             time.sleep(0.03)
     rec.checkpoint_committed(2)
     rec.close()
-    assert len(sink.of("heartbeat")) >= 2
+    beats = sink.of("heartbeat")
+    assert len(beats) >= 2
+    assert all(b["interval_s"] == 0.02 for b in beats)  # each declares its period
+    sent = [json.loads(to_payload("heartbeat", b)) for b in beats]  # as the contract takes it
+    assert all(b["interval_s"] == 0.02 for b in sent)
     assert sink.of("checkpoint")[0]["step"] == 2 and sink.of("checkpoint")[0]["ok"] is True
     overheads = [s["hook_overhead_s"] for s in sink.of("step")]
     assert all(0 <= o < 0.01 for o in overheads)

@@ -14,8 +14,9 @@ end, and the service dates the crash from the last record it got.
 HF gives begin hooks only for training and steps, so the callback keeps one open "gap" from the
 last thing that ended, and the hook that closes the gap names what it was:
 
-- `startup` span: the callback's construction (the recorder is built there; rank and world size
-  from torch.distributed or `RANK`/`WORLD_SIZE`, like any Recorder, unless passed) ->
+- `startup` spans: the recorder's own, from the process start until the recorder (built in the
+  callback's construction; rank and world size from torch.distributed or `RANK`/`WORLD_SIZE`,
+  like any Recorder, unless passed) is ready; then the callback's, from there to
   `on_train_begin`: Trainer construction, dataloader and optimizer, accelerate's `prepare`, a
   checkpoint restore.
 - one step record per optimizer step: `on_step_begin` -> `on_step_end`, all micro-batches of a
