@@ -202,6 +202,9 @@ class Span(Base):
     # A blocking span that shares time with another blocking span of its rank: the accounting
     # charges these by precedence (docs/ACCOUNTING.md); every other span is charged whole.
     clashes: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # Of a clashing span: the seconds charged to it (each second of a clash goes to the span of
+    # highest precedence covering it, the earliest on a tie); NULL for the others (all of it).
+    charged_s: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
         CheckConstraint('"end" >= start', name="end_after_start"),
@@ -385,6 +388,9 @@ class SpanTotal(Base):
     longest_s: Mapped[float] = mapped_column(Double)
     first_start: Mapped[float] = mapped_column(Double)
     last_end: Mapped[float] = mapped_column(Double)
+    # Charged minus summed seconds of its clashing spans (<= 0): total_s + this is what the
+    # category is charged, by precedence, without reading any span.
+    correction_s: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
 
     __table_args__ = (
         CheckConstraint("n >= 1 AND total_s >= 0 AND longest_s >= 0", name="non_negative"),

@@ -197,7 +197,7 @@ def _row(rec: Record, *exclude: str) -> dict[str, Any]:
 
 
 _STEP_ROW = attrgetter(*rollups.STEP_COLUMNS)
-_SPAN_ROW = attrgetter(*rollups.SPAN_COLUMNS[:-1])  # then clashes, found at ingest
+_SPAN_ROW = attrgetter(*rollups.SPAN_COLUMNS[:-2])  # then clashes and charged_s, from ingest
 
 
 _KEY = ("run_id", "attempt", "rank")
@@ -237,10 +237,10 @@ def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: li
     step_rows = [_STEP_ROW(r) for r in steps]
     blocked = rollups.blocked_of(session, step_rows, spans)
     rollups.block_stored_steps(session, spans)
-    clashes = rollups.flag_clashes(session, spans)
-    span_rows = [(*_SPAN_ROW(r), c) for r, c in zip(spans, clashes, strict=True)]
+    clashes, charged = rollups.flag_clashes(session, spans)
+    span_rows = [(*_SPAN_ROW(r), f, c) for r, f, c in zip(spans, clashes, charged, strict=True)]
     bulk.insert_rows(session, _table(Span), rollups.SPAN_COLUMNS, span_rows)
-    rollups.add_spans(session, spans)
+    rollups.add_spans(session, spans, charged)
     bulk.insert_rows(
         session,
         _table(Step),

@@ -62,8 +62,8 @@ from service.goodput import (
     SpanIn,
     SpanIndex,
     StepIn,
-    clash_correction,
     inferred_compile,
+    precedence,
 )
 from service.models import (
     ROLLUP_LEVELS,
@@ -150,7 +150,7 @@ STEP_COLUMNS = (
     "mem_reserved_peak",
     "alloc_retries",
 )  # then blocked_s
-SPAN_COLUMNS = (*(c.key for c in ROLLED_SPAN), "step", "clashes")
+SPAN_COLUMNS = (*(c.key for c in ROLLED_SPAN), "step", "clashes", "charged_s")
 ROUTING_COLUMNS = (
     *(c.key for c in ROLLED_ROUTING),
     "top_k",
@@ -242,6 +242,15 @@ def _stored_blocking_spans(
     session: Session, run_id: str, rank: int, lo: float, hi: float
 ) -> list[SpanIn]:
     """Blocking spans of the rank that overlap [lo, hi], through the spans' primary key."""
+    return [
+        SpanIn(s.attempt, rank, s.category, s.start, s.end, False)
+        for s in _stored_blocking(session, run_id, rank, lo, hi)
+    ]
+
+
+def _stored_blocking(
+    session: Session, run_id: str, rank: int, lo: float, hi: float
+) -> list[_Blocking]:
     totals = session.execute(
         select(SpanTotal.attempt, SpanTotal.category, SpanTotal.longest_s).where(
             SpanTotal.run_id == run_id, SpanTotal.rank == rank, SpanTotal.overlapped.is_(False)
@@ -250,9 +259,7 @@ def _stored_blocking_spans(
     if not totals:
         return []
     longest = max(t.longest_s for t in totals)
-    stmt = select(
-        Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped
-    ).where(
+    stmt = select(Span.attempt, Span.category, Span.start, Span.end, Span.charged_s).where(
         Span.run_id == run_id,
         Span.attempt.in_(sorted({t.attempt for t in totals})),
         Span.rank == rank,
@@ -262,7 +269,7 @@ def _stored_blocking_spans(
         Span.end > lo,
         Span.overlapped.is_(False),
     )
-    return [SpanIn(*row) for row in _rows(session, stmt)]
+    return [_Blocking(*row) for row in _rows(session, stmt)]
 
 
 def _group(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
@@ -447,26 +454,32 @@ def add_steps(session: Session, steps: Sequence[Sequence[Any]], blocked: Sequenc
     session.execute(stmt, rows)
 
 
-def add_spans(session: Session, spans: Sequence[Any]) -> None:
+def add_spans(
+    session: Session, spans: Sequence[Any], charged: Sequence[float | None] | None = None
+) -> None:
     """Fold newly inserted spans (rows or records with run_id, attempt, rank, category,
-    start, end, overlapped) into span_totals."""
+    start, end, overlapped) into span_totals; `charged[i]`: what flag_clashes charged a
+    clashing span (None: all of it; rows may carry it as `charged_s`)."""
     if not spans:
         return
     acc: dict[tuple[Any, ...], list[Any]] = {}
-    for s in spans:
+    for i, s in enumerate(spans):
         key = (s.run_id, s.rank, s.attempt, s.category, bool(s.overlapped))
         d = s.end - s.start
+        c = charged[i] if charged is not None else getattr(s, "charged_s", None)
+        fix = 0.0 if c is None else c - d
         a = acc.get(key)
         if a is None:
-            acc[key] = [1, d, d, s.start, s.end]
+            acc[key] = [1, d, d, s.start, s.end, fix]
         else:
             a[0] += 1
             a[1] += d
             a[2] = max(a[2], d)
             a[3] = min(a[3], s.start)
             a[4] = max(a[4], s.end)
+            a[5] += fix
     names = ("run_id", "rank", "attempt", "category", "overlapped")
-    fields = ("n", "total_s", "longest_s", "first_start", "last_end")
+    fields = ("n", "total_s", "longest_s", "first_start", "last_end", "correction_s")
     rows = [
         {**dict(zip(names, k, strict=True)), **dict(zip(fields, a, strict=True))}
         for k, a in acc.items()
@@ -483,50 +496,132 @@ def add_spans(session: Session, spans: Sequence[Any]) -> None:
                 new.first_start < old.first_start, new.first_start, old.first_start
             ),
             "last_end": _pick(new.last_end > old.last_end, new.last_end, old.last_end),
+            "correction_s": old.correction_s + new.correction_s,
         },
     )
     session.execute(stmt, rows)
 
 
-def flag_clashes(session: Session, spans: Sequence[Any]) -> list[bool]:
+class _Blocking(NamedTuple):
+    """A stored blocking span of one rank, with the seconds charged to it if it clashes."""
+
+    attempt: int
+    category: str
+    start: float
+    end: float
+    charged_s: float | None
+
+
+def flag_clashes(session: Session, spans: Sequence[Any]) -> tuple[list[bool], list[float | None]]:
     """Whether each new span (records not yet stored) shares time with another blocking span
-    of its rank, stored or new; stored spans it shares time with are flagged here. Only
-    clashing spans are charged by precedence (calc in service/goodput.py): the others are
-    charged whole, from span_totals."""
-    out = [False] * len(spans)
+    of its rank, stored or new, and the seconds charged to it if so. The stored spans it
+    shares time with are flagged and charged anew here, and their span_totals' correction
+    moved: span_totals alone give each category's seconds charged by precedence."""
+    flags: list[bool] = [False] * len(spans)
+    charged: list[float | None] = [None] * len(spans)
     mine = [i for i, s in enumerate(spans) if not s.overlapped]
     for (run_id, rank), idx in _group(mine, lambda i: (spans[i].run_id, spans[i].rank)).items():
         new = sorted(idx, key=lambda i: spans[i].start)
         lo, hi = spans[new[0]].start, max(spans[i].end for i in new)
-        stored = _stored_blocking_spans(session, run_id, rank, lo, hi)
-        hit: list[SpanIn] = []
-        for s in stored:
+        hit: list[_Blocking] = []
+        for s in _stored_blocking(session, run_id, rank, lo, hi):
             clash = [i for i in new if spans[i].start < s.end and s.start < spans[i].end]
             for i in clash:
-                out[i] = True
+                flags[i] = True
             if clash:
                 hit.append(s)
         reach, last = -math.inf, -1  # new spans against each other, in start order
         for i in new:
             if spans[i].start < reach:
-                out[i] = out[last] = True
+                flags[i] = flags[last] = True
             if spans[i].end > reach:
                 reach, last = spans[i].end, i
-        if hit:
-            t = _table(Span).c
-            session.execute(
-                update(_table(Span))
-                .where(
-                    t.run_id == run_id,
-                    t.attempt == bindparam("at"),
-                    t.rank == rank,
-                    t.category == bindparam("cat"),
-                    t.start == bindparam("st"),
-                )
-                .values(clashes=True),
-                [{"at": s.attempt, "cat": s.category, "st": s.start} for s in hit],
-            )
+        clashing = [i for i in new if flags[i]]
+        if not clashing:
+            continue
+        a = min([spans[i].start for i in clashing] + [s.start for s in hit])
+        b = max([spans[i].end for i in clashing] + [s.end for s in hit])
+        every = [
+            ((s.attempt, s.category, s.start), s.category, s.start, s.end)
+            for s in _stored_blocking(session, run_id, rank, a, b)
+        ]
+        for i in new:
+            s = spans[i]
+            every.append(((s.attempt, s.category, s.start), s.category, s.start, s.end))
+        credit = credited(every, a, b)
+        for i in clashing:
+            charged[i] = credit.get((spans[i].attempt, spans[i].category, spans[i].start), 0.0)
+        _recharge(session, run_id, rank, hit, credit)
+    return flags, charged
+
+
+def credited(
+    spans: Sequence[tuple[Any, str, float, float]], lo: float, hi: float
+) -> dict[Any, float]:
+    """Seconds of [lo, hi] credited to each (key, category, start, end) span: each second to
+    the covering span of highest category precedence (goodput.precedence), the earliest
+    (by start, then key) among spans of that category."""
+    events: list[tuple[float, int, int]] = []
+    for j, (_, _, start, end) in enumerate(spans):
+        a, b = max(start, lo), min(end, hi)
+        if b > a:
+            events += [(a, 1, j), (b, -1, j)]
+    events.sort(key=lambda e: e[0])
+    out: dict[Any, float] = {}
+    live: set[int] = set()
+    prev = -math.inf
+    for t, delta, j in events:
+        if live and t > prev:
+            top = min(live, key=lambda k: (precedence(spans[k][1]), spans[k][2], spans[k][0]))
+            out[spans[top][0]] = out.get(spans[top][0], 0.0) + (t - prev)
+        if delta > 0:
+            live.add(j)
+        else:
+            live.discard(j)
+        prev = t
     return out
+
+
+def _recharge(
+    session: Session, run_id: str, rank: int, hit: list[_Blocking], credit: dict[Any, float]
+) -> None:
+    """Flag the stored spans that a new span clashes with, charge them anew, and move their
+    span_totals' correction by the change."""
+    if not hit:
+        return
+    moves: dict[tuple[int, str], float] = {}
+    rows = []
+    for s in hit:
+        now = credit.get((s.attempt, s.category, s.start), 0.0)
+        before = s.charged_s if s.charged_s is not None else s.end - s.start
+        moves[s.attempt, s.category] = moves.get((s.attempt, s.category), 0.0) + now - before
+        rows.append({"at": s.attempt, "cat": s.category, "st": s.start, "c": now})
+    t = _table(Span).c
+    session.execute(
+        update(_table(Span))
+        .where(
+            t.run_id == run_id,
+            t.attempt == bindparam("at"),
+            t.rank == rank,
+            t.category == bindparam("cat"),
+            t.start == bindparam("st"),
+        )
+        .values(clashes=True, charged_s=bindparam("c")),
+        rows,
+    )
+    totals = _table(SpanTotal).c
+    session.execute(
+        update(_table(SpanTotal))
+        .where(
+            totals.run_id == run_id,
+            totals.rank == rank,
+            totals.attempt == bindparam("at"),
+            totals.category == bindparam("cat"),
+            totals.overlapped.is_(False),
+        )
+        .values(correction_s=totals.correction_s + bindparam("d")),
+        [{"at": a, "cat": c, "d": d} for (a, c), d in moves.items()],
+    )
 
 
 def block_stored_steps(session: Session, spans: Sequence[Any]) -> None:
@@ -762,8 +857,9 @@ def _blocks_of(
 @dataclass
 class RunRollup:
     """What the whole-run accounting reads of a run, in aggregate: attempt rows, each attempt
-    rank's records' extent, saved checkpoints, coarse step blocks, span totals, the clashing
-    spans and the excluded windows. A few rows per attempt rank and 1 per 4096 steps."""
+    rank's records' extent, saved checkpoints, coarse step blocks, span totals (charged by
+    precedence through their correction) and the excluded windows. A few rows per attempt
+    rank and 1 per 4096 steps."""
 
     run_id: str
     rows: list[AttemptIn]
@@ -772,7 +868,6 @@ class RunRollup:
     coarse: dict[int, dict[int, list[Any]]]  # rank -> attempt -> coarse StepBlock rows
     blocking: dict[int, dict[str, float]]  # rank -> category -> seconds, by precedence
     with_compile: set[tuple[int, int]]  # (attempt, rank) that sent compile spans
-    clashing: list[SpanIn]
     excluded: list[Interval]
 
     @property
@@ -881,19 +976,14 @@ def run_rollup(session: Session, run_id: str) -> RunRollup:
             SpanTotal.attempt,
             SpanTotal.category,
             SpanTotal.overlapped,
-            SpanTotal.total_s,
+            SpanTotal.total_s + SpanTotal.correction_s,
         ).where(SpanTotal.run_id == run_id)
     ).all()
     blocking: dict[int, dict[str, float]] = {}
-    for t in totals:
-        if not t.overlapped:
-            mine = blocking.setdefault(t.rank, {})
-            mine[t.category] = mine.get(t.category, 0.0) + t.total_s
-    clashing = clashing_spans(session, run_id)
-    for rank, spans in _group(clashing, lambda s: s.rank).items():
-        mine = blocking.setdefault(rank, {})
-        for category, x in clash_correction(spans, -math.inf, math.inf).items():
-            mine[category] = mine.get(category, 0.0) + x
+    for rank, _, category, overlapped, seconds in totals:
+        if not overlapped:
+            mine = blocking.setdefault(rank, {})
+            mine[category] = mine.get(category, 0.0) + seconds
     return RunRollup(
         run_id=run_id,
         rows=attempt_rows(session, run_id),
@@ -902,7 +992,6 @@ def run_rollup(session: Session, run_id: str) -> RunRollup:
         coarse=coarse,
         blocking=blocking,
         with_compile={(t.attempt, t.rank) for t in totals if t.category == "compile"},
-        clashing=clashing,
         excluded=excluded_windows(session, run_id),
     )
 
@@ -1002,7 +1091,10 @@ def rebuild_run(session: Session, run_id: str) -> None:
     for model in (StepBlock, SpanTotal, RoutingBlock):
         table = _table(model)
         session.execute(table.delete().where(table.c.run_id == run_id))
-    add_spans(session, session.execute(select(*ROLLED_SPAN).where(Span.run_id == run_id)).all())
+    add_spans(
+        session,
+        session.execute(select(*ROLLED_SPAN, Span.charged_s).where(Span.run_id == run_id)).all(),
+    )
     after: tuple[int, int, int] = (-1, -1, -1)
     key = tuple_(Step.attempt, Step.rank, Step.step)
     table = _table(Step)

@@ -131,14 +131,9 @@ def upgrade() -> None:
     # ### end Alembic commands ###
     _convert_histograms(to_packed=True)
     _key_by_natural_key()
-    # Data: the rollups of rows stored before this revision, computed by the same code that
-    # keeps them at ingest (in this migration's transaction).
-    from sqlalchemy.orm import Session
-
-    from service.repository_rollups import rebuild_all
-
-    with Session(bind=op.get_bind()) as session:
-        rebuild_all(session)
+    # Data: the rollups of rows stored before this revision are computed at the end of the
+    # newest migration (0005), by the code that keeps them at ingest, which reads and writes
+    # the newest schema.
 
 
 def downgrade() -> None:

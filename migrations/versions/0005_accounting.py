@@ -1,15 +1,17 @@
 """accounting: records in any order (runs.declared, attempts.start_declared), declared
-heartbeat intervals, excluded windows, clashing blocking spans (spans.clashes) and steps'
-blocked time as the union of the blocking spans inside them
+heartbeat intervals, excluded windows, clashing blocking spans (spans.clashes, charged_s and
+span_totals.correction_s) and steps' blocked time as the union of the blocking spans inside
+them
 
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-04 23:55:00
 
-Self-contained: it imports nothing of `service`. Spans that share time with another blocking
-span of their rank are flagged, and the blocked time of the steps they touch is measured
-again as the union of those spans (it was their sum), with the step blocks moved by the same
-amounts.
+Spans that share time with another blocking
+span of their rank are flagged and charged by precedence (their span totals corrected), and
+the blocked time of the steps they touch is measured again as the union of those spans (it
+was their sum), with the step blocks moved by the same amounts. Then the rollups of runs
+stored before 0004 are computed (`_rebuild_missing_rollups`).
 """
 
 from collections.abc import Sequence
@@ -48,8 +50,13 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("run_id", "start", "end", name=op.f("pk_excluded_windows")),
     )
+    with op.batch_alter_table("span_totals", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("correction_s", sa.Double(), server_default="0", nullable=False)
+        )
     with op.batch_alter_table("spans", schema=None) as batch_op:
         batch_op.add_column(sa.Column("clashes", sa.Boolean(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("charged_s", sa.Double(), nullable=True))
         batch_op.create_index(
             "ix_spans_clashes",
             ["run_id", "rank", "start"],
@@ -58,6 +65,31 @@ def upgrade() -> None:
             postgresql_where=sa.text("clashes"),
         )
     _flag_clashes()
+    _rebuild_missing_rollups()
+
+
+def _rebuild_missing_rollups() -> None:
+    """The rollups of runs stored before 0004 (0004 makes the tables; their rows are made
+    here, by the code that keeps them at ingest and reads this, the newest, schema).
+
+    The one place a migration runs `service` code: it must stay in the newest migration (a
+    later one that changes these tables takes it over)."""
+    from sqlalchemy.orm import Session
+
+    from service.repository_rollups import rebuild_run
+
+    conn = op.get_bind()
+    missing = conn.execute(
+        sa.text(
+            "SELECT run_id FROM runs r WHERE NOT EXISTS "
+            "(SELECT 1 FROM step_blocks b WHERE b.run_id = r.run_id) "
+            "AND NOT EXISTS (SELECT 1 FROM span_totals t WHERE t.run_id = r.run_id) "
+            "AND NOT EXISTS (SELECT 1 FROM routing_blocks g WHERE g.run_id = r.run_id)"
+        )
+    ).scalars()
+    with Session(bind=conn) as session:
+        for run_id in list(missing):
+            rebuild_run(session, run_id)
 
 
 def _flag_clashes() -> None:
@@ -77,15 +109,16 @@ def _flag_clashes() -> None:
     )
     clashing = conn.execute(
         sa.text(
-            'SELECT run_id, rank, start, "end" FROM spans WHERE clashes '
+            'SELECT run_id, rank, attempt, category, start, "end" FROM spans WHERE clashes '
             "ORDER BY run_id, rank, start"
         )
     ).all()
-    by_rank: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for run_id, rank, start, end in clashing:
-        by_rank.setdefault((run_id, rank), []).append((start, end))
+    by_rank: dict[tuple[str, int], list[tuple[int, str, float, float]]] = {}
+    for run_id, rank, attempt, category, start, end in clashing:
+        by_rank.setdefault((run_id, rank), []).append((attempt, category, start, end))
     for (run_id, rank), spans in by_rank.items():
-        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        _charge(conn, run_id, rank, spans)
+        lo, hi = min(s[2] for s in spans), max(s[3] for s in spans)
         steps = conn.execute(
             sa.text(
                 'SELECT attempt, step, start, "end", blocked_s FROM steps WHERE run_id = :r '
@@ -128,6 +161,64 @@ def _flag_clashes() -> None:
                 )
 
 
+# Frozen copy of the precedence at this revision (service/goodput.py PRECEDENCE).
+PRECEDENCE = (
+    "checkpoint_restore",
+    "checkpoint_save",
+    "startup",
+    "compile",
+    "eval",
+    "data_stall",
+    "profiling",
+    "observability",
+)
+
+
+def _precedence(category: str) -> tuple[int, str]:
+    return (PRECEDENCE.index(category), "") if category in PRECEDENCE else (99, category)
+
+
+def _charge(
+    conn: sa.Connection, run_id: str, rank: int, spans: list[tuple[int, str, float, float]]
+) -> None:
+    """Each second a rank's clashing spans cover goes to the span of highest precedence (the
+    earliest among spans of that category): their charged_s, and their span totals moved by
+    charged minus summed seconds."""
+    events = sorted(
+        [(s[2], 1, j) for j, s in enumerate(spans)] + [(s[3], -1, j) for j, s in enumerate(spans)]
+    )
+    credit = [0.0] * len(spans)
+    live: set[int] = set()
+    prev = None
+    for t, delta, j in events:
+        if live and prev is not None and t > prev:
+            top = min(live, key=lambda k: (_precedence(spans[k][1]), spans[k][2], spans[k][:2]))
+            credit[top] += t - prev
+        if delta > 0:
+            live.add(j)
+        else:
+            live.discard(j)
+        prev = t
+    moves: dict[tuple[int, str], float] = {}
+    for (attempt, category, start, end), c in zip(spans, credit, strict=True):
+        conn.execute(
+            sa.text(
+                "UPDATE spans SET charged_s = :c WHERE run_id = :r AND attempt = :a AND rank = :k "
+                "AND category = :cat AND start = :s"
+            ),
+            {"c": c, "r": run_id, "a": attempt, "k": rank, "cat": category, "s": start},
+        )
+        moves[attempt, category] = moves.get((attempt, category), 0.0) + c - (end - start)
+    for (attempt, category), d in moves.items():
+        conn.execute(
+            sa.text(
+                "UPDATE span_totals SET correction_s = correction_s + :d WHERE run_id = :r "
+                "AND rank = :k AND attempt = :a AND category = :cat AND NOT overlapped"
+            ),
+            {"d": d, "r": run_id, "k": rank, "a": attempt, "cat": category},
+        )
+
+
 def _union_inside(start: float, end: float, spans: list[tuple[float, float]]) -> float:
     """Seconds of [start, end] covered by at least one of the spans."""
     total, reach = 0.0, start
@@ -144,6 +235,8 @@ def downgrade() -> None:
     # dropping the old copy cascades to every child row on SQLite.
     op.drop_index("ix_spans_clashes", table_name="spans")
     for table, column in (
+        ("spans", "charged_s"),
+        ("span_totals", "correction_s"),
         ("spans", "clashes"),
         ("attempts", "heartbeat_s"),
         ("attempts", "start_declared"),

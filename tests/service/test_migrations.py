@@ -111,6 +111,9 @@ def test_downgrade_and_upgrade_keep_the_data_of_tables_that_stay(db_url: str) ->
         assert [r.run_id for r in runs] == ["run-a"]
         steps = session.execute(text("SELECT count(*) FROM steps")).scalar()
         assert steps == 3
+        from service.repository import count_steps
+
+        assert count_steps(session, "run-a") == 3  # from the step blocks 0005 rebuilt
     engine.dispose()
 
 
