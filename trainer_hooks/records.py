@@ -89,7 +89,7 @@ MAX_SLOTS = 4096
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     schema_version: int = SCHEMA_VERSION
 
@@ -288,7 +288,7 @@ class ObservationRecord(_RankScoped):
 
 
 class KernelTime(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: Annotated[Text, Field(min_length=1, max_length=1000)]
     device_time_s: Seconds
@@ -326,7 +326,7 @@ MAX_BATCH_RECORDS = 10_000
 class IngestBatch(BaseModel):
     """Body of POST /api/v1/ingest."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     records: Annotated[list[Record], Field(max_length=MAX_BATCH_RECORDS)]
 

@@ -135,11 +135,12 @@ def test_the_fallback_reaches_the_recorder_and_prefers_the_package_import_time(
 ) -> None:
     monkeypatch.setattr(recorder_mod, "process_start_time", lambda proc="/proc": None)
     rec, sink = build()
-    assert rec.attempt_start == recorder_mod._IMPORTED_AT
-    assert sink.startups()[0]["start"] == recorder_mod._IMPORTED_AT
-    # where the package records its own import time, that is the earlier, better fallback
-    monkeypatch.setattr(trainer_hooks, "IMPORTED_AT", recorder_mod._IMPORTED_AT - 5, raising=False)
-    assert recorder_mod.hooks_imported_at() == recorder_mod._IMPORTED_AT - 5
+    assert rec.attempt_start == trainer_hooks.IMPORTED_AT  # the package's own import time
+    assert sink.startups()[0]["start"] == trainer_hooks.IMPORTED_AT
+    assert trainer_hooks.IMPORTED_AT <= recorder_mod._IMPORTED_AT
+    # without it (a package that does not record it), the recorder module's import time
+    monkeypatch.delattr(trainer_hooks, "IMPORTED_AT")
+    assert recorder_mod.hooks_imported_at() == recorder_mod._IMPORTED_AT
 
 
 def test_heavy_imports_run_inside_the_startup_span(tmp_path: Path) -> None:
