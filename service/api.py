@@ -86,6 +86,7 @@ def _summary(run: Run, attempts: list[Attempt], tags: list[str]) -> RunSummary:
         created_at=run.created_at,
         status=run_status(attempts),
         tags=tags,
+        declared=run.declared,
     )
 
 

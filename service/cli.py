@@ -106,23 +106,47 @@ def spool_replay(
     directory: Annotated[Path, typer.Argument(help="a spool, or a folder of spools")],
     server: Annotated[str, typer.Option("--server", help="service URL")],
     from_start: Annotated[bool, typer.Option("--all", help="resend acknowledged records")] = False,
+    rejected: Annotated[
+        bool,
+        typer.Option(
+            "--rejected",
+            help="resend the batches the service refused for good (each spool's rejected/), "
+            "e.g. after an upgrade of the service; each one it takes is deleted",
+        ),
+    ] = False,
     token: Annotated[
         str | None, typer.Option("--token", envvar="GOODPUT_TOKEN", help="write token")
     ] = None,
 ) -> None:
-    """Send what a spool holds; records already stored are counted as duplicates."""
-    from trainer_hooks.sink import replay
+    """Send what a spool holds; records already stored are counted as duplicates. A batch
+    the service cannot take now is tried again a few times; one it refuses for good is kept
+    in the spool's rejected/ folder, with a warning, for `--rejected`."""
+    from trainer_hooks.sink import replay, replay_rejected
     from trainer_hooks.spool import SpoolLockedError
 
     if not directory.is_dir():
         console.print(f"[red]error:[/red] {directory} is not a directory")
         raise typer.Exit(2)
+    if rejected and from_start:
+        console.print("[red]error:[/red] --rejected resends refused batches; --all does not apply")
+        raise typer.Exit(2)
     try:
-        result = replay(directory, server, from_start=from_start, token=token)
+        if rejected:
+            result = replay_rejected(directory, server, token=token)
+        else:
+            result = replay(directory, server, from_start=from_start, token=token)
     except (ConnectionError, SpoolLockedError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(" ".join(f"{k}={v}" for k, v in result.items()))
+    if result.get("rejected") or result.get("still_rejected"):
+        console.print(
+            "[yellow]warning:[/yellow] the service refused some records for good; they are "
+            f"kept in the spools' rejected/ folders under {directory} (the reasons beside "
+            "them): resend them with --rejected once the service accepts them"
+        )
+        if result.get("still_rejected"):
+            raise typer.Exit(1)
 
 
 @app.command("import-mgm")

@@ -18,6 +18,10 @@ class AttemptRead(BaseModel):
     hook_errors: int
     last_seen: float | None
     counters: dict[str, int] | None
+    start_declared: bool = Field(
+        True, description="false while only a heartbeat or attempt_end of it has arrived"
+    )
+    heartbeat_s: float | None = Field(None, description="the heartbeat interval it declared")
 
 
 class RunSummary(BaseModel):
@@ -25,8 +29,16 @@ class RunSummary(BaseModel):
     name: str
     project: str
     created_at: float
-    status: str = Field(description="running, completed or failed (from the last attempt)")
+    status: str = Field(
+        description="running, completed, failed or stalled: the newest attempt's, as "
+        "docs/ACCOUNTING.md decides it"
+    )
     tags: list[str] = Field(default_factory=list)
+    declared: bool = Field(
+        True,
+        description="false while only other records of the run have arrived (records come "
+        "in any order): name, project and receipt parts are placeholders until its run record",
+    )
 
 
 class RunRead(RunSummary):

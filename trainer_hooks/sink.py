@@ -3,21 +3,37 @@
 `SpoolSink` never blocks the training thread: `emit` appends to an in-memory deque (bounded;
 overflow is counted, never waited on). A background thread serialises the records, appends them
 to the on-disk spool, and, when a server URL is set, sends unacknowledged frames in batches to
-`POST /api/v1/ingest`, retrying with backoff while the service is down. Ingest is idempotent on
-natural keys, so a batch resent after a lost reply stores nothing twice.
+`POST /api/v1/ingest`. Ingest is idempotent on natural keys, so a batch resent after a lost
+reply stores nothing twice, and a 200 means the batch is committed.
+
+What the service answers decides what happens to a batch (`classify`):
+- 200: acknowledged, the spool moves on;
+- a connection error, any 5xx, 408, 429, or a 409 marked retriable (`Retry-After`, or a JSON
+  body with `"retriable": true`): kept and sent again with backoff, after the `Retry-After`
+  the service asks for (capped at `max_retry_after_s`);
+- 400, 413, 415, 422 (the records can never be valid for this service): moved to the spool's
+  `rejected/` folder with the service's answer, and said loudly (a warning naming the count,
+  the file and the message); `goodput spool replay DIR --rejected` resends them after an
+  upgrade of the service;
+- anything else (401 or 403, a wrong token; 404; a 409 without the marker...): kept, retried
+  at the slowest pace, a warning once, until an operator fixes it.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import TypeAdapter
@@ -25,12 +41,23 @@ from pydantic import TypeAdapter
 from trainer_hooks.device import is_ready, settle
 from trainer_hooks.records import Record
 from trainer_hooks.routing import finish_routing_fields
-from trainer_hooks.spool import Segment, Spool
+from trainer_hooks.spool import (
+    REJECTED_DIR,
+    SEGMENT_SUFFIX,
+    Segment,
+    Spool,
+    rejected_reason_path,
+)
 
 log = logging.getLogger("trainer_hooks.sink")
 
 INGEST_PATH = "/api/v1/ingest"
 PendingRecord = tuple[str, dict[str, Any]]
+
+REJECTED_STATUSES = frozenset({400, 413, 415, 422})  # the records can never be valid
+RETRIED_STATUSES = frozenset({408, 429})  # and every 5xx, and a 409 marked retriable
+RETRY_AFTER_CAP_S = 30.0
+Outcome = Literal["sent", "rejected", "retry", "held"]
 
 
 @dataclass
@@ -46,6 +73,7 @@ class SinkStats:
     errors: int = 0
     pending_bytes: int = 0
     last_error: str | None = None
+    rejected_files: list[str] = field(default_factory=list)  # batches moved to rejected/
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,8 +97,60 @@ def to_payload(kind: str, fields: dict[str, Any]) -> bytes:
     return _RECORD.validate_python(out).model_dump_json(exclude_none=True).encode()
 
 
+def retry_after_s(value: str | None, cap: float = RETRY_AFTER_CAP_S) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (delta-seconds or an HTTP date), between
+    0 and `cap`; None when absent or unreadable."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(cap, max(0.0, seconds))
+
+
+def _marked_retriable(resp: httpx.Response) -> bool:
+    """A 409 the service marks as worth retrying: a `Retry-After`, or `"retriable": true` in
+    its JSON body (at the top or in `detail`)."""
+    if "retry-after" in resp.headers:
+        return True
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    detail = body.get("detail")
+    return body.get("retriable") is True or (
+        isinstance(detail, dict) and detail.get("retriable") is True
+    )
+
+
+def classify(resp: httpx.Response) -> Outcome:
+    """What a response means for the batch: see the module's docstring."""
+    code = resp.status_code
+    if code == 200:
+        return "sent"
+    if code in REJECTED_STATUSES:
+        return "rejected"
+    if code >= 500 or code in RETRIED_STATUSES or (code == 409 and _marked_retriable(resp)):
+        return "retry"
+    return "held"
+
+
 class Sender:
-    """Sends a spool's unacknowledged frames to the service; shared by the sink and replay."""
+    """Sends a spool's unacknowledged frames to the service; shared by the sink and replay.
+    After a send that failed, `retriable` says whether waiting may help (False: the service
+    refused in a way an operator must fix) and `retry_after` how long the service asked to
+    wait (seconds, capped; None when it did not say)."""
 
     def __init__(
         self,
@@ -78,13 +158,19 @@ class Sender:
         batch_records: int = 2000,
         timeout_s: float = 10.0,
         token: str | None = None,
+        max_retry_after_s: float = RETRY_AFTER_CAP_S,
     ):
         self.url = server_url.rstrip("/") + INGEST_PATH
         self.batch_records = batch_records
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        self.max_retry_after_s = max_retry_after_s
         self.inserted = 0
         self.duplicates = 0
+        self.retriable = True
+        self.retry_after: float | None = None
+        self.last_answer = ""  # the body of the service's last refusal
+        self._held_warned: int | None = None  # the status last warned about, once in a row
 
     def close(self) -> None:
         self.client.close()
@@ -100,8 +186,14 @@ class Sender:
                     seg.set_acked(chunk.end_offset)  # only corrupt frames: skip them for good
                     offset = chunk.end_offset
                 break
-            if not self._post(chunk.payloads, spool, stats):
+            body = b'{"records":[' + b",".join(chunk.payloads) + b"]}"
+            outcome = self.post(body, stats)
+            if outcome == "rejected":
+                self._reject(spool, body, len(chunk.payloads), stats)
+            elif outcome != "sent":
                 return False
+            else:
+                stats.records_sent += len(chunk.payloads)
             seg.set_acked(chunk.end_offset)
             offset = chunk.end_offset
             if chunk.torn_tail:
@@ -112,8 +204,9 @@ class Sender:
             seg.set_acked(seg.size())
         return True
 
-    def _post(self, payloads: list[bytes], spool: Spool, stats: SinkStats) -> bool:
-        body = b'{"records":[' + b",".join(payloads) + b"]}"
+    def post(self, body: bytes, stats: SinkStats) -> Outcome:
+        """POST one batch; counts what the service stored, or why it did not."""
+        self.retriable, self.retry_after = True, None
         try:
             resp = self.client.post(
                 self.url, content=body, headers={"content-type": "application/json"}
@@ -121,34 +214,47 @@ class Sender:
         except httpx.HTTPError as exc:
             stats.send_failures += 1
             stats.last_error = f"{type(exc).__name__}: {exc}"
-            return False
-        if resp.status_code == 200:
+            return "retry"
+        outcome = classify(resp)
+        if outcome == "sent":
             result = resp.json()
             self.inserted += int(result.get("inserted", 0))
             self.duplicates += int(result.get("duplicates", 0))
-            stats.records_sent += len(payloads)
-            return True
-        if resp.status_code in (401, 403):  # a token problem: keep everything, retry later
-            stats.send_failures += 1
-            stats.last_error = f"HTTP {resp.status_code}: {resp.text[:500]}"
-            return False
-        if resp.status_code in (400, 413, 422):
-            # The service will never accept this batch: keep it beside the spool, move on.
-            self._dead_letter(spool, body, resp.text)
-            stats.records_rejected += len(payloads)
-            stats.last_error = f"HTTP {resp.status_code}: {resp.text[:500]}"
-            return True
-        stats.send_failures += 1
+            self._held_warned = None
+            return outcome
         stats.last_error = f"HTTP {resp.status_code}: {resp.text[:500]}"
-        return False
+        self.last_answer = resp.text
+        if outcome == "rejected":
+            return outcome
+        stats.send_failures += 1
+        self.retry_after = retry_after_s(resp.headers.get("retry-after"), self.max_retry_after_s)
+        if outcome == "held":
+            self.retriable = False
+            if self._held_warned != resp.status_code:
+                self._held_warned = resp.status_code
+                log.warning(
+                    "the service refused a batch with HTTP %d (%s); its records stay in the "
+                    "spool, to be sent again",
+                    resp.status_code,
+                    resp.text[:500],
+                )
+        return outcome
 
-    @staticmethod
-    def _dead_letter(spool: Spool, body: bytes, reason: str) -> None:
-        path = Path(spool.dir) / "rejected"
-        path.mkdir(exist_ok=True)
-        stamp = f"{time.time():.6f}"
-        (path / f"{stamp}.json").write_bytes(body)
-        (path / f"{stamp}.reason.txt").write_text(reason)
+    def _reject(self, spool: Spool, body: bytes, n: int, stats: SinkStats) -> None:
+        """The service will never accept this batch: keep it beside the spool, say so
+        loudly, move on."""
+        path = spool.reject(body, self.last_answer)
+        stats.records_rejected += n
+        stats.rejected_files.append(str(path))
+        log.warning(
+            "the service refused %d records for good (%s); the batch is kept in %s. Once "
+            "the service accepts them (an upgrade), resend with: goodput spool replay %s "
+            "--server URL --rejected",
+            n,
+            stats.last_error,
+            path,
+            spool.dir,
+        )
 
 
 class SpoolSink:
@@ -165,6 +271,7 @@ class SpoolSink:
         max_backoff_s: float = 2.0,
         fsync: bool = True,
         token: str | None = None,
+        max_retry_after_s: float = RETRY_AFTER_CAP_S,
     ) -> None:
         self.spool = Spool(spool_dir)
         self.spool.lock()
@@ -176,7 +283,11 @@ class SpoolSink:
         self._interval = flush_interval_s
         self._max_backoff = max_backoff_s
         self._fsync = fsync
-        self._sender = Sender(server_url, batch_records, token=token) if server_url else None
+        self._sender = (
+            Sender(server_url, batch_records, token=token, max_retry_after_s=max_retry_after_s)
+            if server_url
+            else None
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._progress = threading.Condition()
@@ -226,7 +337,7 @@ class SpoolSink:
             self._guard(self._spool_queue)
             if self._sender is not None and time.monotonic() >= next_send:
                 sent = self._guard(self._send_all)
-                backoff = 0.0 if sent else min(self._max_backoff, max(0.1, backoff * 2))
+                backoff = 0.0 if sent else self._next_backoff(backoff)
                 next_send = time.monotonic() + backoff
             if not stopping:
                 self._wake.wait(self._interval)
@@ -239,6 +350,17 @@ class SpoolSink:
         self._guard(self._spool_queue)  # past the deadline: what never landed is counted
         self.stats.records_dropped += len(self._unspooled)  # the disk never took these
         self._unspooled = []
+
+    def _next_backoff(self, backoff: float) -> float:
+        """After a failed send: double the wait (0.1 s up to max_backoff_s); wait at least
+        what the service asked for (Retry-After, capped), and the longest for a refusal
+        that waiting will not cure (a wrong token)."""
+        assert self._sender is not None
+        wait = min(self._max_backoff, max(0.1, backoff * 2))
+        if not self._sender.retriable:
+            wait = self._max_backoff
+        asked = self._sender.retry_after
+        return wait if asked is None else max(wait, asked)
 
     def _guard(self, fn: Callable[[], bool | None]) -> bool:
         try:
@@ -309,23 +431,67 @@ class SpoolSink:
         return True
 
 
+REPLAY_RETRIES = 4  # a batch the service could not take now: tried again 4 times
+REPLAY_FIRST_WAIT_S = 0.5  # then doubled: 0.5, 1, 2, 4 s, or what Retry-After asks
+REPLAY_RETRY_AFTER_CAP_S = 10.0
+
+
+def _retrying(
+    sender: Sender, stats: SinkStats, retries: int, send: Callable[[], Outcome]
+) -> Outcome:
+    """Call `send` until the service answers for good ("sent" or "rejected"); a retriable
+    failure is tried again `retries` times with backoff (Retry-After honoured, capped), then
+    ConnectionError, as at once for a refusal that waiting will not cure."""
+    wait = REPLAY_FIRST_WAIT_S
+    for attempt in range(retries + 1):
+        outcome = send()
+        if outcome in ("sent", "rejected"):
+            return outcome
+        if outcome == "held" or attempt == retries:
+            break
+        asked = sender.retry_after
+        time.sleep(wait if asked is None else max(wait, asked))
+        wait *= 2
+    raise ConnectionError(stats.last_error or "service unavailable")
+
+
+def _send_segment(
+    sender: Sender, spool: Spool, seg: Segment, stats: SinkStats, from_start: bool
+) -> Outcome:
+    # With from_start, a retry starts the segment over too (what was sent is a duplicate).
+    if sender.send_segment(spool, seg, stats, from_start=from_start):
+        return "sent"
+    return "retry" if sender.retriable else "held"
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[Spool]:
+    spool = Spool(directory)
+    spool.lock()
+    try:
+        yield spool
+    finally:
+        spool.unlock()
+
+
 def replay(
-    spool_dir: str | Path, server_url: str, from_start: bool = False, token: str | None = None
+    spool_dir: str | Path,
+    server_url: str,
+    from_start: bool = False,
+    token: str | None = None,
+    retries: int = REPLAY_RETRIES,
 ) -> dict[str, int]:
-    """Send what a spool holds (every spool under `spool_dir`); safe to run twice."""
+    """Send what a spool holds (every spool under `spool_dir`); safe to run twice. Batches
+    the service refuses for good go to `rejected/`, with a warning (`replay_rejected`)."""
     stats = SinkStats()
-    sender = Sender(server_url, token=token)
-    dirs = sorted({p.parent for p in Path(spool_dir).rglob("*.seg")})
+    sender = Sender(server_url, token=token, max_retry_after_s=REPLAY_RETRY_AFTER_CAP_S)
+    dirs = sorted({p.parent for p in Path(spool_dir).rglob("*" + SEGMENT_SUFFIX)})
     try:
         for d in dirs:
-            spool = Spool(d)
-            spool.lock()
-            try:
+            with _locked(d) as spool:
                 for seg in spool.segments():
-                    if not sender.send_segment(spool, seg, stats, from_start=from_start):
-                        raise ConnectionError(stats.last_error or "service unavailable")
-            finally:
-                spool.unlock()
+                    send = partial(_send_segment, sender, spool, seg, stats, from_start)
+                    _retrying(sender, stats, retries, send)
     finally:
         sender.close()
     return {
@@ -335,4 +501,44 @@ def replay(
         "duplicates": sender.duplicates,
         "rejected": stats.records_rejected,
         "corrupt_frames": stats.corrupt_frames,
+    }
+
+
+def replay_rejected(
+    spool_dir: str | Path,
+    server_url: str,
+    token: str | None = None,
+    retries: int = REPLAY_RETRIES,
+) -> dict[str, int]:
+    """Send again the batches the service refused for good (each spool's `rejected/` under
+    `spool_dir`), e.g. after an upgrade of the service; each one it takes is deleted. One it
+    refuses again stays, its reason updated, with a warning."""
+    stats = SinkStats()
+    sender = Sender(server_url, token=token, max_retry_after_s=REPLAY_RETRY_AFTER_CAP_S)
+    dirs = sorted({p.parent for p in Path(spool_dir).rglob(REJECTED_DIR) if p.is_dir()})
+    sent = refused = 0
+    try:
+        for d in dirs:
+            with _locked(d) as spool:
+                for path in spool.rejected():
+                    send = partial(sender.post, path.read_bytes(), stats)
+                    if _retrying(sender, stats, retries, send) == "sent":
+                        spool.forget_rejected(path)
+                        sent += 1
+                        continue
+                    refused += 1
+                    rejected_reason_path(path).write_text(sender.last_answer)
+                    log.warning(
+                        "the service refused %s again (%s); it stays where it is",
+                        path,
+                        stats.last_error,
+                    )
+    finally:
+        sender.close()
+    return {
+        "spools": len(dirs),
+        "batches_sent": sent,
+        "inserted": sender.inserted,
+        "duplicates": sender.duplicates,
+        "still_rejected": refused,
     }

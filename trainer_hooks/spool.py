@@ -9,6 +9,11 @@ the segment, written atomically (temp file + rename), so a replay resumes where 
 stopped. A frame cut short at the end of a segment (a torn tail, e.g. after a crash) ends the
 read; a frame whose checksum fails is skipped and counted, and reading resynchronises on the
 next magic. Fully acknowledged segments are deleted, except the newest.
+
+Batches the service refused for good (a 400, 413, 415 or 422: records it can never accept)
+are kept beside the segments, in `rejected/`: `<stamp>.json` is the request body as sent,
+`<stamp>.reason.txt` the service's answer. `goodput spool replay --rejected` sends them
+again (after an upgrade of the service) and deletes each one the service takes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,9 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 ACK_SUFFIX = ".ack"
 LOCK_NAME = "spool.lock"
+REJECTED_DIR = "rejected"
+_REJECTED_BODY = ".json"
+_REJECTED_REASON = ".reason.txt"
 
 
 class SpoolLockedError(RuntimeError):
@@ -77,6 +86,19 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rejected_reason_path(body: Path) -> Path:
+    return body.with_name(body.name[: -len(_REJECTED_BODY)] + _REJECTED_REASON)
 
 
 class Segment:
@@ -183,6 +205,34 @@ class Spool:
 
     def is_active(self, seg: Segment) -> bool:
         return self._active is not None and seg.path == self._active.path
+
+    # -- batches the service refused for good --
+    def reject(self, body: bytes, reason: str) -> Path:
+        """Keep a refused request body (and the service's answer) in `rejected/`; returns
+        the body's path. Names sort in the order batches were refused."""
+        folder = self.dir / REJECTED_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = f"{time.time():.6f}"
+        n = 0
+        while (folder / f"{stamp}-{n}{_REJECTED_BODY}").exists():
+            n += 1
+        path = folder / f"{stamp}-{n}{_REJECTED_BODY}"
+        _atomic_write_bytes(path, body)
+        _atomic_write(rejected_reason_path(path), reason)
+        return path
+
+    def rejected(self) -> list[Path]:
+        """The refused request bodies in `rejected/`, oldest first."""
+        folder = self.dir / REJECTED_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.glob("*" + _REJECTED_BODY) if p.is_file())
+
+    @staticmethod
+    def forget_rejected(path: Path) -> None:
+        """Delete a refused body, and its reason, once the service has taken it."""
+        path.unlink(missing_ok=True)
+        rejected_reason_path(path).unlink(missing_ok=True)
 
     # -- reading --
     def pending(self) -> int:

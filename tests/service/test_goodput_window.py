@@ -40,9 +40,7 @@ def test_window_cuts_intervals_and_keeps_the_invariant() -> None:
 
 def test_windows_partition_the_run() -> None:
     whole = run_goodput(inputs())
-    parts = [
-        run_goodput(inputs(), a, b) for a, b in rolling(run_extent(whole), 5.0, 5.0)
-    ]
+    parts = [run_goodput(inputs(), a, b) for a, b in rolling(run_extent(whole), 5.0, 5.0)]
     assert sum(p.total_s for p in parts) == pytest.approx(whole.total_s)
     assert sum(p.goodput_s for p in parts) == pytest.approx(whole.goodput_s)
     assert all(adds_up(p) for p in parts)

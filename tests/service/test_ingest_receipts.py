@@ -33,10 +33,12 @@ def test_heartbeats_keep_the_latest_time_and_repeat_as_duplicates(app: Any, clie
     assert rows(app, Attempt)[0].last_seen == f.T0 + 9
 
 
-def test_heartbeat_of_an_unknown_attempt_is_refused(client: Any) -> None:
-    resp = post(client, [f.run(), f.heartbeat(f.T0 + 1, attempt=3)])
-    assert resp.status_code == 422
-    assert resp.json()["detail"][0]["field"] == "records.1.attempt"
+def test_heartbeat_of_an_attempt_never_started_makes_a_placeholder(app: Any, client: Any) -> None:
+    resp = post(client, [f.run(), f.heartbeat(f.T0 + 1, attempt=3, interval_s=5.0)])
+    assert resp.json() == {"inserted": 2, "duplicates": 0}
+    (row,) = rows(app, Attempt)
+    assert (row.attempt, row.start, row.last_seen) == (3, f.T0 + 1, f.T0 + 1)
+    assert not row.start_declared and row.heartbeat_s == 5.0
 
 
 def test_routing_rows_store_the_histogram_and_derived_rates(app: Any, client: Any) -> None:
