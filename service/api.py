@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -126,6 +127,11 @@ INGEST_BODY_DOC: dict[str, Any] = {
 }
 DOCUMENTED_BODIES = (IngestBatch,)
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {
+        "description": "a record resent under a stored natural key with other content: "
+        "`detail[]` names each (`record`, `key`, `fields`: stored and sent values), "
+        '`"retriable": false`; nothing of the batch is stored'
+    },
     413: {"description": "the body is over the size limit, which the message states"},
     415: {"description": "a Content-Type other than JSON, or an encoding other than gzip"},
     422: {
@@ -144,12 +150,18 @@ _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     openapi_extra=INGEST_BODY_DOC,
     responses=_INGEST_ERRORS,
 )
-def ingest(body: Annotated[bytes, Depends(json_body)], factory: SessionmakerDep) -> IngestResult:
+def ingest(
+    body: Annotated[bytes, Depends(json_body)], factory: SessionmakerDep
+) -> IngestResult | JSONResponse:
     """Store a batch of records (`IngestBatch`) in one transaction, committed before the
     answer: a 200 means stored (a commit that fails is an error response). Records may come
-    in any order; resent records count as duplicates."""
-    with gc_pause.paused(), session_scope(factory) as session:
-        result = store_body(session, body)
+    in any order; resent records count as duplicates, a record resent with other content
+    is a 409 naming it (nothing of the batch stored)."""
+    try:
+        with gc_pause.paused(), session_scope(factory) as session:
+            result = store_body(session, body)
+    except repo.IngestConflict as exc:  # rolled back by session_scope
+        return JSONResponse({"detail": exc.conflicts, "retriable": False}, status_code=409)
     return result  # committed: session_scope has returned
 
 
@@ -160,6 +172,8 @@ def store_body(session: Session, body: bytes) -> IngestResult:
     batch = parse_batch(body)
     try:
         return repo.ingest(session, batch.records)
+    except repo.IngestConflict:
+        raise
     except repo.IngestError as exc:
         raise RequestValidationError(exc.errors) from exc
 

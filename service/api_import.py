@@ -61,19 +61,26 @@ RunName = Annotated[
 ]
 
 
-_CONFLICT_DOC: dict[int | str, dict[str, Any]] = {
+_MEDIA_TYPES = frozenset(_BODY_DOC["requestBody"]["content"]) | {"application/jsonl"}
+
+_ERRORS_DOC: dict[int | str, dict[str, Any]] = {
+    413: {"description": "the body is over the size limit, which the message states"},
+    415: {
+        "description": "a Content-Type other than application/json, application/x-ndjson "
+        "or text/plain (none at all is read as JSON), or an encoding other than gzip"
+    },
     409: {
         "description": "the log contradicts the run stored under its id (`conflicting_records`: "
         "the keys and both values) or names it otherwise (`run_name_mismatch`: both names and "
         "the run_name to pass); nothing is stored"
-    }
+    },
 }
 
 
 @router.post(
     "/import/ml-goodput",
     response_model=ImportResult,
-    responses=_CONFLICT_DOC,
+    responses=_ERRORS_DOC,
     openapi_extra=_BODY_DOC,
 )
 async def import_ml_goodput(request: Request, run_name: RunName = None) -> ImportResult:
@@ -81,10 +88,22 @@ async def import_ml_goodput(request: Request, run_name: RunName = None) -> Impor
     same log again stores nothing twice; unreadable entries are a 422 naming them. A log
     that contradicts the run stored under its id, or another name for that run, is a 409
     naming the values, and nothing is stored."""
+    kind = request.headers.get("content-type")
+    if kind is not None:
+        media = kind.split(";", 1)[0].strip().lower()
+        if media not in _MEDIA_TYPES and not media.endswith("+json"):
+            shown = kind[:80]
+            detail = (
+                f"Content-Type {shown!r}: send application/json (an array of entries) or "
+                "application/x-ndjson (JSON lines)"
+            )
+            raise HTTPException(415, detail=detail)
     body = await request.body()
     factory = request.app.state.sessionmaker
     try:
         return await run_in_threadpool(_import, body, run_name, factory)
+    except repo.IngestConflict as exc:  # a record contradicting a stored one of its key
+        raise HTTPException(409, detail=exc.conflicts) from exc
     except (MgmFormatError, repo.IngestError) as exc:
         raise RequestValidationError(exc.errors) from exc
     except ImportConflict as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import zlib
 from collections.abc import Sequence
@@ -13,7 +14,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,18 +70,52 @@ _TRANSIENT = (
 )
 
 
+RETRY_AFTER_S = 1
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
 async def _db_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    """503 for a database that is down or busy (clients retry); any other OperationalError
-    (SQLite reports bad SQL as one too) is a bug: a logged 500, never dressed up as a 503."""
+    """503 for a database that is down or busy (clients retry); any other database error
+    (SQLite reports bad SQL as an OperationalError too) is a bug: a logged 500, never
+    dressed up as a 503."""
     text = str(getattr(exc, "orig", exc)).lower()
-    if any(word in text for word in _TRANSIENT):
-        return JSONResponse(
-            {"detail": "database unavailable, retry later"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+    lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if lost or any(word in text for word in _TRANSIENT):
+        return _unavailable("database unavailable, retry later")
     log.error("database error", exc_info=exc)
     return JSONResponse({"detail": "internal database error"}, status_code=500)
+
+
+async def _pool_timeout(_request: Request, _exc: Exception) -> JSONResponse:
+    """Every pooled connection stayed busy for the pool's timeout: the database is
+    overloaded for now, a 503 the client retries after Retry-After."""
+    return _unavailable("database busy (no connection free in time), retry later")
+
+
+class HeadAsGet:
+    """Answer HEAD wherever GET is answered: the request runs as a GET and its body is
+    dropped, its headers (Content-Length and Content-Type included) kept. FastAPI routes
+    declare GET alone, which would make HEAD a 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headless(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headless)
 
 
 class BodyLimit:
@@ -246,8 +282,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(OperationalError, _db_unavailable)
+    app.add_exception_handler(DBAPIError, _db_unavailable)
+    app.add_exception_handler(PoolTimeoutError, _pool_timeout)
     _add_middleware(app, settings)
     return app
+
+
+def from_env() -> FastAPI:
+    """The app with its settings from the environment (GOODPUT_*): the factory each worker
+    of `goodput serve --workers N` builds (`uvicorn service.app:from_env --factory`)."""
+    application = create_app()
+    # Long-lived objects go to the permanent generation, as `goodput serve` does (cli.py).
+    gc.collect()
+    gc.freeze()
+    return application
 
 
 def _document_bodies(app: FastAPI) -> None:
@@ -271,9 +319,9 @@ def _document_bodies(app: FastAPI) -> None:
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """From the outside in: CORS, tokens, ingest counters, body limit (Starlette runs the
-    last added first): no body is read before the token is checked, and the counters see
-    the body limit's 413s."""
+    """From the outside in: HEAD as GET, CORS, tokens, ingest counters, body limit
+    (Starlette runs the last added first): no body is read before the token is checked, and
+    the counters see the body limit's 413s."""
     app.add_middleware(
         BodyLimit,
         limit=settings.max_body_bytes,
@@ -293,6 +341,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Content-Type", "Content-Encoding", "X-Goodput-Token"],
         )
+    app.add_middleware(HeadAsGet)
 
 
 def _secret(value: SecretStr | None) -> str | None:

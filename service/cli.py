@@ -3,10 +3,17 @@
 The service side never imports torch: `goodput train` hands over to `python -m moe_core.train`
 (its flags are documented by `goodput train --help`), and `goodput demo` runs that loop as a
 child process against a service it serves from a thread.
+
+A mistake in the configuration (a bad `--db` URL, a database that refuses the connection, a
+bad `GOODPUT_*` setting, a schema to upgrade, a port in use) is one line on stderr,
+`goodput: <what is wrong>; <what to do>`, never a traceback. Exit status: 0 done, 1 a
+runtime failure (a database that cannot be reached, a service that refused records), 2 a
+usage or configuration error.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import socket
@@ -15,8 +22,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -24,6 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 from service.settings import DEFAULT_DATABASE_URL
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -41,16 +53,120 @@ DbOption = Annotated[
 ]
 
 
-def _build_app(db: str) -> Any:
-    from service.app import create_app
+USAGE = 2  # exit status of a usage or configuration error
+FAILURE = 1  # exit status of a runtime failure
+
+
+def fail(message: str, code: int = USAGE) -> NoReturn:
+    """Say what is wrong in one line on stderr, `goodput: ...`, and exit with `code`."""
+    line = " ".join(message.split())
+    sys.stderr.write(f"goodput: {line}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def shown_url(db: str) -> str:
+    """The URL as messages show it: without its password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(db).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a URL)"
+
+
+_URL_HELP = "pass --db sqlite:///PATH or --db postgresql://USER@HOST:PORT/DATABASE"
+
+
+@contextmanager
+def database_errors(db: str) -> Iterator[None]:
+    """Turn what opening, checking or migrating the database at `db` raises into one line."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+
     from service.migrate import SchemaError
+
+    try:
+        yield
+    except SchemaError as exc:
+        fail(str(exc))
+    except ArgumentError as exc:  # NoSuchModuleError too: an unknown dialect
+        fail(f"--db is not a database URL goodput can use ({_first_line(exc)}); {_URL_HELP}")
+    except ImportError as exc:
+        fail(
+            f"no driver for the database at {shown_url(db)} ({exc}): goodput stores in "
+            f"SQLite or PostgreSQL; {_URL_HELP}"
+        )
+    except DBAPIError as exc:
+        message, code = _connect_error(db, exc)
+        fail(message, code)
+    except CommandError as exc:  # alembic: an unknown revision, say
+        fail(f"{_first_line(exc)}; run goodput db upgrade without --revision to reach the newest")
+    except SQLAlchemyError as exc:
+        fail(f"the database at {shown_url(db)} failed: {_first_line(exc)}", FAILURE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _connect_error(db: str, exc: Exception) -> tuple[str, int]:
+    """The message and exit status for a database that refused to open or answer."""
+    from service.db import is_sqlite
+
+    where = shown_url(db)
+    reason = _first_line(exc)
+    if is_sqlite(db):
+        return (
+            f"cannot open the SQLite database at {where}: {reason}; check that its folder "
+            f"exists and is writable, or pass --db",
+            USAGE,
+        )
+    reason = reason.rsplit(" failed: ", 1)[-1].replace("FATAL:", "").strip()
+    refused = ("does not exist", "authentication failed", "password", "permission denied")
+    if any(word in reason.lower() for word in refused):
+        return f"the database at {where} refused the connection: {reason}; fix --db", USAGE
+    return (
+        f"cannot reach the database at {where}: {reason[:1].lower() + reason[1:]}; start it "
+        "or pass --db",
+        FAILURE,
+    )
+
+
+def load_settings(db: str) -> Settings:
+    """The service settings: `db`, and the rest from GOODPUT_* variables; a bad one is one
+    line naming the variable."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     from service.settings import Settings
 
     try:
-        application = create_app(Settings(database_url=db))
-    except SchemaError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        return Settings(database_url=db)
+    except ValidationError as exc:
+        fail(settings_message(exc))
+    except SettingsError as exc:
+        fail(f"a GOODPUT_* setting cannot be read: {_first_line(exc)}")
+
+
+def settings_message(exc: Any) -> str:
+    """`GOODPUT_<NAME>: <what is wrong>` for each setting the environment got wrong."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        name = str(err["loc"][0]) if err["loc"] else "setting"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"GOODPUT_{name.upper()}: {msg}")
+    return "bad setting " + "; ".join(parts) + " (fix the environment variable or unset it)"
+
+
+def _build_app(db: str) -> Any:
+    from service.app import create_app
+
+    settings = load_settings(db)
+    with database_errors(db):
+        application = create_app(settings)
     # The server's long-lived objects (modules, the app, SQLAlchemy's and pydantic's caches)
     # go to the permanent generation: a full collection then scans only what requests
     # allocate, instead of some 100k objects each time (60-75 ms per collection measured,
@@ -61,16 +177,30 @@ def _build_app(db: str) -> Any:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        fail(f"--port {port}: a TCP port is 0 to 65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            console.print(
-                f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}; "
-                "choose another with --port"
+            fix = "choose another with --port" if exc.errno == errno.EADDRINUSE else "check --host"
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}")
+
+
+def _check_workers(workers: int, db: str) -> None:
+    from service.db import is_sqlite
+
+    if workers < 1:
+        fail(f"--workers {workers}: give 1 or more")
+    if workers > 1:
+        with database_errors(db):
+            sqlite = is_sqlite(db)
+        if sqlite:
+            fail(
+                f"--workers {workers} needs PostgreSQL: SQLite takes one writer at a time, so "
+                "one worker serves it best; drop --workers, or pass --db postgresql://..."
             )
-            raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -78,17 +208,40 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8787,
     db: DbOption = DEFAULT_DATABASE_URL,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="server processes (PostgreSQL only; SQLite is served by one)",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the REST API and dashboards (SQLite is migrated automatically at start)."""
     import uvicorn
 
+    _check_workers(workers, db)
     _check_port_free(host, port)
-    application = _build_app(db)
+    application = _build_app(db)  # checks the settings and the database, whatever workers
     console.print(
         f"goodput serving on http://{host}:{port}  (dashboards: "
         f"http://{host}:{port}/dashboards/goodput, API docs: /docs)"
+        + (f", {workers} workers" if workers > 1 else ""),
+        soft_wrap=True,
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(application, host=host, port=port, log_level="warning")
+        return
+    # Each worker process builds its own app from the environment (service.app.from_env).
+    application.state.engine.dispose()
+    os.environ["GOODPUT_DATABASE_URL"] = db
+    uvicorn.run(
+        "service.app:from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+    )
 
 
 @app.command(
@@ -164,8 +317,7 @@ def import_mgm(
     import gzip
 
     if not file.is_file():
-        console.print(f"[red]error:[/red] {file} is not a file")
-        raise typer.Exit(2)
+        fail(f"{file} is not a file")
     headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -174,12 +326,12 @@ def import_mgm(
     try:
         body = gzip.compress(file.read_bytes())
         resp = httpx.post(url, content=body, headers=headers, params=params, timeout=300)
-    except (OSError, httpx.HTTPError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror or exc}")
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the service at {server}: {exc}; start it or pass --server", FAILURE)
     if resp.status_code != 200:
-        console.print(f"[red]error:[/red] HTTP {resp.status_code}: {resp.text[:2000]}")
-        raise typer.Exit(1)
+        fail(f"the service answered HTTP {resp.status_code}: {resp.text[:2000]}", FAILURE)
     result = resp.json()
     for warning in result.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -192,7 +344,8 @@ def db_upgrade(db: DbOption = DEFAULT_DATABASE_URL, revision: str = "head") -> N
     """Run the Alembic migrations up to REVISION (default: head)."""
     from service.migrate import upgrade
 
-    upgrade(db, revision)
+    with database_errors(db):
+        upgrade(db, revision)
     console.print(f"database at revision {revision}")
 
 
@@ -279,8 +432,7 @@ def _wait_started(server: Any, thread: threading.Thread, timeout_s: float = 30.0
     deadline = time.monotonic() + timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            console.print("[red]error:[/red] the service did not start")
-            raise typer.Exit(1)
+            fail("the service did not start", FAILURE)
         time.sleep(0.05)
 
 

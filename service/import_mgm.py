@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -142,6 +143,8 @@ def split_entries(text: str) -> tuple[str, list[tuple[int, Any]]]:
             items = json.loads(stripped, parse_constant=_no_constant)
         except ValueError as exc:
             raise MgmFormatError([], f"malformed JSON array: {exc}") from exc
+        except RecursionError as exc:
+            raise MgmFormatError([], "the JSON array is nested too deeply to read") from exc
         if not isinstance(items, list):
             raise MgmFormatError([], "expected a JSON array of entries")
         return "index", list(enumerate(items))
@@ -152,6 +155,9 @@ def split_entries(text: str) -> tuple[str, list[tuple[int, Any]]]:
                 out.append((n, json.loads(line, parse_constant=_no_constant)))
             except ValueError as exc:
                 raise MgmFormatError(["line", n], f"line {n} is not JSON: {exc}") from exc
+            except RecursionError as exc:
+                msg = f"line {n} is nested too deeply to read"
+                raise MgmFormatError(["line", n], msg) from exc
     return "line", out
 
 
@@ -165,9 +171,21 @@ def _fail(where: str, index: int, key: str, msg: str) -> MgmFormatError:
 
 def _number(where: str, index: int, entry: dict[str, Any], key: str) -> float:
     value = entry[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _fail(where, index, key, f"expected a number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(where, index, key, f"expected a number, got {_shown(value)}")
+    try:
+        number = float(value)  # an int past 1.8e308 overflows
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _fail(where, index, key, f"expected a finite number, got {_shown(value)}")
+    return number
+
+
+def _shown(value: Any) -> str:
+    """The value as the message shows it: short, whatever it is."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _epoch(where: str, index: int, entry: dict[str, Any], key: str) -> float:
@@ -178,16 +196,25 @@ def _epoch(where: str, index: int, entry: dict[str, Any], key: str) -> float:
 
 
 def _count(where: str, index: int, entry: dict[str, Any], key: str) -> int:
-    value = _number(where, index, entry, key)
-    if value != int(value) or not 0 <= value <= MAX_COUNT:
-        raise _fail(where, index, key, f"expected a whole number >= 0, got {entry[key]!r}")
-    return int(value)
+    value = _number(where, index, entry, key)  # a float: an int past 2^53 is compared exact
+    exact = entry[key] if isinstance(entry[key], int) else value
+    if value != int(value) or not 0 <= exact <= MAX_COUNT:
+        raise _fail(
+            where, index, key, f"expected a whole number from 0 to 2^53, got {_shown(entry[key])}"
+        )
+    return int(exact)
 
 
 def _text(where: str, index: int, entry: dict[str, Any], key: str) -> str:
     value = entry[key]
     if not isinstance(value, str):
-        raise _fail(where, index, key, f"expected a string, got {value!r}")
+        raise _fail(where, index, key, f"expected a string, got {_shown(value)}")
+    if "\x00" in value:
+        raise _fail(where, index, key, "must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _fail(where, index, key, "must be valid UTF-8 (no lone surrogates)") from exc
     return value
 
 
@@ -249,6 +276,8 @@ def _checkpoint_event(where: str, i: int, entry: dict[str, Any]) -> Event | None
     duration = _number(where, i, entry, duration_key)
     if duration < 0:
         raise _fail(where, i, duration_key, f"a duration cannot be negative ({duration})")
+    if start + duration > _MAX_EPOCH:
+        raise _fail(where, i, duration_key, f"{duration} s ends after the year 2200")
     return Event(where, i, start, "span", category=category, end=start + duration)
 
 
@@ -264,6 +293,7 @@ class Attempt:
     start: float
     last_seen: float
     steps: list[tuple[int, float]] = field(default_factory=list)
+    step_numbers: set[int] = field(default_factory=set)  # of `steps`, to find a repeat at once
     spans: list[tuple[str, float, float]] = field(default_factory=list)
     open_spans: dict[str, Event] = field(default_factory=dict)
     end: float | None = None
@@ -317,7 +347,7 @@ def _apply(state: _State, ev: Event) -> None:
         when = "before the first job_start_time" if not state.attempts else "after job_end_time"
         state.ignore(f"{ev.name}: {ev.kind} entry {when} (no attempt to put it in)")
         return
-    if ev.kind == "step" and any(s == ev.step for s, _ in a.steps):
+    if ev.kind == "step" and ev.step in a.step_numbers:
         _fail_current(state, f"restarted (step {ev.step} logged again, no job_start_time)")
         a = _begin(state, ev.time)
     a.last_seen = max(a.last_seen, ev.end if ev.kind == "span" else ev.time)
@@ -329,6 +359,7 @@ def _place(state: _State, a: Attempt, ev: Event) -> None:
         _close(state, a, ev.time, "completed", None)
     elif ev.kind == "step":
         a.steps.append((ev.step, ev.time))
+        a.step_numbers.add(ev.step)
     elif ev.kind == "span":
         a.spans.append((ev.category, ev.time, ev.end))
     elif ev.kind == "open":
@@ -436,9 +467,8 @@ def _job_name(events: list[Event], state: _State) -> tuple[str | None, list[Even
     """The first job name seen; entries of any other job are ignored."""
     names = [e.job for e in events if e.job is not None]
     job = names[0] if names else None
-    others = [e for e in events if e.job is not None and e.job != job]
-    for name in dict.fromkeys(e.job for e in others):
-        n = sum(1 for e in others if e.job == name)
+    others = Counter(e.job for e in events if e.job is not None and e.job != job)
+    for name, n in others.items():
         state.ignore(f"{n} entries of job {name!r} ignored: one job per import", n)
     return job, [e for e in events if e.job is None or e.job == job]
 
@@ -482,7 +512,10 @@ def _records(job: str | None, run_name: str | None, state: _State, pre: _State) 
             records += _attempt_records(run_id, a, state)
         records += _inferred_checkpoints(run_id, state.attempts)
     except ValidationError as exc:
-        raise MgmFormatError([], f"the log maps to an invalid record: {exc}") from exc
+        err = exc.errors(include_url=False, include_input=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = f"the log maps to an invalid {exc.title}: {field}: {err['msg']}"
+        raise MgmFormatError([exc.title, *err["loc"]], msg) from exc
     warnings = pre.warnings + state.warnings
     if len(warnings) > MAX_WARNINGS:
         more = len(warnings) - MAX_WARNINGS

@@ -8,7 +8,7 @@ over the layers of rank 0's newest routing step). A figure a run does not have y
 
 Service counters, kept in this process (they restart at zero): goodput_ingest_batches_total,
 goodput_ingest_records_total{result="inserted"|"duplicate"} and goodput_ingest_rejected_total
-(ingest requests refused for their content: 400, 413, 415, 422). `IngestCounting` counts them
+(ingest requests refused for their content: 400, 409, 413, 415, 422). `IngestCounting` counts them
 from the responses of POST /api/v1/ingest, so the route itself knows nothing of metrics.
 """
 
@@ -34,7 +34,7 @@ from service.security import route_path
 METRICS_RUNS = 200
 RECENT_STEPS = 20
 INGEST_PATH = "/api/v1/ingest"
-REFUSED_STATUSES = frozenset({400, 413, 415, 422})
+REFUSED_STATUSES = frozenset({400, 409, 413, 415, 422})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _RESULT_BODY_LIMIT = 4096
 
@@ -255,7 +255,7 @@ def _counter_lines(counters: IngestCounters) -> list[str]:
         *family(
             "goodput_ingest_rejected_total",
             "counter",
-            "Ingest requests refused for their content (400, 413, 415, 422).",
+            "Ingest requests refused for their content (400, 409, 413, 415, 422).",
             [({}, rejected)],
         ),
     ]

@@ -7,12 +7,14 @@ import base64
 import binascii
 import json
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Literal, NamedTuple, cast
+from operator import attrgetter, itemgetter
+from typing import Any, Literal, NamedTuple, NoReturn, cast
 
+from pydantic import BaseModel
 from sqlalchemy import (
     ColumnElement,
     Engine,
@@ -21,6 +23,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     exists,
     func,
     or_,
@@ -29,6 +32,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import Text as SAText
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -36,11 +40,13 @@ from service import repository_bulk as bulk
 from service import repository_rollups as rollups
 from service.goodput import STALL_INTERVALS, CheckpointIn, GoodputInputs, SpanIn, StepIn
 from service.models import (
+    ROLLUP_LEVELS,
     Attempt,
     Base,
     CheckpointCommit,
     ExcludedWindow,
     Observation,
+    PackedCounts,
     Profile,
     RoutingRow,
     Run,
@@ -56,11 +62,17 @@ from service.routing_stats import routing_figures
 from trainer_hooks.records import (
     AttemptEndRecord,
     AttemptStartRecord,
+    CheckpointRecord,
+    ExcludedWindowRecord,
     HeartbeatRecord,
     IngestResult,
+    ObservationRecord,
+    ProfileRecord,
     Record,
     RoutingRecord,
     RunRecord,
+    SpanRecord,
+    StepRecord,
 )
 
 
@@ -75,6 +87,141 @@ class IngestError(ValueError):
 
 def _err(index: int, field: str, msg: str, kind: str) -> dict[str, Any]:
     return {"loc": ["body", "records", index, field], "msg": msg, "type": kind}
+
+
+def _rec_err(index: int, rec: Any, field: str, msg: str, kind: str) -> dict[str, Any]:
+    """An error naming the record and its field (`records.3.step.end`)."""
+    return {"loc": ["body", "records", index, rec.kind, field], "msg": msg, "type": kind}
+
+
+class IngestConflict(IngestError):
+    """Records re-sent under a stored natural key with other content (issue 12): `conflicts`
+    (also `errors`, for a caller that only knows IngestError) names each one (`record`:
+    `records.N.<kind>`), its `key` and, per differing field, the stored and the sent value
+    (`fields`). Permanent: sending the batch again cannot help."""
+
+    def __init__(self, conflicts: list[dict[str, Any]]) -> None:
+        super().__init__(conflicts)
+        self.conflicts = conflicts
+
+
+MAX_REPORTED = 100  # conflicts or errors listed in one answer
+FUTURE_SLACK_S = 86_400.0  # a record dated later than this after the server's clock: refused
+
+# Per kind: its natural key (trainer_hooks/records.py), and the fields a re-send must repeat.
+_NATURAL_KEYS: dict[str, tuple[str, ...]] = {
+    "run": ("run_id",),
+    "attempt_start": ("run_id", "attempt", "rank"),
+    "attempt_end": ("run_id", "attempt", "rank"),
+    "step": ("run_id", "attempt", "rank", "step"),
+    "span": ("run_id", "attempt", "rank", "category", "start"),
+    "checkpoint": ("run_id", "attempt", "rank", "step"),
+    "routing": ("run_id", "attempt", "rank", "step", "layer"),
+    "observation": ("run_id", "attempt", "rank", "seam", "observed"),
+    "profile": ("run_id", "attempt", "rank", "first_step"),
+    "excluded_window": ("run_id", "start", "end"),
+}
+_OF_KIND: dict[str, type[Any]] = {
+    "step": StepRecord,
+    "span": SpanRecord,
+    "checkpoint": CheckpointRecord,
+    "routing": RoutingRecord,
+    "observation": ObservationRecord,
+    "profile": ProfileRecord,
+    "excluded_window": ExcludedWindowRecord,
+}
+_COMPARED: dict[str, tuple[str, ...]] = {
+    kind: tuple(
+        f for f in model.model_fields if f not in {"kind", "schema_version", *_NATURAL_KEYS[kind]}
+    )
+    for kind, model in _OF_KIND.items()
+}
+# A run record sent again (every rank and attempt sends one) must repeat these; its
+# created_at, environment and runtime_policy are the sender's own (its start, its host, its
+# world size after an elastic restart, its --steps after a resume): the first stays.
+# Its tags may only grow: a stored tag it lacks is a conflict, a new one is added.
+_COMPARED["run"] = ("name", "project", "model_plan")
+_COMPARED["attempt_start"] = ("start", "world_size")
+_COMPARED["attempt_end"] = ("end", "status", "cause", "hook_errors", "counters")
+_HISTOGRAMS = ("tokens_per_expert", "dropped_per_expert")  # stored packed
+
+
+def _plain(value: Any) -> Any:
+    """A sent value as JSON would carry it (a list of models as a list of dicts)."""
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return [v.model_dump() for v in value]
+    return value
+
+
+def _stored(field: str, value: Any, sent: Any) -> Any:
+    """A stored value as the record would carry it (SQLite's 0 and 1 as booleans, packed
+    histograms unpacked)."""
+    if value is None:
+        return None
+    if isinstance(sent, bool):
+        return bool(value)
+    if field in _HISTOGRAMS and isinstance(value, (bytes, bytearray, memoryview)):
+        return PackedCounts().process_result_value(bytes(value), cast(Any, None))
+    return value
+
+
+def _diffs(rec: Any, held: dict[str, Any], fields: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The fields whose stored (held) and sent values differ: both, by field."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in fields:
+        sent = _plain(getattr(rec, f))
+        stored = _stored(f, held[f], sent)
+        if stored != sent:
+            out[f] = (stored, sent)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class _Problems:
+    """What a batch contradicts, gathered while it is stored (nothing is committed before
+    `check`, which refuses the batch): a conflicting re-send (409) is reported before a
+    contradictory timing (422)."""
+
+    def __init__(self) -> None:
+        self.conflicts: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+
+    def compare(self, index: int, rec: Any, held: dict[str, Any]) -> None:
+        """Compare a record with what holds its key (a stored row's values, or the batch's
+        earlier record's): exactly, floats included."""
+        diffs = _diffs(rec, held, _COMPARED[rec.kind])
+        if diffs:
+            self.conflict(index, rec, diffs)
+
+    def conflict(self, index: int, rec: Any, diffs: dict[str, tuple[Any, Any]]) -> None:
+        key = {k: getattr(rec, k) for k in _NATURAL_KEYS[rec.kind]}
+        what = "; ".join(
+            f"{f}: stored {_short(a)}, sent {_short(b)}" for f, (a, b) in diffs.items()
+        )
+        self.conflicts.append(
+            {
+                "loc": ["body", "records", index, rec.kind],
+                "record": f"records.{index}.{rec.kind}",
+                "key": key,
+                "fields": {f: {"stored": a, "sent": b} for f, (a, b) in diffs.items()},
+                "msg": f"{rec.kind} {_short(key)} is already stored with other values ({what}): "
+                "a natural key names one record, so a re-send must repeat it",
+                "type": "conflict",
+            }
+        )
+
+    def refuse(self, errors: list[dict[str, Any]]) -> NoReturn:
+        if self.conflicts:
+            raise IngestConflict(self.conflicts[:MAX_REPORTED])
+        raise IngestError([*errors, *self.errors][:MAX_REPORTED])
+
+    def check(self) -> None:
+        if self.conflicts or self.errors:
+            self.refuse([])
 
 
 def _insert_ignore(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> int:
@@ -104,10 +251,15 @@ _TABLES: dict[str, type[Base]] = {  # kinds stored as one row each, a duplicate 
 
 
 def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
-    """Store a batch; records already stored (same natural key) count as duplicates. Records
-    may come in any order across batches: a record whose run is not stored yet gets a
-    placeholder run (filled in by the run record when it comes), a heartbeat or attempt_end
-    whose attempt was never started a placeholder attempt (filled in by its attempt_start)."""
+    """Store a batch; records already stored (same natural key, same content) count as
+    duplicates. Records may come in any order across batches: a record whose run is not
+    stored yet gets a placeholder run (filled in by the run record when it comes), a
+    heartbeat or attempt_end whose attempt was never started a placeholder attempt (filled in
+    by its attempt_start). Refused, with nothing of the batch stored: a record re-sent under
+    a stored key with other content (IngestConflict: the fields that may change on a re-send
+    are in trainer_hooks/records.py), and timings that contradict each other or the server's
+    clock (IngestError): overlapping steps of a rank, a record after its attempt's end, a
+    date more than a day ahead."""
     by_kind: dict[str, list[tuple[int, Any]]] = {}
     for i, rec in enumerate(records):
         by_kind.setdefault(rec.kind, []).append((i, rec))
@@ -116,18 +268,107 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     # database's write lock is taken), so what is decided from stored rows still holds.
     rollups.lock_runs(session, run_ids)
     now = time.time()
-    run_records = [r for _, r in by_kind.get("run", [])]
-    inserted = _store_runs(session, run_records, now)
-    _placeholder_runs(session, records, run_ids - {r.run_id for r in run_records}, now)
-    tags = [{"run_id": r.run_id, "tag": t} for r in run_records for t in dict.fromkeys(r.tags)]
-    _insert_ignore(session, RunTag, tags)  # part of their run record, not counted apart
-    inserted += _start_attempts(session, by_kind.get("attempt_start", []))
+    problems = _Problems()
+    _future_dates(by_kind, now, problems)
+    run_records = by_kind.get("run", [])
+    inserted = _store_runs(session, run_records, now, problems)
+    _placeholder_runs(session, records, run_ids - {r.run_id for _, r in run_records}, now)
+    inserted += _start_attempts(session, by_kind.get("attempt_start", []), problems)
+    _after_attempt_end(session, by_kind, problems)
     for kind, model in _TABLES.items():
-        inserted += _insert_ignore(session, model, [_row(r) for _, r in by_kind.get(kind, [])])
-    inserted += _store_per_step(session, by_kind)
-    inserted += _end_attempts(session, by_kind.get("attempt_end", []))
+        inserted += _store_rows(session, kind, model, by_kind.get(kind, []), problems)
+    inserted += _store_per_step(session, by_kind, problems)
+    inserted += _end_attempts(session, by_kind.get("attempt_end", []), problems)
     inserted += _heartbeats(session, by_kind.get("heartbeat", []))
+    problems.check()
     return IngestResult(inserted=inserted, duplicates=len(records) - inserted)
+
+
+# Per kind: the field holding its latest time (end >= start is checked by the contract).
+_LATEST: dict[str, str] = {
+    "run": "created_at",
+    "attempt_start": "start",
+    "attempt_end": "end",
+    "heartbeat": "time",
+    "step": "end",
+    "span": "end",
+    "checkpoint": "time",
+    "observation": "time",
+    "excluded_window": "end",
+}
+_SECOND = itemgetter(1)
+_START, _END = attrgetter("start"), attrgetter("end")
+
+
+def _future_dates(
+    by_kind: dict[str, list[tuple[int, Any]]], now: float, problems: _Problems
+) -> None:
+    """A record dated more than FUTURE_SLACK_S after the server's clock is refused: a clock
+    or unit gone wrong, which would stretch its run's total time by years."""
+    limit = now + FUTURE_SLACK_S
+    for kind, field in _LATEST.items():
+        pairs = by_kind.get(kind)
+        if not pairs:
+            continue
+        get = attrgetter(field)
+        if max(map(get, map(_SECOND, pairs))) <= limit:
+            continue
+        problems.errors += [
+            _rec_err(
+                i,
+                rec,
+                field,
+                f"{field} ({get(rec)}) is more than a day after the server's clock ({now}): "
+                "a clock or unit gone wrong",
+                "in_future",
+            )
+            for i, rec in pairs
+            if get(rec) > limit
+        ]
+
+
+def _store_rows(
+    session: Session,
+    kind: str,
+    model: type[Base],
+    recs: list[tuple[int, Any]],
+    problems: _Problems,
+) -> int:
+    """Insert records stored as one row each (_TABLES); a key already stored, or taken by an
+    earlier record of the batch, is a duplicate when the content is the same, else a
+    conflict (read only then, in one query per few hundred keys)."""
+    if not recs:
+        return 0
+    key = _NATURAL_KEYS[kind]
+    table = _table(model)
+    new = {
+        tuple(r)
+        for r in _insert_new(session, model, [_row(r) for _, r in recs], *(table.c[c] for c in key))
+    }
+    if len(new) == len(recs):
+        return len(new)
+    of_key = attrgetter(*key)
+    first: dict[Any, Any] = {}
+    later: list[tuple[int, Any, Any]] = []
+    for i, rec in recs:
+        k = of_key(rec)
+        if k in new and k not in first:
+            first[k] = rec
+        else:
+            later.append((i, rec, k))
+    fields = _COMPARED[kind]
+    wanted = sorted({k for _, _, k in later if k not in first})
+    stored: dict[Any, dict[str, Any]] = {}
+    for j in range(0, len(wanted), _KEYS_PER_QUERY):
+        stmt = select(*(table.c[c] for c in (*key, *fields))).where(
+            tuple_(*(table.c[c] for c in key)).in_(wanted[j : j + _KEYS_PER_QUERY])
+        )
+        for row in session.execute(stmt):
+            stored[tuple(row[: len(key)])] = dict(zip(fields, row[len(key) :], strict=True))
+    for i, rec, k in later:
+        held = first.get(k)
+        problems.compare(i, rec, {f: getattr(held, f) for f in fields} if held else stored[k])
+    return len(new)
 
 
 def _dialect_insert(session: Session, model: type[Base]) -> Any:
@@ -138,10 +379,17 @@ def _dialect_insert(session: Session, model: type[Base]) -> Any:
 _RUN_FILLED = ("name", "project", "created_at", "model_plan", "runtime_policy", "environment")
 
 
-def _store_runs(session: Session, run_records: list[RunRecord], now: float) -> int:
+def _store_runs(
+    session: Session, run_records: list[tuple[int, RunRecord]], now: float, problems: _Problems
+) -> int:
     """Insert the run records, or fill in placeholder runs (declared false) with them, in one
-    statement; a run already declared is a duplicate. Returns how many were stored."""
-    first = {r.run_id: r for r in reversed(run_records)}  # a run_id sent twice: the first
+    statement, with their tags. A run already declared (or declared earlier in the batch) is
+    a duplicate when the record repeats its name, project, model plan and runtime policy and
+    all its tags, else a conflict; tags it adds are stored (the record then counts as
+    inserted). Returns how many were stored."""
+    first: dict[str, RunRecord] = {}
+    for _, r in run_records:
+        first.setdefault(r.run_id, r)
     if not first:
         return 0
     rows = [{**_row(first[k], "tags"), "ingested_at": now, "declared": True} for k in sorted(first)]
@@ -152,7 +400,42 @@ def _store_runs(session: Session, run_records: list[RunRecord], now: float) -> i
         set_={**{c: stmt.excluded[c] for c in _RUN_FILLED}, "declared": True},
         where=table.c.declared.is_(False),
     ).returning(table.c.run_id)
-    return len(session.execute(stmt, rows).all())
+    filled = set(session.scalars(stmt, rows))
+    fields = _COMPARED["run"]
+    held: dict[str, tuple[dict[str, Any], set[str]]] = {}
+    declared = sorted(set(first) - filled)
+    if declared:  # one read of the runs sent again, and one of their tags
+        cols = [table.c[f] for f in fields]
+        for row in session.execute(
+            select(table.c.run_id, *cols).where(table.c.run_id.in_(declared))
+        ):
+            held[row[0]] = (dict(zip(fields, row[1:], strict=True)), set())
+        tag_rows = select(RunTag.run_id, RunTag.tag).where(RunTag.run_id.in_(declared))
+        for run_id, tag in session.execute(tag_rows):
+            held[run_id][1].add(tag)
+    tags: list[dict[str, Any]] = []
+    inserted = len(filled)
+    for i, rec in run_records:
+        sent = list(dict.fromkeys(rec.tags))
+        state = held.get(rec.run_id)
+        if state is None:  # stored by this batch: its first run record
+            held[rec.run_id] = ({f: getattr(rec, f) for f in fields}, set(sent))
+            tags += [{"run_id": rec.run_id, "tag": t} for t in sent]
+            continue
+        values, stored_tags = state
+        diffs = _diffs(rec, values, fields)
+        if not stored_tags <= set(sent):  # tags are only ever added
+            diffs["tags"] = (sorted(stored_tags), sent)
+        if diffs:
+            problems.conflict(i, rec, diffs)
+            continue
+        added = [t for t in sent if t not in stored_tags]
+        if added:
+            stored_tags.update(added)
+            tags += [{"run_id": rec.run_id, "tag": t} for t in added]
+            inserted += 1
+    _insert_ignore(session, RunTag, tags)
+    return inserted
 
 
 _TIME_FIELDS = ("start", "time", "end")  # a record's earliest time, by kind (routing: none)
@@ -208,25 +491,129 @@ _PROBES = {  # per kind: its table, its key but the last column, and that column
 }
 
 
-def _store_per_step(session: Session, by_kind: dict[str, list[tuple[int, Any]]]) -> int:
+def _store_per_step(
+    session: Session, by_kind: dict[str, list[tuple[int, Any]]], problems: _Problems
+) -> int:
     """Steps, spans and routing records with their rollups; returns how many were new (the
     caller holds the runs' locks). A batch is first stored as if none of its keys were
-    stored yet, which a streaming client's batches are: if an insert finds a key taken, that
-    attempt is rolled back to its savepoint and the batch is stored again with its keys
-    probed first (repository_bulk)."""
-    batch = {kind: [r for _, r in by_kind.get(kind, [])] for kind in _PROBES}
-    if not any(batch.values()):
+    stored yet, which a streaming client's batches are: if an insert finds a key taken (or
+    its steps seem to overlap stored ones), that attempt is rolled back to its savepoint and
+    the batch is stored again with its keys probed first (repository_bulk), the stored rows
+    of re-sent keys read in the probe and compared with them (a conflict if they differ)."""
+    pairs = {kind: by_kind.get(kind, []) for kind in _PROBES}
+    if not any(pairs.values()):
         return 0
-    try:  # a key sent twice in the batch is taken by the time its second row is inserted
-        with session.begin_nested():
-            return _store_new(session, batch["step"], batch["span"], batch["routing"])
-    except bulk.AlreadyStored:
-        pass
-    new = {
-        kind: bulk.keep_new(session, _table(model), prefix, last, batch[kind])
-        for kind, (model, prefix, last) in _PROBES.items()
-    }
+    batch = {kind: [r for _, r in p] for kind, p in pairs.items()}
+    if not _overlapping_steps(session, pairs["step"]):
+        try:  # a key sent twice in the batch is taken by the time its second row is inserted
+            with session.begin_nested():
+                return _store_new(session, batch["step"], batch["span"], batch["routing"])
+        except bulk.AlreadyStored:
+            pass
+    index = {id(r): i for p in pairs.values() for i, r in p}
+    new: dict[str, list[Any]] = {}
+    for kind, (model, prefix, last) in _PROBES.items():
+        fields = _COMPARED[kind]
+        new[kind], seen = bulk.probe_new(session, _table(model), prefix, last, batch[kind], fields)
+        for rec, held in seen:
+            if isinstance(held, tuple):
+                problems.compare(index[id(rec)], rec, dict(zip(fields, held, strict=True)))
+            else:
+                problems.compare(index[id(rec)], rec, {f: getattr(held, f) for f in fields})
+    problems.errors += _overlapping_steps(session, [(index[id(r)], r) for r in new["step"]])
     return _store_new(session, new["step"], new["span"], new["routing"])
+
+
+def _overlapping_steps(session: Session, steps: list[tuple[int, Any]]) -> list[dict[str, Any]]:
+    """An error for each step that shares more than a float ulp of time with another step of
+    its rank (of any attempt: a rank runs one step at a time), stored or in `steps`. Per
+    rank, one indexed read of the fine step blocks reaching into the steps' time range (none
+    for a streaming batch, which starts where the stored steps end), then the steps of the
+    blocks found; a pair with the same key is a re-send, not an overlap."""
+    by_rank: dict[tuple[str, int], list[tuple[int, Any]]] = {}
+    for pair in steps:
+        rec = pair[1]
+        by_rank.setdefault((rec.run_id, rec.rank), []).append(pair)
+    errors: list[dict[str, Any]] = []
+    named: set[int] = set()
+    for (run_id, rank), pairs in by_rank.items():
+        recs = list(map(_SECOND, pairs))
+        starts, ends = list(map(_START, recs)), list(map(_END, recs))
+        if all(map(operator.le, ends[:-1], starts[1:])):  # in order, one after the other
+            lo, hi = starts[0], ends[-1]  # as a streaming client sends them: no sweep
+            stored = _stored_steps_near(session, run_id, rank, lo, hi)
+            if not stored:
+                continue
+        else:
+            lo, hi = min(starts), max(ends)
+            stored = _stored_steps_near(session, run_id, rank, lo, hi)
+        items = [(r.start, r.end, r.attempt, r.step, i) for i, r in pairs]
+        items += [(*s, -1) for s in stored]
+        if len(items) < 2:
+            continue
+        items.sort()
+        widest: Any = None  # the step reaching latest so far, and the latest new one
+        widest_new: Any = None
+        for item in items:
+            start, end, attempt, step, i = item
+            other = widest if i >= 0 else widest_new
+            if other is not None and (other[2], other[3]) != (attempt, step):
+                overlap = min(other[1], end) - start
+                i_new, a, b = (i, item, other) if i >= 0 else (other[4], other, item)
+                if overlap > math.ulp(start) and i_new not in named:  # one error a record
+                    named.add(i_new)
+                    errors.append(
+                        {
+                            "loc": ["body", "records", i_new, "step"],
+                            "msg": f"step {a[3]} of attempt {a[2]}, rank {rank} ({a[0]} to "
+                            f"{a[1]}) overlaps step {b[3]} of attempt {b[2]} ({b[0]} to "
+                            f"{b[1]}) by {overlap} s: a rank runs one step at a time",
+                            "type": "overlapping_steps",
+                        }
+                    )
+            if widest is None or end > widest[1]:
+                widest = item
+            if i >= 0 and (widest_new is None or end > widest_new[1]):
+                widest_new = item
+    return errors
+
+
+def _stored_steps_near(
+    session: Session, run_id: str, rank: int, lo: float, hi: float
+) -> list[tuple[float, float, int, int]]:
+    """(start, end, attempt, step) of the rank's stored steps that overlap (lo, hi): the fine
+    blocks that do through ix_step_blocks_last_end, then their steps through the key."""
+    level = ROLLUP_LEVELS[0]
+    blocks = session.execute(
+        select(StepBlock.attempt, StepBlock.block).where(
+            StepBlock.run_id == run_id,
+            StepBlock.rank == rank,
+            StepBlock.level == level,
+            StepBlock.last_end > lo,
+            StepBlock.first_start < hi,
+        )
+    ).all()
+    if not blocks:
+        return []
+    ranges: list[tuple[int, int, int]] = []  # attempt, first block, last block
+    for attempt, block in sorted(blocks):
+        if ranges and ranges[-1][0] == attempt and ranges[-1][2] == block - 1:
+            ranges[-1] = (attempt, ranges[-1][1], block)
+        else:
+            ranges.append((attempt, block, block))
+    stmt = select(Step.start, Step.end, Step.attempt, Step.step).where(
+        Step.run_id == run_id,
+        Step.rank == rank,
+        or_(
+            *(
+                and_(Step.attempt == a, Step.step >= b0 * level, Step.step < (b1 + 1) * level)
+                for a, b0, b1 in ranges
+            )
+        ),
+        Step.end > lo,
+        Step.start < hi,
+    )
+    return [tuple(row) for row in session.execute(stmt)]
 
 
 def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: list[Any]) -> int:
@@ -297,7 +684,10 @@ def _table(model: type[Base]) -> Table:
 _AttemptKey = tuple[str, int, int]
 _ATTEMPT_KEY = attrgetter("run_id", "attempt", "rank")
 _KEYS_PER_QUERY = 300
-_ATTEMPT_STATE = ("start", "end", "start_declared", "last_seen", "heartbeat_s")
+_ATTEMPT_STATE = (
+    *("start", "end", "start_declared", "last_seen", "heartbeat_s", "world_size"),
+    *("status", "cause", "hook_errors", "counters"),  # compared by a re-sent attempt_end
+)
 
 
 def _stored_attempts(session: Session, keys: Iterable[_AttemptKey]) -> dict[_AttemptKey, Any]:
@@ -318,16 +708,27 @@ def _stored_attempts(session: Session, keys: Iterable[_AttemptKey]) -> dict[_Att
     return out
 
 
-def _start_attempts(session: Session, starts: list[tuple[int, AttemptStartRecord]]) -> int:
+def _start_attempts(
+    session: Session, starts: list[tuple[int, AttemptStartRecord]], problems: _Problems
+) -> int:
     """Insert attempt rows, or fill in the placeholders that a heartbeat or attempt_end made
     before their attempt_start (declared start and world size); a start already declared is
-    a duplicate. A declared start after the end stored on a placeholder is refused."""
+    a duplicate if it repeats them, else a conflict. A declared start after the end stored
+    on a placeholder is refused."""
     first: dict[_AttemptKey, tuple[int, AttemptStartRecord]] = {}
+    fields = _COMPARED["attempt_start"]
     for i, rec in starts:
-        first.setdefault(_ATTEMPT_KEY(rec), (i, rec))
+        k = _ATTEMPT_KEY(rec)
+        if k in first:
+            problems.compare(i, rec, {f: getattr(first[k][1], f) for f in fields})
+        else:
+            first[k] = (i, rec)
     if not first:
         return 0
     stored = _stored_attempts(session, first)
+    for k, (i, rec) in first.items():
+        if k in stored and stored[k].start_declared:
+            problems.compare(i, rec, dict(stored[k]._mapping))
     errors = [
         _err(
             i,
@@ -343,7 +744,7 @@ def _start_attempts(session: Session, starts: list[tuple[int, AttemptStartRecord
         and rec.start > stored[k].end
     ]
     if errors:
-        raise IngestError(errors)
+        problems.refuse(errors)
     rows = [
         {**_row(rec), "start_declared": True}
         for k, (_, rec) in first.items()
@@ -420,18 +821,24 @@ def _lower_placeholder_start(row: dict[str, Any], t: float) -> bool:
 _END_FIELDS = ("end", "status", "cause", "hook_errors", "counters")
 
 
-def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) -> int:
+def _end_attempts(
+    session: Session, ends: list[tuple[int, AttemptEndRecord]], problems: _Problems
+) -> int:
     """Complete attempt rows (an attempt never started gets a placeholder row); an end already
-    stored is a duplicate, an end before the attempt's declared start is refused."""
+    stored is a duplicate if the record repeats it (end, status, cause, hook errors,
+    counters), else a conflict. Refused: an end before the attempt's declared start, or
+    before a step, span, checkpoint or heartbeat already stored of its attempt rank."""
     if not ends:
         return 0
     attempts = _open_attempts(session, ends, attrgetter("end"))
     changed: dict[_AttemptKey, dict[str, Any]] = {}
     errors: list[dict[str, Any]] = []
+    index: dict[_AttemptKey, int] = {}
     for i, rec in ends:
         k = _ATTEMPT_KEY(rec)
         row = attempts[k]
-        if row["end"] is not None:
+        if row["end"] is not None:  # stored, or set by an earlier record of the batch
+            problems.compare(i, rec, row)
             continue
         if rec.end < row["start"] and row["start_declared"]:
             errors.append(
@@ -446,10 +853,134 @@ def _end_attempts(session: Session, ends: list[tuple[int, AttemptEndRecord]]) ->
         _lower_placeholder_start(row, rec.end)
         row.update({f: getattr(rec, f) for f in _END_FIELDS})
         changed[k] = row
+        index[k] = i
+    # (A batch already refused for a record after its end is not read again for it.)
+    latest = {} if problems.errors else _latest_stored(session, changed)
+    for k, (t, what) in latest.items():
+        row = changed[k]
+        if t > row["end"]:
+            errors.append(
+                _err(
+                    index[k],
+                    "end",
+                    f"end ({row['end']}) is before the {what} of attempt {k[1]}, rank {k[2]} "
+                    f"stored at {t}: a rank records nothing after its attempt ends",
+                    "end_before_records",
+                )
+            )
     if errors:
-        raise IngestError(errors)
+        problems.refuse(errors)
     _update_attempts(session, changed.values(), ("start", *_END_FIELDS))
     return len(changed)
+
+
+def _latest_stored(
+    session: Session, rows: dict[_AttemptKey, dict[str, Any]]
+) -> dict[_AttemptKey, tuple[float, str]]:
+    """Per attempt rank: its latest stored time (a step's or span's end, a checkpoint's or
+    heartbeat's time) and what holds it. Per run, one indexed read each of the coarse step
+    blocks, the span totals and the checkpoints."""
+    out: dict[_AttemptKey, tuple[float, str]] = {}
+
+    def later(k: _AttemptKey, t: float | None, what: str) -> None:
+        if t is not None and k in rows and (k not in out or t > out[k][0]):
+            out[k] = (t, what)
+
+    for k, row in rows.items():
+        later(k, row["last_seen"], "heartbeat")
+    by_run: dict[str, list[_AttemptKey]] = {}
+    for k in rows:
+        by_run.setdefault(k[0], []).append(k)
+    for run_id, keys in by_run.items():
+        ranks = sorted({k[2] for k in keys})
+        attempts = sorted({k[1] for k in keys})
+        reads = (
+            (
+                select(StepBlock.attempt, StepBlock.rank, func.max(StepBlock.last_end))
+                .where(
+                    StepBlock.run_id == run_id,
+                    StepBlock.rank.in_(ranks),
+                    StepBlock.level == ROLLUP_LEVELS[-1],
+                    StepBlock.attempt.in_(attempts),
+                )
+                .group_by(StepBlock.attempt, StepBlock.rank),
+                "step",
+            ),
+            (
+                select(SpanTotal.attempt, SpanTotal.rank, func.max(SpanTotal.last_end))
+                .where(
+                    SpanTotal.run_id == run_id,
+                    SpanTotal.rank.in_(ranks),
+                    SpanTotal.attempt.in_(attempts),
+                )
+                .group_by(SpanTotal.attempt, SpanTotal.rank),
+                "span",
+            ),
+            (
+                select(
+                    CheckpointCommit.attempt,
+                    CheckpointCommit.rank,
+                    func.max(CheckpointCommit.time),
+                )
+                .where(
+                    CheckpointCommit.run_id == run_id,
+                    CheckpointCommit.attempt.in_(attempts),
+                    CheckpointCommit.rank.in_(ranks),
+                )
+                .group_by(CheckpointCommit.attempt, CheckpointCommit.rank),
+                "checkpoint",
+            ),
+        )
+        for stmt, what in reads:
+            for attempt, rank, t in session.execute(stmt):
+                later((run_id, attempt, rank), t, what)
+    return out
+
+
+_AT_END = {"step": "end", "span": "end", "checkpoint": "time", "heartbeat": "time"}
+
+
+def _after_attempt_end(
+    session: Session, by_kind: dict[str, list[tuple[int, Any]]], problems: _Problems
+) -> None:
+    """An error for each step, span, checkpoint or heartbeat later than its attempt rank's
+    end: the one stored, else the batch's attempt_end. One read of the batch's attempt
+    ranks (a few hundred a query) whatever their records."""
+    keys: set[_AttemptKey] = set()
+    for kind in _AT_END:
+        keys.update(map(_ATTEMPT_KEY, map(_SECOND, by_kind.get(kind, ()))))
+    if not keys:
+        return
+    table = _table(Attempt)
+    ordered = sorted(keys)
+    ends: dict[_AttemptKey, float] = {}
+    for j in range(0, len(ordered), _KEYS_PER_QUERY):
+        stmt = select(table.c.run_id, table.c.attempt, table.c.rank, table.c.end).where(
+            tuple_(table.c.run_id, table.c.attempt, table.c.rank).in_(
+                ordered[j : j + _KEYS_PER_QUERY]
+            ),
+            table.c.end.is_not(None),
+        )
+        ends.update(((r, a, k), e) for r, a, k, e in session.execute(stmt))
+    for _, rec in by_kind.get("attempt_end", ()):
+        ends.setdefault(_ATTEMPT_KEY(rec), rec.end)
+    if not ends:
+        return
+    for kind, field in _AT_END.items():
+        for i, rec in by_kind.get(kind, ()):
+            end = ends.get(_ATTEMPT_KEY(rec))
+            if end is not None and getattr(rec, field) > end:
+                problems.errors.append(
+                    _rec_err(
+                        i,
+                        rec,
+                        field,
+                        f"{field} ({getattr(rec, field)}) is after the end of attempt "
+                        f"{rec.attempt} of rank {rec.rank} ({end}): a rank records nothing "
+                        "after its attempt ends",
+                        "after_attempt_end",
+                    )
+                )
 
 
 def _heartbeats(session: Session, beats: list[tuple[int, HeartbeatRecord]]) -> int:
@@ -544,6 +1075,18 @@ def _status_clause(status: str, now: float) -> ColumnElement[bool]:
     return and_(~failed, ~completed, ~stalled)
 
 
+def _plan_pattern(session: Session) -> ColumnElement[Any]:
+    """The plan's "pattern", NULL where the database cannot read the stored plan as JSON
+    (stored before the contract refused NUL and NaN in JSON fields): PostgreSQL's ->> raises
+    on a json value holding \\u0000 and SQLite's json_extract on NaN, for every row scanned."""
+    value = Run.model_plan["pattern"].as_string()
+    if session.get_bind().dialect.name == "postgresql":
+        readable = func.strpos(Run.model_plan.cast(SAText), "\\u0000") == 0
+    else:
+        readable = func.json_valid(Run.model_plan) == 1
+    return case((readable, value), else_=None)
+
+
 def list_runs(
     session: Session,
     *,
@@ -564,7 +1107,7 @@ def list_runs(
     if status is not None:
         stmt = stmt.where(_status_clause(status, time.time()))
     if pattern is not None:
-        stmt = stmt.where(Run.model_plan["pattern"].as_string() == pattern)
+        stmt = stmt.where(_plan_pattern(session) == pattern)
     if tag is not None:
         stmt = stmt.where(exists().where(RunTag.run_id == Run.run_id, RunTag.tag == tag))
     if cursor is not None:

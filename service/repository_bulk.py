@@ -9,8 +9,10 @@ one typed column among them, the packed routing histograms, is packed by the cal
 Every insert says ON CONFLICT DO NOTHING and checks its row count: a row whose key was taken
 raises AlreadyStored, so a caller that stored a batch as all new rolls it back
 (repository._store_per_step) and stores it again with the new keys found first by
-`keep_new`, which probes them in the primary key a few hundred at a time. A key seen twice
-in one batch keeps its first record, as ON CONFLICT DO NOTHING would. Callers hold the
+`probe_new`, which probes them in the primary key a few hundred at a time and reads, in the
+same query, the stored columns the caller compares a re-sent record with (a conflicting
+re-send is refused: issue 12). A key seen twice in one batch keeps its first record, as ON
+CONFLICT DO NOTHING would, and the later one is compared with it. Callers hold the
 run's lock (repository_rollups.lock_runs): no other ingest of the run can store a key
 between the probe and the insert.
 """
@@ -49,13 +51,16 @@ def _insert_sql(dialect: Dialect, table: Table, columns: tuple[str, ...], n: int
 
 
 @lru_cache(maxsize=64)
-def _probe_sql(dialect: Dialect, table: Table, prefix: tuple[str, ...], probe: str) -> str:
+def _probe_sql(
+    dialect: Dialect, table: Table, prefix: tuple[str, ...], probe: str, columns: tuple[str, ...]
+) -> str:
     mark = _placeholder(dialect)
     where = [f"{c} = {mark}" for c in _quoted(dialect, prefix)]
     (col,) = _quoted(dialect, [probe])
     where.append(f"{col} IN ({', '.join([mark] * PROBE_CHUNK)})")
     name = dialect.identifier_preparer.format_table(table)
-    return f"SELECT {col} FROM {name} WHERE {' AND '.join(where)}"
+    selected = ", ".join(_quoted(dialect, [probe, *columns]))
+    return f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
 
 
 class AlreadyStored(RuntimeError):
@@ -86,26 +91,45 @@ def keep_new(
 ) -> list[Any]:
     """The records whose natural key (attributes named like the key's columns: `prefix`,
     then `probe`) is neither stored nor taken by an earlier record of `records`."""
+    return probe_new(session, table, prefix, probe, records)[0]
+
+
+def probe_new(
+    session: Session,
+    table: Table,
+    prefix: tuple[str, ...],
+    probe: str,
+    records: Sequence[Any],
+    columns: tuple[str, ...] = (),
+) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """`keep_new`'s records; and each other record paired with what holds its key: the
+    stored row's `columns` (a tuple, read by the probe itself) or the batch's earlier
+    record."""
     if not records:
-        return []
+        return [], []
     conn = session.connection()
     of_prefix, of_probe = attrgetter(*prefix), attrgetter(probe)
     groups: dict[Any, list[Any]] = {}
     for r in records:
         groups.setdefault(of_prefix(r), []).append(r)
     out: list[Any] = []
+    seen: list[tuple[Any, Any]] = []
+    sql = _probe_sql(conn.dialect, table, prefix, probe, columns)
     for key, group in groups.items():
         key = key if len(prefix) > 1 else (key,)
         wanted = list(dict.fromkeys(of_probe(r) for r in group))
-        taken: set[Any] = set()
+        taken: dict[Any, Any] = {}
         for i in range(0, len(wanted), PROBE_CHUNK):
             chunk = wanted[i : i + PROBE_CHUNK]
             chunk += [chunk[-1]] * (PROBE_CHUNK - len(chunk))  # one statement text per table
-            sql = _probe_sql(conn.dialect, table, prefix, probe)
-            taken.update(v for (v,) in conn.exec_driver_sql(sql, (*key, *chunk)))
+            taken.update(
+                (row[0], tuple(row[1:])) for row in conn.exec_driver_sql(sql, (*key, *chunk))
+            )
         for r in group:
             v = of_probe(r)
-            if v not in taken:
-                taken.add(v)
+            if v in taken:
+                seen.append((r, taken[v]))
+            else:
+                taken[v] = r
                 out.append(r)
-    return out
+    return out, seen

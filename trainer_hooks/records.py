@@ -18,10 +18,31 @@ Natural keys:
 
 Records may arrive in any order across batches and ranks: a record whose run or attempt_start
 has not arrived yet is stored, and the run or attempt is completed when its record comes.
+
+A key names one record: sent again with the same content (compared exactly, floats
+included) it is a duplicate; with other content it is a conflict, and the service refuses the
+whole batch with a 409 naming the record, its key and both values of each differing field
+(`"retriable": false`: sending it again cannot help). What may legitimately change on a
+re-send:
+  heartbeat      everything: only the newest time is kept, never a conflict
+  run            each rank and attempt sends one: `created_at` and `environment` are the
+                 sender's own (its start, its host) and the first stored stays; `name`,
+                 `project`, `model_plan` and `runtime_policy` must be repeated; `tags` may
+                 only grow (new ones are added, a stored one left out is a conflict)
+  placeholders   a run or attempt made by a record that came first is filled in by its run
+                 or attempt_start record (not a conflict); an attempt_start must repeat a
+                 declared start and world size, an attempt_end its end, status, cause,
+                 hook_errors and counters (a `failed` end after a `completed` one conflicts)
+  anything else  nothing: every field but the key must be repeated
+Timings that contradict what the service holds are a 422 naming the record: two steps of one
+rank sharing time (touching is fine), a step, span, checkpoint or heartbeat after its attempt
+rank's end (or an attempt_end before one already stored), a time over a day past the
+server's clock.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from typing import Annotated, Any, Literal
@@ -75,11 +96,48 @@ def _storable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_storable)]
+MAX_JSON_DEPTH = 32
+
+
+def _storable_json(value: Any) -> Any:
+    """A JSON value every database can hold and query: its strings (keys too) `_storable`,
+    its numbers finite, nested at most MAX_JSON_DEPTH deep. PostgreSQL cannot read a
+    string member holding `\\u0000` back as text, and SQLite's JSON functions refuse NaN:
+    either would make every query of that column fail (`?pattern=`), not only this record."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_JSON_DEPTH} levels (at {where})")
+        if isinstance(item, str):
+            _storable_at(item, where or "value")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where or 'value'}: {item} is not a finite number")
+        elif isinstance(item, dict):
+            for key, member in item.items():
+                _storable_at(key, f"key {key!r}" if not where else f"{where} key {key!r}")
+                stack.append((member, f"{where}[{key!r}]", depth + 1))
+        elif isinstance(item, list):
+            stack.extend((member, f"{where}[{i}]", depth + 1) for i, member in enumerate(item))
+    return value
+
+
+def _storable_at(text: str, where: str) -> None:
+    try:
+        _storable(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 Tag = Annotated[Text, Field(min_length=1, max_length=64)]
 RunId = Annotated[str, Field(pattern=ID_PATTERN, description="client-chosen id, e.g. a uuid4 hex")]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
 MAX_COUNT = 2**53  # the largest integer JSON numbers carry exactly
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+# A step's tokens are summed in 64-bit integers (per block of 4096 steps, and over a run's
+# blocks): at most 2^32 per step and rank keeps every sum of up to 2^31 steps exact.
+MAX_STEP_TOKENS = 2**32
 MAX_RANK = 1_000_000  # ranks, world sizes and attempt numbers are 32-bit columns
 Small = Annotated[int, Field(ge=0, le=MAX_RANK)]
 Epoch = Annotated[float, Field(ge=_MIN_EPOCH, le=_MAX_EPOCH, allow_inf_nan=False)]
@@ -122,9 +180,9 @@ class RunRecord(_Record):
     name: Name
     project: Name = "default"
     created_at: Epoch
-    model_plan: dict[str, Any] = Field(default_factory=dict)
-    runtime_policy: dict[str, Any] = Field(default_factory=dict)
-    environment: dict[str, Any] = Field(default_factory=dict)
+    model_plan: JsonObject = Field(default_factory=dict)
+    runtime_policy: JsonObject = Field(default_factory=dict)
+    environment: JsonObject = Field(default_factory=dict)
     tags: Annotated[list[Tag], Field(max_length=32)] = Field(default_factory=list)
 
 
@@ -144,7 +202,7 @@ class AttemptEndRecord(_RankScoped):
     status: Literal["completed", "failed"]
     cause: Annotated[Text, Field(max_length=2000)] | None = None
     hook_errors: Count = 0
-    counters: dict[Annotated[str, Field(max_length=64)], Count] = Field(
+    counters: dict[Annotated[Text, Field(max_length=64)], Count] = Field(
         default_factory=dict,
         description="the hooks' own tallies: records_dropped, recompiles, ooms, ...",
         max_length=64,
@@ -173,7 +231,9 @@ class StepRecord(_RankScoped):
     step: Count
     start: Epoch
     end: Epoch
-    tokens: Count = 0
+    tokens: Annotated[int, Field(ge=0, le=MAX_STEP_TOKENS)] = Field(
+        0, description="tokens of the step on this rank; at most 2^32, so that sums stay exact"
+    )
     loss: Finite | None = None
     device_time_s: Seconds | None = Field(None, description="CUDA-event time of the step")
     hook_overhead_s: Seconds | None = Field(None, description="the hooks' own host time")

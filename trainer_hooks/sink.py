@@ -11,12 +11,21 @@ What the service answers decides what happens to a batch (`classify`):
 - a connection error, any 5xx, 408, 429, or a 409 marked retriable (`Retry-After`, or a JSON
   body with `"retriable": true`): kept and sent again with backoff, after the `Retry-After`
   the service asks for (capped at `max_retry_after_s`);
-- 400, 413, 415, 422 (the records can never be valid for this service): moved to the spool's
+- 400, 413, 415, 422, and a 409 marked `"retriable": false` (a record that contradicts a
+  stored one: the records can never be valid for this service): moved to the spool's
   `rejected/` folder with the service's answer, and said loudly (a warning naming the count,
   the file and the message); `goodput spool replay DIR --rejected` resends them after an
   upgrade of the service;
-- anything else (401 or 403, a wrong token; 404; a 409 without the marker...): kept, retried
+- anything else (401 or 403, a wrong token; 404; a 409 without a marker...): kept, retried
   at the slowest pace, a warning once, until an operator fixes it.
+
+When the spool cannot be written (a full disk, a quota, a read-only mount), nothing is given
+up while the service takes records: the control records (run, attempt start and end,
+checkpoint commits, excluded windows) go to the room the spool reserved for them, and the
+records still in memory are sent straight to the service (records may arrive in any order).
+Only what neither the disk nor the service took, past `max_pending` records, is dropped, the
+oldest non-control records first, and counted (`records_dropped`, which the attempt's end
+record carries).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from trainer_hooks.records import Record
 from trainer_hooks.routing import finish_routing_fields
 from trainer_hooks.spool import (
     REJECTED_DIR,
+    RESERVE_BYTES,
     SEGMENT_SUFFIX,
     Segment,
     Spool,
@@ -53,6 +63,10 @@ log = logging.getLogger("trainer_hooks.sink")
 
 INGEST_PATH = "/api/v1/ingest"
 PendingRecord = tuple[str, dict[str, Any]]
+Serialized = tuple[str, bytes]  # (kind, payload)
+# Kept first when the disk is full: without them a run stays open or its progress unsaved.
+CONTROL_KINDS = frozenset({"run", "attempt_start", "attempt_end", "checkpoint", "excluded_window"})
+RESERVE_RETRY_S = 5.0
 
 REJECTED_STATUSES = frozenset({400, 413, 415, 422})  # the records can never be valid
 RETRIED_STATUSES = frozenset({408, 429})  # and every 5xx, and a 409 marked retriable
@@ -68,6 +82,8 @@ class SinkStats:
     records_sent: int = 0
     records_rejected: int = 0
     records_dropped: int = 0
+    records_sent_unspooled: int = 0  # sent straight to the service: the disk would not take them
+    spool_write_failures: int = 0
     corrupt_frames: int = 0
     send_failures: int = 0
     errors: int = 0
@@ -134,12 +150,22 @@ def _marked_retriable(resp: httpx.Response) -> bool:
     )
 
 
+def _marked_final(resp: httpx.Response) -> bool:
+    """A 409 the service marks as permanent: `"retriable": false` in its JSON body (a record
+    that contradicts a stored one of the same key)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("retriable") is False
+
+
 def classify(resp: httpx.Response) -> Outcome:
     """What a response means for the batch: see the module's docstring."""
     code = resp.status_code
     if code == 200:
         return "sent"
-    if code in REJECTED_STATUSES:
+    if code in REJECTED_STATUSES or (code == 409 and _marked_final(resp)):
         return "rejected"
     if code >= 500 or code in RETRIED_STATUSES or (code == 409 and _marked_retriable(resp)):
         return "retry"
@@ -272,13 +298,18 @@ class SpoolSink:
         fsync: bool = True,
         token: str | None = None,
         max_retry_after_s: float = RETRY_AFTER_CAP_S,
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(spool_dir, reserve_bytes=reserve_bytes)
         self.spool.lock()
+        self.spool.take_reserve()
+        self._reserve_tried = time.monotonic()
+        self._direct_next = 0.0  # when records the disk would not take may be sent again
+        self._direct_wait = 0.0
         self.server_url = server_url
         self.stats = SinkStats()
         self._queue: deque[PendingRecord] = deque()
-        self._unspooled: list[bytes] = []  # serialised, waiting for the disk to take them
+        self._unspooled: list[Serialized] = []  # serialised, waiting for the disk to take them
         self._max_pending = max_pending
         self._interval = flush_interval_s
         self._max_backoff = max_backoff_s
@@ -298,8 +329,9 @@ class SpoolSink:
         self._thread.start()
 
     def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        """Hot path: O(1), no I/O, no lock beyond the deque's own."""
-        if len(self._queue) >= self._max_pending:
+        """Hot path: O(1), no I/O, no lock beyond the deque's own. Past `max_pending` queued
+        records a record is dropped (counted), but never a control record (rare by nature)."""
+        if len(self._queue) >= self._max_pending and kind not in CONTROL_KINDS:
             self.stats.records_dropped += 1
             return
         self._queue.append((kind, fields))
@@ -374,7 +406,7 @@ class SpoolSink:
     def _spool_queue(self) -> None:
         """Serialise records in order; a record whose device copies are still in flight (its
         CUDA event not done) holds the queue until it lands, or until the close deadline."""
-        payloads: list[bytes] = []
+        payloads: list[Serialized] = []
         taken = 0
         while self._queue:
             kind, fields = self._queue[0]
@@ -392,7 +424,7 @@ class SpoolSink:
                 settle(fields)
                 if kind == "routing":
                     finish_routing_fields(fields)
-                payloads.append(to_payload(kind, fields))
+                payloads.append((kind, to_payload(kind, fields)))
             except Exception as exc:
                 self.stats.records_rejected += 1
                 self.stats.last_error = f"invalid {kind} record: {exc}"
@@ -408,19 +440,74 @@ class SpoolSink:
         if not self._unspooled:
             return
         try:
-            self.spool.append(self._unspooled, sync=self._fsync)
+            self.spool.append([p for _, p in self._unspooled], sync=self._fsync)
         except OSError as exc:
-            # Disk full, quota, read-only: keep the records in memory (bounded) and retry on
-            # the next round; the oldest beyond the bound are lost, and counted. Never fatal.
+            # Disk full, quota, read-only: never fatal, and nothing the service can still take
+            # is given up (the module's docstring).
+            self.stats.spool_write_failures += 1
             self.stats.last_error = f"spool write failed: {exc}"
-            self.spool.close_writer()  # a torn frame stays behind; the retry starts afresh
-            excess = len(self._unspooled) - self._max_pending
-            if excess > 0:
-                del self._unspooled[:excess]
-                self.stats.records_dropped += excess
+            self._spool_control()
+            self._send_unspooled()
+            self._bound_unspooled()
             return
         self.stats.records_spooled += len(self._unspooled)
         self._unspooled = []
+        if time.monotonic() - self._reserve_tried >= RESERVE_RETRY_S:
+            self._reserve_tried = time.monotonic()
+            self.spool.take_reserve()  # room again: hold it for the next full disk
+
+    def _spool_control(self) -> None:
+        """Write the control records in memory into the room the spool reserved."""
+        control = [r for r in self._unspooled if r[0] in CONTROL_KINDS]
+        if not control or not self.spool.give_up_reserve():
+            return
+        try:
+            self.spool.append([p for _, p in control], sync=self._fsync)
+        except OSError:
+            return
+        self.stats.records_spooled += len(control)
+        self._unspooled = [r for r in self._unspooled if r[0] not in CONTROL_KINDS]
+
+    def _send_unspooled(self) -> None:
+        """Send what the disk would not take straight to the service, oldest first, until it
+        cannot take more now."""
+        sender = self._sender
+        if sender is None or time.monotonic() < self._direct_next:
+            return
+        while self._unspooled:
+            chunk = self._unspooled[: sender.batch_records]
+            body = b'{"records":[' + b",".join(p for _, p in chunk) + b"]}"
+            outcome = sender.post(body, self.stats)
+            if outcome == "sent":
+                self.stats.records_sent += len(chunk)
+                self.stats.records_sent_unspooled += len(chunk)
+            elif outcome == "rejected":
+                try:
+                    sender._reject(self.spool, body, len(chunk), self.stats)
+                except OSError:  # not even room for that: lost, and said so
+                    self.stats.records_rejected += len(chunk)
+                    self.stats.records_dropped += len(chunk)
+                    log.warning("the service refused %d records and the disk is full", len(chunk))
+            else:  # not now: wait as the spool's sends do (Retry-After honoured)
+                self._direct_wait = self._next_backoff(self._direct_wait)
+                self._direct_next = time.monotonic() + self._direct_wait
+                return
+            self._direct_wait = 0.0
+            del self._unspooled[: len(chunk)]
+
+    def _bound_unspooled(self) -> None:
+        """Past max_pending records in memory, drop the oldest non-control ones, counted."""
+        excess = len(self._unspooled) - self._max_pending
+        if excess <= 0:
+            return
+        keep: list[Serialized] = []
+        for r in self._unspooled:
+            if excess > 0 and r[0] not in CONTROL_KINDS:
+                excess -= 1
+                self.stats.records_dropped += 1
+                continue
+            keep.append(r)
+        self._unspooled = keep
 
     def _send_all(self) -> bool:
         assert self._sender is not None

@@ -10,6 +10,13 @@ stopped. A frame cut short at the end of a segment (a torn tail, e.g. after a cr
 read; a frame whose checksum fails is skipped and counted, and reading resynchronises on the
 next magic. Fully acknowledged segments are deleted, except the newest.
 
+A full disk loses nothing the service can still take. The acknowledged offsets are kept in
+memory too, so an ack file that cannot be written (no room for its temporary copy) never makes
+the sink send acknowledged frames again; the file is then overwritten in place, which needs
+no new blocks. Each spool keeps `reserve.bin` (`reserve_bytes`, 256 KiB) of room: when the
+disk is full, it is given up for the control records (run, attempt start and end, checkpoint
+commits, excluded windows), and taken again once the disk has room.
+
 Batches the service refused for good (a 400, 413, 415 or 422: records it can never accept)
 are kept beside the segments, in `rejected/`: `<stamp>.json` is the request body as sent,
 `<stamp>.reason.txt` the service's answer. `goodput spool replay --rejected` sends them
@@ -18,6 +25,8 @@ again (after an upgrade of the service) and deletes each one the service takes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -34,6 +43,9 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 ACK_SUFFIX = ".ack"
 LOCK_NAME = "spool.lock"
+RESERVE_NAME = "reserve.bin"
+RESERVE_BYTES = 256 * 1024
+_ACK_WIDTH = 20  # an ack file's digits, zero-padded: rewritten in place, it keeps its size
 REJECTED_DIR = "rejected"
 _REJECTED_BODY = ".json"
 _REJECTED_REASON = ".reason.txt"
@@ -102,11 +114,13 @@ def rejected_reason_path(body: Path) -> Path:
 
 
 class Segment:
-    """One segment file and its acknowledgement offset."""
+    """One segment file and its acknowledgement offset. `acks` (the spool's) remembers the
+    offsets this process set, whether or not their file could be written."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, acks: dict[Path, int] | None = None) -> None:
         self.path = path
         self.ack_path = path.with_suffix(ACK_SUFFIX)
+        self._acks = acks if acks is not None else {}
 
     @property
     def index(self) -> int:
@@ -114,12 +128,30 @@ class Segment:
 
     def acked(self) -> int:
         try:
-            return int(self.ack_path.read_text().strip() or 0)
+            on_disk = int(self.ack_path.read_text().strip() or 0)
         except (FileNotFoundError, ValueError):
-            return 0
+            on_disk = 0
+        return max(on_disk, self._acks.get(self.path, 0))
 
-    def set_acked(self, offset: int) -> None:
-        _atomic_write(self.ack_path, str(offset))
+    def set_acked(self, offset: int) -> bool:
+        """Remember the offset, then write it down; False when no file could take it (a full
+        disk): this process still never sends those frames again."""
+        self._acks[self.path] = max(offset, self._acks.get(self.path, 0))
+        text = str(offset).zfill(_ACK_WIDTH)
+        try:
+            _atomic_write(self.ack_path, text)
+            return True
+        except OSError:
+            pass
+        try:  # the same number of bytes over the old ones: no new block needed
+            with open(self.ack_path, "r+") as f:
+                f.write(text)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        except OSError:
+            return False
 
     def size(self) -> int:
         try:
@@ -135,17 +167,25 @@ class Segment:
     def delete(self) -> None:
         for p in (self.path, self.ack_path):
             p.unlink(missing_ok=True)
+        self._acks.pop(self.path, None)
 
 
 class Spool:
     """A spool directory: one writer appends frames; readers walk unacknowledged frames."""
 
-    def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        segment_bytes: int = 8 << 20,
+        reserve_bytes: int = RESERVE_BYTES,
+    ) -> None:
         self.dir = Path(directory)
         self.segment_bytes = segment_bytes
+        self.reserve_bytes = reserve_bytes
         self._lock_fd: int | None = None
         self._active: Segment | None = None
         self._fh: BinaryIO | None = None
+        self._acks: dict[Path, int] = {}
 
     # -- locking: one owner at a time (the trainer's sink, or a replay) --
     def lock(self) -> None:
@@ -158,6 +198,37 @@ class Spool:
             raise SpoolLockedError(f"spool {self.dir} is in use by another process") from exc
         self._lock_fd = fd
 
+    # -- room kept for the control records when the disk is full --
+    @property
+    def reserve_path(self) -> Path:
+        return self.dir / RESERVE_NAME
+
+    def take_reserve(self) -> bool:
+        """Hold `reserve_bytes` of the disk (a file of zeros), if it is not held already and
+        the disk has room; True when it is held."""
+        if self.reserve_bytes <= 0:
+            return False
+        path = self.reserve_path
+        try:
+            if path.stat().st_size >= self.reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            _atomic_write_bytes(path, bytes(self.reserve_bytes))
+            return True
+        except OSError:
+            path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
+            return False
+
+    def give_up_reserve(self) -> bool:
+        """Free the reserved room for what must be written; False when none was held."""
+        try:
+            self.reserve_path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
     def unlock(self) -> None:
         self.close_writer()
         if self._lock_fd is not None:
@@ -169,7 +240,7 @@ class Spool:
         if not self.dir.is_dir():
             return []
         paths = [p for p in self.dir.glob("*" + SEGMENT_SUFFIX) if p.stem.isdigit()]
-        return sorted((Segment(p) for p in paths), key=lambda s: s.index)
+        return sorted((Segment(p, self._acks) for p in paths), key=lambda s: s.index)
 
     # -- writing --
     def append(self, payloads: list[bytes], sync: bool = True) -> int:
@@ -180,8 +251,20 @@ class Spool:
         blob = b"".join(encode_frame(p) for p in payloads)
         fh = self._fh
         assert fh is not None
-        fh.write(blob)
-        fh.flush()
+        before = os.lseek(fh.fileno(), 0, os.SEEK_END)
+        view = memoryview(blob)
+        try:
+            while view:  # an unbuffered write may land in part (a disk filling up)
+                n = fh.write(view)
+                if not n:
+                    raise OSError(errno.ENOSPC, "no byte of the frame could be written")
+                view = view[n:]
+        except OSError:
+            try:  # take the part that landed back: no torn frame, the room freed
+                os.ftruncate(fh.fileno(), before)
+            except OSError:
+                self.close_writer()  # the next append starts a new segment
+            raise
         if sync:
             os.fsync(fh.fileno())
         if seg.size() >= self.segment_bytes:
@@ -193,15 +276,19 @@ class Spool:
             self.dir.mkdir(parents=True, exist_ok=True)
             existing = self.segments()
             index = existing[-1].index + 1 if existing else 1
-            self._active = Segment(self.dir / f"{index:08d}{SEGMENT_SUFFIX}")
-            self._fh = open(self._active.path, "ab")  # noqa: SIM115 (held across appends)
+            self._active = Segment(self.dir / f"{index:08d}{SEGMENT_SUFFIX}", self._acks)
+            # Unbuffered: a write lands whole or raises; nothing waits in a buffer that a
+            # full disk would refuse later. noqa: held across appends.
+            self._fh = open(self._active.path, "ab", buffering=0)  # noqa: SIM115
         return self._active
 
     def close_writer(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        self._fh = None
-        self._active = None
+        """Close the active segment; never raises (a full disk may refuse the last flush:
+        the next append starts a new segment either way)."""
+        fh, self._fh, self._active = self._fh, None, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
 
     def is_active(self, seg: Segment) -> bool:
         return self._active is not None and seg.path == self._active.path

@@ -105,9 +105,17 @@ def test_a_long_run_is_compared_on_its_newest_steps(
 
     monkeypatch.setattr(api_compare, "COMPARE_STEPS", 30)
     base = timed_run("base", 0.10, 1, steps=60, dispatch_requested="loop")
-    for r in base:  # the first 30 steps twice as slow
-        if r["kind"] == "step" and r["step"] < 30:
-            r["end"] = r["start"] + 2 * (r["end"] - r["start"])
+    shift = 0.0  # the first 30 steps twice as slow, the later ones moved after them
+    for r in base:
+        if r["kind"] == "step":
+            dur = r["end"] - r["start"]
+            r["start"] += shift
+            if r["step"] < 30:
+                shift += dur
+                dur *= 2
+            r["end"] = r["start"] + dur
+        elif r["kind"] == "attempt_end":
+            r["end"] += shift
     post(cclient, base)
     post(cclient, timed_run("cand", 0.10, 2, steps=60, dispatch_requested="grouped"))
     body = cclient.get(

@@ -151,7 +151,9 @@ def test_body_over_the_size_limit_gets_413_with_the_limit(client: Any) -> None:
 def test_attempt_end_completes_the_attempt_once(client: Any) -> None:
     batch = [f.run(), f.attempt_start(), f.attempt_end(cause="done", hook_errors=2)]
     assert post(client, batch).json() == {"inserted": 3, "duplicates": 0}
-    assert post(client, [f.attempt_end(end=f.T0 + 500)]).json()["duplicates"] == 1
+    again = f.attempt_end(cause="done", hook_errors=2)
+    assert post(client, [again]).json() == {"inserted": 0, "duplicates": 1}
+    assert post(client, [f.attempt_end(end=f.T0 + 500)]).status_code == 409  # issue 12
     run = client.get("/api/v1/runs/run-a").json()
     assert run["status"] == "completed"
     assert run["attempts"][0]["end"] == f.T0 + 100

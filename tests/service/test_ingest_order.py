@@ -95,16 +95,17 @@ def test_every_kind_is_stored_before_its_run_and_the_run_record_fills_it_in(
 def test_a_run_record_resent_after_the_fill_is_a_duplicate(app: Any, client: Any) -> None:
     post(client, [f.step(0)])
     assert post(client, [f.run()]).json() == {"inserted": 1, "duplicates": 0}
-    again = post(client, [f.run(name="renamed", created_at=T0 + 5)])
+    again = post(client, [f.run(created_at=T0 + 5)])  # another rank's start: the first stays
     assert again.json() == {"inserted": 0, "duplicates": 1}
+    assert post(client, [f.run(name="renamed")]).status_code == 409  # issue 12: a conflict
     row = run_row(app)
     assert row is not None and (row.name, row.created_at) == ("alpha", T0)
     # A run record sent twice in one batch, its run a placeholder: the first one counts.
     post(client, [f.step(0, run_id="run-b")])
-    both = post(client, [f.run("run-b", "first"), f.run("run-b", "second")])
+    both = post(client, [f.run("run-b", "first"), f.run("run-b", "first", created_at=T0 + 1)])
     assert both.json() == {"inserted": 1, "duplicates": 1}
     second = run_row(app, "run-b")
-    assert second is not None and second.name == "first"
+    assert second is not None and (second.name, second.created_at) == ("first", T0)
 
 
 def test_placeholder_created_at_is_the_earliest_time_of_its_records_in_the_batch(
@@ -136,18 +137,20 @@ def test_attempt_end_and_heartbeats_before_attempt_start(app: Any, client: Any) 
     assert row.start_declared  # the declared start, not the lower of the two
     assert (row.start, row.world_size, row.end, row.last_seen) == (T0 + 1, 4, T0 + 50, T0 + 20)
     assert post(client, [start]).json() == {"inserted": 0, "duplicates": 1}
-    assert post(client, [f.attempt_start(start=T0 + 3, rank=1)]).json()["duplicates"] == 1
+    other = post(client, [f.attempt_start(start=T0 + 3, rank=1)])  # issue 12: a conflict
+    assert other.status_code == 409
+    assert other.json()["detail"][0]["fields"]["start"] == {"stored": T0 + 1, "sent": T0 + 3}
     assert attempt_rows(app)[0].start == T0 + 1
 
 
 def test_a_placeholder_start_is_the_earliest_time_seen_and_a_later_one_replaces_it(
     app: Any, client: Any
 ) -> None:
-    post(client, [f.heartbeat(T0 + 60)])
+    post(client, [f.heartbeat(T0 + 38)])
     post(client, [f.attempt_end(end=T0 + 40, status="failed", cause="oom")])
     post(client, [f.heartbeat(T0 + 30)])
     (row,) = attempt_rows(app)
-    assert (row.start, row.end, row.last_seen) == (T0 + 30, T0 + 40, T0 + 60)
+    assert (row.start, row.end, row.last_seen) == (T0 + 30, T0 + 40, T0 + 38)
     # Once declared, an end before the start is refused as before.
     assert post(client, [f.attempt_start(start=T0 + 35)]).json()["inserted"] == 1
     post(client, [f.attempt_start(start=T0 + 50, attempt=1)])

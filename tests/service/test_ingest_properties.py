@@ -24,6 +24,7 @@ def run_batches(draw: Any) -> list[dict[str, Any]]:
     run_id = draw(st.from_regex(r"[a-z][a-z0-9]{3,10}", fullmatch=True))
     records: list[dict[str, Any]] = [f.run(run_id, "prop")]
     t = f.T0
+    spans: set[tuple[int, str, float]] = set()
     for attempt in range(draw(st.integers(1, 3))):
         for rank in range(draw(st.integers(1, 2))):
             records.append(f.attempt_start(run_id, start=t, attempt=attempt, rank=rank))
@@ -33,13 +34,14 @@ def run_batches(draw: Any) -> list[dict[str, Any]]:
             dur = draw(st.floats(0.0, 3.0))
             for rank in range(2):
                 records.append(f.step(n, run_id, start=t, dur=dur, attempt=attempt, rank=rank))
-            if draw(st.booleans()):
-                cat = draw(st.sampled_from(CATEGORIES))
+            cat = draw(st.sampled_from(CATEGORIES))
+            if draw(st.booleans()) and (attempt, cat, t) not in spans:  # a key names one span
+                spans.add((attempt, cat, t))
                 records.append(
                     f.span(
                         cat,
                         t,
-                        t + draw(st.floats(0.0, 1.0)),
+                        t + min(draw(st.floats(0.0, 1.0)), dur),  # before its attempt's end
                         run_id,
                         attempt=attempt,
                         overlapped=draw(st.booleans()),

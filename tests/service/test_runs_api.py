@@ -129,7 +129,10 @@ def test_runs_filter_by_status_pattern_and_tag(client: Any) -> None:
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "status"
 
 
-def test_a_run_sent_again_with_other_tags_keeps_its_first_record(client: Any) -> None:
+def test_a_run_sent_again_may_only_add_tags(client: Any) -> None:
     ingest(client, [f.run("r", "x", tags=["a"])])
     again = client.post("/api/v1/ingest", json={"records": [f.run("r", "x", tags=["a", "b"])]})
-    assert again.json() == {"inserted": 0, "duplicates": 1}
+    assert again.json() == {"inserted": 1, "duplicates": 0}
+    fewer = client.post("/api/v1/ingest", json={"records": [f.run("r", "x", tags=["b"])]})
+    assert fewer.status_code == 409  # a tag is never removed by a re-send (issue 12)
+    assert sorted(client.get("/api/v1/runs/r").json()["tags"]) == ["a", "b"]

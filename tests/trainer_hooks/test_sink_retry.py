@@ -103,6 +103,10 @@ def test_each_answer_means_what_the_contract_says() -> None:
     assert classify(resp(409, {"retry-after": "2"})) == "retry"
     assert classify(resp(409, body={"retriable": True})) == "retry"
     assert classify(resp(409, body={"detail": {"retriable": True, "msg": "busy"}})) == "retry"
+    # a record contradicting a stored one of its key: permanent, kept in rejected/
+    assert classify(resp(409, body={"detail": [{"type": "conflict"}], "retriable": False})) == (
+        "rejected"
+    )
     for code in (401, 403, 404, 405, 409):
         assert classify(resp(code, body={"detail": "no"})) == "held", code
 
