@@ -18,6 +18,7 @@ from service import repository_rollups as rollups
 from service.db import session_scope
 from service.import_mgm import (
     ImportConflict,
+    ImportTooLarge,
     Mapped,
     MgmFormatError,
     StoredRun,
@@ -104,6 +105,8 @@ async def import_ml_goodput(request: Request, run_name: RunName = None) -> Impor
         return await run_in_threadpool(_import, body, run_name, factory)
     except repo.IngestConflict as exc:  # a record contradicting a stored one of its key
         raise HTTPException(409, detail=exc.conflicts) from exc
+    except ImportTooLarge as exc:
+        raise HTTPException(413, detail=str(exc)) from exc
     except (MgmFormatError, repo.IngestError) as exc:
         raise RequestValidationError(exc.errors) from exc
     except ImportConflict as exc:

@@ -92,6 +92,13 @@ CHECKPOINT_EVENTS: dict[str, tuple[str, str, str]] = {
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
+MAX_IMPORT_ENTRIES = 1_000_000  # entries of one import (the body limit usually comes first)
+
+
+class ImportTooLarge(ValueError):
+    """More entries than one import takes (a 413 naming the limit)."""
+
+
 class MgmFormatError(ValueError):
     """The log cannot be read; `errors` is in FastAPI's validation-error shape."""
 
@@ -476,6 +483,10 @@ def _job_name(events: list[Event], state: _State) -> tuple[str | None, list[Even
 def map_log(text: str, run_name: str | None = None) -> Mapped:
     """The records of one import; raises MgmFormatError for an unreadable log."""
     where, raw = split_entries(text)
+    if len(raw) > MAX_IMPORT_ENTRIES:
+        raise ImportTooLarge(
+            f"the log has {len(raw)} entries; one import takes at most {MAX_IMPORT_ENTRIES}"
+        )
     pre = _State()
     events: list[Event] = []
     for index, item in raw:

@@ -433,3 +433,15 @@ def test_cli_imports_a_file_against_a_live_server(migrated_url: str, tmp_path: A
         assert "inserted=0" in again.output
     finally:
         server.stop()
+
+
+def test_an_import_over_the_entry_cap_is_a_413_naming_it(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.import_mgm as mgm
+
+    monkeypatch.setattr(mgm, "MAX_IMPORT_ENTRIES", 10)
+    body = lines([e(job_start_time=T0), *steps(0, *range(1, 12)), e(job_end_time=T0 + 20)])
+    r = post(client, body, "application/x-ndjson")
+    assert r.status_code == 413 and "at most 10" in r.json()["detail"]
+    assert client.get("/api/v1/runs").json()["runs"] == []
