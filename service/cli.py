@@ -292,6 +292,12 @@ def spool_replay(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(" ".join(f"{k}={v}" for k, v in result.items()))
+    if result.get("corrupt_bytes"):
+        console.print(
+            f"[yellow]warning:[/yellow] {result['corrupt_bytes']} bytes of the spools were "
+            f"damaged ({result['corrupt_frames']} stretches) and skipped: the records they held "
+            "are lost; the rest was sent"
+        )
     if result.get("rejected") or result.get("still_rejected"):
         console.print(
             "[yellow]warning:[/yellow] the service refused some records for good; they are "

@@ -84,7 +84,8 @@ class SinkStats:
     records_dropped: int = 0
     records_sent_unspooled: int = 0  # sent straight to the service: the disk would not take them
     spool_write_failures: int = 0
-    corrupt_frames: int = 0
+    corrupt_frames: int = 0  # damaged stretches of a spool skipped
+    corrupt_bytes: int = 0  # their bytes (a stretch may have held many records)
     send_failures: int = 0
     errors: int = 0
     pending_bytes: int = 0
@@ -207,6 +208,7 @@ class Sender:
         while offset < seg.size():
             chunk = seg.read(offset, self.batch_records)
             stats.corrupt_frames += chunk.corrupt
+            stats.corrupt_bytes += chunk.corrupt_bytes
             if not chunk.payloads:
                 if chunk.end_offset > offset and not chunk.torn_tail:
                     seg.set_acked(chunk.end_offset)  # only corrupt frames: skip them for good
@@ -227,6 +229,7 @@ class Sender:
         if offset < seg.size() and not spool.is_active(seg):
             # A torn tail nobody will finish (a failed write, a crash): skip it for good.
             stats.corrupt_frames += 1
+            stats.corrupt_bytes += seg.size() - offset
             seg.set_acked(seg.size())
         return True
 
@@ -588,6 +591,7 @@ def replay(
         "duplicates": sender.duplicates,
         "rejected": stats.records_rejected,
         "corrupt_frames": stats.corrupt_frames,
+        "corrupt_bytes": stats.corrupt_bytes,
     }
 
 

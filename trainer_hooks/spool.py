@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 import time
@@ -35,6 +36,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger("trainer_hooks.spool")
 
 MAGIC = b"GP"
 _HEADER = struct.Struct("<2sII")
@@ -63,22 +66,23 @@ def encode_frame(payload: bytes) -> bytes:
 class ReadResult:
     payloads: list[bytes]
     end_offset: int
-    corrupt: int
+    corrupt: int  # damaged stretches skipped
     torn_tail: bool
+    corrupt_bytes: int = 0  # and their bytes: one stretch may have held many records
 
 
 def read_frames(data: bytes, offset: int, max_records: int) -> ReadResult:
     """Decode up to `max_records` frames of `data` starting at byte `offset`."""
     payloads: list[bytes] = []
-    corrupt = 0
+    corrupt = corrupt_bytes = 0
     pos = offset
     while len(payloads) < max_records and pos < len(data):
         if len(data) - pos < HEADER_SIZE:
-            return ReadResult(payloads, pos, corrupt, torn_tail=True)
+            return ReadResult(payloads, pos, corrupt, True, corrupt_bytes)
         magic, length, crc = _HEADER.unpack_from(data, pos)
         end = pos + HEADER_SIZE + length
         if magic == MAGIC and length <= MAX_FRAME_BYTES and end > len(data):
-            return ReadResult(payloads, pos, corrupt, torn_tail=True)
+            return ReadResult(payloads, pos, corrupt, True, corrupt_bytes)
         if magic == MAGIC and length <= MAX_FRAME_BYTES:
             payload = data[pos + HEADER_SIZE : end]
             if zlib.crc32(payload) == crc:
@@ -87,8 +91,10 @@ def read_frames(data: bytes, offset: int, max_records: int) -> ReadResult:
                 continue
         corrupt += 1
         nxt = data.find(MAGIC, pos + 1)
-        pos = len(data) if nxt < 0 else nxt
-    return ReadResult(payloads, pos, corrupt, torn_tail=False)
+        skipped_to = len(data) if nxt < 0 else nxt
+        corrupt_bytes += skipped_to - pos
+        pos = skipped_to
+    return ReadResult(payloads, pos, corrupt, torn_tail=False, corrupt_bytes=corrupt_bytes)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -127,10 +133,27 @@ class Segment:
         return int(self.path.stem)
 
     def acked(self) -> int:
+        """The acknowledged offset. An ack file that cannot be read, or that points past the
+        end of its segment, is damaged: the segment is sent again whole (the service stores
+        nothing twice), with a warning, never skipped."""
         try:
-            on_disk = int(self.ack_path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
+            text = self.ack_path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        try:
+            on_disk = int(text or 0)
+        except ValueError:
+            on_disk = -1
+        if on_disk < 0 or on_disk > self.size():
+            log.warning(
+                "spool ack file %s is damaged (%r for a segment of %d bytes): sending the "
+                "segment again from its start",
+                self.ack_path,
+                text[:40],
+                self.size(),
+            )
             on_disk = 0
+            self._acks.pop(self.path, None)
         return max(on_disk, self._acks.get(self.path, 0))
 
     def set_acked(self, offset: int) -> bool:

@@ -157,3 +157,25 @@ def test_a_conflicting_resend_goes_to_rejected_not_round_and_round(
     assert stats.records_rejected == 1 and len(stats.rejected_files) == 1
     with httpx.Client(base_url=served.base) as client:
         assert client.get(f"/api/v1/runs/{run_id}").json()["num_steps"] == 2
+
+
+def test_damage_is_measured_in_bytes_and_a_damaged_ack_never_skips_a_segment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trainer_hooks.spool import read_frames
+
+    spool = Spool(tmp_path)
+    spool.append([b'{"a":1}'] * 10)
+    seg = spool.segments()[0]
+    data = bytearray(seg.path.read_bytes())
+    frame = len(data) // 10
+    data[frame : frame * 9] = b"\xff" * (frame * 8)  # 8 frames wiped
+    got = read_frames(bytes(data), 0, 100)
+    assert len(got.payloads) == 2 and got.corrupt == 1
+    assert got.corrupt_bytes == frame * 8  # the stretch: not "one frame"
+    seg.ack_path.write_text(str(seg.size() + 1000))  # points past the end: damaged
+    with caplog.at_level("WARNING"):
+        assert seg.acked() == 0
+    assert "damaged" in caplog.text
+    seg.ack_path.write_text("garbage")
+    assert seg.acked() == 0
