@@ -359,6 +359,7 @@ class SpoolSink:
         self.stats.pending_bytes = self.spool.pending()
         if self._sender is not None:
             self._sender.close()
+        self.spool.give_up_reserve()  # the run is over: its room is the disk's again
         self.spool.unlock()
         return self.stats
 

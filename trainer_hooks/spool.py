@@ -13,8 +13,8 @@ next magic. Fully acknowledged segments are deleted, except the newest.
 A full disk loses nothing the service can still take. The acknowledged offsets are kept in
 memory too, so an ack file that cannot be written (no room for its temporary copy) never makes
 the sink send acknowledged frames again; the file is then overwritten in place, which needs
-no new blocks. Each spool keeps `reserve.bin` (`reserve_bytes`, 256 KiB) of room: when the
-disk is full, it is given up for the control records (run, attempt start and end, checkpoint
+no new blocks. While a sink writes a spool, it keeps `reserve.bin` (`reserve_bytes`, 256 KiB)
+of room there: when the disk is full, it is given up for the control records (run, attempt start and end, checkpoint
 commits, excluded windows), and taken again once the disk has room.
 
 Batches the service refused for good (a 400, 413, 415 or 422: records it can never accept)

@@ -83,6 +83,7 @@ def test_a_full_disk_loses_nothing_while_the_service_is_up(tiny_disk: Path, serv
     emit(sink, f.attempt_end(run_id, end=f.T0 + 400, counters={"records_dropped": 0}))
     stats = sink.close(timeout_s=20.0)
     assert stats.spool_write_failures > 0  # the disk really was full
+    assert not (spool_dir / "reserve.bin").exists()  # given back at close
     assert stats.records_dropped == 0 and stats.errors == 0, stats
     with httpx.Client(base_url=served.base) as client:
         run = client.get(f"/api/v1/runs/{run_id}").json()
