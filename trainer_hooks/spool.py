@@ -14,8 +14,9 @@ A full disk loses nothing the service can still take. The acknowledged offsets a
 memory too, so an ack file that cannot be written (no room for its temporary copy) never makes
 the sink send acknowledged frames again; the file is then overwritten in place, which needs
 no new blocks. While a sink writes a spool, it keeps `reserve.bin` (`reserve_bytes`, 256 KiB)
-of room there: when the disk is full, it is given up for the control records (run, attempt start and end, checkpoint
-commits, excluded windows), and taken again once the disk has room.
+of room there: when the disk is full, it is given up for the control records (run, attempt
+start and end, checkpoint commits, excluded windows), taken again once the disk has room, and
+given back when the sink closes.
 
 Batches the service refused for good (a 400, 413, 415 or 422: records it can never accept)
 are kept beside the segments, in `rejected/`: `<stamp>.json` is the request body as sent,
