@@ -102,7 +102,7 @@ def _without(
             continue
         parts = reader.parts(a, b).ranks
         for rank, g in out.items():
-            mine = parts.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
+            mine = parts.get(rank) or RankParts.empty(rank)
             out[rank] = minus(g, account(acc.decided[rank], mine, _cuts(acc.cuts, rank), a, b))
     return [out[g.rank] for g in per_rank]
 
@@ -117,7 +117,7 @@ def window(
     parts = reader.parts(lo, hi)
     per_rank = []
     for rank in sorted(acc.decided):
-        mine = parts.ranks.get(rank) or RankParts(rank, {}, {}, 0.0, 0, 0)
+        mine = parts.ranks.get(rank) or RankParts.empty(rank)
         per_rank.append(account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi))
     if acc.excluded:
         per_rank = _without(reader, acc, per_rank, lo, hi)

@@ -143,6 +143,11 @@ class RankParts:
     steps: int
     tokens: int
 
+    @classmethod
+    def empty(cls, rank: int) -> RankParts:
+        """A rank with no record in the window."""
+        return cls(rank, {}, {}, 0.0, 0, 0)
+
 
 @dataclass
 class RankGoodput:
@@ -236,26 +241,42 @@ def precedence(category: str) -> tuple[int, str]:
         return len(PRECEDENCE), category
 
 
-def charged(spans: Iterable[SpanIn], lo: float, hi: float) -> dict[str, float]:
-    """Seconds of [lo, hi] charged to each category by blocking spans of one rank: each
-    second to the covering span of highest precedence."""
-    events: list[tuple[float, int, str]] = []
-    for s in spans:
+def credited(spans: Sequence[SpanIn], lo: float, hi: float) -> list[float]:
+    """Seconds of [lo, hi] credited to each blocking span of one rank (by position): each
+    second to the covering span of highest category precedence, the earliest (by start, then
+    attempt) among spans of that category. Overlapped spans are credited nothing."""
+    events: list[tuple[float, int, int]] = []
+    for j, s in enumerate(spans):
         a, b = max(s.start, lo), min(s.end, hi)
         if b > a and not s.overlapped:
-            events += [(a, 1, s.category), (b, -1, s.category)]
+            events += [(a, 1, j), (b, -1, j)]
     events.sort(key=lambda e: e[0])
-    out: dict[str, float] = {}
-    live: dict[str, int] = {}
+    out = [0.0] * len(spans)
+    live: set[int] = set()
     prev = -math.inf
-    for t, delta, category in events:
+    for t, delta, j in events:
         if live and t > prev:
-            top = min(live, key=precedence)
-            out[top] = out.get(top, 0.0) + (t - prev)
-        live[category] = live.get(category, 0) + delta
-        if not live[category]:
-            del live[category]
+            top = min(
+                live,
+                key=lambda k: (precedence(spans[k].category), spans[k].start, spans[k].attempt, k),
+            )
+            out[top] += t - prev
+        if delta > 0:
+            live.add(j)
+        else:
+            live.discard(j)
         prev = t
+    return out
+
+
+def charged(spans: Iterable[SpanIn], lo: float, hi: float) -> dict[str, float]:
+    """Seconds of [lo, hi] charged to each category by blocking spans of one rank: each
+    second to the covering span of highest precedence (`credited`, summed by category)."""
+    mine = list(spans)
+    out: dict[str, float] = {}
+    for s, x in zip(mine, credited(mine, lo, hi), strict=True):
+        if x:
+            out[s.category] = out.get(s.category, 0.0) + x
     return out
 
 

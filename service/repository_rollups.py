@@ -62,8 +62,8 @@ from service.goodput import (
     SpanIn,
     SpanIndex,
     StepIn,
+    credited,
     inferred_compile,
-    precedence,
 )
 from service.models import (
     ROLLUP_LEVELS,
@@ -541,45 +541,20 @@ def flag_clashes(session: Session, spans: Sequence[Any]) -> tuple[list[bool], li
             continue
         a = min([spans[i].start for i in clashing] + [s.start for s in hit])
         b = max([spans[i].end for i in clashing] + [s.end for s in hit])
-        every = [
-            ((s.attempt, s.category, s.start), s.category, s.start, s.end)
-            for s in _stored_blocking(session, run_id, rank, a, b)
+        stored = _stored_blocking(session, run_id, rank, a, b)
+        every = [SpanIn(s.attempt, rank, s.category, s.start, s.end, False) for s in stored]
+        every += [
+            SpanIn(spans[i].attempt, rank, spans[i].category, spans[i].start, spans[i].end, False)
+            for i in new
         ]
-        for i in new:
-            s = spans[i]
-            every.append(((s.attempt, s.category, s.start), s.category, s.start, s.end))
-        credit = credited(every, a, b)
+        credit = {
+            (s.attempt, s.category, s.start): x
+            for s, x in zip(every, credited(every, a, b), strict=True)
+        }
         for i in clashing:
             charged[i] = credit.get((spans[i].attempt, spans[i].category, spans[i].start), 0.0)
         _recharge(session, run_id, rank, hit, credit)
     return flags, charged
-
-
-def credited(
-    spans: Sequence[tuple[Any, str, float, float]], lo: float, hi: float
-) -> dict[Any, float]:
-    """Seconds of [lo, hi] credited to each (key, category, start, end) span: each second to
-    the covering span of highest category precedence (goodput.precedence), the earliest
-    (by start, then key) among spans of that category."""
-    events: list[tuple[float, int, int]] = []
-    for j, (_, _, start, end) in enumerate(spans):
-        a, b = max(start, lo), min(end, hi)
-        if b > a:
-            events += [(a, 1, j), (b, -1, j)]
-    events.sort(key=lambda e: e[0])
-    out: dict[Any, float] = {}
-    live: set[int] = set()
-    prev = -math.inf
-    for t, delta, j in events:
-        if live and t > prev:
-            top = min(live, key=lambda k: (precedence(spans[k][1]), spans[k][2], spans[k][0]))
-            out[spans[top][0]] = out.get(spans[top][0], 0.0) + (t - prev)
-        if delta > 0:
-            live.add(j)
-        else:
-            live.discard(j)
-        prev = t
-    return out
 
 
 def _recharge(

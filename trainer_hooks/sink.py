@@ -217,7 +217,7 @@ class Sender:
             body = b'{"records":[' + b",".join(chunk.payloads) + b"]}"
             outcome = self.post(body, stats)
             if outcome == "rejected":
-                self._reject(spool, body, len(chunk.payloads), stats)
+                self.reject(spool, body, len(chunk.payloads), stats)
             elif outcome != "sent":
                 return False
             else:
@@ -269,7 +269,7 @@ class Sender:
                 )
         return outcome
 
-    def _reject(self, spool: Spool, body: bytes, n: int, stats: SinkStats) -> None:
+    def reject(self, spool: Spool, body: bytes, n: int, stats: SinkStats) -> None:
         """The service will never accept this batch: keep it beside the spool, say so
         loudly, move on."""
         path = spool.reject(body, self.last_answer)
@@ -487,7 +487,7 @@ class SpoolSink:
                 self.stats.records_sent_unspooled += len(chunk)
             elif outcome == "rejected":
                 try:
-                    sender._reject(self.spool, body, len(chunk), self.stats)
+                    sender.reject(self.spool, body, len(chunk), self.stats)
                 except OSError:  # not even room for that: lost, and said so
                     self.stats.records_rejected += len(chunk)
                     self.stats.records_dropped += len(chunk)
