@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from service import repository_rolling as rolling_sums
 from service import repository_rollups as rollups
 from service import repository_windows as windows
 from service.goodput import (
@@ -122,3 +123,30 @@ def window(
     if acc.excluded:
         per_rank = _without(reader, acc, per_rank, lo, hi)
     return run_figures(per_rank, acc.goodput.rank), parts
+
+
+def rolling(
+    reader: windows.WindowReader, acc: Accounted, bounds: Sequence[tuple[float, float]]
+) -> list[RunGoodput]:
+    """`window` for many windows at once, their records summed incrementally
+    (repository_rolling): each window's figures, the same as `window` gives."""
+    cuts = [(max(e.start, lo), min(e.end, hi)) for lo, hi in bounds for e in acc.excluded]
+    cuts = [(a, b) for a, b in cuts if b > a]
+    sums = rolling_sums.parts_many(reader, [*bounds, *cuts])
+    excluded = dict(zip(cuts, sums[len(bounds) :], strict=True))
+    out = []
+    for (lo, hi), parts in zip(bounds, sums, strict=False):
+        per_rank = [_account(acc, parts, rank, lo, hi) for rank in sorted(acc.decided)]
+        for e in acc.excluded:
+            a, b = max(e.start, lo), min(e.end, hi)
+            if b > a:
+                per_rank = [minus(g, _account(acc, excluded[a, b], g.rank, a, b)) for g in per_rank]
+        out.append(run_figures(per_rank, acc.goodput.rank))
+    return out
+
+
+def _account(
+    acc: Accounted, parts: dict[int, RankParts], rank: int, lo: float, hi: float
+) -> RankGoodput:
+    mine = parts.get(rank) or RankParts.empty(rank)
+    return account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi)

@@ -394,8 +394,7 @@ def get_rolling_goodput(
         raise HTTPException(404, detail=f"rank {rank} has no records in run {run_id!r}")
     out = []
     reader = windows.WindowReader(session, run_id, acc)  # reads what every window shares once
-    for a, b in bounds:
-        g, _ = accounting.window(reader, acc, a, b)
+    for (a, b), g in zip(bounds, accounting.rolling(reader, acc, bounds), strict=True):
         read = _goodput_read(run_id, g, rank)
         out.append(GoodputWindow(start=a, end=b, **read.model_dump(exclude={"run_id", "ranks"})))
     return RollingGoodput(run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=out)

@@ -464,3 +464,81 @@ def test_rolling_windows_equal_clipping_every_record(
         assert_goodput_equal(w, run_goodput(full, now, lo, hi), (lo, hi))
     one = client.get("/api/v1/runs/run-a/goodput/rolling", params=params | {"rank": 1}).json()
     assert one["windows"] and all(w["rank"] == 1 for w in one["windows"])
+
+
+def edge_run() -> tuple[list[dict[str, Any]], float]:
+    """Steps that meet the rolling windows' edges every way: ending on one, starting on one,
+    zero-length on one, longer than a window; a checkpoint inside a block; clashing spans
+    across an edge and inside a step that crosses one."""
+    t0 = f.T0
+    out: list[dict[str, Any]] = [f.run(), f.attempt_start(start=t0)]
+    t, n = t0, 0
+    durations = [2.0, 0.5, 1.5, 0.0, 0.7, 5.3, 0.25, 1.75, 0.0, 0.0, 3.0, 1.0, 0.4, 0.6]
+    for rep in range(12):  # about 12 fine blocks: edges inside blocks and between them
+        for dur in durations:
+            out.append({**f.step(n, start=t, dur=dur), "hook_overhead_s": 1e-4, "tokens": n})
+            if n % 9 == 4 and dur > 0.5:  # a data stall inside the step, across an edge
+                out.append(f.span("data_stall", t + 0.3, t + dur - 0.1))
+            if dur > 2.5:  # two blocking spans that share time inside a long step
+                out.append(f.span("data_stall", t + 0.3, t + dur - 0.1))
+                out.append(f.span("custom:probe", t + 0.2, t + 0.5))
+            t += dur
+            n += 1
+        if rep == 6:
+            out.append(f.checkpoint(n - 1, t))
+        out.append(f.span("eval", t, t + 1.0))
+        if rep % 4 == 1:  # two blocking spans that share time (charged by precedence)
+            out.append(f.span("checkpoint_save", t + 0.5, t + 1.5))
+        t += 1.0 + (0.5 if rep % 4 == 1 else 0.0)
+    out.append(f.attempt_end(end=t + 0.5, status="failed"))
+    return out, t0
+
+
+@pytest.mark.parametrize("window_s,step_s", [(2.0, None), (0.5, None), (3.0, 1.0), (7.0, 7.5)])
+def test_rolling_windows_with_records_on_their_edges(
+    client: Any, app: Any, window_s: float, step_s: float | None
+) -> None:
+    """Rolling windows summed incrementally (repository_rolling) against their definition,
+    where steps and spans sit exactly on, across and between the windows' edges."""
+    from service.goodput_window import rolling, run_extent
+
+    records, _ = edge_run()
+    post_shuffled(client, records, 7)
+    with app.state.sessionmaker() as session:
+        full = repo.goodput_inputs(session, "run-a")
+    params = {"window_s": window_s} | ({"step_s": step_s} if step_s else {})
+    body = client.get("/api/v1/runs/run-a/goodput/rolling", params=params).json()
+    now = time.time()
+    bounds = rolling(run_extent(run_goodput(full, now)), window_s, step_s or window_s)
+    assert [(w["start"], w["end"]) for w in body["windows"]] == bounds
+    edges = {x for b in bounds for x in b}
+    assert any(s.end == s.start and s.start in edges for s in full.steps)  # the cases happen
+    assert any(s.end in edges and s.end > s.start for s in full.steps)
+    for w, (lo, hi) in zip(body["windows"], bounds, strict=True):
+        assert_goodput_equal(w, run_goodput(full, now, lo, hi), (lo, hi))
+
+
+def test_rolling_falls_back_to_one_window_at_a_time_on_overlapping_steps(
+    client: Any, app: Any
+) -> None:
+    """Steps of one attempt rank never overlap (ingest refuses it); a database written before
+    that rule may hold some, and two steps then cross one edge: each window is read on its
+    own, as `?start=&end=` reads it."""
+    from sqlalchemy import update
+
+    post_shuffled(client, random_run(8, 200), 8)
+    with app.state.sessionmaker() as session, session.begin():
+        session.execute(
+            update(Step)
+            .where(Step.rank == 0, Step.attempt == 1, Step.step.in_([150, 151]))
+            .values(end=Step.end + 1.3)
+        )
+    body = client.get("/api/v1/runs/run-a/goodput/rolling", params={"window_s": 2.0}).json()
+    for w in body["windows"]:
+        one = client.get(
+            "/api/v1/runs/run-a/goodput", params={"start": w["start"], "end": w["end"]}
+        )
+        got = one.json()
+        for name in ("total_s", "goodput_s", "other_s", "steps", "tokens"):
+            assert w[name] == pytest.approx(got[name], rel=1e-12, abs=1e-9), (w["start"], name)
+        assert w["badput_s"] == pytest.approx(got["badput_s"], rel=1e-12, abs=1e-9)
