@@ -37,13 +37,13 @@ from service.goodput import ROUNDING_SLACK_S, AttemptSplit, RankParts, SpanIndex
 from service.models import StepBlock
 from service.repository_windows import FINE, WindowReader
 
-# Rows of one VALUES list: SQLite allows 32,766 bound values in a statement, PostgreSQL 65,535.
+# Rows of one VALUES list (PostgreSQL allows 65,535 bound values in a statement).
 CHUNK_ROWS = 2_000
 NO_CHECKPOINT = 2**62  # an attempt split at no checkpoint: every step is on the committed side
 EVER = 1e300  # an edge after every step
 
 _SQL_TYPES = {
-    "sqlite": {"int": "INTEGER", "float": "REAL", "text": "TEXT"},
+    "sqlite": {"int": "INTEGER", "float": "REAL", "text": "TEXT"},  # INTEGER PRIMARY KEY: rowid
     "postgresql": {"int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT"},
 }
 
@@ -72,7 +72,7 @@ SELECT e.pid,
   max(CASE WHEN {_CROSS} THEN s.blocked_s END),
   sum(CASE WHEN s."end" <= e.t AND s.start < e.t
       THEN coalesce(s.hook_overhead_s, 0.0) ELSE 0.0 END)
-FROM e CROSS JOIN steps s
+FROM {{source}} CROSS JOIN steps s
 WHERE s.run_id = {{run}} AND s.attempt = e.a AND s.rank = e.r AND s.step BETWEEN e.f AND e.l
   AND s.start <= e.t
 GROUP BY e.pid
@@ -88,7 +88,7 @@ _SPAN_SUMS = """
 SELECT e.pid,
   sum(CASE WHEN s."end" < e.hi THEN s."end" ELSE e.hi END
       - CASE WHEN s.start > e.lo THEN s.start ELSE e.lo END)
-FROM e CROSS JOIN spans s
+FROM {source} CROSS JOIN spans s
 WHERE s.run_id = {run} AND s.attempt = e.a AND s.rank = e.r AND s.category = e.c
   AND s.start >= e.reach AND s.start < e.hi AND s."end" > e.lo
   AND NOT s.overlapped AND NOT s.clashes
@@ -103,22 +103,46 @@ _SPAN_COLS = (
 def _values(
     conn: Connection, template: str, cols: Sequence[tuple[str, str]], run_id: str, rows: list
 ) -> list[Any]:
-    """Run `template` once per chunk of `rows`, bound as a `VALUES` list named e; the first
-    row's values are cast to the columns' types (PostgreSQL infers them from it)."""
-    dialect = conn.dialect.name
-    types = _SQL_TYPES[dialect]
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    """Run `template` joined with `rows` as the relation e, whose first column `pid` numbers
+    the rows. On SQLite the rows go into a temporary table keyed by pid (the connection's own:
+    the run's tables are only read), which the join then scans in pid order, so the rows need
+    no sorting to be grouped; on PostgreSQL they are a `VALUES` list, in chunks, its first
+    row cast to the columns' types (PostgreSQL infers them from it)."""
+    if not rows:
+        return []
+    if conn.dialect.name == "sqlite":
+        return _temp_table(conn, template, cols, run_id, rows)
+    types = _SQL_TYPES["postgresql"]
     names = ", ".join(name for name, _ in cols)
-    typed = "(" + ", ".join(f"CAST({mark} AS {types[kind]})" for _, kind in cols) + ")"
-    plain = "(" + ", ".join([mark] * len(cols)) + ")"
+    typed = "(" + ", ".join(f"CAST(%s AS {types[kind]})" for _, kind in cols) + ")"
+    plain = "(" + ", ".join(["%s"] * len(cols)) + ")"
     out: list[Any] = []
     for i in range(0, len(rows), CHUNK_ROWS):
         chunk = rows[i : i + CHUNK_ROWS]
         values = ", ".join([typed] + [plain] * (len(chunk) - 1))
-        sql = f"WITH e({names}) AS (VALUES {values}) " + template.format(run=mark)
+        sql = f"WITH e({names}) AS (VALUES {values}) " + template.format(source="e", run="%s")
         params = tuple(v for row in chunk for v in row) + (run_id,)
         out += conn.exec_driver_sql(sql, params).all()
     return out
+
+
+def _temp_table(
+    conn: Connection, template: str, cols: Sequence[tuple[str, str]], run_id: str, rows: list
+) -> list[Any]:
+    types = _SQL_TYPES["sqlite"]
+    table = "goodput_rolling_" + "_".join(name for name, _ in cols)
+    columns = ", ".join(
+        f"{name} {types[kind]}" + (" PRIMARY KEY" if name == "pid" else "") for name, kind in cols
+    )
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns})")
+    conn.exec_driver_sql(f"DELETE FROM temp.{table}")
+    try:
+        marks = ", ".join("?" * len(cols))
+        conn.exec_driver_sql(f"INSERT INTO temp.{table} VALUES ({marks})", rows)
+        sql = template.format(source=f"temp.{table} AS e", run="?")
+        return list(conn.exec_driver_sql(sql, (run_id,)).all())
+    finally:
+        conn.exec_driver_sql(f"DELETE FROM temp.{table}")
 
 
 @dataclass(slots=True)
@@ -237,6 +261,7 @@ class _Many:
         self.intervals = list(intervals)
         self.edges = np.array(sorted({x for pair in intervals for x in pair}), dtype=float)
         self.at = {float(x): i for i, x in enumerate(self.edges)}
+        self.ups: dict[int, int] = {}
 
     def parts(self) -> list[dict[int, RankParts]]:
         figures = self._edge_figures()
@@ -355,7 +380,10 @@ class _Many:
         return w
 
     def _upto(self, attempt: int, step: int) -> bool:
-        return step <= self._checkpoint(attempt)
+        up = self.ups.get(attempt)
+        if up is None:
+            up = self.ups[attempt] = self._checkpoint(attempt)
+        return step <= up
 
     # -- spans --
 
@@ -403,8 +431,9 @@ class _Many:
             for rank in ranks:
                 cats = next(sums)
                 clashing = self.reader.clashing.get(rank)
-                if clashing is not None:
-                    for cat, x in charged(clashing.meeting(lo, hi), lo, hi).items():
+                meeting = clashing.meeting(lo, hi) if clashing is not None else []
+                if meeting:
+                    for cat, x in charged(meeting, lo, hi).items():
                         cats[cat] = cats.get(cat, 0.0) + x
                 cats = {c: x for c, x in cats.items() if x}
                 if cats:
