@@ -88,6 +88,7 @@ def _summary(run: Run, attempts: list[Attempt], tags: list[str]) -> RunSummary:
         status=run_status(attempts),
         tags=tags,
         declared=run.declared,
+        records_dropped=sum(a.dropped for a in attempts),
     )
 
 

@@ -211,11 +211,25 @@ def _rate_samples(session: Session, runs: list[Run]) -> tuple[list[Sample], list
     return rates, drop_rates
 
 
+def _dropped_samples(session: Session, runs: list[Run]) -> list[Sample]:
+    totals = {r.run_id: 0 for r in runs}
+    for a in repo.attempts_of(session, list(totals)):
+        totals[a.run_id] += a.dropped
+    return [(_run_labels(r), float(totals[r.run_id])) for r in runs]
+
+
 def _run_lines(session: Session, cache: GoodputCache) -> list[str]:
     runs, _ = repo.list_runs(session, limit=METRICS_RUNS)
     fractions, badput, statuses = _goodput_samples(session, runs, cache)
     rates, drops = _rate_samples(session, runs)
     return [
+        *family(
+            "goodput_records_dropped",
+            "gauge",
+            "Records the run's hooks dropped (never stored), as their heartbeats and attempt "
+            "ends said.",
+            _dropped_samples(session, runs),
+        ),
         *family(
             "goodput_fraction", "gauge", "Goodput over total wall time (slowest rank).", fractions
         ),

@@ -142,6 +142,16 @@ class Attempt(Base):
     # attempt_start (its start is then a placeholder: the earliest time seen).
     start_declared: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
     heartbeat_s: Mapped[float | None] = mapped_column(Double)  # the declared interval
+    # What the rank's hooks dropped so far (their disk full, the service unreachable), as its
+    # newest heartbeat said: a running total, of which the largest seen is kept.
+    records_dropped: Mapped[int | None] = mapped_column(BigInteger)
+
+    @property
+    def dropped(self) -> int:
+        """What the rank's hooks dropped: the largest of its heartbeats' running total and
+        its attempt_end's count (counters.records_dropped)."""
+        at_end = (self.counters or {}).get("records_dropped", 0)
+        return max(self.records_dropped or 0, at_end if isinstance(at_end, int) else 0)
 
     __table_args__ = (
         UniqueConstraint("run_id", "attempt", "rank"),

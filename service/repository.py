@@ -686,6 +686,7 @@ _ATTEMPT_KEY = attrgetter("run_id", "attempt", "rank")
 _KEYS_PER_QUERY = 300
 _ATTEMPT_STATE = (
     *("start", "end", "start_declared", "last_seen", "heartbeat_s", "world_size"),
+    "records_dropped",
     *("status", "cause", "hook_errors", "counters"),  # compared by a re-sent attempt_end
 )
 
@@ -986,7 +987,8 @@ def _after_attempt_end(
 def _heartbeats(session: Session, beats: list[tuple[int, HeartbeatRecord]]) -> int:
     """Advance each attempt's last_seen (an attempt never started gets a placeholder row); a
     heartbeat that does not advance it is a duplicate. A declared interval is kept in
-    heartbeat_s, the newest heartbeat's winning."""
+    heartbeat_s, the newest heartbeat's winning; a count of dropped records in
+    records_dropped, the largest seen (the hooks send a running total)."""
     if not beats:
         return 0
     attempts = _open_attempts(session, beats, attrgetter("time"))
@@ -1008,7 +1010,14 @@ def _heartbeats(session: Session, beats: list[tuple[int, HeartbeatRecord]]) -> i
             row["last_seen"] = rec.time
             changed[k] = row
             done += 1
-    _update_attempts(session, changed.values(), ("start", "last_seen", "heartbeat_s"))
+        dropped = rec.records_dropped
+        if dropped is not None and dropped > (row["records_dropped"] or 0):
+            row["records_dropped"] = dropped  # a running total: the largest is the newest
+            changed[k] = row
+            if not (last is None or rec.time > last):
+                done += 1  # it told something new: not a duplicate
+    columns = ("start", "last_seen", "heartbeat_s", "records_dropped")
+    _update_attempts(session, changed.values(), columns)
     return done
 
 

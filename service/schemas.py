@@ -22,6 +22,11 @@ class AttemptRead(BaseModel):
         True, description="false while only a heartbeat or attempt_end of it has arrived"
     )
     heartbeat_s: float | None = Field(None, description="the heartbeat interval it declared")
+    records_dropped: int | None = Field(
+        None,
+        description="records the rank's hooks dropped so far, as its newest heartbeat said "
+        "(its attempt_end says the final count in counters.records_dropped)",
+    )
 
 
 class RunSummary(BaseModel):
@@ -38,6 +43,11 @@ class RunSummary(BaseModel):
         True,
         description="false while only other records of the run have arrived (records come "
         "in any order): name, project and receipt parts are placeholders until its run record",
+    )
+    records_dropped: int = Field(
+        0,
+        description="records the run's hooks dropped, over every attempt rank (the largest of "
+        "what its heartbeats and its attempt_end said): what the service can never hold",
     )
 
 

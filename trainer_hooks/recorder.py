@@ -483,7 +483,11 @@ class Recorder:
 class _Heartbeat:
     """A daemon thread that says every `period_s` that this rank is alive, and that it says
     so every `period_s` (`interval_s`): the server judges a rank stalled after a multiple of
-    it without a sign of life."""
+    it without a sign of life. Each heartbeat carries the sink's running count of dropped
+    records; when that count grows, a heartbeat goes out within `LOSS_CHECK_S`, not at the
+    next period, so the service hears of a loss while the run goes on."""
+
+    LOSS_CHECK_S = 1.0
 
     def __init__(self, rec: Recorder, period_s: float) -> None:
         self._rec = rec
@@ -496,10 +500,25 @@ class _Heartbeat:
 
     def _run(self) -> None:
         rec = self._rec
-        while not self._stop.wait(self._period):
-            rec._safe_emit(
-                "heartbeat", {**rec._key, "time": rec.now(), "interval_s": self._declared}
-            )
+        told = 0
+        due = time.monotonic() + self._period
+        while not self._stop.wait(min(self.LOSS_CHECK_S, max(0.0, due - time.monotonic()))):
+            dropped = self._dropped()
+            if time.monotonic() < due and dropped <= told:
+                continue
+            fields = {**rec._key, "time": rec.now(), "interval_s": self._declared}
+            if dropped:
+                fields["records_dropped"] = dropped
+            rec._safe_emit("heartbeat", fields)
+            told = dropped
+            due = time.monotonic() + self._period
+
+    def _dropped(self) -> int:
+        stats = getattr(self._rec.sink, "stats", None)
+        try:
+            return int(getattr(stats, "records_dropped", 0) or 0)
+        except (TypeError, ValueError):
+            return 0
 
     def stop(self) -> None:
         self._stop.set()

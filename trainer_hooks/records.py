@@ -24,7 +24,8 @@ included) it is a duplicate; with other content it is a conflict, and the servic
 whole batch with a 409 naming the record, its key and both values of each differing field
 (`"retriable": false`: sending it again cannot help). What may legitimately change on a
 re-send:
-  heartbeat      everything: only the newest time is kept, never a conflict
+  heartbeat      everything: only the newest time and the largest records_dropped are
+                 kept, never a conflict
   run            each rank and attempt sends one: `created_at` and `environment` are the
                  sender's own (its start, its host) and the first stored stays; `name`,
                  `project`, `model_plan` and `runtime_policy` must be repeated; `tags` may
@@ -221,6 +222,11 @@ class HeartbeatRecord(_RankScoped):
         default=None,
         description="how often this rank sends heartbeats; with it, a rank silent for "
         "STALL_INTERVALS intervals is judged stalled (docs/ACCOUNTING.md)",
+    )
+    records_dropped: Count | None = Field(
+        default=None,
+        description="records this rank's hooks dropped so far in this attempt (their spool "
+        "disk full, say): a running total; the service keeps the largest it has seen",
     )
 
 

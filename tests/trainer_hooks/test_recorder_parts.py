@@ -155,6 +155,31 @@ def test_out_of_memory_is_recorded_before_it_propagates() -> None:
     assert sink.of("step") == []
 
 
+def test_a_loss_is_told_by_a_heartbeat_at_once_not_at_the_next_period() -> None:
+    """The sink's running count of dropped records rides on heartbeats; when it grows, a
+    heartbeat goes out within LOSS_CHECK_S although the period is an hour."""
+    from types import SimpleNamespace
+
+    sink = ListSink()
+    sink.stats = SimpleNamespace(records_dropped=0)  # type: ignore[attr-defined]
+    rec = Recorder(run_name="loss", sink=sink, environment={}, heartbeat_s=3600.0)
+    try:
+        time.sleep(1.5)
+        assert sink.of("heartbeat") == []  # nothing lost, the period not over: nothing sent
+        sink.stats.records_dropped = 7  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5.0
+        while not sink.of("heartbeat") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        beats = sink.of("heartbeat")
+        assert [b.get("records_dropped") for b in beats] == [7]
+        assert json.loads(to_payload("heartbeat", beats[0]))["records_dropped"] == 7
+        time.sleep(1.5)
+        assert len(sink.of("heartbeat")) == 1  # told once: no repeat until it grows again
+    finally:
+        rec.close()
+    assert sink.of("attempt_end")[0]["counters"]["records_dropped"] == 7
+
+
 def test_heartbeats_checkpoints_and_overhead() -> None:
     rec, sink = recorder(heartbeat_s=0.02)
     for step in range(3):
