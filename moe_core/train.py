@@ -14,6 +14,7 @@ attempt); `--fail-at-step N` kills the process at step N, for restart tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -186,8 +187,8 @@ def _shared_run_id(wanted: str | None) -> str:
 
 def _resume_point(args: argparse.Namespace, cfg: TrainConfig) -> ckpt.Checkpoint | None:
     """This rank's checkpoint to resume from: the newest step that every shard of some layout
-    holds, resharded when it was written with another --ep-size. Read before the process
-    group exists (torchrun's RANK says which shard)."""
+    holds, resharded when it was written with another --ep-size (torchrun's RANK says which
+    shard)."""
     directory = cfg.checkpoint_dir
     assert directory is not None
     if ckpt.ep_sizes_in(directory) and not args.resume:
@@ -200,19 +201,37 @@ def _resume_point(args: argparse.Namespace, cfg: TrainConfig) -> ckpt.Checkpoint
     return ckpt.load_for(directory, ep_rank, cfg.ep_size, torch.device(cfg.device))
 
 
+def _shared_name(args: argparse.Namespace) -> None:
+    """Every rank must send one run name (a run record that names it otherwise is a
+    conflict): without --run-name, rank 0's default, stamped with its clock, is everyone's;
+    and so is the default checkpoint directory made from it."""
+    named, placed = args.run_name is not None, args.checkpoint_dir is not None
+    if not named:
+        args.run_name = f"moe-{args.pattern}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if torch.distributed.is_initialized():
+            box = [args.run_name]
+            torch.distributed.broadcast_object_list(box, src=0)
+            args.run_name = box[0]
+    if not placed:
+        args.checkpoint_dir = str(Path("checkpoints") / args.run_name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.run_name = args.run_name or f"moe-{args.pattern}-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.checkpoint_dir = args.checkpoint_dir or str(Path("checkpoints") / args.run_name)
+    named, placed = args.run_name, args.checkpoint_dir
+    _shared_name(args)  # this rank's own default, for the checks before the process group
     try:
         model_cfg, cfg = configs(args)
         profile = parse_window(args.profile_steps)
-        resume = _resume_point(args, cfg)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     world = _init_distributed(cfg.device)
+    args.run_name, args.checkpoint_dir = named, placed
+    _shared_name(args)  # now rank 0's, on every rank
+    cfg = dataclasses.replace(cfg, checkpoint_dir=Path(args.checkpoint_dir))
     try:
+        resume = _resume_point(args, cfg)
         layout = make_layout(cfg.ep_size)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,7 +25,10 @@ checkpoint commits, excluded windows) go to the room the spool reserved for them
 records still in memory are sent straight to the service (records may arrive in any order).
 Only what neither the disk nor the service took, past `max_pending` records, is dropped, the
 oldest non-control records first, and counted (`records_dropped`, which the attempt's end
-record carries).
+record carries). So that the count is whole, an attempt's end waits in memory until the
+records ahead of it are settled (written, sent, or dropped: at once when the disk or the
+service takes them, else at the close deadline), and then carries the sink's count of the
+records it dropped, the drops of its last moments included.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from trainer_hooks.device import is_ready, settle
 from trainer_hooks.records import Record
 from trainer_hooks.routing import finish_routing_fields
 from trainer_hooks.spool import (
+    HEADER_SIZE,
     REJECTED_DIR,
     RESERVE_BYTES,
     SEGMENT_SUFFIX,
@@ -313,6 +317,7 @@ class SpoolSink:
         self.stats = SinkStats()
         self._queue: deque[PendingRecord] = deque()
         self._unspooled: list[Serialized] = []  # serialised, waiting for the disk to take them
+        self._ends: list[dict[str, Any]] = []  # attempt ends waiting for the count of drops
         self._max_pending = max_pending
         self._interval = flush_interval_s
         self._max_backoff = max_backoff_s
@@ -379,12 +384,23 @@ class SpoolSink:
                 self._wake.wait(self._interval)
                 self._wake.clear()
                 continue
-            done = not self._queue and not self._unspooled and (self._sender is None or sent)
-            if done or time.monotonic() >= self._deadline:
+            done = not self._queue and not self._unspooled and not self._ends
+            if (done and (self._sender is None or sent)) or time.monotonic() >= self._deadline:
                 break
             time.sleep(0.02)
-        self._guard(self._spool_queue)  # past the deadline: what never landed is counted
-        self.stats.records_dropped += len(self._unspooled)  # the disk never took these
+        self._guard(self._spool_queue)
+        self._guard(self._last_chance)
+
+    def _last_chance(self) -> None:
+        """Past the close deadline: the data records neither the disk nor the service took
+        are lost, and counted; then the attempt ends, carrying that count, are written (to
+        the reserved room) or sent one last time. What still finds no room is lost too."""
+        data = [r for r in self._unspooled if r[0] not in CONTROL_KINDS]
+        self.stats.records_dropped += len(data)
+        self._unspooled = [r for r in self._unspooled if r[0] in CONTROL_KINDS]
+        self._direct_next = 0.0  # one last straight send, whatever the backoff
+        self._release_ends(final=True)
+        self.stats.records_dropped += len(self._unspooled)  # not even the reserve took these
         self._unspooled = []
 
     def _next_backoff(self, backoff: float) -> float:
@@ -423,6 +439,9 @@ class SpoolSink:
                 continue
             self._queue.popleft()
             taken += 1
+            if kind == "attempt_end":  # serialised once what is ahead of it is settled
+                self._ends.append(fields)
+                continue
             time.sleep(0)  # hand the GIL to the training thread between records
             try:
                 settle(fields)
@@ -435,10 +454,34 @@ class SpoolSink:
         self._unspooled.extend(payloads)
         try:
             self._write_unspooled()
+            self._release_ends(final=False)
         finally:
             with self._progress:
                 self._handled += taken
                 self._progress.notify_all()
+
+    def _release_ends(self, final: bool) -> None:
+        """Serialise and write the attempt ends once no data record waits in memory (each
+        was written, sent or dropped), or `final`ly: each then carries the sink's count of
+        dropped records (`counters.records_dropped`, never lowered)."""
+        if not self._ends:
+            return
+        if not final and any(kind not in CONTROL_KINDS for kind, _ in self._unspooled):
+            return
+        ends, self._ends = self._ends, []
+        for fields in ends:
+            counters = dict(fields.get("counters") or {})
+            told = counters.get("records_dropped", 0)
+            if self.stats.records_dropped or "records_dropped" in counters:
+                counters["records_dropped"] = max(int(told), self.stats.records_dropped)
+            try:
+                payload = to_payload("attempt_end", {**fields, "counters": counters})
+            except Exception as exc:
+                self.stats.records_rejected += 1
+                self.stats.last_error = f"invalid attempt_end record: {exc}"
+                continue
+            self._unspooled.append(("attempt_end", payload))
+        self._write_unspooled()
 
     def _write_unspooled(self) -> None:
         if not self._unspooled:
@@ -461,13 +504,21 @@ class SpoolSink:
             self.spool.take_reserve()  # room again: hold it for the next full disk
 
     def _spool_control(self) -> None:
-        """Write the control records in memory into the room the spool reserved."""
+        """Write the control records in memory into the room the spool reserved: as much of
+        it as they need (the rest stays reserved for the next ones), or all of it."""
         control = [r for r in self._unspooled if r[0] in CONTROL_KINDS]
-        if not control or not self.spool.give_up_reserve():
+        if not control:
             return
-        try:
-            self.spool.append([p for _, p in control], sync=self._fsync)
-        except OSError:
+        needed = sum(HEADER_SIZE + len(p) for _, p in control)
+        for room in (needed, None):  # None: the whole reserve, if a part was not enough
+            if not self.spool.give_up_reserve(room):
+                return
+            try:
+                self.spool.append([p for _, p in control], sync=self._fsync)
+                break
+            except OSError:
+                continue
+        else:
             return
         self.stats.records_spooled += len(control)
         self._unspooled = [r for r in self._unspooled if r[0] not in CONTROL_KINDS]

@@ -14,9 +14,10 @@ A full disk loses nothing the service can still take. The acknowledged offsets a
 memory too, so an ack file that cannot be written (no room for its temporary copy) never makes
 the sink send acknowledged frames again; the file is then overwritten in place, which needs
 no new blocks. While a sink writes a spool, it keeps `reserve.bin` (`reserve_bytes`, 256 KiB)
-of room there: when the disk is full, it is given up for the control records (run, attempt
-start and end, checkpoint commits, excluded windows), taken again once the disk has room, and
-given back when the sink closes.
+of room there: when the disk is full, as much of it as they need is given up for the control
+records (run, attempt start and end, checkpoint commits, excluded windows), the rest kept for
+the next ones; it is taken whole again once the disk has room, and given back when the sink
+closes.
 
 Batches the service refused for good (a 400, 413, 415 or 422: records it can never accept)
 are kept beside the segments, in `rejected/`: `<stamp>.json` is the request body as sent,
@@ -114,6 +115,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _block_size(directory: Path) -> int:
+    """The filesystem's allocation unit under `directory` (4 KiB where it cannot say)."""
+    try:
+        size = os.statvfs(directory).f_bsize
+    except OSError:
+        return 4096
+    return size if size > 0 else 4096
 
 
 def rejected_reason_path(body: Path) -> Path:
@@ -245,10 +255,27 @@ class Spool:
             path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
             return False
 
-    def give_up_reserve(self) -> bool:
-        """Free the reserved room for what must be written; False when none was held."""
+    def give_up_reserve(self, nbytes: int | None = None) -> bool:
+        """Free reserved room for what must be written; False when none was held. With
+        `nbytes`, only the blocks that many bytes of frames can need (and one more, for a
+        new segment's first block) are freed, by shortening the file: the rest stays held
+        for the next control records, instead of being filled by data records."""
+        path = self.reserve_path
         try:
-            self.reserve_path.unlink()
+            held = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if nbytes is not None:
+            block = _block_size(self.dir)
+            keep = held - (-(-nbytes // block) + 1) * block
+            if keep >= block:
+                try:
+                    os.truncate(path, keep)
+                    return True
+                except OSError:
+                    pass  # then free it all
+        try:
+            path.unlink()
             return True
         except FileNotFoundError:
             return False

@@ -207,6 +207,35 @@ def test_torchrun_two_ranks_report_one_run(tmp_path: Path) -> None:
     assert sorted({r["rank"] for r in records if r["kind"] == "step"}) == [0, 1]
     starts = [r for r in records if r["kind"] == "attempt_start"]
     assert {r["world_size"] for r in starts} == {2}
+    assert len({r["name"] for r in records if r["kind"] == "run"}) == 1
+
+
+def _name_on_rank(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group whose clocks disagree: rank 1 is a second late."""
+    import time as clock
+
+    from moe_core import train as cli
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    stamp = "20260101-000000" if rank == 0 else "20260101-000001"
+    clock.strftime = lambda *_a: stamp  # type: ignore[assignment]
+    args = cli.build_parser().parse_args(["--pattern", "AE"])
+    cli._shared_name(args)
+    Path(out, f"rank{rank}").write_text(f"{args.run_name} {args.checkpoint_dir}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_takes_rank_zeros_default_run_name(tmp_path: Path) -> None:
+    """Without --run-name each rank would stamp the name with its own clock, and a run record
+    naming the run otherwise is a conflict (the later rank's first batch refused): rank 0's
+    name, and the checkpoint directory made from it, are everyone's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_name_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    names = {(tmp_path / f"rank{r}").read_text() for r in (0, 1)}
+    assert names == {f"moe-AE-20260101-000000 {Path('checkpoints') / 'moe-AE-20260101-000000'}"}
 
 
 def _free_port() -> int:

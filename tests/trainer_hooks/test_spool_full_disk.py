@@ -1,11 +1,15 @@
 """A full spool disk loses nothing the service can take (issue 12): the spool on a real tiny
 filesystem (a tmpfs this test mounts; skipped where it cannot mount one), a real service on
 loopback, and a recorder's worth of records: every step stored once, the attempt end (with
-its counters) stored, and no acknowledged frame sent twice."""
+its counters) stored, and no acknowledged frame sent twice. Without the service, only data
+records past the sink's bound are dropped; the control records keep their reserved room (a
+first one takes only what it needs, so data records cannot fill the rest), and the attempt's
+end counts every record dropped, which a replay then reports to the service."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import uuid
@@ -17,8 +21,10 @@ import httpx
 import pytest
 
 from tests import factories as f
+from tests.conftest import free_port
 from tests.e2e.test_commit_before_ack import Served
-from trainer_hooks.sink import SpoolSink
+from trainer_hooks import Recorder
+from trainer_hooks.sink import SpoolSink, replay
 from trainer_hooks.spool import Segment, Spool
 
 
@@ -85,6 +91,7 @@ def test_a_full_disk_loses_nothing_while_the_service_is_up(tiny_disk: Path, serv
     assert stats.spool_write_failures > 0  # the disk really was full
     assert not (spool_dir / "reserve.bin").exists()  # given back at close
     assert stats.records_dropped == 0 and stats.errors == 0, stats
+    assert sink._sender is not None and sink._sender.duplicates == 0  # nothing sent twice
     with httpx.Client(base_url=served.base) as client:
         run = client.get(f"/api/v1/runs/{run_id}").json()
         assert run["num_steps"] == steps
@@ -180,3 +187,92 @@ def test_damage_is_measured_in_bytes_and_a_damaged_ack_never_skips_a_segment(
     assert "damaged" in caplog.text
     seg.ack_path.write_text("garbage")
     assert seg.acked() == 0
+
+
+def test_the_attempt_end_reports_the_whole_loss_and_replay_brings_it_to_the_service(
+    tiny_disk: Path, served: Served
+) -> None:
+    """A full disk and no service while a recorder trains: the sink drops what is past its
+    bound, and the attempt's end (kept in the reserved room) counts every record dropped,
+    those dropped while the sink closes too. Replayed once the service is up, it reports
+    that loss there: stored steps + reported loss = the steps taken."""
+    run_id = uuid.uuid4().hex
+    spool_dir = tiny_disk / "spool"
+    nobody = f"http://127.0.0.1:{free_port()}"
+    sink = SpoolSink(
+        spool_dir,
+        nobody,
+        flush_interval_s=0.01,
+        max_pending=50,
+        reserve_bytes=4096,  # one page: the control records, and few others after them
+        max_backoff_s=0.1,
+    )
+    rec = Recorder(
+        run_name="full-disk",
+        sink=sink,
+        run_id=run_id,
+        rank=0,
+        world_size=1,
+        attempt=0,
+        environment={},
+        heartbeat_s=0,
+        watch_compile=False,
+        attempt_start="now",
+    )
+    assert sink.flush(5.0)  # the run and the attempt's start are on disk
+    fill(tiny_disk)
+    steps = 150
+    for n in range(steps):
+        with rec.step(n, tokens=64):
+            pass
+    stats = rec.close(flush_timeout_s=1.0)
+    assert stats.records_dropped >= steps - 50, stats  # the bound held, the loss counted
+    records = [
+        json.loads(payload)
+        for seg in Spool(spool_dir).segments()
+        for payload in seg.read(0, 10_000).payloads
+    ]
+    ends = [r for r in records if r["kind"] == "attempt_end"]
+    assert len(ends) == 1, [r["kind"] for r in records]
+    assert ends[0]["counters"]["records_dropped"] == stats.records_dropped
+
+    assert replay(spool_dir, served.base)["rejected"] == 0
+    with httpx.Client(base_url=served.base) as client:
+        run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert run["status"] == "completed"
+    assert run["attempts"][0]["counters"]["records_dropped"] == stats.records_dropped
+    assert run["num_steps"] + stats.records_dropped == steps
+
+
+def test_data_records_never_take_the_room_kept_for_later_control_records(
+    tiny_disk: Path,
+) -> None:
+    """A full disk and no service for a whole run: a first checkpoint commit takes only the
+    room it needs from the reserve, so the data records that come next cannot fill it, and
+    the last checkpoint commit and the attempt's end (with the count of what was lost) are
+    still written."""
+    run_id = uuid.uuid4().hex
+    spool_dir = tiny_disk / "spool"
+    sink = SpoolSink(
+        spool_dir, None, flush_interval_s=0.01, max_pending=10_000, reserve_bytes=32768
+    )
+    fill(tiny_disk)
+    emit(sink, f.checkpoint(0, f.T0 + 5, run_id))
+    assert sink.flush(5.0)
+    for n in range(300):  # some 60 KB: more than the whole reserve
+        emit(sink, f.step(n, run_id))
+    assert sink.flush(5.0)
+    emit(sink, f.checkpoint(299, f.T0 + 700, run_id))
+    emit(sink, f.attempt_end(run_id, end=f.T0 + 800, counters={"records_dropped": 0}))
+    stats = sink.close(timeout_s=1.0)
+    records = [
+        json.loads(payload)
+        for seg in Spool(spool_dir).segments()
+        for payload in seg.read(0, 10_000).payloads
+    ]
+    assert [r["step"] for r in records if r["kind"] == "checkpoint"] == [0, 299]
+    ends = [r for r in records if r["kind"] == "attempt_end"]
+    assert len(ends) == 1
+    steps_kept = sum(r["kind"] == "step" for r in records)
+    assert stats.records_dropped == 300 - steps_kept > 0
+    assert ends[0]["counters"]["records_dropped"] == stats.records_dropped
