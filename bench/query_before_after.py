@@ -41,6 +41,8 @@ def queries(run_id: str, steps: int) -> list[tuple[str, str, dict[str, Any]]]:
         ("goodput?start=&end= (one hour)", f"{runs}/goodput", {"start": mid, "end": mid + 3600}),
         ("goodput/rolling?window_s=3600", f"{runs}/goodput/rolling", {"window_s": 3600.0}),
         ("goodput/rolling?window_s=600", f"{runs}/goodput/rolling", {"window_s": 600.0}),
+        # near the cap of 10,000 windows (9,984 on the default 1,000,000 steps)
+        ("goodput/rolling?window_s=40", f"{runs}/goodput/rolling", {"window_s": 40.0}),
     ]
 
 

@@ -10,15 +10,16 @@ difference of its edges' figures, with the steps that cross an edge cut to it an
 against the blocking spans there, exactly as `WindowReader.parts` measures them. The figures
 at an edge come from the fine step blocks (read once for the run, summed in Python) and, for
 the few blocks that straddle an edge, from one statement that sums those blocks' steps for
-every such (edge, block) pair, joined from a list of pairs passed as `VALUES`.
+every such (edge, block) pair, joined from the list of pairs (`_values`: a temporary table on
+SQLite, a `VALUES` list on PostgreSQL).
 
-Spans are summed per window, also in one statement over a `VALUES` list of (window, attempt,
-rank, category), each found through the spans' primary key from the category's longest span
-before the window. Only spans that clash with no other are summed there; the clashing ones
-(few, read once) are charged by precedence in Python (goodput.charged).
+Spans are summed per window, also in one statement over the list of (window, attempt, rank,
+category), each found through the spans' primary key from the category's longest span before
+the window. Only spans that clash with no other are summed there; the clashing ones (few,
+read once) are charged by precedence in Python (goodput.charged).
 
-Near the cap of 10,000 windows on a 1,000,000-step run this reads each step about once, where
-one window at a time ran a dozen statements per window (BENCHMARKS.md).
+Near the cap of 10,000 windows on a 1,000,000-step run this reads each record about once,
+where one window at a time ran a dozen statements per window (BENCHMARKS.md).
 """
 
 from __future__ import annotations
