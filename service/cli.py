@@ -83,6 +83,7 @@ _URL_HELP = "pass --db sqlite:///PATH or --db postgresql://USER@HOST:PORT/DATABA
 def database_errors(db: str) -> Iterator[None]:
     """Turn what opening, checking or migrating the database at `db` raises into one line."""
     from alembic.util.exc import CommandError
+    from pydantic import ValidationError
     from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
     from service.migrate import SchemaError
@@ -91,6 +92,8 @@ def database_errors(db: str) -> Iterator[None]:
         yield
     except SchemaError as exc:
         fail(str(exc))
+    except ValidationError as exc:  # a GOODPUT_DB_* setting the engine reads
+        fail(settings_message(exc))
     except ArgumentError as exc:  # NoSuchModuleError too: an unknown dialect
         fail(f"--db is not a database URL goodput can use ({_first_line(exc)}); {_URL_HELP}")
     except ImportError as exc:

@@ -62,6 +62,10 @@ def test_configuration_mistakes_are_one_line_and_exit_2_or_1(tmp_path: Path) -> 
             },
         ),
         "workers on sqlite": (["serve", "--port", port, "--workers", "2", "--db", sqlite], {}),
+        "upgrade bad pool setting": (
+            ["db", "upgrade", "--db", sqlite],
+            {"GOODPUT_DB_POOL_SIZE": "many"},
+        ),
     }
     expected = {
         "unknown dialect": (2, "--db is not a database URL"),
@@ -71,6 +75,7 @@ def test_configuration_mistakes_are_one_line_and_exit_2_or_1(tmp_path: Path) -> 
         "upgrade unknown revision": (2, "'zz'"),
         "bad settings": (2, "GOODPUT_WRITE_TOKEN: a token must be"),
         "workers on sqlite": (2, "--workers 2 needs PostgreSQL"),
+        "upgrade bad pool setting": (2, "GOODPUT_DB_POOL_SIZE: Input should be a valid integer"),
     }
     results = run_all(cases)
     for var in ("GOODPUT_WRITE_TOKEN", "GOODPUT_CORS_ORIGINS", "GOODPUT_MAX_BODY_BYTES"):
