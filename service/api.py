@@ -22,11 +22,15 @@ from service.goodput_window import rolling, run_extent
 from service.migrate import current_revision
 from service.models import Attempt, Run
 from service.schemas import (
+    BODY_ERRORS,
+    READ_ERRORS,
+    RUN_ERRORS,
     AttemptRead,
     DisruptionRead,
     GoodputRead,
     GoodputWindow,
     Health,
+    IngestConflictError,
     MetricSeries,
     RankGoodputRead,
     RollingGoodput,
@@ -36,6 +40,8 @@ from service.schemas import (
     StepPoint,
     StepSeries,
     StragglerRead,
+    error_response,
+    errors,
 )
 from service.step_stats import step_figures
 from service.throughput import peak_of, step_rates
@@ -64,6 +70,7 @@ RunIdQuery = Annotated[str, Query(pattern=ID_PATTERN, description="the run's id"
 
 router = APIRouter(prefix="/api/v1")
 health_router = APIRouter()
+RETRY_AFTER_S = 1  # the Retry-After of every 503
 
 
 def run_status(attempts: list[Attempt], now: float | None = None) -> str:
@@ -128,20 +135,22 @@ INGEST_BODY_DOC: dict[str, Any] = {
 }
 DOCUMENTED_BODIES = (IngestBatch,)
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {
-        "description": "a record resent under a stored natural key with other content: "
-        "`detail[]` names each (`record`, `key`, `fields`: stored and sent values), "
-        '`"retriable": false`; nothing of the batch is stored'
-    },
-    413: {"description": "the body is over the size limit, which the message states"},
-    415: {"description": "a Content-Type other than JSON, or an encoding other than gzip"},
-    422: {
-        "description": "invalid records, each error naming its field: nothing of the batch "
-        "is stored",
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
-        },
-    },
+    **errors(*BODY_ERRORS),
+    409: error_response(
+        409,
+        "a record resent under a stored natural key with other content: `detail[]` names "
+        'each (`record`, `key`, `fields`: stored and sent values), `"retriable": false`; '
+        "nothing of the batch is stored",
+        IngestConflictError,
+    ),
+    422: error_response(
+        422,
+        "invalid records, each error naming its field (`records.3.step.end`): the schema's "
+        "rules, and those it cannot state: an integer written as one (`5`, not `5.0`), an "
+        "end before its start, a date more than a day after the server's clock, timings "
+        "that contradict stored records (overlapping steps of a rank, a record after its "
+        "attempt's end); nothing of the batch is stored",
+    ),
 }
 
 
@@ -179,7 +188,7 @@ def store_body(session: Session, body: bytes) -> IngestResult:
         raise RequestValidationError(exc.errors) from exc
 
 
-@router.get("/runs", response_model=RunList)
+@router.get("/runs", response_model=RunList, responses=errors(*READ_ERRORS))
 def list_runs(
     session: SessionDep,
     name: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
@@ -188,7 +197,14 @@ def list_runs(
     pattern: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     tag: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=1000,
+            pattern=r"^[A-Za-z0-9_-]*$",
+            description="`next_cursor` of the previous page (another is a 422)",
+        ),
+    ] = None,
 ) -> RunList:
     """Runs, newest first, filtered by name, project, status, layer pattern and tag; follow
     `next_cursor` for more."""
@@ -219,7 +235,7 @@ def list_runs(
     )
 
 
-@router.get("/runs/{run_id}", response_model=RunRead)
+@router.get("/runs/{run_id}", response_model=RunRead, responses=errors(*RUN_ERRORS))
 def get_run(run_id: RunIdPath, session: SessionDep) -> RunRead:
     """One run: identity, receipt parts, attempts and step count."""
     run = run_or_404(session, run_id)
@@ -234,7 +250,7 @@ def get_run(run_id: RunIdPath, session: SessionDep) -> RunRead:
     )
 
 
-@router.get("/runs/{run_id}/steps", response_model=StepSeries)
+@router.get("/runs/{run_id}/steps", response_model=StepSeries, responses=errors(*RUN_ERRORS))
 def get_steps(
     run_id: RunIdPath,
     session: SessionDep,
@@ -266,7 +282,7 @@ def get_steps(
     return StepSeries(run_id=run_id, rank=rank, total=total, points=points)
 
 
-@router.get("/runs/{run_id}/series", response_model=MetricSeries)
+@router.get("/runs/{run_id}/series", response_model=MetricSeries, responses=errors(*RUN_ERRORS))
 def get_series(
     run_id: RunIdPath,
     session: SessionDep,
@@ -338,7 +354,7 @@ def _field_error(field: str, exc: ValueError) -> RequestValidationError:
     )
 
 
-@router.get("/runs/{run_id}/goodput", response_model=GoodputRead)
+@router.get("/runs/{run_id}/goodput", response_model=GoodputRead, responses=errors(*RUN_ERRORS))
 def get_goodput(
     run_id: RunIdPath,
     session: SessionDep,
@@ -375,7 +391,9 @@ def get_goodput(
     )
 
 
-@router.get("/runs/{run_id}/goodput/rolling", response_model=RollingGoodput)
+@router.get(
+    "/runs/{run_id}/goodput/rolling", response_model=RollingGoodput, responses=errors(*RUN_ERRORS)
+)
 def get_rolling_goodput(
     run_id: RunIdPath,
     session: SessionDep,
@@ -391,6 +409,9 @@ def get_rolling_goodput(
         bounds = rolling(run_extent(acc.goodput), window_s, step_s or window_s)
     except ValueError as exc:
         raise _field_error("window_s", exc) from exc
+    except OverflowError as exc:  # (run length - window_s) / step_s past the largest float
+        msg = f"window_s={window_s}, step_s={step_s or window_s} give too many windows"
+        raise _field_error("step_s" if step_s else "window_s", ValueError(msg)) from exc
     if rank is not None and not any(r.rank == rank for r in acc.goodput.ranks):
         raise HTTPException(404, detail=f"rank {rank} has no records in run {run_id!r}")
     out = []
@@ -401,7 +422,11 @@ def get_rolling_goodput(
     return RollingGoodput(run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=out)
 
 
-@health_router.get("/healthz", response_model=Health)
+@health_router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: error_response(503, "the database is unreachable: retry later")},
+)
 def healthz(request: Request) -> Any:
     """Liveness and database reachability; never needs a token."""
     engine = request.app.state.engine
@@ -409,4 +434,8 @@ def healthz(request: Request) -> Any:
         repo.ping(engine)
         return Health(status="ok", database="ok", revision=current_revision(engine))
     except Exception as exc:
-        raise HTTPException(503, detail=f"database unreachable: {type(exc).__name__}") from exc
+        raise HTTPException(
+            503,
+            detail=f"database unreachable: {type(exc).__name__}",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc

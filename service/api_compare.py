@@ -12,7 +12,7 @@ from service import repository_rollups as rollups
 from service.api import RunIdQuery, SessionDep
 from service.api_receipts import get_receipt
 from service.compare import COMPARE_STEPS, RunFigures, compare, lane_diff, unexplained
-from service.schemas import ReceiptRead
+from service.schemas import RUN_ERRORS, CompareRefusal, ReceiptRead, error_response, errors
 
 router = APIRouter(prefix="/api/v1")
 
@@ -83,7 +83,18 @@ def _refuse_incomplete(base: ReceiptRead, cand: ReceiptRead) -> None:
     )
 
 
-@router.get("/compare", response_model=CompareRead)
+_COMPARE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **errors(*RUN_ERRORS),
+    409: error_response(
+        409,
+        "no verdict: a receipt is incomplete (`incomplete_receipt`, what each lacks) or the "
+        "lanes differ beyond the `knob` fields (`lane_mismatch`, the fields)",
+        CompareRefusal,
+    ),
+}
+
+
+@router.get("/compare", response_model=CompareRead, responses=_COMPARE_ERRORS)
 def compare_runs(
     session: SessionDep,
     baseline: RunIdQuery,

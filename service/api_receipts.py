@@ -29,6 +29,7 @@ from service.receipts import (
     summarize_steps,
 )
 from service.schemas import (
+    RUN_ERRORS,
     AttemptRead,
     ObservationRead,
     ObservedSeamRead,
@@ -39,6 +40,7 @@ from service.schemas import (
     RoutingHistogram,
     RoutingPoint,
     RoutingSeries,
+    errors,
 )
 from service.step_stats import RECENT_STEPS
 from trainer_hooks.records import MAX_RANK, MAX_SLOTS
@@ -97,7 +99,7 @@ def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
     )
 
 
-@router.get("/runs/{run_id}/receipt", response_model=ReceiptRead)
+@router.get("/runs/{run_id}/receipt", response_model=ReceiptRead, responses=errors(*RUN_ERRORS))
 def get_receipt(run_id: RunIdPath, session: SessionDep) -> ReceiptRead:
     """The run's receipt: plan, policy, environment, observed backends, summary, and what
     it lacks to be complete."""
@@ -139,7 +141,7 @@ _POINT_FIELDS = ("step", "attempt", *rollups.POINT_FIELDS)  # rollups.ROUTING_PO
 assert tuple(RoutingPoint.model_fields) == _POINT_FIELDS, "RoutingPoint and rollups disagree"
 
 
-@router.get("/runs/{run_id}/routing", response_model=RoutingSeries)
+@router.get("/runs/{run_id}/routing", response_model=RoutingSeries, responses=errors(*RUN_ERRORS))
 def get_routing(
     run_id: RunIdPath,
     session: SessionDep,
@@ -199,7 +201,8 @@ _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "RFC 4180 CSV with a header row, streamed",
         "content": {"text/csv": {"schema": {"type": "string"}}},
-    }
+    },
+    **errors(*RUN_ERRORS),
 }
 
 

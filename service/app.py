@@ -12,14 +12,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import DOCUMENTED_BODIES, health_router, router
+from service.admission import AdmissionLimit
+from service.api import DOCUMENTED_BODIES, RETRY_AFTER_S, health_router, router
 from service.api_compare import router as compare_router
 from service.api_import import router as import_router
 from service.api_receipts import router as receipts_router
@@ -28,13 +29,17 @@ from service.db import make_sessionmaker
 from service.metrics import GoodputCache, IngestCounters, IngestCounting
 from service.metrics import router as metrics_router
 from service.migrate import prepare_database
-from service.security import TokenAuth
+from service.schemas import ERROR_MODELS, error_response
+from service.security import OPEN_PATHS, READ_METHODS, TOKEN_DOC, TokenAuth
 from service.settings import Settings
+from trainer_hooks.records import ContractJsonSchema
 
 
 def _field(loc: Sequence[Any]) -> str:
+    """The field a `loc` names, dotted, without its location; the location alone (`body`)
+    when the error is about the whole of it."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts)
+    return ".".join(parts) or (str(loc[0]) if loc else "body")
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -51,7 +56,7 @@ async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
     orig = getattr(exc, "orig", exc)
     msg = f"a record violates a database constraint: {str(orig).splitlines()[0]}"
     return JSONResponse(
-        {"detail": [{"loc": ["body"], "field": "", "msg": msg, "type": "constraint"}]},
+        {"detail": [{"loc": ["body"], "field": "body", "msg": msg, "type": "constraint"}]},
         status_code=422,
     )
 
@@ -67,10 +72,9 @@ _TRANSIENT = (
     "terminating",
     "too many clients",
     "the database system is",
+    "deadlock detected",  # PostgreSQL chose this transaction to undo: sent again, it passes
+    "could not serialize",
 )
-
-
-RETRY_AFTER_S = 1
 
 
 def _unavailable(detail: str) -> JSONResponse:
@@ -258,9 +262,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     given."""
     settings = settings or Settings()
     if engine is None:
-        engine = prepare_database(
-            settings.database_url, settings.auto_migrate_sqlite, settings.sqlite_busy_timeout_ms
-        )
+        engine = prepare_database(settings.database_url, settings.auto_migrate_sqlite, db=settings)
     app = FastAPI(
         title="goodput",
         version="0.1.0",
@@ -278,7 +280,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(import_router)
     app.include_router(dashboard_router)
     app.include_router(metrics_router)
-    _document_bodies(app)
+    _document(app, settings)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(OperationalError, _db_unavailable)
@@ -298,9 +300,11 @@ def from_env() -> FastAPI:
     return application
 
 
-def _document_bodies(app: FastAPI) -> None:
-    """Add the models of request bodies that routes read raw (`api.DOCUMENTED_BODIES`) to
-    the OpenAPI components, where those routes' `$ref`s point."""
+def _document(app: FastAPI, settings: Settings) -> None:
+    """Complete the OpenAPI document: the models of request bodies that routes read raw
+    (`api.DOCUMENTED_BODIES`) and of error responses (`schemas.ERROR_MODELS`) in the
+    components, where the routes' `$ref`s point; with tokens configured, how each route is
+    authenticated (`security`) and its 401 and 403."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -308,26 +312,55 @@ def _document_bodies(app: FastAPI) -> None:
             return app.openapi_schema
         schema = generate()  # which caches it in app.openapi_schema
         parts = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in DOCUMENTED_BODIES:
-            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        models: tuple[type[BaseModel], ...] = (*DOCUMENTED_BODIES, *ERROR_MODELS)
+        for model in models:
+            doc = model.model_json_schema(
+                ref_template="#/components/schemas/{model}", schema_generator=ContractJsonSchema
+            )
             for name, part in {**doc.pop("$defs", {}), model.__name__: doc}.items():
                 if parts.setdefault(name, part) != part:  # a name FastAPI already uses
                     raise RuntimeError(f"OpenAPI component {name!r} defined twice, differently")
+        if settings.auth_enabled:
+            _document_security(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _document_security(schema: dict[str, Any]) -> None:
+    """The tokens of security.TokenAuth: every operation but the open paths takes one."""
+    schema["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": TOKEN_DOC},
+        "tokenHeader": {"type": "apiKey", "in": "header", "name": "X-Goodput-Token"},
+    }
+    for path, item in schema.get("paths", {}).items():
+        if path in OPEN_PATHS:
+            continue
+        for method, operation in item.items():
+            operation["security"] = [{"bearer": []}, {"tokenHeader": []}]
+            needs = "the write token" if method.upper() not in READ_METHODS else "a token"
+            operation["responses"].update(
+                {
+                    "401": error_response(401, f"no token was sent: this route needs {needs}"),
+                    "403": error_response(403),
+                }
+            )
+
+
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """From the outside in: HEAD as GET, CORS, tokens, ingest counters, body limit
-    (Starlette runs the last added first): no body is read before the token is checked, and
-    the counters see the body limit's 413s."""
+    """From the outside in: HEAD as GET, CORS, tokens, admission, ingest counters, body
+    limit (Starlette runs the last added first): no body is read before the token is checked,
+    a request past the server's capacity waits a bounded time (service/admission.py), and the
+    counters see the body limit's 413s."""
     app.add_middleware(
         BodyLimit,
         limit=settings.max_body_bytes,
         compressed_limit=settings.max_compressed_body_bytes,
     )
     app.add_middleware(IngestCounting, counters=app.state.ingest_counters)
+    app.add_middleware(
+        AdmissionLimit, limit=settings.max_concurrent_requests, wait_s=settings.admission_wait_s
+    )
     if settings.auth_enabled:
         app.add_middleware(
             TokenAuth,

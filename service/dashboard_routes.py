@@ -14,6 +14,7 @@ from plotly.utils import PlotlyJSONEncoder
 from dashboards import figures
 from dashboards.pages import goodput_page
 from service import api
+from service.schemas import RUN_ERRORS, errors
 from trainer_hooks.records import ID_PATTERN
 
 router = APIRouter()
@@ -34,7 +35,7 @@ def plotly_js() -> Response:
     )
 
 
-@router.get("/dashboards/goodput", response_class=HTMLResponse)
+@router.get("/dashboards/goodput", response_class=HTMLResponse, responses=errors(*RUN_ERRORS))
 def goodput_dashboard(
     session: api.SessionDep, run_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None
 ) -> HTMLResponse:
@@ -47,7 +48,7 @@ def goodput_dashboard(
     return HTMLResponse(goodput_page(run, [r.model_dump() for r in runs]))
 
 
-@router.get("/dashboards/goodput/data")
+@router.get("/dashboards/goodput/data", responses=errors(*RUN_ERRORS))
 def goodput_data(session: api.SessionDep, run_id: api.RunIdQuery) -> Response:
     """Figure JSON of the goodput dashboard, for first draw and live refresh."""
     summary = api.get_goodput(run_id, session).model_dump()

@@ -23,7 +23,12 @@ logs", has it as a table):
   blocking duration. All are blocking, as the library charges them all as badput.
 
 Entries it does not recognise, or cannot place, are counted in `ignored` and explained in
-`warnings`. Entries of the wrong type raise `MgmFormatError`, naming the entry and the key.
+`warnings`. Entries of the wrong type raise `MgmFormatError`, naming the entry and the key
+(`index.3.step_count`, `line.7.jsonPayload.job_name`); a log that cannot be read names where
+it stops (`index.3` of a JSON array, `line.7`), a log that lacks something whole names the
+body (`body`: empty, no entries, no job_start_time). `entry_errors` names the errors of
+storing the records (a date past the server's clock, say) by the entry each record's time
+came from.
 
 An import never merges silently into a run already stored under its id (`check_stored`,
 given what the route read of that run): a record that contradicts a stored one of the same
@@ -40,7 +45,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import ValidationError
 
@@ -120,6 +125,8 @@ class Event:
     key: str = ""  # open/close: which pair; span: unused
     category: str = ""
     end: float = 0.0  # span (Orbax): its end
+    source: str = ""  # the entry's key holding `time`
+    end_source: str = ""  # span (Orbax): the key `end` comes from
 
     @property
     def name(self) -> str:
@@ -135,6 +142,7 @@ class Mapped:
     name: str = ""  # the run's name: run_name, else the job name
     job: str | None = None
     first_start: float = 0.0
+    events: list[Event] = field(default_factory=list)  # what the records were made of
 
 
 # ---------------------------------------------------------------- reading the body
@@ -148,15 +156,14 @@ def split_entries(text: str) -> tuple[str, list[tuple[int, Any]]]:
     if stripped.startswith("["):
         try:
             items = json.loads(stripped, parse_constant=_no_constant)
-        except ValueError as exc:
-            raise MgmFormatError([], f"malformed JSON array: {exc}") from exc
-        except RecursionError as exc:
-            raise MgmFormatError([], "the JSON array is nested too deeply to read") from exc
-        if not isinstance(items, list):
-            raise MgmFormatError([], "expected a JSON array of entries")
+        except (ValueError, RecursionError):
+            _locate_array_error(text, len(text) - len(text.lstrip()))
         return "index", list(enumerate(items))
     out: list[tuple[int, Any]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r only: str.splitlines also splits at U+0085, U+2028 and
+    # U+2029, which JSON strings may hold as they are.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for n, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 out.append((n, json.loads(line, parse_constant=_no_constant)))
@@ -166,6 +173,63 @@ def split_entries(text: str) -> tuple[str, list[tuple[int, Any]]]:
                 msg = f"line {n} is nested too deeply to read"
                 raise MgmFormatError(["line", n], msg) from exc
     return "line", out
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _locate_array_error(text: str, start: int) -> NoReturn:
+    """Raise the MgmFormatError of the JSON array at text[start] that `json.loads` refused,
+    naming the entry where it fails: the array is read again one entry at a time (only when
+    it is broken, so that a good log is read at `json.loads`'s speed)."""
+    decoder = json.JSONDecoder(parse_constant=_no_constant)
+    pos = _skip_space(text, start + 1)  # text[start] is "["
+    index = 0
+    closed = text.startswith("]", pos)
+    pos += closed
+    while not closed:
+        if pos >= len(text):
+            msg = f"index {index}: the JSON array is cut short before it"
+            raise MgmFormatError(["index", index], msg)
+        try:
+            _, pos = decoder.raw_decode(text, pos)
+        except RecursionError as exc:
+            msg = f"index {index} is nested too deeply to read"
+            raise MgmFormatError(["index", index], msg) from exc
+        except ValueError as exc:
+            raise MgmFormatError(["index", index], f"index {index} is not JSON: {exc}") from exc
+        pos = _skip_space(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif text.startswith("]", pos):
+            pos, closed = pos + 1, True
+        elif pos >= len(text):
+            msg = f"index {index}: the JSON array is cut short after it (no closing ']')"
+            raise MgmFormatError(["index", index], msg)
+        else:
+            line, column = _position(text, pos)
+            msg = f"index {index + 1}: expected ',' or ']' after index {index}"
+            msg += f" (line {line} column {column})"
+            raise MgmFormatError(["index", index + 1], msg)
+        index += 1
+    pos = _skip_space(text, pos)
+    line, column = _position(text, pos)
+    if not text[pos:].strip():  # json.loads refused what reads well here: name the body
+        raise MgmFormatError([], "malformed JSON array")
+    msg = f"line {line}: data after the JSON array's closing bracket (column {column})"
+    raise MgmFormatError(["line", line], msg)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    """The position of the first character at or after `pos` that is not JSON whitespace."""
+    match = _WHITESPACE.match(text, pos)
+    return match.end() if match else pos
+
+
+def _position(text: str, pos: int) -> tuple[int, int]:
+    """1-based line and column of text[pos]."""
+    line_start = text.rfind("\n", 0, pos) + 1
+    return text.count("\n", 0, pos) + 1, pos - line_start + 1
 
 
 def _no_constant(name: str) -> Any:
@@ -239,23 +303,29 @@ def read_entry(where: str, index: int, raw: Any) -> Event | None:
     entry = raw.get("jsonPayload", raw)  # a Cloud Logging export wraps the entry
     if not isinstance(entry, dict):
         raise _fail(where, index, "jsonPayload", "expected a JSON object")
-    job = _text(where, index, entry, "job_name") if "job_name" in entry else None
-    event = _job_or_step(where, index, entry) or _span_event(where, index, entry)
+    try:
+        job = _text(where, index, entry, "job_name") if "job_name" in entry else None
+        event = _job_or_step(where, index, entry) or _span_event(where, index, entry)
+    except MgmFormatError as exc:
+        if entry is not raw:  # the key is in the wrapper: name it (index.3.jsonPayload.x)
+            for err in exc.errors:
+                err["loc"] = [*err["loc"][:3], "jsonPayload", *err["loc"][3:]]
+        raise
     if event is None:
         return None
     return replace(event, job=job)
 
 
 def _job_or_step(where: str, i: int, entry: dict[str, Any]) -> Event | None:
-    if "job_start_time" in entry:
-        return Event(where, i, _epoch(where, i, entry, "job_start_time"), "job_start")
-    if "job_end_time" in entry:
-        return Event(where, i, _epoch(where, i, entry, "job_end_time"), "job_end")
+    for key, kind in (("job_start_time", "job_start"), ("job_end_time", "job_end")):
+        if key in entry:
+            return Event(where, i, _epoch(where, i, entry, key), kind, source=key)
     if "step_start_time" in entry:
         if "step_count" not in entry:
             raise _fail(where, i, "step_count", "missing beside step_start_time")
         step = _count(where, i, entry, "step_count")
-        return Event(where, i, _epoch(where, i, entry, "step_start_time"), "step", step=step)
+        t = _epoch(where, i, entry, "step_start_time")
+        return Event(where, i, t, "step", step=step, source="step_start_time")
     return None
 
 
@@ -265,12 +335,13 @@ def _span_event(where: str, i: int, entry: dict[str, Any]) -> Event | None:
             key = f"{prefix}_{edge}_time"
             if key in entry:
                 t = _epoch(where, i, entry, key)
-                return Event(where, i, t, kind, key=prefix, category=category)
+                return Event(where, i, t, kind, key=prefix, category=category, source=key)
     if CUSTOM_START in entry or CUSTOM_END in entry:
         kind, key = ("open", CUSTOM_START) if CUSTOM_START in entry else ("close", CUSTOM_END)
         event_type = _text(where, i, entry, CUSTOM_TYPE) if CUSTOM_TYPE in entry else "unknown"
         category = custom_category(event_type)
-        return Event(where, i, _epoch(where, i, entry, key), kind, key=category, category=category)
+        t = _epoch(where, i, entry, key)
+        return Event(where, i, t, kind, key=category, category=category, source=key)
     return _checkpoint_event(where, i, entry)
 
 
@@ -285,7 +356,16 @@ def _checkpoint_event(where: str, i: int, entry: dict[str, Any]) -> Event | None
         raise _fail(where, i, duration_key, f"a duration cannot be negative ({duration})")
     if start + duration > _MAX_EPOCH:
         raise _fail(where, i, duration_key, f"{duration} s ends after the year 2200")
-    return Event(where, i, start, "span", category=category, end=start + duration)
+    return Event(
+        where,
+        i,
+        start,
+        "span",
+        category=category,
+        end=start + duration,
+        source=start_key,
+        end_source=duration_key,
+    )
 
 
 # ---------------------------------------------------------------- attempts
@@ -501,7 +581,9 @@ def map_log(text: str, run_name: str | None = None) -> Mapped:
     state = build_attempts(events)
     if not state.attempts:
         raise MgmFormatError([], "the log has no job_start_time entry: nothing starts the job")
-    return _records(job, run_name, state, pre)
+    mapped = _records(job, run_name, state, pre)
+    mapped.events = events
+    return mapped
 
 
 def _records(job: str | None, run_name: str | None, state: _State, pre: _State) -> Mapped:
@@ -532,6 +614,42 @@ def _records(job: str | None, run_name: str | None, state: _State, pre: _State) 
         more = len(warnings) - MAX_WARNINGS
         warnings = [*warnings[:MAX_WARNINGS], f"... and {more} more"]
     return Mapped(run_id, records, pre.ignored + state.ignored, warnings, name, job, first)
+
+
+_TIMES = ("start", "time", "end", "created_at")  # a record's fields that may hold a time
+
+
+def entry_errors(mapped: Mapped, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The errors of storing the import's records (`repository.IngestError`, which names
+    `records.N.<kind>.<field>`), each told by the log entry its record's time came from:
+    `loc` names that entry and key (`line.7.step_start_time`), the message the record."""
+    sources: dict[float, tuple[str, int, str]] = {}  # a time -> the entry it came from first
+    for ev in mapped.events:
+        sources.setdefault(ev.time, (ev.where, ev.index, ev.source))
+        if ev.end_source:
+            sources.setdefault(ev.end, (ev.where, ev.index, ev.end_source))
+    out = []
+    for err in errors:
+        loc = err.get("loc", [])
+        i = loc[2] if len(loc) > 3 and loc[:2] == ["body", "records"] else None
+        if not isinstance(i, int) or not 0 <= i < len(mapped.records):
+            out.append(err)
+            continue
+        rec = mapped.records[i]
+        named = loc[-1] if isinstance(loc[-1], str) else ""
+        found = None
+        for name in (named, *_TIMES):
+            value = getattr(rec, name, None)
+            if isinstance(value, float) and value in sources:
+                found = sources[value]
+                break
+        if found is None:
+            out.append(err)
+            continue
+        where, index, key = found
+        msg = f"{where} {index}, key {key!r}: {err['msg']} (as the {rec.kind} record it maps to)"
+        out.append({**err, "loc": ["body", where, index, key], "msg": msg})
+    return out
 
 
 # ---------------------------------------------------------------- against the stored run

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 import migrations
 from service.db import make_engine, normalize_url
+from service.settings import DatabaseSettings
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -74,10 +75,14 @@ def check_schema(engine: Engine) -> str:
 
 
 def prepare_database(
-    url: str, auto_migrate_sqlite: bool = True, busy_timeout_ms: int = 10_000
+    url: str,
+    auto_migrate_sqlite: bool = True,
+    busy_timeout_ms: int | None = None,
+    db: DatabaseSettings | None = None,
 ) -> Engine:
-    """Engine for serving: SQLite is upgraded in place, any database is then schema-checked."""
-    engine = make_engine(url, busy_timeout_ms)
+    """Engine for serving, its pool and waits from `db` (default: the GOODPUT_* variables):
+    SQLite is upgraded in place, any database is then schema-checked."""
+    engine = make_engine(url, busy_timeout_ms, db)
     _check_known(engine, current_revision(engine))
     if auto_migrate_sqlite and engine.dialect.name == "sqlite":
         with engine.begin() as conn:

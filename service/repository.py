@@ -8,6 +8,7 @@ import binascii
 import json
 import math
 import operator
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from service.models import (
 from service.receipts import ObservationIn
 from service.routing_stats import routing_figures
 from trainer_hooks.records import (
+    ID_PATTERN,
     AttemptEndRecord,
     AttemptStartRecord,
     CheckpointRecord,
@@ -366,8 +368,10 @@ def _store_rows(
         for row in session.execute(stmt):
             stored[tuple(row[: len(key)])] = dict(zip(fields, row[len(key) :], strict=True))
     for i, rec, k in later:
-        held = first.get(k)
-        problems.compare(i, rec, {f: getattr(held, f) for f in fields} if held else stored[k])
+        held = first.get(k)  # an earlier record of the batch: its values as JSON carries them
+        problems.compare(
+            i, rec, {f: _plain(getattr(held, f)) for f in fields} if held else stored[k]
+        )
     return len(new)
 
 
@@ -1041,9 +1045,13 @@ class Cursor:
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
             created_at, run_id = json.loads(raw)
-            return cls(float(created_at), str(run_id))
-        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+            cursor = cls(float(created_at), str(run_id))
+        except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise ValueError("cursor is not one this server issued") from exc
+        # Only what a run row can hold: a NUL, say, would fail the query on PostgreSQL (a 500).
+        if not (math.isfinite(cursor.created_at) and re.match(ID_PATTERN, cursor.run_id)):
+            raise ValueError("cursor is not one this server issued")
+        return cursor
 
 
 RUN_STATUSES = ("running", "completed", "failed", "stalled")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class AttemptRead(BaseModel):
@@ -274,3 +274,148 @@ class RoutingSeries(BaseModel):
     run_id: str
     rank: int
     layers: list[RoutingLayerSeries]
+
+
+# -- errors: what every error response carries, for the routes' OpenAPI `responses` --
+
+
+class ErrorMessage(BaseModel):
+    """An error told in one message."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    """One invalid field or record, in FastAPI's validation-error shape plus `field`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int] = Field(description="where: body, query or path, then the field")
+    msg: str
+    type: str
+    field: str = Field(
+        description="the field, record or import entry named, dotted, without its location "
+        "(records.3.step.end, run_id, line.7.step_count, index.2); `body` for the body whole"
+    )
+
+
+class FieldErrors(BaseModel):
+    """A 422: each error names its field; nothing of a refused body is stored."""
+
+    detail: list[FieldError]
+
+
+class StoredAndSent(BaseModel):
+    stored: Any
+    sent: Any
+
+
+class ConflictItem(BaseModel):
+    """A record resent under a stored natural key with other content."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    record: str = Field(description="records.N.<kind>: the record of the batch")
+    key: dict[str, Any] = Field(description="its natural key")
+    fields: dict[str, StoredAndSent] = Field(description="each differing field, both values")
+    msg: str
+    type: Literal["conflict"]
+    field: str | None = None
+
+
+class IngestConflictError(BaseModel):
+    """A 409 of ingest: permanent (sending the batch again cannot help)."""
+
+    detail: list[ConflictItem]
+    retriable: Literal[False]
+
+
+class ImportConflictDetail(BaseModel):
+    """The log contradicts the run stored under its id, or names that run otherwise."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: Literal["conflicting_records", "run_name_mismatch"]
+    message: str
+    run_id: str
+    stored_name: str
+    import_name: str
+
+
+class ImportConflictError(BaseModel):
+    """A 409 of the import: permanent; nothing was stored."""
+
+    detail: ImportConflictDetail | list[ConflictItem]
+    retriable: Literal[False]
+
+
+class CompareRefusalDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    error: Literal["incomplete_receipt", "lane_mismatch"]
+    message: str
+
+
+class CompareRefusal(BaseModel):
+    """A 409 of compare: no verdict for these two runs (as they are stored now)."""
+
+    detail: CompareRefusalDetail
+
+
+ERROR_MODELS: tuple[type[BaseModel], ...] = (
+    ErrorMessage,
+    FieldErrors,
+    IngestConflictError,
+    ImportConflictError,
+    CompareRefusal,
+)
+
+_DESCRIPTIONS: dict[int, str] = {
+    400: "the body is declared gzip (`Content-Encoding`) but is not valid gzip",
+    401: "a token is needed (`Authorization: Bearer <token>` or `X-Goodput-Token`)",
+    403: "the token was not accepted, or this route needs the write token",
+    404: "the run named (or the rank of the run) is not stored",
+    413: "the body is over the size limit (before or after gzip), which the message states",
+    415: "a Content-Type or Content-Encoding this route does not read",
+    422: "invalid parameters or body, each error naming its field (`field`); nothing of a "
+    "refused body is stored",
+    503: "the database is busy or unreachable: retry after `Retry-After` seconds",
+}
+_MODELS: dict[int, type[BaseModel]] = {422: FieldErrors}
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def error_response(
+    status: int, description: str | None = None, model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """One documented error response: JSON of `model` (by default ErrorMessage, FieldErrors
+    for 422) under `#/components/schemas`, where app.py puts ERROR_MODELS."""
+    chosen = model or _MODELS.get(status, ErrorMessage)
+    ref = {"$ref": f"#/components/schemas/{chosen.__name__}"}
+    doc: dict[str, Any] = {
+        "description": description or _DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": ref}},
+    }
+    if status == 503:
+        doc["headers"] = RETRY_AFTER_HEADER
+    return doc
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route: each status with its usual description and model."""
+    return {s: error_response(s) for s in statuses}
+
+
+# Every route reading the database may answer 503 (busy, locked, unreachable), and every
+# route with parameters 422; a route reading one run 404 too.
+READ_ERRORS = (422, 503)
+RUN_ERRORS = (404, 422, 503)
+# Routes that read a body: 400 (bad gzip), 413 and 415 from app.BodyLimit and the route.
+BODY_ERRORS = (400, 413, 415, 422, 503)

@@ -37,6 +37,11 @@ OPEN_PATHS = frozenset({"/healthz"})
 COOKIE_NAME = "goodput_session"
 _COOKIE_CONTEXT = b"goodput dashboard cookie v1"
 _DASHBOARD_PAGE = re.compile(r"^/dashboards/[^/]+/?$")
+TOKEN_DOC = (
+    "GOODPUT_WRITE_TOKEN (any route) or GOODPUT_READ_TOKEN (GET and HEAD), as "
+    "`Authorization: Bearer <token>` or `X-Goodput-Token: <token>`; a missing token is a 401, "
+    "a wrong one (or the read token on a write) a 403"
+)
 
 
 def cookie_value(token: bytes) -> str:

@@ -62,6 +62,18 @@ class DatabaseSettings(BaseSettings):
 
 class Settings(DatabaseSettings):
     database_url: str = Field(default=DEFAULT_DATABASE_URL, description="SQLAlchemy URL")
+    max_concurrent_requests: int = Field(
+        default=40,
+        ge=1,
+        le=10_000,
+        description="requests a server process runs at once (its thread pool holds 40)",
+    )
+    admission_wait_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="a request's wait for a place among them, then 503 with Retry-After",
+    )
     auto_migrate_sqlite: bool = Field(
         default=True, description="upgrade an SQLite database at start"
     )

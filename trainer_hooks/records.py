@@ -53,9 +53,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
+    TypeAdapter,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
+from typing_extensions import TypeAliasType
 
 SCHEMA_VERSION = 1
 
@@ -96,7 +102,22 @@ def _storable(text: str) -> str:
     return text
 
 
-Text = Annotated[str, AfterValidator(_storable)]
+NO_NUL_PATTERN = r"^[^\x00]*$"
+
+
+class _NoNulDoc:
+    """States `_storable`'s rule in the JSON schema (a pattern without NUL); lone surrogates
+    need no pattern: JSON text in UTF-8 cannot carry them."""
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(schema)
+        out["pattern"] = NO_NUL_PATTERN
+        return out
+
+
+Text = Annotated[str, AfterValidator(_storable), _NoNulDoc()]
 MAX_JSON_DEPTH = 32
 
 
@@ -130,7 +151,43 @@ def _storable_at(text: str, where: str) -> None:
         raise ValueError(f"{where}: {exc}") from None
 
 
-JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+class ContractJsonSchema(GenerateJsonSchema):
+    """Pydantic's JSON schema of the contract, where a pattern of a dict's keys holds for
+    every key (`propertyNames`), as the contract checks it, rather than only choosing the keys
+    its value schema applies to (`patternProperties`). The OpenAPI document uses it."""
+
+    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
+        out = super().dict_schema(schema)
+        patterns = out.pop("patternProperties", None)
+        if patterns:
+            ((pattern, values),) = patterns.items()
+            out["additionalProperties"] = values or True
+            out["propertyNames"] = {**out.get("propertyNames", {}), "pattern": pattern}
+        return out
+
+
+# The JSON schema of a JsonObject: any JSON whose strings and keys hold no NUL (its depth,
+# at most MAX_JSON_DEPTH, is said in the description; JSON itself has no NaN or Infinity).
+_NoNulText = Annotated[str, _NoNulDoc()]
+JsonValue = TypeAliasType(
+    "JsonValue",
+    "None | bool | int | float | _NoNulText | list[JsonValue] | dict[_NoNulText, JsonValue]",
+)
+
+
+class _JsonTreeDoc:
+    def __get_pydantic_json_schema__(
+        self, _schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(TypeAdapter(dict[_NoNulText, JsonValue]).core_schema)
+        out["description"] = (
+            f"any JSON object, nested at most {MAX_JSON_DEPTH} levels deep, its strings and "
+            "keys without NUL"
+        )
+        return out
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json), _JsonTreeDoc()]
 Tag = Annotated[Text, Field(min_length=1, max_length=64)]
 RunId = Annotated[str, Field(pattern=ID_PATTERN, description="client-chosen id, e.g. a uuid4 hex")]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
@@ -147,10 +204,19 @@ Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e300, le=1e300)]
 MAX_SLOTS = 4096
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+def _kind_required(schema: dict[str, Any]) -> None:
+    """On the wire `kind` chooses a record's model (the union's discriminator): the JSON
+    schema requires it, though the Python classes default it."""
+    if "kind" in schema.get("properties", {}):
+        schema["required"] = ["kind", *(r for r in schema.get("required", []) if r != "kind")]
 
-    schema_version: int = SCHEMA_VERSION
+
+class _Record(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, json_schema_extra=_kind_required
+    )
+
+    schema_version: int = Field(default=SCHEMA_VERSION, json_schema_extra={"const": SCHEMA_VERSION})
 
     @field_validator("schema_version")
     @classmethod
@@ -256,7 +322,19 @@ class SpanRecord(_RankScoped):
     not block it, so they are shown but not charged."""
 
     kind: Literal["span"] = "span"
-    category: str
+    category: Annotated[
+        str,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "anyOf": [
+                    {"enum": [c for c in BADPUT_CATEGORIES if c not in _DERIVED]},
+                    {"pattern": _CUSTOM_RE.pattern},
+                ],
+                "description": "a badput category the hooks send, or custom:<name>",
+            }
+        ),
+    ]
     start: Epoch
     end: Epoch
     overlapped: bool = False
@@ -390,7 +468,8 @@ MAX_BATCH_RECORDS = 10_000
 
 
 class IngestBatch(BaseModel):
-    """Body of POST /api/v1/ingest."""
+    """Body of POST /api/v1/ingest. Strict: each value of its JSON type, an integer written
+    as one (`5`, never `5.0` or `"5"`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -134,7 +134,7 @@ def test_1100_steps_of_the_most_tokens_are_stored_and_every_read_of_the_run_work
 
 
 HOSTILE_LOGS = [
-    ("[" * 100_000 + "]" * 100_000, ""),  # nested too deeply: no entry to name
+    ("[" * 100_000 + "]" * 100_000, "index.0"),  # nested too deeply: its first entry
     ('{"job_start_time": 1790000000.0}\n' + "[" * 100_000 + "]" * 100_000, "line.2"),
     ('{"job_name": "\\ud800", "job_start_time": 1790000000.0}', "line.1.job_name"),
     ('[{"job_name": "a\\u0000", "job_start_time": 1790000000.0}]', "index.0.job_name"),
