@@ -266,9 +266,10 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     for i, rec in enumerate(records):
         by_kind.setdefault(rec.kind, []).append((i, rec))
     run_ids = set(map(_RUN_ID, records))  # every record names its run
-    # Before the first read: the batch's runs are locked until it commits (on SQLite the
-    # database's write lock is taken), so what is decided from stored rows still holds.
-    rollups.lock_runs(session, run_ids)
+    ranks = {(r.run_id, r.rank) for r in records if hasattr(r, "rank")}
+    # Before the first read: the batch's runs and ranks are locked until it commits (on
+    # SQLite the database's write lock is taken), so what is decided from stored rows holds.
+    rollups.lock_runs(session, run_ids, ranks)
     now = time.time()
     problems = _Problems()
     _future_dates(by_kind, now, problems)

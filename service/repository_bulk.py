@@ -12,9 +12,9 @@ raises AlreadyStored, so a caller that stored a batch as all new rolls it back
 `probe_new`, which probes them in the primary key a few hundred at a time and reads, in the
 same query, the stored columns the caller compares a re-sent record with (a conflicting
 re-send is refused: issue 12). A key seen twice in one batch keeps its first record, as ON
-CONFLICT DO NOTHING would, and the later one is compared with it. Callers hold the
-run's lock (repository_rollups.lock_runs): no other ingest of the run can store a key
-between the probe and the insert.
+CONFLICT DO NOTHING would, and the later one is compared with it. Callers hold the lock
+of each run and rank they write (repository_rollups.lock_runs; every key here holds its
+rank): no other ingest can store a key between the probe and the insert.
 """
 
 from __future__ import annotations

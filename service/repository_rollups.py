@@ -28,6 +28,7 @@ its edges, and raw rows for what is left (fewer than 64 step numbers at each end
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -198,22 +199,46 @@ def _pick(cond: Any, new: Any, old: Any) -> Any:
 # -- kept at ingest --
 
 
-def lock_runs(session: Session, run_ids: Iterable[str]) -> None:
-    """Serialize rollup upkeep per run, before its first read: each pair of step and span
-    must be seen by exactly one of two concurrent ingests. PostgreSQL: row locks on the runs.
-    SQLite: a write first, so this transaction holds the database's one write lock (its
-    reads would otherwise run before the lock, beside another writer)."""
+def lock_runs(
+    session: Session,
+    run_ids: Iterable[str],
+    ranks: Iterable[tuple[str, int]] | None = None,
+) -> None:
+    """Serialize rollup upkeep, before the first read: each pair of step and span must be
+    seen by exactly one of two concurrent ingests, and no key stored between a probe and its
+    insert. What a batch reads and writes is its ranks' (steps, spans, rollups, attempts are
+    per rank), so on PostgreSQL an ingest takes a transaction advisory lock per (run, rank)
+    it writes (`ranks`), under a shared lock of each run; a writer of the whole run
+    (`ranks=None`: the ml-goodput import) takes the run's lock exclusively. Ranks of one run
+    then ingest side by side, and a run is no longer one transaction at a time (issue 12,
+    BENCHMARKS.md). Locks are taken in one order (by key) so that batches cannot deadlock.
+    Run-wide rows (the run, its tags, placeholders) rely on their own row locks (INSERT ...
+    ON CONFLICT). SQLite: a write first, so this transaction holds the database's one write
+    lock (its reads would otherwise run before the lock, beside another writer)."""
     ids = sorted(set(run_ids))
     if not ids:
         return
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(Run.run_id).where(Run.run_id.in_(ids)).with_for_update())
+        exclusive = ranks is None
+        keys = {(_lock_key(r), -1) for r in ids}
+        keys |= {(_lock_key(r), rank) for r, rank in (ranks or ())}
+        for key, sub in sorted(keys):
+            run_level_shared = sub == -1 and not exclusive
+            fn = "pg_advisory_xact_lock_shared" if run_level_shared else "pg_advisory_xact_lock"
+            session.execute(text(f"SELECT {fn}(:k, :r)"), {"k": key, "r": sub})
     else:
         session.execute(
             update(_table(Run))
             .where(_table(Run).c.run_id.in_(ids))
             .values(ingested_at=Run.ingested_at)
         )
+
+
+def _lock_key(run_id: str) -> int:
+    """A run's advisory lock key: a stable 32-bit hash of its id (two runs sharing one only
+    wait for each other)."""
+    digest = hashlib.blake2b(run_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def blocked_of(session: Session, steps: Sequence[Any], spans: Sequence[Any]) -> list[float]:

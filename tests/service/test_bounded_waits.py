@@ -82,7 +82,8 @@ def pg_url() -> Iterator[str]:
 
 
 class RunLock:
-    """Another transaction holding run `run_id`'s row lock, as a concurrent ingest does."""
+    """Another transaction holding run `run_id`'s row exclusively (as one filling in the
+    run record does): every ingest into the run waits for it, since its rows reference it."""
 
     def __init__(self, url: str, run_id: str) -> None:
         self.engine = create_engine(url)
@@ -125,6 +126,46 @@ def test_postgres_ingest_behind_a_held_run_lock_is_a_503_after_lock_timeout(
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"inserted": 5, "duplicates": 0}
         assert stored_steps(client) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+
+
+class RankLock:
+    """Another ingest writing rank `rank` of run `run_id`: it holds that rank's lock
+    (repository_rollups.lock_runs) until it commits."""
+
+    def __init__(self, url: str, run_id: str, rank: int) -> None:
+        from service.repository_rollups import _lock_key
+
+        self.engine = create_engine(url)
+        self.conn = self.engine.connect()
+        self.conn.execute(
+            text("SELECT pg_advisory_xact_lock_shared(:k, -1)"), {"k": _lock_key(run_id)}
+        )
+        self.conn.execute(
+            text("SELECT pg_advisory_xact_lock(:k, :r)"), {"k": _lock_key(run_id), "r": rank}
+        )
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+        self.engine.dispose()
+
+
+def test_postgres_ranks_of_one_run_ingest_side_by_side(pg_app: Any, pg_url: str) -> None:
+    """A batch waits only for the ingests of its own ranks: rank 1 is stored while rank 0's
+    lock is held, and rank 0's batch is a 503 after the lock timeout, then stored."""
+    with TestClient(pg_app) as client:
+        opening_ranks = [*opening("run-a"), f.attempt_start(rank=1)]
+        assert post(client, opening_ranks).status_code == 200
+        rank1 = [f.step(i, rank=1) for i in range(10, 15)]
+        lock = RankLock(pg_url, "run-a", 0)
+        try:
+            resp, waited = timed_post(client, rank1)
+            assert resp.status_code == 200, resp.text
+            assert waited < BOUND_S * 0.9, waited  # never waited for rank 0
+            assert_bounded_503(*timed_post(client, more_steps()))
+        finally:
+            lock.release()
+        assert post(client, more_steps()).json() == {"inserted": 5, "duplicates": 0}
 
 
 def test_postgres_statement_timeout_is_a_503_too(
