@@ -350,12 +350,45 @@ def import_mgm(
 
 @db_app.command("upgrade")
 def db_upgrade(db: DbOption = DEFAULT_DATABASE_URL, revision: str = "head") -> None:
-    """Run the Alembic migrations up to REVISION (default: head)."""
+    """Run the Alembic migrations up to REVISION (default: head); at the head, also build the
+    rollups of runs stored before they existed."""
     from service.migrate import upgrade
 
     with database_errors(db):
-        upgrade(db, revision)
+        built = upgrade(db, revision)
     console.print(f"database at revision {revision}")
+    if built:
+        console.print(f"rollups built for {len(built)} run(s) stored before revision 0004")
+
+
+@db_app.command("rebuild-rollups")
+def db_rebuild_rollups(
+    db: DbOption = DEFAULT_DATABASE_URL,
+    run: Annotated[str | None, typer.Option(help="only this run (default: every run)")] = None,
+) -> None:
+    """Recompute the rollups (step blocks, span totals, routing blocks) from the stored
+    records: of one run, or of every run."""
+    from sqlalchemy.orm import Session
+
+    from service import repository_rollups as rollups
+    from service.db import make_engine
+    from service.migrate import check_schema
+
+    with database_errors(db):
+        engine = make_engine(db)
+        try:
+            check_schema(engine)
+            with Session(engine) as session, session.begin():
+                if run is None:
+                    count = rollups.rebuild_all(session)
+                elif session.get(rollups.Run, run) is None:
+                    fail(f"run {run!r} is not in the database at {shown_url(db)}")
+                else:
+                    rollups.rebuild_run(session, run)
+                    count = 1
+        finally:
+            engine.dispose()
+    console.print(f"rollups rebuilt for {count} run(s)")
 
 
 def print_goodput(summary: dict[str, Any]) -> None:

@@ -39,8 +39,32 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head") -> list[str]:
+    """Run the migrations up to `revision`; at the head, then build the rollups of the runs
+    stored before the rollup tables existed (`build_missing_rollups`). Returns those runs."""
     command.upgrade(alembic_config(url), revision)
+    if revision != "head":
+        return []
+    engine = make_engine(url)
+    try:
+        return build_missing_rollups(engine)
+    finally:
+        engine.dispose()
+
+
+def build_missing_rollups(engine: Engine) -> list[str]:
+    """Compute the rollups of every run that has records but none (runs stored before
+    revision 0004), with the code that keeps them at ingest: here, not in a migration, since
+    a migration runs at an older schema than this code reads. Returns those runs."""
+    from sqlalchemy.orm import Session
+
+    from service import repository_rollups as rollups
+
+    with Session(engine) as session, session.begin():
+        missing = rollups.missing_rollups(session)
+        for run_id in missing:
+            rollups.rebuild_run(session, run_id)
+    return missing
 
 
 def downgrade(url: str, revision: str) -> None:
@@ -89,5 +113,24 @@ def prepare_database(
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+        build_missing_rollups(engine)
     check_schema(engine)
+    check_rollups(engine)
     return engine
+
+
+def check_rollups(engine: Engine) -> None:
+    """Raise SchemaError naming the fix when runs hold records without their rollups (a
+    database upgraded by Alembic alone, not by `goodput db upgrade`)."""
+    from sqlalchemy.orm import Session
+
+    from service import repository_rollups as rollups
+
+    with Session(engine) as session:
+        missing = rollups.missing_rollups(session)
+    if missing:
+        url = engine.url.render_as_string(hide_password=True)
+        raise SchemaError(
+            f"database {url} holds {len(missing)} run(s) without rollups (stored before "
+            f"revision 0004, e.g. {missing[0]!r}); run: goodput db rebuild-rollups --db URL"
+        )

@@ -1129,6 +1129,24 @@ def rebuild_run(session: Session, run_id: str) -> None:
     )
 
 
+def missing_rollups(session: Session) -> list[str]:
+    """The runs that hold records but no rollups: stored before revision 0004 made the
+    rollup tables (migrations do not run service code, so `migrate.upgrade` builds them)."""
+    found = session.execute(
+        text(
+            "SELECT run_id FROM runs r WHERE NOT EXISTS "
+            "(SELECT 1 FROM step_blocks b WHERE b.run_id = r.run_id) "
+            "AND NOT EXISTS (SELECT 1 FROM span_totals t WHERE t.run_id = r.run_id) "
+            "AND NOT EXISTS (SELECT 1 FROM routing_blocks g WHERE g.run_id = r.run_id) "
+            "AND (EXISTS (SELECT 1 FROM steps s WHERE s.run_id = r.run_id) "
+            "OR EXISTS (SELECT 1 FROM spans p WHERE p.run_id = r.run_id) "
+            "OR EXISTS (SELECT 1 FROM routing g WHERE g.run_id = r.run_id)) "
+            "ORDER BY run_id"
+        )
+    )
+    return list(found.scalars())
+
+
 def rebuild_all(session: Session) -> int:
     """rebuild_run for every run; returns how many runs."""
     run_ids = session.scalars(select(Run.run_id)).all()

@@ -6,6 +6,7 @@ Revises: 0003
 Create Date: 2026-11-22 20:31:19.734736
 """
 
+import sys
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -155,19 +156,40 @@ def downgrade() -> None:
 _HISTOGRAMS = ("tokens_per_expert", "dropped_per_expert")
 
 
+def _pack(counts: list[int]) -> bytes:
+    """Frozen copy of service.models.pack_counts at this revision (migrations import no
+    service code): one byte naming the width (B, H, I or Q: the narrowest that holds the
+    largest count), then the counts little-endian in that width."""
+    from array import array
+
+    top = max(counts, default=0)
+    code = "B" if top < 256 else "H" if top < 65_536 else "I" if top < 2**32 else "Q"
+    packed = array(code, counts)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return code.encode() + packed.tobytes()
+
+
+def _unpack(value: bytes) -> list[int]:
+    from array import array
+
+    packed = array(chr(value[0]))
+    packed.frombytes(value[1:])
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
+
+
 def _convert_histograms(to_packed: bool) -> None:
     """Rewrite routing.tokens_per_expert and dropped_per_expert as packed counts (or back as
     JSON): new columns filled row by row, the old ones dropped, the new ones renamed."""
     import json
-
-    from service.models import PackedCounts
 
     new_type: sa.types.TypeEngine[object] = sa.LargeBinary() if to_packed else sa.JSON()
     with op.batch_alter_table("routing", schema=None) as batch_op:
         for name in _HISTOGRAMS:
             batch_op.add_column(sa.Column(f"{name}_new", new_type, nullable=True))
     conn = op.get_bind()
-    packed = PackedCounts()
     rows = conn.execute(sa.text("SELECT id, tokens_per_expert, dropped_per_expert FROM routing"))
     updates = []
     for row_id, *old in rows.all():
@@ -175,9 +197,9 @@ def _convert_histograms(to_packed: bool) -> None:
         for name, value in zip(_HISTOGRAMS, old, strict=True):
             if to_packed:
                 counts = json.loads(value) if isinstance(value, str) else value
-                values[f"{name}_new"] = packed.process_bind_param(counts, conn.dialect)
+                values[f"{name}_new"] = _pack(counts)
             else:
-                values[f"{name}_new"] = packed.process_result_value(bytes(value), conn.dialect)
+                values[f"{name}_new"] = _unpack(bytes(value))
         updates.append({"row_id": row_id, **values})
     if updates:
         routing = sa.table(

@@ -10,8 +10,10 @@ Create Date: 2026-12-04 23:55:00
 Spans that share time with another blocking
 span of their rank are flagged and charged by precedence (their span totals corrected), and
 the blocked time of the steps they touch is measured again as the union of those spans (it
-was their sum), with the step blocks moved by the same amounts. Then the rollups of runs
-stored before 0004 are computed (`_rebuild_missing_rollups`).
+was their sum), with the step blocks moved by the same amounts. The rollups of runs stored
+before 0004 are not made here (migrations import no service code): `goodput db upgrade`
+makes them once the schema is at its head (service/migrate.py), and `goodput db
+rebuild-rollups` on demand.
 """
 
 from collections.abc import Sequence
@@ -65,31 +67,6 @@ def upgrade() -> None:
             postgresql_where=sa.text("clashes"),
         )
     _flag_clashes()
-    _rebuild_missing_rollups()
-
-
-def _rebuild_missing_rollups() -> None:
-    """The rollups of runs stored before 0004 (0004 makes the tables; their rows are made
-    here, by the code that keeps them at ingest and reads this, the newest, schema).
-
-    The one place a migration runs `service` code: it must stay in the newest migration (a
-    later one that changes these tables takes it over)."""
-    from sqlalchemy.orm import Session
-
-    from service.repository_rollups import rebuild_run
-
-    conn = op.get_bind()
-    missing = conn.execute(
-        sa.text(
-            "SELECT run_id FROM runs r WHERE NOT EXISTS "
-            "(SELECT 1 FROM step_blocks b WHERE b.run_id = r.run_id) "
-            "AND NOT EXISTS (SELECT 1 FROM span_totals t WHERE t.run_id = r.run_id) "
-            "AND NOT EXISTS (SELECT 1 FROM routing_blocks g WHERE g.run_id = r.run_id)"
-        )
-    ).scalars()
-    with Session(bind=conn) as session:
-        for run_id in list(missing):
-            rebuild_run(session, run_id)
 
 
 def _flag_clashes() -> None:

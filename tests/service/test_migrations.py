@@ -159,3 +159,66 @@ def test_0005_flags_clashing_spans_and_measures_blocked_time_as_their_union(
     assert got.goodput_s == pytest.approx(want.goodput_s)
     assert got.badput_s == pytest.approx(want.badput_s)
     engine.dispose()
+
+
+def test_no_migration_imports_service_code() -> None:
+    """A migration runs at its own revision's schema, older than the service code reads:
+    one that needs code carries a frozen copy (issue 13)."""
+    import ast
+    from pathlib import Path
+
+    import migrations
+
+    versions = Path(migrations.__file__).parent / "versions"
+    for path in sorted(versions.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            bad = [n for n in names if n.split(".")[0] in ("service", "trainer_hooks")]
+            assert not bad, f"{path.name} imports {bad}"
+
+
+def test_runs_stored_before_0004_get_their_rollups_from_goodput_db_upgrade(
+    client: Any, migrated_url: str
+) -> None:
+    """A database at revision 0003 with runs in it: `migrate.upgrade` (goodput db upgrade)
+    brings the schema to its head, then builds those runs' rollups with the service's code;
+    a database that Alembic alone upgraded is refused at start with the command to run,
+    `goodput db rebuild-rollups`, which builds them."""
+    import subprocess
+    import sys
+
+    from service.migrate import check_rollups
+
+    client.post("/api/v1/ingest", json={"records": f.full_run(steps=6)})
+    before = client.get("/api/v1/runs/run-a/goodput").json()
+    downgrade(migrated_url, "0003")  # the rollup tables go: as stored before 0004
+    assert upgrade(migrated_url) == ["run-a"]
+    assert client.get("/api/v1/runs/run-a/goodput").json() == before
+    assert upgrade(migrated_url) == []  # nothing left to build
+
+    downgrade(migrated_url, "0003")
+    from alembic import command
+
+    from service.migrate import alembic_config
+
+    command.upgrade(alembic_config(migrated_url), "head")  # Alembic alone: no rollups
+    engine = make_engine(migrated_url)
+    try:
+        with pytest.raises(SchemaError, match="goodput db rebuild-rollups"):
+            check_rollups(engine)
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "db", "rebuild-rollups", "--db", migrated_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "rollups rebuilt for 1 run(s)" in done.stdout
+        check_rollups(engine)
+    finally:
+        engine.dispose()
+    assert client.get("/api/v1/runs/run-a/goodput").json() == before
