@@ -67,3 +67,19 @@ def test_page_escapes_run_names() -> None:
 
 def test_page_without_runs_says_so() -> None:
     assert "no runs yet" in goodput_page(None, [])
+
+
+def test_page_attributes_and_picker_escape_what_a_run_holds() -> None:
+    import html as htmllib
+    import json
+    import re
+
+    run = {"run_id": "r-1", "name": "a \"quoted\" <b>&'name'", "status": "running"}
+    other = {"run_id": "r-2", "name": "</option><script>x()</script>", "status": "failed"}
+    page = goodput_page(run, [run, other])
+    assert "<script>x()</script>" not in page and "<b>" not in page
+    attr = re.search(r'data-run-id="([^"]*)"', page)
+    assert attr is not None and json.loads(htmllib.unescape(attr.group(1))) == "r-1"
+    options = re.findall(r'<option value="([^"]*)"( selected)?>([^<]*)</option>', page)
+    assert [(v, bool(s)) for v, s, _ in options] == [("r-1", True), ("r-2", False)]
+    assert htmllib.unescape(options[1][2]) == "</option><script>x()</script> (r-2)"
