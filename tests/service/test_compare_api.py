@@ -56,7 +56,8 @@ def test_faster_candidate_with_the_declared_knob_is_kept(cclient: Any) -> None:
     body = resp.json()
     assert body["verdict"] == "keep"
     assert body["step_time_ratio"]["value"] == pytest.approx(0.8, rel=0.05)
-    assert body["step_time_ratio"]["high"] < 0.98
+    ratio = body["step_time_ratio"]
+    assert ratio["low"] < ratio["value"] < ratio["high"] < 0.98  # the interval holds its estimate
     assert body["lane_diff"] == {
         "runtime_policy.dispatch_requested": {"baseline": "loop", "candidate": "grouped"}
     }
