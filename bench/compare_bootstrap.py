@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/compare_bootstrap.py
 
-The old pure-Python implementation is `service/compare.py` at `--before` (HEAD by default),
-read with `git show` into a temporary module; the new one is this tree's. Both run
-`compare()` (two bootstraps: step time and tokens/s, BOOTSTRAP_SAMPLES resamples each) on the
-same generated runs of `--steps` steps each (2000 by default: COMPARE_STEPS, what `/compare`
-reads of a long run, 1800 of them steady), alternating old and new `--reps` times after one
-warm-up of the new. Prints per size the median wall time of each, the ratio old / new, and
-both step-time intervals (they differ by resampling noise only: another RNG stream).
+The old pure-Python implementation is `service/compare.py` at `--before` (by default
+4ee6a98, the last commit with it), read with `git show` into a temporary module; the new
+one is this tree's. Both run `compare()` (two bootstraps: step time and tokens/s,
+BOOTSTRAP_SAMPLES resamples each) on the same generated runs of `--steps` steps each (2000
+by default: COMPARE_STEPS, what `/compare` reads of a long run, 1800 of them steady),
+alternating old and new `--reps` times after one warm-up of the new. Prints per size the
+median wall time of each, the ratio old / new, and both step-time intervals (they differ by
+resampling noise only: another RNG stream).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def timed(mod: ModuleType, base: tuple, cand: tuple) -> tuple[float, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="HEAD", help="commit of the old implementation")
+    parser.add_argument("--before", default="4ee6a98", help="commit of the old implementation")
     parser.add_argument("--steps", type=int, nargs="+", default=[40, 400, 2000])
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
