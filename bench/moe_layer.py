@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from moe_core.dispatch import Dispatcher
-from moe_core.moe import RoutedExperts
+from moe_core.experts import RoutedExperts
 from moe_core.router import TopKRouter
 
 

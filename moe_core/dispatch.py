@@ -30,17 +30,14 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import compute_dtype, grouped_mm_unavailable_reason
 from moe_core.router import Routing, rank_in_group
 from moe_core.row_ops import CombineRows, GatherTokenRows, swiglu
-
-if TYPE_CHECKING:
-    from moe_core.moe import RoutedExperts
 
 DISPATCH_BACKENDS = ("grouped", "padded", "loop", "auto")
 

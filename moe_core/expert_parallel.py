@@ -29,18 +29,16 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_core.dispatch import Dispatcher, combine, grouped_experts, loop_experts, sort_assignments
+from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import compute_dtype, grouped_mm_unavailable_reason
 from moe_core.router import Routing
-
-if TYPE_CHECKING:
-    from moe_core.moe import RoutedExperts
 
 EP_LOOP = "ep_all_to_all+loop"
 EP_GROUPED = "ep_all_to_all+grouped"
@@ -200,8 +198,6 @@ class ExpertParallelDispatcher(Dispatcher):
 def expert_parameter_names(model: nn.Module, *, shards_only: bool = False) -> set[str]:
     """Names of the parameters stacked by routed expert on dim 0 (``RoutedExperts``), whole
     or shards; with ``shards_only`` those of expert-parallel shards alone."""
-    from moe_core.moe import RoutedExperts  # moe imports this module
-
     return {
         f"{prefix}.{name}" if prefix else name
         for prefix, module in model.named_modules()

@@ -4,17 +4,15 @@ compile time, FLOPs, routing counters, dispatch and SDPA receipts, the profiler 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trainer_hooks.compile_watch import CompileWatch
 from trainer_hooks.device import READY, DeviceProbe
+from trainer_hooks.emitter import Emitter, StepState
 from trainer_hooks.flops import FlopCounter
 from trainer_hooks.profiling import ProfileWindow
 from trainer_hooks.receipts import DispatchWatch, dispatch_seams, is_compiled, sdpa_probe
 from trainer_hooks.routing import RoutingCollector, find_sources
-
-if TYPE_CHECKING:
-    from trainer_hooks.recorder import Recorder, StepHandle
 
 _OOM_NAMES = ("OutOfMemoryError",)
 POLL_EVERY = 8  # steps between looks at the dispatchers: a change is reported within 8 steps
@@ -25,7 +23,7 @@ def _same(value: Any) -> Any:
 
 
 class Parts:
-    def __init__(self, rec: Recorder, device: Any, routing_every: int, watch_compile: bool) -> None:
+    def __init__(self, rec: Emitter, device: Any, routing_every: int, watch_compile: bool) -> None:
         self.rec = rec
         self.device = DeviceProbe(device)
         self.flops = FlopCounter()
@@ -53,7 +51,7 @@ class Parts:
 
     # -- per step --
 
-    def step_enter(self, h: StepHandle) -> None:
+    def step_enter(self, h: StepState) -> None:
         if self.compile is not None:
             self.compile.ensure_installed()  # torch._dynamo.reset() clears callbacks
         if self.profile is not None:
@@ -67,7 +65,7 @@ class Parts:
         if self.device.cuda:
             h._start_event = self.device.begin()
 
-    def step_exit(self, h: StepHandle, fields: dict[str, Any]) -> None:
+    def step_exit(self, h: StepState, fields: dict[str, Any]) -> None:
         """Kept to a few branches: it runs every step, with caches cold from the step."""
         if h._probe is not None:
             self._close_probe(h)
@@ -86,10 +84,12 @@ class Parts:
         if self._poll_left <= 0:
             self._poll_left = POLL_EVERY
             self.dispatch.poll(self.rec.observe, h.step)
+        # ProfileWindow is handed the emitter as is (typed Any there): it is the recorder, whose
+        # run_id, attempt, rank and _key name the trace and the profile record.
         if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
             self.profile = None
 
-    def _step_exit_cuda(self, h: StepHandle, fields: dict[str, Any]) -> None:
+    def _step_exit_cuda(self, h: StepState, fields: dict[str, Any]) -> None:
         fields["loss"] = self.device.to_host(h.loss)
         routings = self.routing.collect(h.step, self.device.to_host) if self.routing.due() else []
         self.device.end(h._start_event, fields)  # after the copies: its event covers them
@@ -97,24 +97,20 @@ class Parts:
             routing[READY] = fields[READY]
             self._emit_routing(routing)
 
-    def step_failed(self, h: StepHandle, exc: BaseException) -> None:
+    def step_failed(self, h: StepState, exc: BaseException) -> None:
         self._close_probe(h)
         self.flops.exit(ok=False)
         if type(exc).__name__ in _OOM_NAMES:
             self.rec.counters["ooms"] += 1
             self.rec.observe("oom", "out of memory", reason=str(exc)[:2000], step=h.step)
 
-    def _close_probe(self, h: StepHandle) -> None:
+    def _close_probe(self, h: StepState) -> None:
         if h._probe is not None:
             probe, h._probe = h._probe, None
             probe.__exit__(None, None, None)
 
     def _emit_routing(self, fields: dict[str, Any]) -> None:
-        fields.update(self.rec._key)
-        try:
-            self.rec.sink.emit("routing", fields)
-        except Exception:
-            self.rec.errors += 1
+        self.rec.emit_keyed("routing", fields)
 
     # -- compile callbacks (run on the training thread, inside the step that compiles) --
 

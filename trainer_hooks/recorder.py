@@ -407,6 +407,12 @@ class Recorder:
             },
         )
 
+    def emit_keyed(self, kind: str, fields: dict[str, Any]) -> None:
+        """Emit ``fields`` with this attempt's key added (in place, after them): how the parts
+        (``trainer_hooks.emitter.Emitter``) send their records."""
+        fields.update(self._key)
+        self._safe_emit(kind, fields)
+
     def close(
         self, status: str = "completed", cause: str | None = None, flush_timeout_s: float = 10.0
     ) -> Any:

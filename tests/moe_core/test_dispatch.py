@@ -16,8 +16,8 @@ from moe_core.dispatch import (
     padded_capacity,
     padded_dispatch,
 )
+from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import grouped_mm_unavailable_reason
-from moe_core.moe import RoutedExperts
 from moe_core.router import TopKRouter
 
 BACKENDS = {"grouped": grouped_dispatch, "padded": padded_dispatch, "loop": loop_dispatch}

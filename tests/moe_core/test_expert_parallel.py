@@ -34,8 +34,9 @@ from moe_core.expert_parallel import (
     ExpertParallelDispatcher,
     sharded_parameter_names,
 )
+from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import grouped_mm_unavailable_reason
-from moe_core.moe import MoEBlock, RoutedExperts
+from moe_core.moe import MoEBlock
 
 WORLD = 2
 ROWS = WORLD * 3  # sequences in the full batch: B = 3 per rank

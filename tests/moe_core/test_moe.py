@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from moe_core import DISPATCH_BACKENDS, ModelConfig, MoEModel, build_model, model_plan
 from moe_core.dispatch import loop_dispatch
+from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import grouped_mm_unavailable_reason
-from moe_core.moe import MoEBlock, RoutedExperts
+from moe_core.moe import MoEBlock
 from moe_core.router import TopKRouter
 
 CFG = ModelConfig(
