@@ -161,7 +161,7 @@ _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     responses=_INGEST_ERRORS,
 )
 def ingest(
-    body: Annotated[bytes, Depends(json_body)], factory: SessionmakerDep
+    request: Request, body: Annotated[bytes, Depends(json_body)], factory: SessionmakerDep
 ) -> IngestResult | JSONResponse:
     """Store a batch of records (`IngestBatch`) in one transaction, committed before the
     answer: a 200 means stored (a commit that fails is an error response). Records may come
@@ -172,7 +172,9 @@ def ingest(
             result = store_body(session, body)
     except repo.IngestConflict as exc:  # rolled back by session_scope
         return JSONResponse({"detail": exc.conflicts, "retriable": False}, status_code=409)
-    return result  # committed: session_scope has returned
+    # committed: session_scope has returned. Refusals are counted by status (IngestRefusals).
+    request.app.state.metrics.ingest.accepted(result.inserted, result.duplicates)
+    return result
 
 
 def store_body(session: Session, body: bytes) -> IngestResult:

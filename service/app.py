@@ -26,7 +26,7 @@ from service.api_import import router as import_router
 from service.api_receipts import router as receipts_router
 from service.dashboard_routes import router as dashboard_router
 from service.db import make_sessionmaker
-from service.metrics import GoodputCache, IngestCounters, IngestCounting
+from service.metrics import IngestRefusals, ServiceMetrics
 from service.metrics import router as metrics_router
 from service.migrate import prepare_database
 from service.schemas import ERROR_MODELS, error_response
@@ -271,8 +271,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.ingest_counters = IngestCounters()
-    app.state.goodput_cache = GoodputCache()
+    app.state.metrics = ServiceMetrics(app.state.sessionmaker)
     app.include_router(health_router)
     app.include_router(router)
     app.include_router(receipts_router)
@@ -348,16 +347,16 @@ def _document_security(schema: dict[str, Any]) -> None:
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """From the outside in: HEAD as GET, CORS, tokens, admission, ingest counters, body
+    """From the outside in: HEAD as GET, CORS, tokens, admission, ingest refusals, body
     limit (Starlette runs the last added first): no body is read before the token is checked,
     a request past the server's capacity waits a bounded time (service/admission.py), and the
-    counters see the body limit's 413s."""
+    refusal counter sees the body limit's 413s."""
     app.add_middleware(
         BodyLimit,
         limit=settings.max_body_bytes,
         compressed_limit=settings.max_compressed_body_bytes,
     )
-    app.add_middleware(IngestCounting, counters=app.state.ingest_counters)
+    app.add_middleware(IngestRefusals, metrics=app.state.metrics.ingest)
     app.add_middleware(
         AdmissionLimit, limit=settings.max_concurrent_requests, wait_s=settings.admission_wait_s
     )

@@ -41,11 +41,11 @@ def test_a_run_whose_heartbeats_stopped_is_stalled_everywhere(client: Any) -> No
     assert [d["cause"].split(":")[0] for d in g["disruptions"]] == ["stalled"]
     text = client.get("/metrics").text
     assert (
-        'goodput_run_status{run_id="run-a",run_name="alpha",project="default",status="stalled"} 1.0'
+        'goodput_run_status{project="default",run_id="run-a",run_name="alpha",status="stalled"} 1.0'
         in text
     )
     assert (
-        'goodput_run_status{run_id="run-b",run_name="fresh",project="default",status="running"} 1.0'
+        'goodput_run_status{project="default",run_id="run-b",run_name="fresh",status="running"} 1.0'
         in text
     )
 

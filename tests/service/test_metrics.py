@@ -1,17 +1,17 @@
 """/metrics: Prometheus text format 0.0.4, per-run figures that agree with the REST API,
-ingest counters, label escaping."""
+ingest counters (exact under concurrent ingest), label escaping."""
 
 from __future__ import annotations
 
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.metrics import METRICS_RUNS, IngestCounters, escape_label
+from service.metrics import METRICS_RUNS
 from service.settings import Settings
 from tests import factories as f
 
@@ -189,21 +189,38 @@ def test_label_values_are_escaped(client: Any) -> None:
     ("raw", "escaped"),
     [("plain", "plain"), ('a"b', 'a\\"b'), ("a\\b", "a\\\\b"), ("a\nb", "a\\nb"), ("\\n", "\\\\n")],
 )
-def test_escape_label(raw: str, escaped: str) -> None:
-    assert escape_label(raw) == escaped
+def test_escape_label(client: Any, raw: str, escaped: str) -> None:
+    assert ingest(client, [f.run(name=raw)]).status_code == 200
+    assert f'run_name="{escaped}"' in client.get("/metrics").text
 
 
-def test_counters_are_thread_safe() -> None:
-    counters = IngestCounters()
+def test_counters_are_exact_under_concurrent_ingest(client: Any) -> None:
+    """Threads ingest at once through the app: the counters hold exactly what was sent and
+    what was refused (by the route's 409, by validation's 422 and by the body limit's 413)."""
+    threads, batches, steps = 6, 4, 5
+    limit = client.app.state.settings.max_body_bytes
 
-    def hammer() -> None:
-        for _ in range(5000):
-            counters.accepted(1, 2)
-            counters.refused()
+    def send(t: int) -> list[int]:
+        run_id = f"run-t{t}"
+        statuses = []
+        for b in range(batches):
+            # each batch: `steps` new steps, the previous batch's steps resent (duplicates)
+            new = [f.step(b * steps + i, run_id) for i in range(steps)]
+            old = [f.step((b - 1) * steps + i, run_id) for i in range(steps)] if b else []
+            head = [f.run(run_id), f.attempt_start(run_id)] if b == 0 else []
+            statuses.append(ingest(client, [*head, *new, *old]).status_code)
+            statuses.append(ingest(client, [f.step(0, run_id, dur=-1.0)]).status_code)
+            statuses.append(ingest(client, [f.step(0, run_id, dur=3.0)]).status_code)  # 409
+            statuses.append(client.post("/api/v1/ingest", content=b" " * (limit + 1)).status_code)
+        return statuses
 
-    threads = [threading.Thread(target=hammer) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert counters.snapshot() == (40_000, 40_000, 80_000, 40_000)
+    with ThreadPoolExecutor(threads) as pool:
+        sent = [s for statuses in pool.map(send, range(threads)) for s in statuses]
+    assert sorted(set(sent)) == [200, 409, 413, 422]
+    samples = scrape(client)
+    assert counter(samples, "goodput_ingest_batches_total") == threads * batches
+    inserted = threads * (2 + batches * steps)
+    assert counter(samples, "goodput_ingest_records_total", result="inserted") == inserted
+    duplicates = threads * (batches - 1) * steps
+    assert counter(samples, "goodput_ingest_records_total", result="duplicate") == duplicates
+    assert counter(samples, "goodput_ingest_rejected_total") == threads * batches * 3

@@ -41,5 +41,5 @@ def test_heartbeats_report_dropped_records_as_a_running_total(client: Any) -> No
     post(client, end)
     assert dropped(client)[0] == 14
     metrics = client.get("/metrics").text
-    line = 'goodput_records_dropped{run_id="run-a",run_name="alpha",project="default"} 14'
+    line = 'goodput_records_dropped{project="default",run_id="run-a",run_name="alpha"} 14.0'
     assert line in metrics
