@@ -318,15 +318,7 @@ EpochQuery = Annotated[float | None, Query(ge=946_684_800.0, le=7_258_118_400.0)
 
 
 def _rank_read(r: RankGoodput) -> RankGoodputRead:
-    return RankGoodputRead(
-        rank=r.rank,
-        total_s=r.total_s,
-        goodput_s=r.goodput_s,
-        goodput_fraction=r.goodput_fraction,
-        badput_s=r.badput_s,
-        other_s=r.other_s,
-        steps=r.steps,
-    )
+    return RankGoodputRead.model_validate(r, from_attributes=True)
 
 
 def _goodput_read(run_id: str, g: RunGoodput, rank: int | None) -> GoodputRead:
@@ -387,8 +379,12 @@ def get_goodput(
         update={
             "ideal_step_time_s": fig.ideal_step_time_s,
             "step_time_deviation_s": fig.step_time_deviation_s,
-            "stragglers": [StragglerRead(**vars(s)) for s in fig.stragglers],
-            "disruptions": [DisruptionRead(**vars(d)) for d in fig.disruptions],
+            "stragglers": [
+                StragglerRead.model_validate(s, from_attributes=True) for s in fig.stragglers
+            ],
+            "disruptions": [
+                DisruptionRead.model_validate(d, from_attributes=True) for d in fig.disruptions
+            ],
         }
     )
 

@@ -83,14 +83,7 @@ def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
         final_loss = newest[-1].loss if newest else None
     steps = summarize_steps(per_rank, recent, final_loss)
     return ReceiptSummary(
-        goodput=ReceiptGoodput(
-            total_s=g.total_s,
-            goodput_s=g.goodput_s,
-            goodput_fraction=g.goodput_fraction,
-            badput_s=g.badput_s,
-            other_s=g.other_s,
-            rank=g.rank,
-        ),
+        goodput=ReceiptGoodput.model_validate(g, from_attributes=True),
         throughput=ReceiptThroughput(
             **steps._asdict(),
             peak_memory_bytes=repo.peak_memory_of(session, run_id),

@@ -40,7 +40,8 @@ def with_receipt_routes(app: FastAPI) -> FastAPI:
     """Include the receipts router unless app.py already does."""
     from service.api_receipts import router
 
-    if RECEIPT_PATH not in {getattr(r, "path", None) for r in app.routes}:
+    # FastAPI lists included routers lazily in app.routes: ask the OpenAPI document
+    if RECEIPT_PATH not in app.openapi()["paths"]:
         app.include_router(router)
         app.openapi_schema = None
     return app
