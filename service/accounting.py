@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -82,30 +82,42 @@ def whole_run(session: Session, run_id: str, now: float | None = None) -> Accoun
     }
     cuts = rollups.compile_cuts(session, roll, ideal)
     excluded = merged(roll.excluded)
-    per_rank = [account(decided[r], parts[r], _cuts(cuts, r)) for r in sorted(decided)]
     acc = Accounted(run_id, run_figures([], None), decided, parts, cuts, excluded, now)
-    if excluded:
-        reader = windows.WindowReader(session, run_id, acc)
-        per_rank = _without(reader, acc, per_rank, -math.inf, math.inf)
+    reader = windows.WindowReader(session, run_id, acc) if excluded else None
+
+    def excluded_parts(lo: float, hi: float) -> dict[int, RankParts]:
+        assert reader is not None  # read only when windows are excluded
+        return reader.parts(lo, hi).ranks
+
+    per_rank = _shares(acc, parts, excluded_parts, -math.inf, math.inf)
     acc.goodput = run_figures(per_rank, slowest_rank(per_rank))
     return acc
 
 
-def _without(
-    reader: windows.WindowReader, acc: Accounted, per_rank: list[RankGoodput], lo: float, hi: float
+def _shares(
+    acc: Accounted,
+    parts: Mapping[int, RankParts],
+    excluded_parts: Callable[[float, float], Mapping[int, RankParts]],
+    lo: float,
+    hi: float,
 ) -> list[RankGoodput]:
-    """Each rank's share of [lo, hi] without the excluded windows' seconds: each excluded
-    window's share of [lo, hi] is read once for every rank, accounted and taken out."""
-    out = {g.rank: g for g in per_rank}
+    """Each rank's share of [lo, hi] (its records there: `parts`), without the seconds of the
+    excluded windows: each one's share of [lo, hi] (`excluded_parts(a, b)`) accounted and
+    taken out."""
+    per_rank = [_account(acc, parts, rank, lo, hi) for rank in sorted(acc.decided)]
     for e in acc.excluded:
         a, b = max(e.start, lo), min(e.end, hi)
-        if not b > a:
-            continue
-        parts = reader.parts(a, b).ranks
-        for rank, g in out.items():
-            mine = parts.get(rank) or RankParts.empty(rank)
-            out[rank] = minus(g, account(acc.decided[rank], mine, _cuts(acc.cuts, rank), a, b))
-    return [out[g.rank] for g in per_rank]
+        if b > a:
+            inside = excluded_parts(a, b)
+            per_rank = [minus(g, _account(acc, inside, g.rank, a, b)) for g in per_rank]
+    return per_rank
+
+
+def _account(
+    acc: Accounted, parts: Mapping[int, RankParts], rank: int, lo: float, hi: float
+) -> RankGoodput:
+    mine = parts.get(rank) or RankParts.empty(rank)
+    return account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi)
 
 
 def window(
@@ -116,12 +128,7 @@ def window(
     if not hi > lo:
         raise ValueError(f"end ({hi}) must be after start ({lo})")
     parts = reader.parts(lo, hi)
-    per_rank = []
-    for rank in sorted(acc.decided):
-        mine = parts.ranks.get(rank) or RankParts.empty(rank)
-        per_rank.append(account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi))
-    if acc.excluded:
-        per_rank = _without(reader, acc, per_rank, lo, hi)
+    per_rank = _shares(acc, parts.ranks, lambda a, b: reader.parts(a, b).ranks, lo, hi)
     return run_figures(per_rank, acc.goodput.rank), parts
 
 
@@ -134,19 +141,7 @@ def rolling(
     cuts = [(a, b) for a, b in cuts if b > a]
     sums = rolling_sums.parts_many(reader, [*bounds, *cuts])
     excluded = dict(zip(cuts, sums[len(bounds) :], strict=True))
-    out = []
-    for (lo, hi), parts in zip(bounds, sums, strict=False):
-        per_rank = [_account(acc, parts, rank, lo, hi) for rank in sorted(acc.decided)]
-        for e in acc.excluded:
-            a, b = max(e.start, lo), min(e.end, hi)
-            if b > a:
-                per_rank = [minus(g, _account(acc, excluded[a, b], g.rank, a, b)) for g in per_rank]
-        out.append(run_figures(per_rank, acc.goodput.rank))
-    return out
-
-
-def _account(
-    acc: Accounted, parts: dict[int, RankParts], rank: int, lo: float, hi: float
-) -> RankGoodput:
-    mine = parts.get(rank) or RankParts.empty(rank)
-    return account(acc.decided[rank], mine, _cuts(acc.cuts, rank), lo, hi)
+    return [
+        run_figures(_shares(acc, parts, lambda a, b: excluded[a, b], lo, hi), acc.goodput.rank)
+        for (lo, hi), parts in zip(bounds, sums, strict=False)
+    ]

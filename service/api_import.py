@@ -10,25 +10,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import gc_pause
 from service import repository as repo
-from service import repository_rollups as rollups
 from service.db import session_scope
 from service.import_mgm import (
     ImportConflict,
     ImportTooLarge,
     Mapped,
     MgmFormatError,
-    StoredRun,
     check_stored,
     entry_errors,
     existing_run_warning,
     map_log,
 )
-from service.models import Attempt, CheckpointCommit, Run, Span, Step
 from service.schemas import BODY_ERRORS, ImportConflictError, error_response, errors
 
 router = APIRouter(prefix="/api/v1")
@@ -160,7 +156,7 @@ def _import(body: bytes, run_name: str | None, factory: sessionmaker[Session]) -
     with gc_pause.paused():  # as for /ingest: a log holds many records until stored
         mapped: Mapped = map_log(_decode(body), run_name)
         with session_scope(factory) as session:
-            existing = _stored_run(session, mapped.run_id)
+            existing = repo.stored_for_import(session, mapped.run_id)
             check_stored(mapped, existing)  # raises ImportConflict: nothing is stored
             try:
                 stored = repo.ingest(session, mapped.records)
@@ -179,70 +175,4 @@ def _import(body: bytes, run_name: str | None, factory: sessionmaker[Session]) -
         ignored=mapped.ignored,
         warnings=warnings,
         existing_run=existing is not None,
-    )
-
-
-def _stored_run(session: Session, run_id: str) -> StoredRun | None:
-    """What the run holds already, to check the import against (one query per table), or
-    None when it is not stored. The run is locked before the first read, as ingest locks
-    it, so what is read here still holds when the import is stored."""
-    rollups.lock_runs(session, [run_id])
-    run = session.execute(select(Run.name, Run.declared).where(Run.run_id == run_id)).first()
-    if run is None:
-        return None
-    starts: dict[tuple[Any, ...], dict[str, Any]] = {}
-    ends: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for a in session.execute(
-        select(
-            Attempt.attempt,
-            Attempt.rank,
-            Attempt.start,
-            Attempt.start_declared,
-            Attempt.end,
-            Attempt.status,
-            Attempt.cause,
-        ).where(Attempt.run_id == run_id)
-    ):
-        if a.start_declared:  # else a placeholder start, from a record that came first
-            starts[(a.attempt, a.rank)] = {"start": a.start}
-        if a.end is not None:  # an open attempt may be ended by a longer log
-            ends[(a.attempt, a.rank)] = {"end": a.end, "status": a.status, "cause": a.cause}
-    steps = session.execute(
-        select(Step.attempt, Step.rank, Step.step, Step.start, Step.end).where(
-            Step.run_id == run_id
-        )
-    )
-    spans = session.execute(
-        select(Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped).where(
-            Span.run_id == run_id
-        )
-    )
-    commits = session.execute(
-        select(
-            CheckpointCommit.attempt,
-            CheckpointCommit.rank,
-            CheckpointCommit.step,
-            CheckpointCommit.time,
-            CheckpointCommit.ok,
-        ).where(CheckpointCommit.run_id == run_id)
-    )
-    return StoredRun(
-        run_id=run_id,
-        name=run.name,
-        declared=bool(run.declared),
-        rows={
-            "attempt_start": starts,
-            "attempt_end": ends,
-            "step": {(r.attempt, r.rank, r.step): {"start": r.start, "end": r.end} for r in steps},
-            "span": {
-                (r.attempt, r.rank, r.category, r.start): {
-                    "end": r.end,
-                    "overlapped": bool(r.overlapped),
-                }
-                for r in spans
-            },
-            "checkpoint": {
-                (r.attempt, r.rank, r.step): {"time": r.time, "ok": bool(r.ok)} for r in commits
-            },
-        },
     )

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session, aliased
 from service import repository_bulk as bulk
 from service import repository_rollups as rollups
 from service.goodput import STALL_INTERVALS, CheckpointIn, GoodputInputs, SpanIn, StepIn
+from service.import_mgm import StoredRun
 from service.models import (
     ROLLUP_LEVELS,
     Attempt,
@@ -586,39 +587,9 @@ def _overlapping_steps(session: Session, steps: list[tuple[int, Any]]) -> list[d
 def _stored_steps_near(
     session: Session, run_id: str, rank: int, lo: float, hi: float
 ) -> list[tuple[float, float, int, int]]:
-    """(start, end, attempt, step) of the rank's stored steps that overlap (lo, hi): the fine
-    blocks that do through ix_step_blocks_last_end, then their steps through the key."""
-    level = ROLLUP_LEVELS[0]
-    blocks = session.execute(
-        select(StepBlock.attempt, StepBlock.block).where(
-            StepBlock.run_id == run_id,
-            StepBlock.rank == rank,
-            StepBlock.level == level,
-            StepBlock.last_end > lo,
-            StepBlock.first_start < hi,
-        )
-    ).all()
-    if not blocks:
-        return []
-    ranges: list[tuple[int, int, int]] = []  # attempt, first block, last block
-    for attempt, block in sorted(blocks):
-        if ranges and ranges[-1][0] == attempt and ranges[-1][2] == block - 1:
-            ranges[-1] = (attempt, ranges[-1][1], block)
-        else:
-            ranges.append((attempt, block, block))
-    stmt = select(Step.start, Step.end, Step.attempt, Step.step).where(
-        Step.run_id == run_id,
-        Step.rank == rank,
-        or_(
-            *(
-                and_(Step.attempt == a, Step.step >= b0 * level, Step.step < (b1 + 1) * level)
-                for a, b0, b1 in ranges
-            )
-        ),
-        Step.end > lo,
-        Step.start < hi,
-    )
-    return [tuple(row) for row in session.execute(stmt)]
+    """(start, end, attempt, step) of the rank's stored steps that overlap (lo, hi)."""
+    rows = rollups.steps_overlapping(session, run_id, rank, lo, hi)
+    return [(r.start, r.end, r.attempt, r.step) for r in rows]
 
 
 def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: list[Any]) -> int:
@@ -1458,3 +1429,69 @@ def export_page(
     n = len(spec.key)
     rows = [tuple(r[n:]) for r in result]
     return ExportPage(rows, tuple(result[-1][:n]) if result else None)
+
+
+def stored_for_import(session: Session, run_id: str) -> StoredRun | None:
+    """What a run holds already, to check an ml-goodput import against (one query per
+    table), or None when it is not stored. The run is locked before the first read, as
+    ingest locks it, so what is read here still holds when the import is stored."""
+    rollups.lock_runs(session, [run_id])
+    run = session.execute(select(Run.name, Run.declared).where(Run.run_id == run_id)).first()
+    if run is None:
+        return None
+    starts: dict[tuple[Any, ...], dict[str, Any]] = {}
+    ends: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for a in session.execute(
+        select(
+            Attempt.attempt,
+            Attempt.rank,
+            Attempt.start,
+            Attempt.start_declared,
+            Attempt.end,
+            Attempt.status,
+            Attempt.cause,
+        ).where(Attempt.run_id == run_id)
+    ):
+        if a.start_declared:  # else a placeholder start, from a record that came first
+            starts[(a.attempt, a.rank)] = {"start": a.start}
+        if a.end is not None:  # an open attempt may be ended by a longer log
+            ends[(a.attempt, a.rank)] = {"end": a.end, "status": a.status, "cause": a.cause}
+    steps = session.execute(
+        select(Step.attempt, Step.rank, Step.step, Step.start, Step.end).where(
+            Step.run_id == run_id
+        )
+    )
+    spans = session.execute(
+        select(Span.attempt, Span.rank, Span.category, Span.start, Span.end, Span.overlapped).where(
+            Span.run_id == run_id
+        )
+    )
+    commits = session.execute(
+        select(
+            CheckpointCommit.attempt,
+            CheckpointCommit.rank,
+            CheckpointCommit.step,
+            CheckpointCommit.time,
+            CheckpointCommit.ok,
+        ).where(CheckpointCommit.run_id == run_id)
+    )
+    return StoredRun(
+        run_id=run_id,
+        name=run.name,
+        declared=bool(run.declared),
+        rows={
+            "attempt_start": starts,
+            "attempt_end": ends,
+            "step": {(r.attempt, r.rank, r.step): {"start": r.start, "end": r.end} for r in steps},
+            "span": {
+                (r.attempt, r.rank, r.category, r.start): {
+                    "end": r.end,
+                    "overlapped": bool(r.overlapped),
+                }
+                for r in spans
+            },
+            "checkpoint": {
+                (r.attempt, r.rank, r.step): {"time": r.time, "ok": bool(r.ok)} for r in commits
+            },
+        },
+    )

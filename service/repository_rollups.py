@@ -634,8 +634,12 @@ def block_stored_steps(session: Session, spans: Sequence[Any]) -> None:
         _block_stored_steps(session, run_id, rank, mine)
 
 
-def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[Any]) -> None:
-    lo, hi = min(s.start for s in spans), max(s.end for s in spans)
+def steps_overlapping(
+    session: Session, run_id: str, rank: int, lo: float, hi: float, *extra: Any
+) -> list[Any]:
+    """The rank's stored steps (any attempt) that overlap (lo, hi), as rows of attempt,
+    step, start, end and the `extra` columns: found through the fine blocks whose time span
+    meets the interval (ix_step_blocks_last_end), then by key, a run of blocks at a time."""
     candidates = session.execute(
         select(StepBlock.attempt, StepBlock.block).where(
             StepBlock.run_id == run_id,
@@ -645,13 +649,10 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
             StepBlock.first_start < hi,
         )
     ).all()
-    if not candidates:
-        return
-    new = [SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False) for s in spans]
-    touched: list[tuple[int, int, float, float, float]] = []  # attempt, step, start, end, old
+    out: list[Any] = []
     for attempt, blocks in _group(candidates, lambda c: c.attempt).items():
         for first, last in _runs(sorted(c.block for c in blocks)):
-            stmt = select(Step.step, Step.start, Step.end, Step.blocked_s).where(
+            stmt = select(Step.attempt, Step.step, Step.start, Step.end, *extra).where(
                 Step.run_id == run_id,
                 Step.attempt == attempt,
                 Step.rank == rank,
@@ -659,9 +660,22 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[An
                 Step.start < hi,
                 Step.end > lo,
             )
-            rows = _rows(session, stmt).all()
-            hit = SpanIndex(new).overlaps([(r.start, r.end) for r in rows])
-            touched += [(attempt, *r) for r, x in zip(rows, hit, strict=True) if x > 0]
+            out += _rows(session, stmt).all()
+    return out
+
+
+def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[Any]) -> None:
+    lo, hi = min(s.start for s in spans), max(s.end for s in spans)
+    rows = steps_overlapping(session, run_id, rank, lo, hi, Step.blocked_s)
+    if not rows:
+        return
+    new = [SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False) for s in spans]
+    hit = SpanIndex(new).overlaps([(r.start, r.end) for r in rows])
+    touched: list[tuple[int, int, float, float, float]] = [  # attempt, step, start, end, old
+        (r.attempt, r.step, r.start, r.end, r.blocked_s)
+        for r, x in zip(rows, hit, strict=True)
+        if x > 0
+    ]
     if not touched:
         return
     reach = (min(t[2] for t in touched), max(t[3] for t in touched))

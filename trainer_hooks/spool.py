@@ -100,12 +100,7 @@ def read_frames(data: bytes, offset: int, max_records: int) -> ReadResult:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write_bytes(path, text.encode())
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
