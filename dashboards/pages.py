@@ -24,8 +24,13 @@ def environment() -> Environment:
     )
 
 
-def goodput_page(run: Mapping[str, Any] | None, runs: Sequence[Mapping[str, Any]]) -> str:
-    """The goodput dashboard for `run` (None: no runs yet), with a picker over `runs`."""
+def goodput_page(
+    run: Mapping[str, Any] | None,
+    runs: Sequence[Mapping[str, Any]],
+    server: str = "http://127.0.0.1:8787",
+) -> str:
+    """The goodput dashboard for `run` (None: no runs yet, and how to start one against
+    `server`, this service's address), with a picker over `runs`."""
     return (
         environment()
         .get_template("goodput.html")
@@ -36,5 +41,6 @@ def goodput_page(run: Mapping[str, Any] | None, runs: Sequence[Mapping[str, Any]
             run_status=run.get("status", "") if run else "",
             runs=runs,
             plotly_js=PLOTLY_JS_URL,
+            server=server,
         )
     )

@@ -7,7 +7,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from plotly.utils import PlotlyJSONEncoder
 
@@ -37,7 +37,9 @@ def plotly_js() -> Response:
 
 @router.get("/dashboards/goodput", response_class=HTMLResponse, responses=errors(*RUN_ERRORS))
 def goodput_dashboard(
-    session: api.SessionDep, run_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None
+    request: Request,
+    session: api.SessionDep,
+    run_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> HTMLResponse:
     """Goodput dashboard of one run (the newest when none is named)."""
     runs = api.list_runs(session, name=None, project=None, limit=100, cursor=None).runs
@@ -45,7 +47,8 @@ def goodput_dashboard(
         run = runs[0].model_dump() if runs else None
     else:
         run = api.get_run(run_id, session).model_dump()
-    return HTMLResponse(goodput_page(run, [r.model_dump() for r in runs]))
+    server = str(request.base_url).rstrip("/")
+    return HTMLResponse(goodput_page(run, [r.model_dump() for r in runs], server))
 
 
 @router.get("/dashboards/goodput/data", responses=errors(*RUN_ERRORS))

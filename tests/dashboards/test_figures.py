@@ -67,6 +67,9 @@ def test_page_escapes_run_names() -> None:
 
 def test_page_without_runs_says_so() -> None:
     assert "no runs yet" in goodput_page(None, [])
+    page = goodput_page(None, [], "http://10.0.0.7:8787")
+    assert "goodput train --server http://10.0.0.7:8787" in page  # what to do, and where
+    assert 'id="step_time"' not in page and "<select" not in page  # no empty charts, no picker
 
 
 def test_page_attributes_and_picker_escape_what_a_run_holds() -> None:
