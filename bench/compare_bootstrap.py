@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service import compare as new  # noqa: E402
+from service.calc import compare as new  # noqa: E402
 
 
 def load_old(commit: str) -> ModuleType:

@@ -5,9 +5,9 @@
 
 The workload and its request bodies are bench/ingest.py's (part 1). Each round stores them
 into a fresh SQLite file the way `POST /api/v1/ingest` does (`parse_batch`: pydantic-core
-validates the body's bytes; then `repository.ingest` in one transaction per batch) and times
+validates the body's bytes; then `store.ingest.ingest` in one transaction per batch) and times
 the two parts. Rounds alternate between the cyclic garbage collector left running (default
-thresholds) and paused for each batch as the server pauses it (`service.gc_pause`), each
+thresholds) and paused for each batch as the server pauses it (`service.services.gc_pause`), each
 after `gc.freeze()` as the server does; the best round of each is printed, and the last line
 is `ingest_inprocess: collector_steps_per_s=<x> paused_steps_per_s=<y> ratio=<y/x>`.
 """
@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ingest import Workload, our_batches, seeded_id  # noqa: E402
 
-from service import gc_pause  # noqa: E402
-from service import repository as repo  # noqa: E402
-from service.api import parse_batch  # noqa: E402
 from service.app import create_app  # noqa: E402
-from service.db import session_scope  # noqa: E402
+from service.services import gc_pause  # noqa: E402
+from service.services.ingest import parse_batch  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.store import ingest as repo  # noqa: E402
+from service.store.db import session_scope  # noqa: E402
 
 
 class Round(NamedTuple):
@@ -55,7 +55,7 @@ class Round(NamedTuple):
 
 
 def one_batch(app: Any, body: bytes) -> tuple[float, float]:
-    """service.api.store_body, timed in its two parts."""
+    """service.services.ingest.store_body, timed in its two parts."""
     t0 = time.perf_counter()
     batch = parse_batch(body)
     t1 = time.perf_counter()

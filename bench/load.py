@@ -669,9 +669,9 @@ def lock_hold(db_url: str, batches: int = 60, warmup: int = 10) -> tuple[float, 
     lock's hold (its first statement, which takes the lock, to the end of the commit)."""
     from sqlalchemy import event
 
-    from service import gc_pause
-    from service.api import store_body
-    from service.db import make_engine, make_sessionmaker, session_scope
+    from service.services import gc_pause
+    from service.services.ingest import store_body
+    from service.store.db import make_engine, make_sessionmaker, session_scope
 
     engine = make_engine(db_url)
     factory = make_sessionmaker(engine)

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as bench  # noqa: E402
 import query_before_after as qba  # noqa: E402
 
-from service import accounting  # noqa: E402
-from service import repository_rolling as rr  # noqa: E402
-from service import repository_windows as windows  # noqa: E402
-from service.db import make_engine, make_sessionmaker  # noqa: E402
-from service.goodput_window import rolling, run_extent  # noqa: E402
+from service.calc.goodput_window import rolling, run_extent  # noqa: E402
+from service.services import accounting  # noqa: E402
+from service.store.db import make_engine, make_sessionmaker  # noqa: E402
+from service.store.rollups import rolling as rr  # noqa: E402
+from service.store.rollups import windows  # noqa: E402
 
 PHASES = ("_edge_figures", "_blocked", "_span_sums", "_steps_of")
 
@@ -72,7 +72,7 @@ def main() -> None:
                 acc = accounting.whole_run(session, run_id)
                 bounds = rolling(run_extent(acc.goodput), args.window_s, args.window_s)
                 t, c = time.perf_counter(), time.process_time()
-                accounting.rolling(windows.WindowReader(session, run_id, acc), acc, bounds)
+                accounting.rolling(windows.WindowReader(session, run_id, acc.decided), acc, bounds)
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
             parts = ", ".join(f"{k} {v:.3f} s" for k, v in spent.items())
             print(

@@ -1,12 +1,12 @@
-"""Alembic environment, wired to the service's metadata. Used through `service.migrate`."""
+"""Alembic environment, wired to the service's metadata. Used through `service.store.migrate`."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from service.db import make_engine
-from service.models import Base
+from service.store.db import make_engine
+from service.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -86,7 +86,7 @@ def database_errors(db: str) -> Iterator[None]:
     from pydantic import ValidationError
     from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
-    from service.migrate import SchemaError
+    from service.store.migrate import SchemaError
 
     try:
         yield
@@ -117,7 +117,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _connect_error(db: str, exc: Exception) -> tuple[str, int]:
     """The message and exit status for a database that refused to open or answer."""
-    from service.db import is_sqlite
+    from service.store.db import is_sqlite
 
     where = shown_url(db)
     reason = _first_line(exc)
@@ -192,7 +192,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _check_workers(workers: int, db: str) -> None:
-    from service.db import is_sqlite
+    from service.store.db import is_sqlite
 
     if workers < 1:
         fail(f"--workers {workers}: give 1 or more")
@@ -352,7 +352,7 @@ def import_mgm(
 def db_upgrade(db: DbOption = DEFAULT_DATABASE_URL, revision: str = "head") -> None:
     """Run the Alembic migrations up to REVISION (default: head); at the head, also build the
     rollups of runs stored before they existed."""
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
     with database_errors(db):
         built = upgrade(db, revision)
@@ -368,26 +368,13 @@ def db_rebuild_rollups(
 ) -> None:
     """Recompute the rollups (step blocks, span totals, routing blocks) from the stored
     records: of one run, or of every run."""
-    from sqlalchemy.orm import Session
-
-    from service import repository_rollups as rollups
-    from service.db import make_engine
-    from service.migrate import check_schema
+    from service.store.migrate import rebuild_rollups
 
     with database_errors(db):
-        engine = make_engine(db)
         try:
-            check_schema(engine)
-            with Session(engine) as session, session.begin():
-                if run is None:
-                    count = rollups.rebuild_all(session)
-                elif session.get(rollups.Run, run) is None:
-                    fail(f"run {run!r} is not in the database at {shown_url(db)}")
-                else:
-                    rollups.rebuild_run(session, run)
-                    count = 1
-        finally:
-            engine.dispose()
+            count = rebuild_rollups(db, run)
+        except LookupError:
+            fail(f"run {run!r} is not in the database at {shown_url(db)}")
     console.print(f"rollups rebuilt for {count} run(s)")
 
 

@@ -279,6 +279,46 @@ class RoutingSeries(BaseModel):
 # -- errors: what every error response carries, for the routes' OpenAPI `responses` --
 
 
+class ImportResult(BaseModel):
+    inserted: int
+    duplicates: int
+    run_id: str
+    ignored: int
+    warnings: list[str]
+    existing_run: bool = Field(
+        False,
+        description="the run was already stored (this log, or a shorter one, imported "
+        "before): the import extended or repeated it, as its first warning says",
+    )
+
+
+class RatioRead(BaseModel):
+    value: float | None = Field(description="candidate / baseline, ratio of medians")
+    low: float | None = Field(description="95% bootstrap interval, low end")
+    high: float | None = Field(description="95% bootstrap interval, high end")
+
+
+class Pair(BaseModel):
+    baseline: Any
+    candidate: Any
+
+
+class CompareRead(BaseModel):
+    baseline: str
+    candidate: str
+    verdict: str = Field(description="keep, drop or inconclusive")
+    reasons: list[str]
+    step_time_ratio: RatioRead
+    tokens_per_s_ratio: RatioRead
+    steady_steps: Pair
+    goodput_fraction: Pair
+    badput_s: dict[str, Pair]
+    peak_memory_bytes: Pair
+    final_loss: Pair
+    lane_diff: dict[str, Pair]
+    knobs: list[str]
+
+
 class ErrorMessage(BaseModel):
     """An error told in one message."""
 
@@ -370,52 +410,3 @@ ERROR_MODELS: tuple[type[BaseModel], ...] = (
     ImportConflictError,
     CompareRefusal,
 )
-
-_DESCRIPTIONS: dict[int, str] = {
-    400: "the body is declared gzip (`Content-Encoding`) but is not valid gzip",
-    401: "a token is needed (`Authorization: Bearer <token>` or `X-Goodput-Token`)",
-    403: "the token was not accepted, or this route needs the write token",
-    404: "the run named (or the rank of the run) is not stored",
-    413: "the body is over the size limit (before or after gzip), which the message states",
-    415: "a Content-Type or Content-Encoding this route does not read",
-    422: "invalid parameters or body, each error naming its field (`field`); nothing of a "
-    "refused body is stored",
-    503: "the database is busy or unreachable: retry after `Retry-After` seconds",
-}
-_MODELS: dict[int, type[BaseModel]] = {422: FieldErrors}
-RETRY_AFTER_HEADER: dict[str, Any] = {
-    "Retry-After": {
-        "description": "seconds to wait before retrying",
-        "required": True,
-        "schema": {"type": "integer", "minimum": 0},
-    }
-}
-
-
-def error_response(
-    status: int, description: str | None = None, model: type[BaseModel] | None = None
-) -> dict[str, Any]:
-    """One documented error response: JSON of `model` (by default ErrorMessage, FieldErrors
-    for 422) under `#/components/schemas`, where app.py puts ERROR_MODELS."""
-    chosen = model or _MODELS.get(status, ErrorMessage)
-    ref = {"$ref": f"#/components/schemas/{chosen.__name__}"}
-    doc: dict[str, Any] = {
-        "description": description or _DESCRIPTIONS[status],
-        "content": {"application/json": {"schema": ref}},
-    }
-    if status == 503:
-        doc["headers"] = RETRY_AFTER_HEADER
-    return doc
-
-
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` of a route: each status with its usual description and model."""
-    return {s: error_response(s) for s in statuses}
-
-
-# Every route reading the database may answer 503 (busy, locked, unreachable), and every
-# route with parameters 422; a route reading one run 404 too.
-READ_ERRORS = (422, 503)
-RUN_ERRORS = (404, 422, 503)
-# Routes that read a body: 400 (bad gzip), 413 and 415 from app.BodyLimit and the route.
-BODY_ERRORS = (400, 413, 415, 422, 503)

@@ -16,7 +16,7 @@ _ORIGIN_RE = re.compile(r"^https?://[^/\s]+$")
 class DatabaseSettings(BaseSettings):
     """How long a request may wait on the database, and the connection pool: every wait is
     bounded, and one that runs out is a 503 with `Retry-After` (service/app.py), which
-    clients retry. service/db.py reads these from the environment when it builds an engine
+    clients retry. service/store/db.py reads these from the environment when it builds an engine
     and a sessionmaker for serving; `Settings` carries them too, to validate and document.
 
     Bounds, from the inside out: a statement waits for a row lock (the run's, which

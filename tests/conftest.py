@@ -74,7 +74,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def migrated_url(db_url: str) -> str:
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
     upgrade(db_url)
     return db_url

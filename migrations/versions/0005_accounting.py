@@ -12,7 +12,7 @@ span of their rank are flagged and charged by precedence (their span totals corr
 the blocked time of the steps they touch is measured again as the union of those spans (it
 was their sum), with the step blocks moved by the same amounts. The rollups of runs stored
 before 0004 are not made here (migrations import no service code): `goodput db upgrade`
-makes them once the schema is at its head (service/migrate.py), and `goodput db
+makes them once the schema is at its head (service/store/migrate.py), and `goodput db
 rebuild-rollups` on demand.
 """
 

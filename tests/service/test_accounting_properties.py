@@ -58,7 +58,7 @@ CATEGORIES = (
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
     schema = None
     if request.param == "sqlite":

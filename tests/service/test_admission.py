@@ -1,4 +1,4 @@
-"""A request waits a bounded time for a place in the app (service/admission.py): past the
+"""A request waits a bounded time for a place in the app (service/api/middleware.py): past the
 limit, 503 with Retry-After, and /healthz is never held."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.admission import AdmissionLimit
+from service.api.middleware import AdmissionLimit
 
 
 async def slow(_request: Request) -> JSONResponse:

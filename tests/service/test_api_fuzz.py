@@ -46,7 +46,7 @@ WRITE_TOKEN, READ_TOKEN = "fuzz-write-token", "fuzz-read-token"
 
 Rule = Callable[[dict[str, Any], Any], bool]  # (an error of the 422, the body sent)
 
-# Ingest refusals a schema cannot state (types of repository.IngestError, and pydantic's
+# Ingest refusals a schema cannot state (types of store.ingest.IngestError, and pydantic's
 # cross-field validators of trainer_hooks/records.py): an end before its start, a date past
 # the server's clock, timings that contradict stored records or the batch's other records.
 _INGEST_RULES = {

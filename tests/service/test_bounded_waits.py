@@ -71,7 +71,7 @@ def stored_steps(client: Any, run_id: str = "run-a") -> list[int]:
 def pg_url() -> Iterator[str]:
     if not postgres_reachable():
         pytest.skip(f"PostgreSQL not reachable at {postgres_base_url()}")
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
     url, schema = fresh_postgres_url()
     try:
@@ -130,10 +130,10 @@ def test_postgres_ingest_behind_a_held_run_lock_is_a_503_after_lock_timeout(
 
 class RankLock:
     """Another ingest writing rank `rank` of run `run_id`: it holds that rank's lock
-    (repository_rollups.lock_runs) until it commits."""
+    (rollups.lock_runs) until it commits."""
 
     def __init__(self, url: str, run_id: str, rank: int) -> None:
-        from service.repository_rollups import _lock_key
+        from service.store.rollups.core import _lock_key
 
         self.engine = create_engine(url)
         self.conn = self.engine.connect()
@@ -222,7 +222,7 @@ def test_the_sink_reads_the_503_as_retry_after_one_second(
 def test_postgres_bounds_are_set_on_served_sessions_only(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.db import make_engine, make_sessionmaker, session_scope
+    from service.store.db import make_engine, make_sessionmaker, session_scope
 
     monkeypatch.setenv("GOODPUT_PG_LOCK_TIMEOUT_MS", "1234")
     monkeypatch.setenv("GOODPUT_PG_STATEMENT_TIMEOUT_MS", "0")
@@ -278,7 +278,7 @@ def test_sqlite_ingest_behind_a_held_write_lock_is_a_503_after_busy_timeout(
 def test_sqlite_ingest_behind_a_writer_of_the_same_process_is_a_503_after_busy_timeout(
     tmp_path: Path,
 ) -> None:
-    """In one process, writers queue in the engine's WriteGate (service/db.py), not in
+    """In one process, writers queue in the engine's WriteGate (service/store/db.py), not in
     SQLite's busy handler: bounded by the busy timeout all the same."""
     from service.app import create_app
     from service.settings import Settings
@@ -329,7 +329,7 @@ def test_sqlite_reads_with_temporary_tables_pass_a_held_write_gate(tmp_path: Pat
 
 
 def test_the_write_gate_hands_over_in_arrival_order_and_bounds_the_wait() -> None:
-    from service.db import WriteGate
+    from service.store.db import WriteGate
 
     gate = WriteGate(timeout_s=5.0)
     assert gate.acquire("holder")
@@ -364,7 +364,7 @@ def test_the_write_gate_hands_over_in_arrival_order_and_bounds_the_wait() -> Non
 def test_sqlite_pool_settings_come_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.db import make_engine
+    from service.store.db import make_engine
 
     monkeypatch.setenv("GOODPUT_DB_POOL_SIZE", "3")
     monkeypatch.setenv("GOODPUT_DB_MAX_OVERFLOW", "0")

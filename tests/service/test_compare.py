@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from service.compare import (
+from service.calc.compare import (
     BOOTSTRAP_SAMPLES,
     RunFigures,
     bootstrap_ratio,

@@ -12,8 +12,8 @@ from tests import factories as f
 
 @pytest.fixture
 def cclient(app: Any, client: Any) -> Any:
-    from service.api_compare import router as compare_router
-    from service.api_receipts import router as receipts_router
+    from service.api.routes.compare import router as compare_router
+    from service.api.routes.receipts import router as receipts_router
 
     paths = {getattr(r, "path", "") for r in app.routes}
     for router in (receipts_router, compare_router):
@@ -102,9 +102,9 @@ def test_a_long_run_is_compared_on_its_newest_steps(
 ) -> None:
     """The bootstrap reads the newest COMPARE_STEPS steps of the last attempt: the baseline's
     early slow phase falls outside them, so the two runs compare as equal."""
-    from service import api_compare
+    from service.services import compare
 
-    monkeypatch.setattr(api_compare, "COMPARE_STEPS", 30)
+    monkeypatch.setattr(compare, "COMPARE_STEPS", 30)
     base = timed_run("base", 0.10, 1, steps=60, dispatch_requested="loop")
     shift = 0.0  # the first 30 steps twice as slow, the later ones moved after them
     for r in base:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.downsample import bucket_plan, minmax_keys, pick
+from service.calc.downsample import bucket_plan, minmax_keys, pick
 
 LEVELS = (64, 4096)
 

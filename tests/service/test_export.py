@@ -13,8 +13,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service import api_receipts
-from service import repository as repo
+from service.services import receipts
+from service.store import queries
 from tests import factories as f
 from tests.service.test_receipts import with_receipt_routes
 
@@ -45,14 +45,14 @@ def test_twelve_thousand_steps_stream_in_pages_and_parse_back(
     steps = [f.step(i, loss=-0.5 + i / 7, device_time_s=0.25 * (i % 3)) for i in range(12_000)]
     ingest(client, [f.run(), *steps])
     pages: list[int] = []
-    real_page = repo.export_page
+    real_page = queries.export_page
 
-    def counted(*args: Any) -> repo.ExportPage:
+    def counted(*args: Any) -> queries.ExportPage:
         page = real_page(*args)
         pages.append(len(page.rows))
         return page
 
-    monkeypatch.setattr(repo, "export_page", counted)
+    monkeypatch.setattr(queries, "export_page", counted)
     with client.stream("GET", URL, params={"what": "steps"}) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/csv")
@@ -78,7 +78,7 @@ def test_twelve_thousand_steps_stream_in_pages_and_parse_back(
 def test_the_generator_yields_the_header_then_one_chunk_per_page(app: FastAPI) -> None:
     client = TestClient(with_receipt_routes(app))
     ingest(client, [f.run(), *[f.step(i) for i in range(8)]])
-    chunks = api_receipts.csv_chunks(app.state.sessionmaker, "run-a", "steps", page_rows=4)
+    chunks = receipts.csv_chunks(app.state.sessionmaker, "run-a", "steps", page_rows=4)
     assert isinstance(chunks, Iterator)
     parts = list(chunks)
     assert len(parts) == 3 and parts[0].startswith("attempt,rank,step")
@@ -97,7 +97,7 @@ def test_keyset_pages_visit_every_row_once_across_attempts_ranks_and_ties(
         for t in (1.0, 1.0 + 1e-6, 2.0)
     ]
     ingest(client, [f.run(), *spans])
-    parts = list(api_receipts.csv_chunks(app.state.sessionmaker, "run-a", "spans", page_rows=5))
+    parts = list(receipts.csv_chunks(app.state.sessionmaker, "run-a", "spans", page_rows=5))
     rows = list(csv.DictReader(io.StringIO("".join(parts), newline="")))
     keys = [(int(r["attempt"]), int(r["rank"]), r["category"], float(r["start"])) for r in rows]
     assert keys == sorted({(s["attempt"], s["rank"], s["category"], s["start"]) for s in spans})

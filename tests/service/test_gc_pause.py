@@ -1,11 +1,11 @@
-"""service.gc_pause: the collector is paused while any batch is inside, and only then."""
+"""service.services.gc_pause: the collector is paused while any batch is inside, and only then."""
 
 from __future__ import annotations
 
 import gc
 import threading
 
-from service import gc_pause
+from service.services import gc_pause
 
 
 def test_pause_nests_across_threads_and_resumes_after_the_last() -> None:

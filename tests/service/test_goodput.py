@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from service import goodput_window
-from service.goodput import (
+from service.calc import goodput_window
+from service.calc.goodput import (
     AttemptIn,
     CheckpointIn,
     GoodputInputs,
@@ -186,7 +186,7 @@ def test_compile_is_inferred_from_the_first_steps_excess() -> None:
 
 
 def test_excluded_windows_leave_the_total_and_every_part() -> None:
-    from service.goodput import Interval
+    from service.calc.goodput import Interval
 
     inputs = GoodputInputs(
         [at(0, 20)],
@@ -272,7 +272,7 @@ def test_hooks_overhead_is_charged_as_observability() -> None:
 def test_span_index_sweep_measures_the_union_of_the_spans(seed: int) -> None:
     import random
 
-    from service.goodput import SpanIndex
+    from service.calc.goodput import SpanIndex
 
     def by_definition(a: float, b: float) -> float:  # a point-by-point union, on a grid
         cuts = sorted({a, b} | {min(max(x, a), b) for s in index.spans for x in (s.start, s.end)})

@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from service import goodput_window
-from service.goodput import AttemptIn, GoodputInputs, RunGoodput, SpanIn, StepIn
-from service.goodput_window import rolling, run_extent
+from service.calc import goodput_window
+from service.calc.goodput import AttemptIn, GoodputInputs, RunGoodput, SpanIn, StepIn
+from service.calc.goodput_window import rolling, run_extent
 from tests import factories as f
 
 T = 1_790_000_000.0

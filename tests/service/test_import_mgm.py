@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from service.import_mgm import (
+from service.importers.mgm import (
     ImportConflict,
     MgmFormatError,
     StoredRun,
@@ -438,7 +438,7 @@ def test_cli_imports_a_file_against_a_live_server(migrated_url: str, tmp_path: A
 def test_an_import_over_the_entry_cap_is_a_413_naming_it(
     client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.import_mgm as mgm
+    import service.importers.mgm as mgm
 
     monkeypatch.setattr(mgm, "MAX_IMPORT_ENTRIES", 10)
     body = lines([e(job_start_time=T0), *steps(0, *range(1, 12)), e(job_end_time=T0 + 20)])

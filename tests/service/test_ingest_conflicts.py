@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from service.db import session_scope
-from service.models import Attempt, CheckpointCommit, RoutingRow, Run, RunTag, Span, Step
+from service.store.db import session_scope
+from service.store.models import Attempt, CheckpointCommit, RoutingRow, Run, RunTag, Span, Step
 from tests import factories as f
 
 T0 = f.T0

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from service.db import make_engine, make_sessionmaker, session_scope
-from service.models import Attempt, Base, Run
+from service.store.db import make_engine, make_sessionmaker, session_scope
+from service.store.models import Attempt, Base, Run
 from tests import factories as f
 from tests.conftest import LiveServer
 

@@ -10,9 +10,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import repository as repo
-from service.db import session_scope
-from service.goodput_window import run_goodput
+from service.calc.goodput_window import run_goodput
+from service.store import ingest as repo
+from service.store import queries
+from service.store.db import session_scope
 from tests import factories as f
 from trainer_hooks.records import IngestBatch
 
@@ -95,7 +96,7 @@ def test_any_split_and_resend_stores_each_record_once_and_goodput_adds_up(
                 inserted += repo.ingest(session, part).inserted
     assert inserted == len(keys(batch))
     with session_scope(app.state.sessionmaker) as session:
-        inputs = repo.goodput_inputs(session, run_id)
+        inputs = queries.goodput_inputs(session, run_id)
         stored_steps = len(inputs.steps)
         g = run_goodput(inputs, time.time())
     assert stored_steps == sum(1 for r in batch if r["kind"] == "step")

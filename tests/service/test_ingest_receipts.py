@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.db import session_scope
-from service.models import Attempt, Observation, Profile, RoutingRow
-from service.routing_stats import routing_figures
+from service.calc.routing_stats import routing_figures
+from service.store.db import session_scope
+from service.store.models import Attempt, Observation, Profile, RoutingRow
 from tests import factories as f
 
 

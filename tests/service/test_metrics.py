@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.metrics import METRICS_RUNS
+from service.services.metrics import METRICS_RUNS
 from service.settings import Settings
 from tests import factories as f
 

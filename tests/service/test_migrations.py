@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from service.db import make_engine
-from service.migrate import (
+from service.store.db import make_engine
+from service.store.migrate import (
     SchemaError,
     check_schema,
     downgrade,
@@ -16,7 +16,7 @@ from service.migrate import (
     prepare_database,
     upgrade,
 )
-from service.models import Base
+from service.store.models import Base
 from tests import factories as f
 
 
@@ -95,8 +95,9 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
 def test_downgrade_and_upgrade_keep_the_data_of_tables_that_stay(db_url: str) -> None:
     """0003 -> 0001 -> head with a run in place: runs, attempts and steps survive (the
     columns and tables added after 0001 come back empty)."""
-    from service.db import make_sessionmaker, session_scope
-    from service.repository import ingest, list_runs
+    from service.store.db import make_sessionmaker, session_scope
+    from service.store.ingest import ingest
+    from service.store.queries import list_runs
     from trainer_hooks.records import IngestBatch
 
     upgrade(db_url)
@@ -111,7 +112,7 @@ def test_downgrade_and_upgrade_keep_the_data_of_tables_that_stay(db_url: str) ->
         assert [r.run_id for r in runs] == ["run-a"]
         steps = session.execute(text("SELECT count(*) FROM steps")).scalar()
         assert steps == 3
-        from service.repository import count_steps
+        from service.store.queries import count_steps
 
         assert count_steps(session, "run-a") == 3  # from the step blocks 0005 rebuilt
     engine.dispose()
@@ -123,9 +124,9 @@ def test_0005_flags_clashing_spans_and_measures_blocked_time_as_their_union(
     """A database at 0004 holds a step whose blocked time was the sum of two overlapping
     spans (as 0004's ingest stored it): the upgrade flags both spans and measures the step's
     blocked time, and its step blocks, again as the union."""
-    from service import accounting
-    from service.db import make_sessionmaker, session_scope
-    from service.repository import ingest
+    from service.services import accounting
+    from service.store.db import make_sessionmaker, session_scope
+    from service.store.ingest import ingest
     from trainer_hooks.records import IngestBatch
 
     upgrade(db_url)
@@ -191,7 +192,7 @@ def test_runs_stored_before_0004_get_their_rollups_from_goodput_db_upgrade(
     import subprocess
     import sys
 
-    from service.migrate import check_rollups
+    from service.store.migrate import check_rollups
 
     client.post("/api/v1/ingest", json={"records": f.full_run(steps=6)})
     before = client.get("/api/v1/runs/run-a/goodput").json()
@@ -203,7 +204,7 @@ def test_runs_stored_before_0004_get_their_rollups_from_goodput_db_upgrade(
     downgrade(migrated_url, "0003")
     from alembic import command
 
-    from service.migrate import alembic_config
+    from service.store.migrate import alembic_config
 
     command.upgrade(alembic_config(migrated_url), "head")  # Alembic alone: no rollups
     engine = make_engine(migrated_url)

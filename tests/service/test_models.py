@@ -1,10 +1,10 @@
-"""Column types of service/models.py."""
+"""Column types of service/store/models.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.models import PackedCounts
+from service.store.models import PackedCounts
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.goodput import StepIn
-from service.receipts import (
+from service.calc.goodput import StepIn
+from service.calc.receipts import (
     AttemptEndIn,
     ObservationIn,
     csv_cell,
@@ -38,7 +38,7 @@ RECEIPT_PATH = "/api/v1/runs/{run_id}/receipt"
 
 def with_receipt_routes(app: FastAPI) -> FastAPI:
     """Include the receipts router unless app.py already does."""
-    from service.api_receipts import router
+    from service.api.routes.receipts import router
 
     # FastAPI lists included routers lazily in app.routes: ask the OpenAPI document
     if RECEIPT_PATH not in app.openapi()["paths"]:

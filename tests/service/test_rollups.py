@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from service import repository as repo
-from service import repository_rollups as rollups
-from service.goodput_window import cut_steps, raw_disruptions, run_goodput
-from service.models import RoutingBlock, SpanTotal, Step, StepBlock
-from service.step_stats import raw_recent, step_figures
+from service.calc.goodput_window import cut_steps, raw_disruptions, run_goodput
+from service.calc.step_stats import raw_recent, step_figures
+from service.store import ingest as repo
+from service.store import queries
+from service.store.models import RoutingBlock, SpanTotal, Step, StepBlock
+from service.store.rollups import core as rollups
 from tests import factories as f
 
 
@@ -103,7 +104,7 @@ def test_goodput_from_rollups_equals_goodput_from_raw_rows(
     post_shuffled(client, random_run(seed, steps), seed)
     got = client.get("/api/v1/runs/run-a/goodput").json()
     with app.state.sessionmaker() as session:
-        inputs = repo.goodput_inputs(session, "run-a")
+        inputs = queries.goodput_inputs(session, "run-a")
     now = time.time()
     want = run_goodput(inputs, now)
     assert got["rank"] == want.rank
@@ -127,7 +128,7 @@ def test_goodput_from_rollups_equals_goodput_from_raw_rows(
     assert got["ideal_step_time_s"] == pytest.approx(fig.ideal_step_time_s)
     assert got["step_time_deviation_s"] == pytest.approx(fig.step_time_deviation_s)
     # The receipt's summary, from the rollups, against its definition on the raw steps.
-    from service.receipts import step_summary
+    from service.calc.receipts import step_summary
 
     throughput = client.get("/api/v1/runs/run-a/receipt").json()["summary"]["throughput"]
     want_steps = step_summary(inputs.steps)
@@ -174,8 +175,8 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
     client: Any, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rollups, "_KEYS_PER_QUERY", 700)  # kept rows fetched in several parts
-    from service.downsample import minmax_keys
-    from service.models import ROLLUP_LEVELS, RoutingRow
+    from service.calc.downsample import minmax_keys
+    from service.store.models import ROLLUP_LEVELS, RoutingRow
 
     rng = random.Random(4)
     records = random_run(4, 4500)
@@ -268,7 +269,7 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
 def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
     client: Any, app: Any, migrated_url: str
 ) -> None:
-    from service.migrate import downgrade, upgrade
+    from service.store.migrate import downgrade, upgrade
 
     routing = [f.routing(n, tokens_per_expert=[n + 20, 7, 2**40, 0]) for n in range(0, 300, 7)]
     post_shuffled(client, random_run(5, 300) + routing, 5)
@@ -293,7 +294,7 @@ def test_concurrent_ingests_of_one_rank_count_each_overlap_once(app: Any) -> Non
     small batches: every step's blocked time is still counted exactly once."""
     import threading
 
-    from service.db import session_scope
+    from service.store.db import session_scope
     from trainer_hooks.records import IngestBatch
 
     def post(records: list[dict[str, Any]]) -> None:
@@ -348,8 +349,8 @@ def test_a_key_sent_twice_in_one_batch_is_stored_once_with_its_first_record(
 def test_a_bulk_insert_of_a_stored_key_is_refused_not_counted_twice(app: Any) -> None:
     """An insert that finds a key taken raises (the caller then rolls back), rather than
     let the rollups count a row that was not inserted."""
-    from service import repository_bulk as bulk
-    from service.db import session_scope
+    from service.store import bulk
+    from service.store.db import session_scope
     from trainer_hooks.records import IngestBatch
 
     records = IngestBatch.model_validate(
@@ -408,14 +409,14 @@ def assert_goodput_equal(got: dict[str, Any], want: Any, where: Any) -> None:
 def test_a_window_summed_by_the_database_equals_clipping_every_record(
     client: Any, app: Any
 ) -> None:
-    """The goodput of [start, end] (repository_windows: rollups and SQL sums) against its
+    """The goodput of [start, end] (store/rollups/windows.py: rollups and SQL sums) against its
     definition, every record of the run clipped to the window and accounted in Python: whole
     and tiny windows, a window of spans alone, windows that cut steps, spans and the crash,
     and windows outside."""
     post_shuffled(client, random_run(5, 700), 5)
     rng = random.Random(5)
     with app.state.sessionmaker() as session:
-        full = repo.goodput_inputs(session, "run-a")
+        full = queries.goodput_inputs(session, "run-a")
     first = min(a.start for a in full.attempts)
     last = max(s.end for s in full.steps)
     windows = [(first - 5.0, last + 5.0), (first + 3.0, first + 3.2), (first - 9.0, first - 1.0)]
@@ -450,11 +451,11 @@ def test_rolling_windows_equal_clipping_every_record(
     client: Any, app: Any, window_s: float, step_s: float | None
 ) -> None:
     """Back to back, overlapping and sparse windows, each against its definition."""
-    from service.goodput_window import rolling, run_extent
+    from service.calc.goodput_window import rolling, run_extent
 
     post_shuffled(client, random_run(6, 500), 6)
     with app.state.sessionmaker() as session:
-        full = repo.goodput_inputs(session, "run-a")
+        full = queries.goodput_inputs(session, "run-a")
     params = {"window_s": window_s} | ({"step_s": step_s} if step_s else {})
     body = client.get("/api/v1/runs/run-a/goodput/rolling", params=params).json()
     now = time.time()
@@ -498,14 +499,14 @@ def edge_run() -> tuple[list[dict[str, Any]], float]:
 def test_rolling_windows_with_records_on_their_edges(
     client: Any, app: Any, window_s: float, step_s: float | None
 ) -> None:
-    """Rolling windows summed incrementally (repository_rolling) against their definition,
+    """Rolling windows summed incrementally (store/rollups/rolling.py) against their definition,
     where steps and spans sit exactly on, across and between the windows' edges."""
-    from service.goodput_window import rolling, run_extent
+    from service.calc.goodput_window import rolling, run_extent
 
     records, _ = edge_run()
     post_shuffled(client, records, 7)
     with app.state.sessionmaker() as session:
-        full = repo.goodput_inputs(session, "run-a")
+        full = queries.goodput_inputs(session, "run-a")
     params = {"window_s": window_s} | ({"step_s": step_s} if step_s else {})
     body = client.get("/api/v1/runs/run-a/goodput/rolling", params=params).json()
     now = time.time()

@@ -85,7 +85,7 @@ def test_goodput_endpoint_parts_add_up_to_total(client: Any) -> None:
 
 
 def test_healthz_reports_the_schema_revision(client: Any) -> None:
-    from service.migrate import head_revision
+    from service.store.migrate import head_revision
 
     body = client.get("/healthz").json()
     assert body["status"] == "ok" and body["revision"] == head_revision()

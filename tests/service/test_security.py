@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from starlette.routing import Mount
 
+from service.api.security import COOKIE_NAME
 from service.app import create_app
-from service.security import COOKIE_NAME
 from service.settings import Settings
 from tests import factories as f
 from tests.conftest import free_port, wait_http

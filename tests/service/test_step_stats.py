@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.goodput import AttemptIn, CheckpointIn, GoodputInputs, StepIn
-from service.goodput_window import raw_disruptions
-from service.step_stats import ideal_step_time, step_time_deviation, stragglers
+from service.calc.goodput import AttemptIn, CheckpointIn, GoodputInputs, StepIn
+from service.calc.goodput_window import raw_disruptions
+from service.calc.step_stats import ideal_step_time, step_time_deviation, stragglers
 
 T = 1_790_000_000.0
 

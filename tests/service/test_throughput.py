@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from service.goodput import StepIn
-from service.throughput import peak_of, step_rates
+from service.calc.goodput import StepIn
+from service.calc.throughput import peak_of, step_rates
 from tests import factories as f
 
 

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from service.import_mgm import run_id_of
+from service.importers.mgm import run_id_of
 from trainer_hooks.records import (
     BADPUT_CATEGORIES,
     MAX_COUNT,

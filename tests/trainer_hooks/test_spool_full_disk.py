@@ -48,7 +48,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    from service.migrate import prepare_database
+    from service.store.migrate import prepare_database
 
     url = f"sqlite:///{tmp_path / 'goodput.db'}"
     prepare_database(url).dispose()

@@ -1,0 +1,1 @@
+"""Pure calculators: data in, data out. No SQLAlchemy, no FastAPI, no callbacks that query."""

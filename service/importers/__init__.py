@@ -1,0 +1,1 @@
+"""Parsers of other tools' records (ml-goodput-measurement), to what the store keeps."""

@@ -1,0 +1,135 @@
+"""Bulk writes of the tables with a row per step (steps, spans, routing): part of the
+store, so callers pass a Session and nothing here commits.
+
+A batch of 10,000 records spends most of its time in per-row work, so these rows go to the
+driver as plain values, a few hundred rows per INSERT (multi-row VALUES, in SQL built once
+per table, dialect and row count), without SQLAlchemy's per-row parameter processing (the
+one typed column among them, the packed routing histograms, is packed by the caller).
+
+Every insert says ON CONFLICT DO NOTHING and checks its row count: a row whose key was taken
+raises AlreadyStored, so a caller that stored a batch as all new rolls it back
+(store/ingest.py, _store_per_step) and stores it again with the new keys found first by
+`probe_new`, which probes them in the primary key a few hundred at a time and reads, in the
+same query, the stored columns the caller compares a re-sent record with (a conflicting
+re-send is refused: issue 12). A key seen twice in one batch keeps its first record, as ON
+CONFLICT DO NOTHING would, and the later one is compared with it. Callers hold the lock
+of each run and rank they write (rollups.lock_runs; every key here holds its
+rank): no other ingest can store a key between the probe and the insert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from itertools import chain
+from operator import attrgetter
+from typing import Any
+
+from sqlalchemy import Dialect, Table
+from sqlalchemy.orm import Session
+
+PROBE_CHUNK = 400  # keys per probe
+INSERT_ROWS = 200  # rows per INSERT: one statement's VALUES list, bound at once
+MAX_PARAMETERS = 32_000  # per statement: SQLite allows 32,766, PostgreSQL 65,535
+
+
+def _placeholder(dialect: Dialect) -> str:
+    return "?" if dialect.paramstyle == "qmark" else "%s"
+
+
+def _quoted(dialect: Dialect, names: Sequence[str]) -> list[str]:
+    return [dialect.identifier_preparer.quote(n) for n in names]
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(dialect: Dialect, table: Table, columns: tuple[str, ...], n: int) -> str:
+    """INSERT of `n` rows in one statement (multi-row VALUES)."""
+    name = dialect.identifier_preparer.format_table(table)
+    cols = ", ".join(_quoted(dialect, columns))
+    row = "(" + ", ".join([_placeholder(dialect)] * len(columns)) + ")"
+    return f"INSERT INTO {name} ({cols}) VALUES {', '.join([row] * n)} ON CONFLICT DO NOTHING"
+
+
+@lru_cache(maxsize=64)
+def _probe_sql(
+    dialect: Dialect, table: Table, prefix: tuple[str, ...], probe: str, columns: tuple[str, ...]
+) -> str:
+    mark = _placeholder(dialect)
+    where = [f"{c} = {mark}" for c in _quoted(dialect, prefix)]
+    (col,) = _quoted(dialect, [probe])
+    where.append(f"{col} IN ({', '.join([mark] * PROBE_CHUNK)})")
+    name = dialect.identifier_preparer.format_table(table)
+    selected = ", ".join(_quoted(dialect, [probe, *columns]))
+    return f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
+
+
+class AlreadyStored(RuntimeError):
+    """An insert found some of its rows' keys taken."""
+
+
+def insert_rows(
+    session: Session, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    """INSERT rows (tuples in the order of `columns`) taken to be new, up to INSERT_ROWS per
+    statement; AlreadyStored (and nothing inserted, once the caller rolls back) if any was
+    not."""
+    if not rows:
+        return
+    conn = session.connection()
+    per = max(1, min(INSERT_ROWS, MAX_PARAMETERS // len(columns)))
+    done = 0
+    for i in range(0, len(rows), per):
+        part = rows[i : i + per]
+        sql = _insert_sql(conn.dialect, table, columns, len(part))
+        done += conn.exec_driver_sql(sql, tuple(chain.from_iterable(part))).rowcount
+    if done != len(rows):
+        raise AlreadyStored(f"{table.name}: {len(rows) - done} of {len(rows)} rows were stored")
+
+
+def keep_new(
+    session: Session, table: Table, prefix: tuple[str, ...], probe: str, records: Sequence[Any]
+) -> list[Any]:
+    """The records whose natural key (attributes named like the key's columns: `prefix`,
+    then `probe`) is neither stored nor taken by an earlier record of `records`."""
+    return probe_new(session, table, prefix, probe, records)[0]
+
+
+def probe_new(
+    session: Session,
+    table: Table,
+    prefix: tuple[str, ...],
+    probe: str,
+    records: Sequence[Any],
+    columns: tuple[str, ...] = (),
+) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """`keep_new`'s records; and each other record paired with what holds its key: the
+    stored row's `columns` (a tuple, read by the probe itself) or the batch's earlier
+    record."""
+    if not records:
+        return [], []
+    conn = session.connection()
+    of_prefix, of_probe = attrgetter(*prefix), attrgetter(probe)
+    groups: dict[Any, list[Any]] = {}
+    for r in records:
+        groups.setdefault(of_prefix(r), []).append(r)
+    out: list[Any] = []
+    seen: list[tuple[Any, Any]] = []
+    sql = _probe_sql(conn.dialect, table, prefix, probe, columns)
+    for key, group in groups.items():
+        key = key if len(prefix) > 1 else (key,)
+        wanted = list(dict.fromkeys(of_probe(r) for r in group))
+        taken: dict[Any, Any] = {}
+        for i in range(0, len(wanted), PROBE_CHUNK):
+            chunk = wanted[i : i + PROBE_CHUNK]
+            chunk += [chunk[-1]] * (PROBE_CHUNK - len(chunk))  # one statement text per table
+            taken.update(
+                (row[0], tuple(row[1:])) for row in conn.exec_driver_sql(sql, (*key, *chunk))
+            )
+        for r in group:
+            v = of_probe(r)
+            if v in taken:
+                seen.append((r, taken[v]))
+            else:
+                taken[v] = r
+                out.append(r)
+    return out, seen
