@@ -138,7 +138,7 @@ def ours(
 
     def layer(x_TD: torch.Tensor) -> torch.Tensor:
         routing = router(x_TD)
-        return dispatcher(x_TD, routing, experts)
+        return dispatcher(x_TD, routing, experts.w13, experts.w2)
 
     layer.dispatcher = dispatcher  # type: ignore[attr-defined]
     layer.router = router  # type: ignore[attr-defined]

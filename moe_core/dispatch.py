@@ -1,6 +1,8 @@
 """Dispatch backends: send each kept choice to its routed expert and combine the outputs.
 
-Every backend maps ``(x_TD, routing, experts) -> routed_TD`` and computes the same function:
+Every backend maps ``(x_TD, routing, w13_EDF, w2_EHD) -> routed_TD``, the experts given as their
+stacked weights (``RoutedExperts.w13`` and ``.w2``, ``moe_core.experts``), and computes one
+function:
 ``routed[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` over the choices that run an
 expert (kept by capacity and not on the null slot). Dropped and null-slot choices add nothing,
 and their weights are not renormalized away (Switch/Megatron semantics).
@@ -22,6 +24,7 @@ Shape legend:
     H  expert hidden width
     E  routed experts
     G  sort groups: the E experts, then one group (index E) for rows that run no expert
+    F  gate and up widths together (2H): ``w13`` is [gate | up]
     K  choices per token (top_k)
     A  assignments (T * K), sorted by group unless named ``_TK``
     C  padded rows per expert (C_pad)
@@ -34,7 +37,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import compute_dtype, grouped_mm_unavailable_reason
 from moe_core.router import Routing, rank_in_group
 from moe_core.row_ops import CombineRows, GatherTokenRows, swiglu
@@ -96,21 +98,23 @@ def combine(y_AD: Tensor, sorted_: SortedAssignments, num_tokens: int) -> Tensor
     return out_TD.index_add(0, sorted_.token_ids_A, weighted_AD)
 
 
-def loop_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+def loop_dispatch(x_TD: Tensor, routing: Routing, w13_EDF: Tensor, w2_EHD: Tensor) -> Tensor:
     """Reference backend: one matmul chain per expert over its contiguous sorted rows."""
     sorted_ = sort_assignments(routing)
     # Slicing needs the segment sizes on the host: a device sync, fine for the reference.
     rows_per_group = sorted_.rows_per_group_G.tolist()
     running = sorted_.head(sum(rows_per_group[:-1]))
     x_AD = x_TD.index_select(0, running.token_ids_A)
-    y_AD = loop_experts(x_AD, rows_per_group[:-1], experts)
+    y_AD = loop_experts(x_AD, rows_per_group[:-1], w13_EDF, w2_EHD)
     return combine(y_AD, running, num_tokens=x_TD.shape[0])
 
 
-def loop_experts(x_AD: Tensor, rows_per_expert: list[int], experts: RoutedExperts) -> Tensor:
+def loop_experts(
+    x_AD: Tensor, rows_per_expert: list[int], w13_EDF: Tensor, w2_EHD: Tensor
+) -> Tensor:
     """Expert e on its contiguous segment of ``rows_per_expert[e]`` rows, segments in order."""
     chunks = torch.split(x_AD, rows_per_expert, dim=0)
-    return torch.cat([experts.forward_expert(e, chunk) for e, chunk in enumerate(chunks)])
+    return torch.cat([swiglu(chunk @ w13_EDF[e]) @ w2_EHD[e] for e, chunk in enumerate(chunks)])
 
 
 def gather_sorted_rows(
@@ -138,7 +142,7 @@ def combine_by_token(y_AD: Tensor, sorted_: SortedAssignments, routing: Routing)
     return CombineRows.apply(y_AD, weights_TK, sorted_.row_of_choice_A, sorted_.order_A)
 
 
-def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+def grouped_dispatch(x_TD: Tensor, routing: Routing, w13_EDF: Tensor, w2_EHD: Tensor) -> Tensor:
     """``torch._grouped_mm`` over all T*K rows; offsets stay on the device (no host sync).
 
     Rows past the last offset (dropped, null slot) are left unwritten by the op: their
@@ -149,7 +153,7 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> 
     sorted_ = sort_assignments(routing)
     x_AD = gather_sorted_rows(x_TD, sorted_, routing, compute_dtype(x_TD))
     offsets_E = sorted_.rows_per_group_G[:-1].cumsum(0).to(torch.int32)
-    y_AD = grouped_experts(x_AD, offsets_E, experts)
+    y_AD = grouped_experts(x_AD, offsets_E, w13_EDF, w2_EHD)
     return combine_by_token(y_AD, sorted_, routing)
 
 
@@ -158,13 +162,13 @@ def every_choice_runs(routing: Routing) -> bool:
     return routing.capacity is None and routing.scores.shape[-1] == routing.num_experts
 
 
-def grouped_experts(x_AD: Tensor, offsets_E: Tensor, experts: RoutedExperts) -> Tensor:
+def grouped_experts(x_AD: Tensor, offsets_E: Tensor, w13_EDF: Tensor, w2_EHD: Tensor) -> Tensor:
     """SwiGLU of every expert over its segment ending at ``offsets_E`` (int32, on the device).
 
     ``x_AD`` must already be in the compute dtype; rows past the last offset come back as
     garbage. The op's backward fails on zero rows (torch 2.13), so callers keep A > 0.
     """
-    w13, w2 = (w.to(x_AD.dtype) for w in (experts.w13, experts.w2))
+    w13, w2 = (w.to(x_AD.dtype) for w in (w13_EDF, w2_EHD))
     h_AH = swiglu(torch._grouped_mm(x_AD, w13, offs=offsets_E))  # gate and up in one GEMM
     return torch._grouped_mm(h_AH, w2, offs=offsets_E)
 
@@ -183,7 +187,7 @@ def padded_capacity(num_tokens: int, capacity: int | None) -> int:
     return min(-(-bound // step) * step, num_tokens)
 
 
-def padded_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
+def padded_dispatch(x_TD: Tensor, routing: Routing, w13_EDF: Tensor, w2_EHD: Tensor) -> Tensor:
     """Scatter rows into ``[E, C_pad, D]``, one ``bmm`` per weight, gather back. No host sync.
 
     With no capacity C_pad = T, so the buffers are ``E * T`` rows instead of ``T * K``:
@@ -191,7 +195,7 @@ def padded_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> T
     """
     sorted_ = sort_assignments(routing)
     num_tokens, width = x_TD.shape
-    num_experts, c_pad = experts.num_experts, padded_capacity(num_tokens, routing.capacity)
+    num_experts, c_pad = w13_EDF.shape[0], padded_capacity(num_tokens, routing.capacity)
     slots_A = _padded_slots(sorted_, num_experts, c_pad)
     trash = num_experts * c_pad  # one spare slot that every non-running row points at
     # Token feeding each slot; empty slots read row T, a zero row appended to x.
@@ -199,7 +203,7 @@ def padded_dispatch(x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> T
     slot_tokens_C = slot_tokens_C.scatter_(0, slots_A, sorted_.token_ids_A)[:trash]
     x_pad_TD = torch.cat([x_TD, x_TD.new_zeros(1, width)])
     x_ECD = x_pad_TD.index_select(0, slot_tokens_C).view(num_experts, c_pad, width)
-    y_ECD = torch.bmm(swiglu(torch.bmm(x_ECD, experts.w13)), experts.w2)
+    y_ECD = torch.bmm(swiglu(torch.bmm(x_ECD, w13_EDF)), w2_EHD)
     y_flat_CD = torch.cat([y_ECD.reshape(trash, -1), y_ECD.new_zeros(1, y_ECD.shape[-1])])
     return combine(y_flat_CD.index_select(0, slots_A), sorted_, num_tokens=num_tokens)
 
@@ -213,6 +217,11 @@ def _padded_slots(sorted_: SortedAssignments, num_experts: int, c_pad: int) -> T
     # keeps an inconsistent Routing from spilling rows into the next expert's slots.
     fits_A = sorted_.runs_A & (rank_A < c_pad)
     return torch.where(fits_A, slots_A, torch.full_like(slots_A, num_experts * c_pad))
+
+
+def expert_widths(w13_EDF: Tensor, w2_EHD: Tensor) -> tuple[int, int]:
+    """(D, H) of stacked expert weights: the model width and the expert hidden width."""
+    return w13_EDF.shape[1], w2_EHD.shape[1]
 
 
 _BACKENDS = {"grouped": grouped_dispatch, "padded": padded_dispatch, "loop": loop_dispatch}
@@ -234,18 +243,18 @@ class Dispatcher:
         self.observed: str | None = None
         self.fallback_reason: str | None = None
 
-    def __call__(self, x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
-        self.observed, self.fallback_reason = self.resolve(x_TD, routing, experts)
-        return _BACKENDS[self.observed](x_TD, routing, experts)
+    def __call__(self, x_TD: Tensor, routing: Routing, w13_EDF: Tensor, w2_EHD: Tensor) -> Tensor:
+        self.observed, self.fallback_reason = self.resolve(x_TD, routing, w13_EDF, w2_EHD)
+        return _BACKENDS[self.observed](x_TD, routing, w13_EDF, w2_EHD)
 
     def resolve(
-        self, x_TD: Tensor, routing: Routing, experts: RoutedExperts
+        self, x_TD: Tensor, routing: Routing, w13_EDF: Tensor, w2_EHD: Tensor
     ) -> tuple[str, str | None]:
         """(backend to run, reason it differs from the request) from shapes and device only."""
         if self.requested in ("loop", "padded"):
             return self.requested, None
         reason = grouped_mm_unavailable_reason(
-            x_TD.device, compute_dtype(x_TD), experts.d_model, experts.hidden
+            x_TD.device, compute_dtype(x_TD), *expert_widths(w13_EDF, w2_EHD)
         )
         if reason is None:
             return "grouped", None

@@ -35,7 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_core.dispatch import Dispatcher, combine, grouped_experts, loop_experts, sort_assignments
+from moe_core.dispatch import (
+    Dispatcher,
+    combine,
+    expert_widths,
+    grouped_experts,
+    loop_experts,
+    sort_assignments,
+)
 from moe_core.experts import RoutedExperts
 from moe_core.grouped_mm import compute_dtype, grouped_mm_unavailable_reason
 from moe_core.router import Routing
@@ -126,7 +133,7 @@ def local_expert_order(recv_counts_PL: Tensor, num_rows: int) -> Tensor:
 
 
 def run_local_experts(
-    x_RD: Tensor, plan: ExchangePlan, experts: RoutedExperts, *, grouped: bool
+    x_RD: Tensor, plan: ExchangePlan, w13_LDF: Tensor, w2_LHD: Tensor, *, grouped: bool
 ) -> Tensor:
     """The local experts on the received rows; outputs come back in the received order."""
     num_rows = sum(plan.recv_per_rank)
@@ -134,19 +141,26 @@ def run_local_experts(
     x_sorted_RD = x_RD.index_select(0, order_R)
     if grouped and num_rows > 0:  # the grouped op's backward fails on zero rows
         offsets_L = plan.recv_counts_PL.sum(0).cumsum(0).to(torch.int32)
-        y_sorted_RD = grouped_experts(x_sorted_RD, offsets_L, experts)
+        y_sorted_RD = grouped_experts(x_sorted_RD, offsets_L, w13_LDF, w2_LHD)
     else:
-        y_sorted_RD = loop_experts(x_sorted_RD, plan.recv_per_local, experts)
+        y_sorted_RD = loop_experts(x_sorted_RD, plan.recv_per_local, w13_LDF, w2_LHD)
     return torch.empty_like(y_sorted_RD).index_copy(0, order_R, y_sorted_RD)
 
 
 def ep_dispatch(
-    x_TD: Tensor, routing: Routing, experts: RoutedExperts, group: Any, *, grouped: bool
+    x_TD: Tensor,
+    routing: Routing,
+    w13_LDF: Tensor,
+    w2_LHD: Tensor,
+    group: Any,
+    *,
+    grouped: bool,
 ) -> Tensor:
     """Routed output of this rank's tokens, the experts spread over ``group``.
 
-    Computes what ``loop_dispatch`` computes with every expert local: ``experts`` is this
-    rank's shard and ``routing`` this rank's routing over all E global experts.
+    Computes what ``loop_dispatch`` computes with every expert local: ``w13_LDF`` and
+    ``w2_LHD`` are this rank's shard of the stacked weights (its L local experts) and
+    ``routing`` this rank's routing over all E global experts.
     """
     sorted_ = sort_assignments(routing)
     ep_size = dist.get_world_size(group)
@@ -155,7 +169,7 @@ def ep_dispatch(
     # Sent in the compute dtype: under bf16 autocast this halves the bytes on the wire.
     x_AD = x_TD.index_select(0, running.token_ids_A).to(compute_dtype(x_TD))
     x_RD = all_to_all(x_AD, plan.recv_per_rank, plan.send_per_rank, group)
-    y_RD = run_local_experts(x_RD, plan, experts, grouped=grouped)
+    y_RD = run_local_experts(x_RD, plan, w13_LDF, w2_LHD, grouped=grouped)
     y_AD = all_to_all(y_RD, plan.send_per_rank, plan.recv_per_rank, group)
     return combine(y_AD, running, num_tokens=x_TD.shape[0])
 
@@ -173,20 +187,20 @@ class ExpertParallelDispatcher(Dispatcher):
         super().__init__(requested)
         self.group = group
 
-    def __call__(self, x_TD: Tensor, routing: Routing, experts: RoutedExperts) -> Tensor:
-        self.observed, self.fallback_reason = self.resolve(x_TD, routing, experts)
+    def __call__(self, x_TD: Tensor, routing: Routing, w13_LDF: Tensor, w2_LHD: Tensor) -> Tensor:
+        self.observed, self.fallback_reason = self.resolve(x_TD, routing, w13_LDF, w2_LHD)
         grouped = self.observed == EP_GROUPED
-        return ep_dispatch(x_TD, routing, experts, self.group, grouped=grouped)
+        return ep_dispatch(x_TD, routing, w13_LDF, w2_LHD, self.group, grouped=grouped)
 
     def resolve(
-        self, x_TD: Tensor, routing: Routing, experts: RoutedExperts
+        self, x_TD: Tensor, routing: Routing, w13_LDF: Tensor, w2_LHD: Tensor
     ) -> tuple[str, str | None]:
         if self.requested == "loop":
             return EP_LOOP, None
         if self.requested == "padded":
             return EP_LOOP, "padded has no expert-parallel form; the loop ran on received rows"
         reason = grouped_mm_unavailable_reason(
-            x_TD.device, compute_dtype(x_TD), experts.d_model, experts.hidden
+            x_TD.device, compute_dtype(x_TD), *expert_widths(w13_LDF, w2_LHD)
         )
         if reason is None:
             return EP_GROUPED, None

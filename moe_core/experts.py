@@ -1,8 +1,9 @@
 """The routed experts of an MoE block: E SwiGLU experts with stacked weights.
 
-A module of its own so that the dispatchers (``moe_core.dispatch``, ``moe_core.expert_parallel``)
-and the block (``moe_core.moe``) all import it, and the imports run one way:
-``experts <- dispatch <- expert_parallel <- moe``.
+A module of its own: the block (``moe_core.moe``) holds one, and the dispatchers
+(``moe_core.dispatch``, ``moe_core.expert_parallel``) take its weights ``w13`` and ``w2`` as
+tensors, so they need nothing of it; the imports run one way (``dispatch <- expert_parallel <-
+moe``, ``experts <- moe``).
 
 Shape legend:
     D  model width (d_model)

@@ -139,7 +139,7 @@ class MoEBlock(nn.Module):
         B, L, D = x_BLD.shape
         h_TD = self.norm(x_BLD).reshape(B * L, D)
         routing = self.router(h_TD)
-        routed_TD = self.dispatcher(h_TD, routing, self.experts)
+        routed_TD = self.dispatcher(h_TD, routing, self.experts.w13, self.experts.w2)
         out_TD = self.shared_expert(h_TD) + routed_TD
         if self.training:
             self._accumulate(routing)

@@ -12,8 +12,11 @@ from typing import Any, Protocol
 
 
 class Emitter(Protocol):
-    """A clock, receipts, spans, keyed records and the attempt's counters."""
+    """The attempt's key, a clock, receipts, spans, keyed records and the attempt's counters."""
 
+    run_id: str
+    attempt: int
+    rank: int
     counters: dict[str, int]  # reported in attempt_end; the parts add to it (``ooms``)
 
     def now(self) -> float:

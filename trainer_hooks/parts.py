@@ -84,8 +84,6 @@ class Parts:
         if self._poll_left <= 0:
             self._poll_left = POLL_EVERY
             self.dispatch.poll(self.rec.observe, h.step)
-        # ProfileWindow is handed the emitter as is (typed Any there): it is the recorder, whose
-        # run_id, attempt, rank and _key name the trace and the profile record.
         if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
             self.profile = None
 

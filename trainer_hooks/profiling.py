@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from trainer_hooks.emitter import Emitter
+
 TOP_KERNELS = 30
 
 
@@ -40,7 +42,7 @@ class ProfileWindow:
         self._prof = profile(activities=acts, record_shapes=False)
         self._prof.__enter__()
 
-    def maybe_stop(self, step: int, rec: Any) -> bool:
+    def maybe_stop(self, step: int, rec: Emitter) -> bool:
         """At the end of the window's last step: stop, export, summarise. True when done."""
         if self._prof is None or step < self.last:
             return False
@@ -51,10 +53,9 @@ class ProfileWindow:
             self.trace_dir, f"trace-{rec.run_id}-a{rec.attempt}-r{rec.rank}-s{self.first}.json"
         )
         prof.export_chrome_trace(path)
-        rec._safe_emit(
+        rec.emit_keyed(
             "profile",
             {
-                **rec._key,
                 "first_step": self.first,
                 "num_steps": self.last - self.first + 1,
                 "trace_path": path,

@@ -42,7 +42,7 @@ def _run(backend, router, experts, x_TD, upstream_TD):
     params = [router.weight, experts.w13, experts.w2]
     for p in params:
         p.grad = None
-    out_TD = backend(x_TD, router(x_TD), experts)
+    out_TD = backend(x_TD, router(x_TD), experts.w13, experts.w2)
     (out_TD.float() * upstream_TD).sum().backward()
     return [out_TD.detach(), x_TD.grad, *(p.grad.clone() for p in params)]
 
@@ -116,7 +116,7 @@ def test_choices_that_run_no_expert_contribute_nothing(backend):
         router.expert_bias[3] = 50.0  # direct write: a null-slot bias stays 0 in training
     routing = router(x_TD)
     assert routing.capacity == 1 and bool((routing.expert_ids == 3).any(-1).all())
-    out_TD = BACKENDS[backend](x_TD, routing, routed)
+    out_TD = BACKENDS[backend](x_TD, routing, routed.w13, routed.w2)
     runs = routing.runs_expert
     assert int(runs.sum()) == 1
     t, j = runs.nonzero()[0].tolist()
@@ -137,7 +137,8 @@ def test_backends_match_loop_in_bf16(backend):
     router, routed = router.to(torch.bfloat16), routed.to(torch.bfloat16)
     x_TD = x_TD.to(torch.bfloat16)
     if backend == "grouped":
-        assert Dispatcher("grouped").resolve(x_TD, router(x_TD), routed) == ("grouped", None)
+        chosen = Dispatcher("grouped").resolve(x_TD, router(x_TD), routed.w13, routed.w2)
+        assert chosen == ("grouped", None)
     got = _run(BACKENDS[backend], router, routed, x_TD, upstream_TD)
     want = _run(loop_dispatch, router, routed, x_TD, upstream_TD)
     _assert_all_close(got, want, rtol=5e-2, atol=5e-2)
@@ -186,7 +187,8 @@ def test_dispatcher_records_requested_observed_and_fallback_reason():
         None,
         None,
     )
-    dispatcher(x_TD, router(x_TD), routed)  # hidden 6 * 4 bytes is not 16-byte aligned
+    # hidden 6 * 4 bytes is not 16-byte aligned
+    dispatcher(x_TD, router(x_TD), routed.w13, routed.w2)
     assert dispatcher.observed == "loop"
     assert "grouped fell back to loop" in dispatcher.fallback_reason
     assert dispatcher.as_dict() == {
@@ -206,7 +208,7 @@ def test_auto_picks_grouped_then_padded_then_loop(dims, capacity_factor, observe
         capacity_factor=capacity_factor,
     )  # fmt: skip
     dispatcher = Dispatcher("auto")
-    dispatcher(x_TD, router(x_TD), routed)
+    dispatcher(x_TD, router(x_TD), routed.w13, routed.w2)
     assert dispatcher.observed == observed
     assert (dispatcher.fallback_reason is None) == (observed == "grouped")
 
@@ -215,7 +217,7 @@ def test_auto_picks_grouped_then_padded_then_loop(dims, capacity_factor, observe
 def test_padded_and_loop_run_as_requested(name):
     router, routed, x_TD, _ = _setup(tokens=8, experts=4, top_k=2)
     dispatcher = Dispatcher(name)
-    dispatcher(x_TD, router(x_TD), routed)
+    dispatcher(x_TD, router(x_TD), routed.w13, routed.w2)
     assert (dispatcher.observed, dispatcher.fallback_reason) == (name, None)
 
 
@@ -282,7 +284,7 @@ def test_grouped_bf16_runs_the_real_kernel_without_sync_on_sm90():
         torch.bfloat16, null_slot=True, capacity_factor=1.0
     )
     dispatcher = Dispatcher("auto")
-    dispatcher(x_TD, router(x_TD), routed)  # the first call probes the device once
+    dispatcher(x_TD, router(x_TD), routed.w13, routed.w2)  # the first call probes the device once
     assert (dispatcher.observed, dispatcher.fallback_reason) == ("grouped", None)
     want = _run(loop_dispatch, router, routed, x_TD, upstream_TD)
     torch.cuda.synchronize()

@@ -411,7 +411,8 @@ def test_ep_dispatcher_reports_the_exchange_and_the_local_compute(
 ):
     experts = RoutedExperts(4, *dims)
     dispatcher = ExpertParallelDispatcher(requested, group=None)
-    got_observed, got_reason = dispatcher.resolve(torch.zeros(2, dims[0]), None, experts)
+    x_TD = torch.zeros(2, dims[0])
+    got_observed, got_reason = dispatcher.resolve(x_TD, None, experts.w13, experts.w2)
     assert got_observed == observed
     assert got_reason is None if reason is None else reason in got_reason
 

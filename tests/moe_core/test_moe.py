@@ -64,7 +64,7 @@ def test_loop_dispatch_matches_naive_per_token_output_and_gradients(router_kwarg
     x_TD = torch.randn(23, 16, requires_grad=True)
     upstream_TD = torch.randn(23, 16)
 
-    fast = loop_dispatch(x_TD, router(x_TD), experts)
+    fast = loop_dispatch(x_TD, router(x_TD), experts.w13, experts.w2)
     (fast * upstream_TD).sum().backward()
     fast_grads = _grads([x_TD, *params])
     for t in [x_TD, *params]:
@@ -90,7 +90,7 @@ def test_loop_dispatch_handles_experts_that_receive_no_tokens():
     routing = router(x_TD)
     assert routing.tokens_per_expert.tolist() == [0, 0, 0, 6, 0]
     expected = experts.forward_expert(3, x_TD)  # top-1 weight renormalizes to exactly 1
-    torch.testing.assert_close(loop_dispatch(x_TD, routing, experts), expected)
+    torch.testing.assert_close(loop_dispatch(x_TD, routing, experts.w13, experts.w2), expected)
 
 
 @pytest.mark.parametrize("backend", ["loop", "grouped", "padded"])
