@@ -6,15 +6,25 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import Engine
 
 from service.api.errors import ERROR_MODELS, add_handlers, error_response
 from service.api.middleware import AdmissionLimit, BodyLimit, HeadAsGet, IngestRefusals
-from service.api.routes import compare, dashboards, health, imports, ingest, metrics, receipts, runs
-from service.api.security import OPEN_PATHS, READ_METHODS, TOKEN_DOC, TokenAuth
+from service.api.routes import (
+    compare,
+    dashboards,
+    docs,
+    health,
+    imports,
+    ingest,
+    metrics,
+    receipts,
+    runs,
+)
+from service.api.security import READ_METHODS, SessionCookie, TokenCheck
 from service.services.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store.db import make_sessionmaker
@@ -22,6 +32,7 @@ from service.store.migrate import prepare_database
 from trainer_hooks.records import ContractJsonSchema
 
 ROUTERS = (health, ingest, runs, receipts, compare, imports, dashboards, metrics)
+OPEN_ROUTERS = (health,)  # every other route needs a token when tokens are configured
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -30,17 +41,25 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     if engine is None:
         engine = prepare_database(settings.database_url, settings.auto_migrate_sqlite, db=settings)
+    check = _token_check(settings)
+    # With tokens, the docs are routes of ours (api/routes/docs.py), which the check guards.
+    no_docs: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title="goodput",
         version="0.1.0",
         description="Goodput, badput and receipts of Mixture-of-Experts training runs.",
+        **(no_docs if check else {}),
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.metrics = ServiceMetrics(app.state.sessionmaker)
+    guard = [Depends(check)] if check else []
+    if check:
+        app.include_router(docs.router_for(app), dependencies=guard)
+        check.guard_unmatched(app)
     for area in ROUTERS:
-        app.include_router(area.router)
+        app.include_router(area.router, dependencies=[] if area in OPEN_ROUTERS else guard)
     _document(app, settings)
     add_handlers(app)
     _add_middleware(app, settings)
@@ -60,8 +79,8 @@ def from_env() -> FastAPI:
 def _document(app: FastAPI, settings: Settings) -> None:
     """Complete the OpenAPI document: the models of request bodies that routes read raw
     (`ingest.DOCUMENTED_BODIES`) and of error responses (`errors.ERROR_MODELS`) in the
-    components, where the routes' `$ref`s point; with tokens configured, how each route is
-    authenticated (`security`) and its 401 and 403."""
+    components, where the routes' `$ref`s point; with tokens configured, the 401 and 403 of
+    each route that takes one (FastAPI writes the rest from security.TokenCheck)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -85,16 +104,12 @@ def _document(app: FastAPI, settings: Settings) -> None:
 
 
 def _document_security(schema: dict[str, Any]) -> None:
-    """The tokens of security.TokenAuth: every operation but the open paths takes one."""
-    schema["components"]["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "description": TOKEN_DOC},
-        "tokenHeader": {"type": "apiKey", "in": "header", "name": "X-Goodput-Token"},
-    }
-    for path, item in schema.get("paths", {}).items():
-        if path in OPEN_PATHS:
-            continue
+    """The 401 and 403 of every operation that takes a token (FastAPI writes the
+    `securitySchemes` and each operation's `security` from security.TokenCheck)."""
+    for item in schema.get("paths", {}).values():
         for method, operation in item.items():
-            operation["security"] = [{"bearer": []}, {"tokenHeader": []}]
+            if not operation.get("security"):
+                continue
             needs = "the write token" if method.upper() not in READ_METHODS else "a token"
             operation["responses"].update(
                 {
@@ -104,11 +119,18 @@ def _document_security(schema: dict[str, Any]) -> None:
             )
 
 
+def _token_check(settings: Settings) -> TokenCheck | None:
+    if not settings.auth_enabled:
+        return None
+    return TokenCheck(_secret(settings.write_token), _secret(settings.read_token))
+
+
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """From the outside in: HEAD as GET, CORS, tokens, admission, ingest refusals, body
-    limit (Starlette runs the last added first): no body is read before the token is checked,
-    a request past the server's capacity waits a bounded time (AdmissionLimit), and the
-    refusal counter sees the body limit's 413s."""
+    """From the outside in: HEAD as GET, CORS, the dashboards' cookie (with tokens),
+    admission, ingest refusals, body limit (Starlette runs the last added first): a request
+    past the server's capacity waits a bounded time (AdmissionLimit), and the refusal counter
+    sees the body limit's 413s. Tokens are checked by a dependency of the routes
+    (security.TokenCheck), before any body is read."""
     app.add_middleware(
         BodyLimit,
         limit=settings.max_body_bytes,
@@ -119,11 +141,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         AdmissionLimit, limit=settings.max_concurrent_requests, wait_s=settings.admission_wait_s
     )
     if settings.auth_enabled:
-        app.add_middleware(
-            TokenAuth,
-            write_token=_secret(settings.write_token),
-            read_token=_secret(settings.read_token),
-        )
+        app.add_middleware(SessionCookie)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

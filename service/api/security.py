@@ -1,21 +1,35 @@
-"""Optional tokens, checked by a pure ASGI middleware in front of every route.
+"""Optional tokens, checked by one FastAPI dependency (`TokenCheck`) on every route.
 
-With neither `GOODPUT_WRITE_TOKEN` nor `GOODPUT_READ_TOKEN` set, the service is open. With
-either set, every route except `/healthz` needs a token, routes added later included:
+With neither `GOODPUT_WRITE_TOKEN` nor `GOODPUT_READ_TOKEN` set, the service is open and
+nothing here is installed. With either set, app.py adds `TokenCheck` to every router but the
+health one (`/healthz` stays open), to the routes that serve /openapi.json, /docs and /redoc
+and to the app's answer for a path no route matches, so a route added later is guarded too:
 
 - methods that change data (POST, PUT, PATCH, DELETE: ingest and imports) need the write
   token; every other request (queries, dashboards, /metrics, /docs, /static) takes the read
   token or the write token. With only a read token set, nothing can be written.
-- the token travels as `Authorization: Bearer <token>` or `X-Goodput-Token: <token>`.
+- the token travels as `Authorization: Bearer <token>` (`HTTPBearer`) or
+  `X-Goodput-Token: <token>` (`APIKeyHeader`); FastAPI documents both in the OpenAPI
+  document (`securitySchemes` `bearer` and `tokenHeader`, each operation's `security`).
 - browsers: open a dashboard page once as `GET /dashboards/<name>?token=<token>`. The page is
   served and a cookie (HttpOnly, SameSite=Strict, Path=/, Secure over https, gone when the
-  browser closes) is set; the page's own fetches and plotly.js then carry it. The cookie holds
-  an HMAC of the token, not the token, and it only ever grants reading (GET, HEAD, OPTIONS),
-  so it cannot be used to write, from this site or any other. `?token=` is read on dashboard
-  pages only; elsewhere it is ignored.
+  browser closes) is set by `SessionCookie`, a small middleware, since a page returned as an
+  HTMLResponse carries no header a dependency sets; the page's own fetches and plotly.js then
+  carry it. The cookie holds an HMAC of the token, not the token, and it only ever grants
+  reading (GET, HEAD, OPTIONS), so it cannot be used to write, from this site or any other.
+  `?token=` is read on dashboard pages only; elsewhere it is ignored. The cookie is read from
+  the request, not declared as an `APIKeyCookie`: the document would then offer it for
+  writes too.
 
 Tokens are compared in constant time (`hmac.compare_digest`). A missing token is a 401 with
-`WWW-Authenticate: Bearer`, a wrong one a 403; no response repeats what was sent.
+`WWW-Authenticate: Bearer`, a wrong one a 403; no response repeats what was sent. The check is
+the first dependency of every route, solved before the route's own (`json_body` included), so
+no body is read and no database touched before it; a path no route matches is a 401 or 403
+without the right token and a 404 with it. What the middleware outside the routes answers
+from the headers alone comes first: a declared Content-Length over the body limit (413), a
+Content-Encoding other than gzip (415), a full server (503), a CORS preflight (which needs no
+token), a known path asked with a method it does not take (405) and the redirect of a path
+with a trailing slash.
 """
 
 from __future__ import annotations
@@ -23,17 +37,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterator
-from urllib.parse import parse_qsl
+from typing import Annotated
 
-from fastapi.responses import JSONResponse
-from starlette.requests import cookie_parser
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 READ = 1
 WRITE = 2
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-OPEN_PATHS = frozenset({"/healthz"})
 COOKIE_NAME = "goodput_session"
 _COOKIE_CONTEXT = b"goodput dashboard cookie v1"
 _DASHBOARD_PAGE = re.compile(r"^/dashboards/[^/]+/?$")
@@ -42,6 +54,9 @@ TOKEN_DOC = (
     "`Authorization: Bearer <token>` or `X-Goodput-Token: <token>`; a missing token is a 401, "
     "a wrong one (or the read token on a write) a 403"
 )
+
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description=TOKEN_DOC)
+TOKEN_HEADER = APIKeyHeader(name="X-Goodput-Token", auto_error=False, scheme_name="tokenHeader")
 
 
 def cookie_value(token: bytes) -> str:
@@ -67,96 +82,103 @@ def _grant(presented: bytes, table: list[tuple[bytes, int]]) -> int:
     return level
 
 
-def _header_tokens(scope: Scope) -> Iterator[bytes]:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                yield token.strip()
-        elif name == b"x-goodput-token" and value.strip():
-            yield value.strip()
+def _bytes(text: str) -> bytes:
+    return text.strip().encode("utf-8", "surrogatepass")
 
 
-def _cookie(scope: Scope) -> bytes | None:
-    raw = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"cookie")
-    value = cookie_parser(raw).get(COOKIE_NAME) if raw else None
-    return value.encode("latin-1", "replace") if value else None
-
-
-def _page_token(scope: Scope) -> bytes | None:
-    if scope.get("method") not in ("GET", "HEAD") or not _DASHBOARD_PAGE.match(route_path(scope)):
+def _page_token(request: Request) -> bytes | None:
+    if request.method not in ("GET", "HEAD") or not _DASHBOARD_PAGE.match(
+        route_path(request.scope)
+    ):
         return None
-    query = scope.get("query_string", b"").decode("latin-1")
-    tokens = [v for k, v in parse_qsl(query, encoding="latin-1") if k == "token" and v]
-    return tokens[-1].encode("latin-1") if tokens else None
+    tokens = [v for v in request.query_params.getlist("token") if v]
+    return _bytes(tokens[-1]) if tokens else None
 
 
-class TokenAuth:
-    """Refuse requests without the token their method needs (see the module docstring)."""
+class TokenCheck:
+    """The dependency: refuse a request without the token its method needs (see the module
+    docstring); on a dashboard page opened with a valid `?token=`, ask SessionCookie to set
+    the cookie."""
 
-    def __init__(self, app: ASGIApp, write_token: str | None, read_token: str | None) -> None:
-        self.app = app
+    def __init__(self, write_token: str | None, read_token: str | None) -> None:
         tokens = [(write_token, WRITE), (read_token, READ)]
         self.tokens = [(t.encode(), lvl) for t, lvl in tokens if t is not None]
         self.cookies = [(cookie_value(t).encode(), READ) for t, _ in self.tokens]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or route_path(scope) in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        needed = READ if scope.get("method", "GET") in READ_METHODS else WRITE
-        page_token = _page_token(scope)
-        presented, granted = self._check(scope, needed, page_token)
-        if granted >= needed:
-            if page_token is not None and _grant(page_token, self.tokens):
-                send = _with_cookie(send, page_token, scope.get("scheme") in ("https", "wss"))
-            await self.app(scope, receive, send)
-        elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-        else:
-            await _refuse(send, presented, granted)
-
-    def _check(self, scope: Scope, needed: int, page_token: bytes | None) -> tuple[bool, int]:
-        """(was any credential presented, the highest level one of them grants)."""
-        levels = [_grant(t, self.tokens) for t in _header_tokens(scope)]
+    async def __call__(
+        self,
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+        header: Annotated[str | None, Depends(TOKEN_HEADER)],
+    ) -> None:
+        needed = READ if request.method in READ_METHODS else WRITE
+        sent = [_bytes(bearer.credentials) if bearer else b"", _bytes(header or "")]
+        levels = [_grant(token, self.tokens) for token in sent if token]
+        page_token = _page_token(request)
+        page_level = _grant(page_token, self.tokens) if page_token is not None else 0
         if page_token is not None:
-            levels.append(_grant(page_token, self.tokens))
-        cookie = _cookie(scope) if needed == READ else None
-        if cookie is not None:
-            levels.append(_grant(cookie, self.cookies))
-        return bool(levels), max(levels, default=0)
+            levels.append(page_level)
+        cookie = request.cookies.get(COOKIE_NAME) if needed == READ else None
+        if cookie:
+            levels.append(_grant(_bytes(cookie), self.cookies))
+        granted = max(levels, default=0)
+        if granted < needed:
+            raise _refusal(bool(levels), granted)
+        if page_level:
+            assert page_token is not None
+            request.state.goodput_set_cookie = _set_cookie(page_token, request)
+
+    def guard_unmatched(self, app: FastAPI) -> None:
+        """A path no route matches: 401 or 403 without the right token, as on every route,
+        and the router's 404 with it."""
+        not_found = app.router.default
+
+        async def default(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                request = Request(scope)
+                await self(request, await BEARER(request), await TOKEN_HEADER(request))
+            await not_found(scope, receive, send)
+
+        app.router.default = default
 
 
-async def _refuse(send: Send, presented: bool, granted: int) -> None:
+def _refusal(presented: bool, granted: int) -> HTTPException:
     if not presented:
         detail = "a token is needed: send Authorization: Bearer <token> or X-Goodput-Token"
-        resp = JSONResponse({"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"})
-    elif granted:
-        resp = JSONResponse({"detail": "this route needs the write token"}, 403)
-    else:
-        resp = JSONResponse({"detail": "the token was not accepted"}, 403)
-    await resp({"type": "http"}, _no_receive, send)
+        return HTTPException(401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+    if granted:
+        return HTTPException(403, detail="this route needs the write token")
+    return HTTPException(403, detail="the token was not accepted")
 
 
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
+def _set_cookie(token: bytes, request: Request) -> str:
+    cookie = f"{COOKIE_NAME}={cookie_value(token)}; Path=/; HttpOnly; SameSite=Strict"
+    return cookie + ("; Secure" if request.url.scheme in ("https", "wss") else "")
 
 
-def _with_cookie(send: Send, token: bytes, secure: bool) -> Send:
-    """Add the session cookie to the response; keep the URL's token out of referrers and
-    caches."""
-    cookie = f"{COOKIE_NAME}={cookie_value(token)}; Path=/; HttpOnly"
-    cookie += "; SameSite=Strict" + ("; Secure" if secure else "")
-    extra = [
-        (b"set-cookie", cookie.encode()),
-        (b"referrer-policy", b"no-referrer"),
-        (b"cache-control", b"no-store"),
-    ]
+class SessionCookie:
+    """Send the cookie TokenCheck asked for (`request.state`), whatever response the route
+    returns; keep the URL's token out of referrers and caches."""
 
-    async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            kept = [(k, v) for k, v in message.get("headers", []) if k != b"cache-control"]
-            message = {**message, "headers": kept + extra}
-        await send(message)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
-    return sending
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # shared with the copies of scope inside
+
+        async def sending(message: Message) -> None:
+            cookie = state.get("goodput_set_cookie")
+            if message["type"] == "http.response.start" and cookie is not None:
+                kept = [(k, v) for k, v in message.get("headers", []) if k != b"cache-control"]
+                extra = [
+                    (b"set-cookie", cookie.encode()),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"cache-control", b"no-store"),
+                ]
+                message = {**message, "headers": kept + extra}
+            await send(message)
+
+        await self.app(scope, receive, sending)

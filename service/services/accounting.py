@@ -30,7 +30,7 @@ from service.calc.goodput import (
     slowest_rank,
 )
 from service.calc.step_stats import STRAGGLER_STEPS, ideal_step_time
-from service.store.rollups import core as rollups
+from service.store.rollups import read as rollup_read
 from service.store.rollups import rolling as rolling_sums
 from service.store.rollups import windows
 
@@ -72,15 +72,15 @@ def _cuts(cuts: Sequence[CompileCut], rank: int) -> list[CompileCut]:
 def whole_run(session: Session, run_id: str, now: float | None = None) -> Accounted:
     """The whole run, from the rollups: fast at any length."""
     now = time.time() if now is None else now
-    roll = rollups.run_rollup(session, run_id)
+    roll = rollup_read.run_rollup(session, run_id)
     decided = decide(roll.rows, roll.life, roll.saved, now)
-    parts = rollups.run_parts(session, roll, decided)
+    parts = rollup_read.run_parts(session, roll, decided)
     ideal = {
-        rank: ideal_step_time(rollups.newest_step_times(session, run_id, rank, STRAGGLER_STEPS))
+        rank: ideal_step_time(rollup_read.newest_step_times(session, run_id, rank, STRAGGLER_STEPS))
         for rank in roll.coarse
         if any((a, rank) not in roll.with_compile for a in roll.coarse[rank])
     }
-    cuts = rollups.compile_cuts(session, roll, ideal)
+    cuts = rollup_read.compile_cuts(session, roll, ideal)
     excluded = merged(roll.excluded)
     acc = Accounted(run_id, run_figures([], None), decided, parts, cuts, excluded, now)
     reader = windows.WindowReader(session, run_id, acc.decided) if excluded else None

@@ -10,7 +10,7 @@ from service.calc.compare import COMPARE_STEPS, RunFigures, compare, lane_diff, 
 from service.schemas import CompareRead, Pair, RatioRead, ReceiptRead
 from service.services.errors import Refused
 from service.services.receipts import receipt
-from service.store.rollups import core as rollups
+from service.store.rollups import read as rollup_read
 
 # Receipt fields that say nothing about the lane: how the process was started.
 INCIDENTAL = ("environment.argv0",)
@@ -20,7 +20,7 @@ def _figures(session: Session, got: ReceiptRead) -> RunFigures:
     """The newest COMPARE_STEPS steps of the last attempt of the receipt's reference rank, in
     step order (the bootstrap's cost grows with the steps; its answer barely does)."""
     rank = got.summary.throughput.rank or 0
-    mine = rollups.newest_attempt_steps(session, got.run_id, rank, COMPARE_STEPS)
+    mine = rollup_read.newest_attempt_steps(session, got.run_id, rank, COMPARE_STEPS)
     return RunFigures(
         step_times_s=[s.end - s.start for s in mine],
         tokens=[s.tokens for s in mine],

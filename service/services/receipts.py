@@ -38,7 +38,9 @@ from service.store import queries
 from service.store.db import session_scope
 from service.store.models import Attempt
 from service.store.queries import ExportWhat
-from service.store.rollups import core as rollups
+from service.store.rollups import common as rollup_common
+from service.store.rollups import read as rollup_read
+from service.store.rollups import series as rollup_series
 
 __all__ = ["ExportWhat", "csv_chunks", "receipt", "routing"]
 
@@ -64,12 +66,14 @@ def _ends(attempts: list[Attempt]) -> list[AttemptEndIn]:
 def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
     """From the rollups: the same figures at any run length."""
     g = accounting.whole_run(session, run_id).goodput
-    per_rank = {r: RankSteps(*sums) for r, sums in rollups.rank_step_sums(session, run_id).items()}
+    per_rank = {
+        r: RankSteps(*sums) for r, sums in rollup_read.rank_step_sums(session, run_id).items()
+    }
     ref = reference_rank(r for r, v in per_rank.items() if v.steps > 0)
     recent, final_loss = [], None
     if ref is not None:
-        recent = rollups.newest_step_times(session, run_id, ref, RECENT_STEPS)
-        newest = rollups.newest_attempt_steps(session, run_id, ref, 1)
+        recent = rollup_read.newest_step_times(session, run_id, ref, RECENT_STEPS)
+        newest = rollup_read.newest_attempt_steps(session, run_id, ref, 1)
         final_loss = newest[-1].loss if newest else None
     steps = summarize_steps(per_rank, recent, final_loss)
     return ReceiptSummary(
@@ -115,7 +119,7 @@ def receipt(session: Session, run_id: str) -> ReceiptRead:
     )
 
 
-_POINT_FIELDS = ("step", "attempt", *rollups.POINT_FIELDS)  # rollups.ROUTING_POINT less its layer
+_POINT_FIELDS = ("step", "attempt", *rollup_common.POINT_FIELDS)  # ROUTING_POINT less its layer
 # `routing` writes points as plain dicts: their keys are RoutingPoint's fields, in order.
 assert tuple(RoutingPoint.model_fields) == _POINT_FIELDS, "RoutingPoint and rollups disagree"
 
@@ -128,7 +132,7 @@ def routing(
     model per point costs more than reading them). Past `max_points` a layer is downsampled
     like the step series by max_vio; the layers share one step range and one set of buckets."""
     run_or_404(session, run_id)
-    series = rollups.routing_series(session, run_id, rank, layer, max_points)
+    series = rollup_series.routing_series(session, run_id, rank, layer, max_points)
     hists = queries.newest_histograms(
         session, run_id, rank, {n: s.newest_attempt for n, s in series.items()}
     )

@@ -34,7 +34,8 @@ from service.services.errors import Invalid, NotFound
 from service.store import queries
 from service.store.migrate import current_revision
 from service.store.models import Attempt, Run
-from service.store.rollups import core as rollups
+from service.store.rollups import read as rollup_read
+from service.store.rollups import series as rollup_series
 from service.store.rollups import windows
 
 RunStatus = Literal["running", "completed", "failed", "stalled"]
@@ -136,7 +137,7 @@ def steps(
     """One rank's steps by step then attempt, downsampled past `max_points` (each bucket of
     step numbers keeps its fastest and slowest step)."""
     peak = peak_of(run_or_404(session, run_id).environment)
-    total, rows = rollups.step_series(session, run_id, rank, start_step, end_step, max_points)
+    total, rows = rollup_series.step_series(session, run_id, rank, start_step, end_step, max_points)
     points = []
     for row in rows:
         s = StepIn(*row)
@@ -166,7 +167,7 @@ def metric_series(
 ) -> MetricSeries:
     """One scalar of one rank's steps as columns, downsampled like `steps` by its value."""
     run_or_404(session, run_id)
-    total, rows = rollups.metric_series(
+    total, rows = rollup_series.metric_series(
         session, run_id, rank, metric, start_step, end_step, max_points
     )
     step_nos, attempts, values = zip(*rows, strict=True) if rows else ((), (), ())
@@ -216,7 +217,7 @@ def goodput(
     if start is None and end is None:  # the whole run: from the rollups, fast at any length
         read = _goodput_read(run_id, acc.goodput, rank)
         ranks = [g.rank for g in acc.goodput.ranks]
-        recent = rollups.recent_step_times(session, run_id, ranks, read.rank)
+        recent = rollup_read.recent_step_times(session, run_id, ranks, read.rank)
     else:  # a window: the whole run's decisions, the records cut to it and summed by the DB
         lo, hi = start or 0.0, end or float("inf")
         reader = windows.WindowReader(session, run_id, acc.decided)

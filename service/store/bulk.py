@@ -13,7 +13,7 @@ raises AlreadyStored, so a caller that stored a batch as all new rolls it back
 same query, the stored columns the caller compares a re-sent record with (a conflicting
 re-send is refused: issue 12). A key seen twice in one batch keeps its first record, as ON
 CONFLICT DO NOTHING would, and the later one is compared with it. Callers hold the lock
-of each run and rank they write (rollups.lock_runs; every key here holds its
+of each run and rank they write (rollups/write.py lock_runs; every key here holds its
 rank): no other ingest can store a key between the probe and the insert.
 """
 

@@ -44,7 +44,8 @@ from service.store.models import (
     StepBlock,
     pack_counts,
 )
-from service.store.rollups import core as rollups
+from service.store.rollups import common as rollup_common
+from service.store.rollups import write as rollup_write
 from trainer_hooks.records import (
     AttemptEndRecord,
     AttemptStartRecord,
@@ -253,7 +254,7 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     ranks = {(r.run_id, r.rank) for r in records if hasattr(r, "rank")}
     # Before the first read: the batch's runs and ranks are locked until it commits (on
     # SQLite the database's write lock is taken), so what is decided from stored rows holds.
-    rollups.lock_runs(session, run_ids, ranks)
+    rollup_write.lock_runs(session, run_ids, ranks)
     now = time.time()
     problems = _Problems()
     _future_dates(by_kind, now, problems)
@@ -468,8 +469,8 @@ def _row(rec: Record, *exclude: str) -> dict[str, Any]:
     return rec.model_dump(exclude={"kind", "schema_version", *exclude})
 
 
-_STEP_ROW = attrgetter(*rollups.STEP_COLUMNS)
-_SPAN_ROW = attrgetter(*rollups.SPAN_COLUMNS[:-2])  # then clashes and charged_s, from ingest
+_STEP_ROW = attrgetter(*rollup_common.STEP_COLUMNS)
+_SPAN_ROW = attrgetter(*rollup_common.SPAN_COLUMNS[:-2])  # then clashes and charged_s, from ingest
 
 
 _KEY = ("run_id", "attempt", "rank")
@@ -571,7 +572,7 @@ def _stored_steps_near(
     session: Session, run_id: str, rank: int, lo: float, hi: float
 ) -> list[tuple[float, float, int, int]]:
     """(start, end, attempt, step) of the rank's stored steps that overlap (lo, hi)."""
-    rows = rollups.steps_overlapping(session, run_id, rank, lo, hi)
+    rows = rollup_write.steps_overlapping(session, run_id, rank, lo, hi)
     return [(r.start, r.end, r.attempt, r.step) for r in rows]
 
 
@@ -581,27 +582,27 @@ def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: li
     span is measured once: new steps against stored and new spans, new spans against stored
     steps."""
     step_rows = [_STEP_ROW(r) for r in steps]
-    blocked = rollups.blocked_of(session, step_rows, spans)
-    rollups.block_stored_steps(session, spans)
-    clashes, charged = rollups.flag_clashes(session, spans)
+    blocked = rollup_write.blocked_of(session, step_rows, spans)
+    rollup_write.block_stored_steps(session, spans)
+    clashes, charged = rollup_write.flag_clashes(session, spans)
     span_rows = [(*_SPAN_ROW(r), f, c) for r, f, c in zip(spans, clashes, charged, strict=True)]
-    bulk.insert_rows(session, _table(Span), rollups.SPAN_COLUMNS, span_rows)
-    rollups.add_spans(session, spans, charged)
+    bulk.insert_rows(session, _table(Span), rollup_common.SPAN_COLUMNS, span_rows)
+    rollup_write.add_spans(session, spans, charged)
     bulk.insert_rows(
         session,
         _table(Step),
-        (*rollups.STEP_COLUMNS, "blocked_s"),
+        (*rollup_common.STEP_COLUMNS, "blocked_s"),
         [(*row, b) for row, b in zip(step_rows, blocked, strict=True)],
     )
-    rollups.add_steps(session, step_rows, blocked)
+    rollup_write.add_steps(session, step_rows, blocked)
     routing_rows = [_routing_row(r) for r in routing]
-    bulk.insert_rows(session, _table(RoutingRow), rollups.ROUTING_COLUMNS, routing_rows)
-    rollups.add_routing(session, routing_rows)
+    bulk.insert_rows(session, _table(RoutingRow), rollup_common.ROUTING_COLUMNS, routing_rows)
+    rollup_write.add_routing(session, routing_rows)
     return len(steps) + len(spans) + len(routing)
 
 
 def _routing_row(rec: RoutingRecord) -> tuple[Any, ...]:
-    """A routing record laid out as rollups.ROUTING_COLUMNS, its derived figures included."""
+    """A routing record laid out as rollup_common.ROUTING_COLUMNS, its derived figures included."""
     fig = routing_figures(
         rec.tokens_per_expert,
         rec.dropped_per_expert,
@@ -633,7 +634,7 @@ def _routing_row(rec: RoutingRecord) -> tuple[Any, ...]:
     )
 
 
-assert rollups.ROUTING_COLUMNS[5:13] == rollups.POINT_FIELDS, "_routing_row's layout"
+assert rollup_common.ROUTING_COLUMNS[5:13] == rollup_common.POINT_FIELDS, "_routing_row's layout"
 
 
 def _table(model: type[Base]) -> Table:

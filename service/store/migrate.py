@@ -58,12 +58,12 @@ def build_missing_rollups(engine: Engine) -> list[str]:
     a migration runs at an older schema than this code reads. Returns those runs."""
     from sqlalchemy.orm import Session
 
-    from service.store.rollups import core as rollups
+    from service.store.rollups import write as rollup_write
 
     with Session(engine) as session, session.begin():
-        missing = rollups.missing_rollups(session)
+        missing = rollup_write.missing_rollups(session)
         for run_id in missing:
-            rollups.rebuild_run(session, run_id)
+            rollup_write.rebuild_run(session, run_id)
     return missing
 
 
@@ -124,10 +124,10 @@ def check_rollups(engine: Engine) -> None:
     database upgraded by Alembic alone, not by `goodput db upgrade`)."""
     from sqlalchemy.orm import Session
 
-    from service.store.rollups import core as rollups
+    from service.store.rollups import write as rollup_write
 
     with Session(engine) as session:
-        missing = rollups.missing_rollups(session)
+        missing = rollup_write.missing_rollups(session)
     if missing:
         url = engine.url.render_as_string(hide_password=True)
         raise SchemaError(
@@ -142,17 +142,17 @@ def rebuild_rollups(url: str, run_id: str | None = None) -> int:
     from sqlalchemy.orm import Session
 
     from service.store.models import Run
-    from service.store.rollups import core as rollups
+    from service.store.rollups import write as rollup_write
 
     engine = make_engine(url)
     try:
         check_schema(engine)
         with Session(engine) as session, session.begin():
             if run_id is None:
-                return rollups.rebuild_all(session)
+                return rollup_write.rebuild_all(session)
             if session.get(Run, run_id) is None:
                 raise LookupError(run_id)
-            rollups.rebuild_run(session, run_id)
+            rollup_write.rebuild_run(session, run_id)
             return 1
     finally:
         engine.dispose()

@@ -341,6 +341,8 @@ class Profile(_RankRow, Base):
 # hundred rows instead of every step (service/store/rollups/ keeps and reads them) --
 
 ROLLUP_LEVELS = (64, 4096)  # block sizes in step numbers: block = step // level
+# The rollup tables' CHECK on their level, from ROLLUP_LEVELS: "level IN (64, 4096)".
+_LEVEL_SQL = f"level IN ({', '.join(map(str, ROLLUP_LEVELS))})"
 
 
 class StepBlock(Base):
@@ -375,7 +377,7 @@ class StepBlock(Base):
 
     __table_args__ = (
         Index("ix_step_blocks_last_end", "run_id", "rank", "level", "last_end"),
-        CheckConstraint("level IN (64, 4096)", name="level"),
+        CheckConstraint(_LEVEL_SQL, name="level"),
         CheckConstraint("n >= 1 AND busy_s >= 0 AND blocked_s >= 0", name="non_negative"),
         _CLUSTERED,
     )
@@ -446,7 +448,7 @@ class RoutingBlock(Base):
     high_z_loss: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
-        CheckConstraint("level IN (64, 4096)", name="level"),
+        CheckConstraint(_LEVEL_SQL, name="level"),
         CheckConstraint("n >= 1", name="non_negative"),
         _CLUSTERED,
     )

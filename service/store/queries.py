@@ -45,7 +45,9 @@ from service.store.models import (
     Step,
     StepBlock,
 )
-from service.store.rollups import core as rollups
+from service.store.rollups import common as rollup_common
+from service.store.rollups import read as rollup_read
+from service.store.rollups import write as rollup_write
 from trainer_hooks.records import (
     ID_PATTERN,
 )
@@ -186,7 +188,7 @@ def attempts_of(session: Session, run_ids: Sequence[str]) -> list[Attempt]:
 def count_steps(session: Session, run_id: str) -> int:
     """Step rows of the run (every rank and attempt), summed from the coarse step blocks."""
     stmt = select(func.sum(StepBlock.n)).where(
-        StepBlock.run_id == run_id, StepBlock.level == rollups.COARSE
+        StepBlock.run_id == run_id, StepBlock.level == rollup_common.COARSE
     )
     return int(session.scalar(stmt) or 0)
 
@@ -195,7 +197,7 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     """Every record the goodput calculator reads, as plain data: its definition on the raw
     rows, which the tests hold the rollups (store/rollups/) and the window sums
     (store/rollups/windows.py) to."""
-    attempts = rollups.attempt_rows(session, run_id)
+    attempts = rollup_read.attempt_rows(session, run_id)
     c = CheckpointCommit
     commits = session.execute(
         select(c.attempt, c.step, c.ok, c.rank, c.time).where(c.run_id == run_id)
@@ -203,7 +205,9 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
     checkpoints = [CheckpointIn(*row) for row in commits]
     steps = [
         StepIn(*row)
-        for row in session.execute(select(*rollups.STEP_IN_COLUMNS).where(Step.run_id == run_id))
+        for row in session.execute(
+            select(*rollup_common.STEP_IN_COLUMNS).where(Step.run_id == run_id)
+        )
     ]
     spans = [
         SpanIn(*row) for row in session.execute(select(*_SPAN_IN).where(Span.run_id == run_id))
@@ -213,7 +217,7 @@ def goodput_inputs(session: Session, run_id: str) -> GoodputInputs:
         steps=steps,
         spans=spans,
         checkpoints=checkpoints,
-        excluded=rollups.excluded_windows(session, run_id),
+        excluded=rollup_read.excluded_windows(session, run_id),
     )
 
 
@@ -281,7 +285,7 @@ def goodput_row_counts(session: Session, run_ids: Sequence[str]) -> dict[str, tu
     counts: dict[str, list[int]] = {r: [0, 0, 0, 0] for r in run_ids}
     sums = (
         select(StepBlock.run_id, func.sum(StepBlock.n))
-        .where(StepBlock.run_id.in_(run_ids), StepBlock.level == rollups.COARSE)
+        .where(StepBlock.run_id.in_(run_ids), StepBlock.level == rollup_common.COARSE)
         .group_by(StepBlock.run_id),
         select(SpanTotal.run_id, func.sum(SpanTotal.n))
         .where(SpanTotal.run_id.in_(run_ids))
@@ -329,7 +333,7 @@ def peak_memory_of(session: Session, run_id: str) -> int | None:
     coarse step blocks."""
     peak = session.scalar(
         select(func.max(StepBlock.mem_peak)).where(
-            StepBlock.run_id == run_id, StepBlock.level == rollups.COARSE
+            StepBlock.run_id == run_id, StepBlock.level == rollup_common.COARSE
         )
     )
     return int(peak) if peak is not None else None
@@ -483,7 +487,7 @@ def stored_for_import(session: Session, run_id: str) -> StoredRun | None:
     """What a run holds already, to check an ml-goodput import against (one query per
     table), or None when it is not stored. The run is locked before the first read, as
     ingest locks it, so what is read here still holds when the import is stored."""
-    rollups.lock_runs(session, [run_id])
+    rollup_write.lock_runs(session, [run_id])
     run = session.execute(select(Run.name, Run.declared).where(Run.run_id == run_id)).first()
     if run is None:
         return None

@@ -130,10 +130,10 @@ def test_postgres_ingest_behind_a_held_run_lock_is_a_503_after_lock_timeout(
 
 class RankLock:
     """Another ingest writing rank `rank` of run `run_id`: it holds that rank's lock
-    (rollups.lock_runs) until it commits."""
+    (rollups/write.py lock_runs) until it commits."""
 
     def __init__(self, url: str, run_id: str, rank: int) -> None:
-        from service.store.rollups.core import _lock_key
+        from service.store.rollups.write import _lock_key
 
         self.engine = create_engine(url)
         self.conn = self.engine.connect()

@@ -194,6 +194,7 @@ def test_escape_label(client: Any, raw: str, escaped: str) -> None:
     assert f'run_name="{escaped}"' in client.get("/metrics").text
 
 
+@pytest.mark.fresh_db
 def test_counters_are_exact_under_concurrent_ingest(client: Any) -> None:
     """Threads ingest at once through the app: the counters hold exactly what was sent and
     what was refused (by the route's 409, by validation's 422 and by the body limit's 413)."""

@@ -72,6 +72,7 @@ def test_a_json_field_as_deep_as_allowed_is_stored_and_reads(client: Any) -> Non
     assert client.get("/api/v1/runs/r/receipt").json()["model_plan"] == plan
 
 
+@pytest.mark.fresh_db
 def test_a_plan_stored_before_the_contract_refused_nul_breaks_no_list(
     app: Any, client: Any
 ) -> None:

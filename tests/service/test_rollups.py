@@ -18,7 +18,9 @@ from service.calc.step_stats import raw_recent, step_figures
 from service.store import ingest as repo
 from service.store import queries
 from service.store.models import RoutingBlock, SpanTotal, Step, StepBlock
-from service.store.rollups import core as rollups
+from service.store.rollups import common as rollup_common
+from service.store.rollups import series as rollup_series
+from service.store.rollups import write as rollup_write
 from tests import factories as f
 
 
@@ -160,7 +162,7 @@ def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
         blocked = session.execute(
             select(Step.blocked_s).order_by(Step.attempt, Step.rank, Step.step)
         ).all()
-        rollups.rebuild_run(session, "run-a")
+        rollup_write.rebuild_run(session, "run-a")
         session.flush()
         assert dump(session) == kept
         again = session.execute(
@@ -174,7 +176,7 @@ def test_rollups_kept_at_ingest_equal_a_rebuild(client: Any, app: Any) -> None:
 def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
     client: Any, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rollups, "_KEYS_PER_QUERY", 700)  # kept rows fetched in several parts
+    monkeypatch.setattr(rollup_series, "_KEYS_PER_QUERY", 700)  # kept rows fetched in several parts
     from service.calc.downsample import minmax_keys
     from service.store.models import ROLLUP_LEVELS, RoutingRow
 
@@ -289,6 +291,7 @@ def test_migration_0004_fills_the_rollups_of_rows_stored_before_it(
     assert client.get("/api/v1/runs/run-a/export.csv", params={"what": "routing"}).text == export
 
 
+@pytest.mark.fresh_db
 def test_concurrent_ingests_of_one_rank_count_each_overlap_once(app: Any) -> None:
     """Steps from one writer, the compile spans inside them from another, interleaved in
     small batches: every step's blocked time is still counted exactly once."""
@@ -359,8 +362,8 @@ def test_a_bulk_insert_of_a_stored_key_is_refused_not_counted_twice(app: Any) ->
     with session_scope(app.state.sessionmaker) as session:
         repo.ingest(session, records)
     step = records[-1]
-    row = tuple(getattr(step, c) for c in rollups.STEP_COLUMNS) + (0.0,)
-    columns = (*rollups.STEP_COLUMNS, "blocked_s")
+    row = tuple(getattr(step, c) for c in rollup_common.STEP_COLUMNS) + (0.0,)
+    columns = (*rollup_common.STEP_COLUMNS, "blocked_s")
     with app.state.sessionmaker() as session:
         table = Step.__table__
         assert bulk.keep_new(session, table, ("run_id", "attempt", "rank"), "step", [step]) == []

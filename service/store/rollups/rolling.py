@@ -1,6 +1,6 @@
 """Many windows of one run at once (`/goodput/rolling`): the same sums as
-`WindowReader.parts` gives one window, read in a few statements for all of them. Part of the
-repository: all SQL lives in the repository modules; nothing here writes.
+`WindowReader.parts` gives one window, read in a few statements for all of them (the rollups'
+SQL lives in service/store/rollups/). Callers pass a Connection; nothing here writes.
 
 A window's steps are summed incrementally, from cumulative figures at its two edges. At each
 edge `e` of any window, per attempt rank: the steps that start before `e`, those that end by
@@ -35,8 +35,8 @@ from sqlalchemy import Connection, select
 
 from service.calc.goodput import ROUNDING_SLACK_S, AttemptSplit, RankParts, SpanIndex, charged
 from service.store.models import StepBlock
-from service.store.rollups import core as rollups
-from service.store.rollups.windows import FINE, WindowReader
+from service.store.rollups.common import FINE, grouped
+from service.store.rollups.windows import WindowReader
 
 # Rows of one VALUES list (PostgreSQL allows 65,535 bound values in a statement).
 CHUNK_ROWS = 2_000
@@ -293,8 +293,8 @@ class _Many:
             b.hook_s,
             b.busy_s - b.blocked_s,
         ).where(b.run_id == self.reader.run_id, b.level == FINE)
-        grouped = rollups._group(self.conn.execute(stmt), lambda r: (r[0], r[1]))
-        blocks = {key: _Blocks(rows, self._checkpoint(key[0])) for key, rows in grouped.items()}
+        by_key = grouped(self.conn.execute(stmt), lambda r: (r.attempt, r.rank))
+        blocks = {key: _Blocks(rows, self._checkpoint(key[0])) for key, rows in by_key.items()}
         self._split_across(blocks)
         out: dict[tuple[int, int], _EdgeFigures] = {}
         pairs: list[tuple[Any, ...]] = []
@@ -411,7 +411,7 @@ class _Many:
         keys = list(asked)
         sums = dict(zip(keys, (sum(x.values()) for x in self._sums(keys)), strict=True))
         out = {key: sums[key] for key in direct}
-        for rank, idx in rollups._group(direct, lambda k: k[0]).items():
+        for rank, idx in grouped(direct, lambda k: k[0]).items():
             clashing = self.reader.clashing.get(rank)
             if clashing is not None:
                 index = SpanIndex(clashing.spans)
@@ -445,12 +445,10 @@ class _Many:
     def _sums(self, asked: list[tuple[int, float, float]]) -> list[dict[str, float]]:
         """Per (rank, lo, hi): the cut seconds of each category's blocking spans of that rank
         (any attempt) that clash with none, in one statement per chunk."""
-        groups = rollups._group(
-            (g for g in self.reader.span_groups if not g.overlapped), lambda g: g.rank
-        )
+        groups = grouped((g for g in self.reader.span_groups if not g.overlapped), lambda g: g.rank)
         pairs: list[tuple[Any, ...]] = []
         where: list[tuple[int, str]] = []
-        for rank, idx in rollups._group(range(len(asked)), lambda i: asked[i][0]).items():
+        for rank, idx in grouped(range(len(asked)), lambda i: asked[i][0]).items():
             at = np.array(idx)
             lo = np.array([asked[i][1] for i in idx])
             hi = np.array([asked[i][2] for i in idx])

@@ -1,6 +1,5 @@
-"""A time window's share of the run's records, summed by the database: part of the
-repository (all SQL lives in the repository modules). Callers pass a Session; nothing here
-writes.
+"""A time window's share of the run's records, summed by the database (the rollups' SQL
+lives in service/store/rollups/). Callers pass a Session; nothing here writes.
 
 The definition is `goodput_window.parts_of`: every record cut to [lo, hi] and summed; the
 whole run's decisions (each attempt's end, status and committed steps: goodput.decide) are
@@ -52,9 +51,8 @@ from service.calc.goodput import (
 )
 from service.calc.step_stats import RECENT_STEPS, STRAGGLER_STEPS
 from service.store.models import Span, SpanTotal, Step, StepBlock
-from service.store.rollups import core as rollups
-
-FINE = rollups.FINE
+from service.store.rollups.common import COARSE, FINE, consecutive, core_rows, grouped
+from service.store.rollups.read import clashing_spans, saved_checkpoints
 
 # The statements, built once with bound parameters and run with each window's values (built
 # per window, their construction cost more than the database's work). LO and HI: the window.
@@ -216,13 +214,13 @@ class WindowReader:
         """`decided`: the whole run's decisions per rank (where each attempt's progress ends)."""
         self.session, self.run_id = session, run_id
         self.upto = {d.attempt: d.upto for ds in decided.values() for d in ds}
-        self.saved = rollups.saved_checkpoints(session, run_id)
+        self.saved = saved_checkpoints(session, run_id)
         self.clashing = {
             rank: _SortedSpans(spans)
-            for rank, spans in _group_by_rank(rollups.clashing_spans(session, run_id)).items()
+            for rank, spans in _group_by_rank(clashing_spans(session, run_id)).items()
         }
         t = SpanTotal
-        self.span_groups = rollups._rows(
+        self.span_groups = core_rows(
             session,
             select(
                 t.attempt, t.rank, t.category, t.overlapped, t.longest_s, t.first_start, t.last_end
@@ -230,12 +228,12 @@ class WindowReader:
         ).all()
         b = StepBlock
         self.block_ranks = sorted(
-            rollups._rows(
+            core_rows(
                 session,
-                select(b.rank).where(b.run_id == run_id, b.level == rollups.COARSE).distinct(),
+                select(b.rank).where(b.run_id == run_id, b.level == COARSE).distinct(),
             ).scalars()
         )
-        longest = rollups._rows(
+        longest = core_rows(
             session,
             select(func.max(b.last_end - b.first_start)).where(b.run_id == run_id, b.level == FINE),
         ).scalar()
@@ -354,8 +352,8 @@ class WindowReader:
                 continue
             a, b = min(cut[i][0] for i in part), max(cut[i][1] for i in part)
             spans = self._blocking_spans({edges[i].rank for i in part}, a, b)
-            by_rank = rollups._group(spans, lambda s: s.rank)
-            for rank, mine in rollups._group(part, lambda i: edges[i].rank).items():
+            by_rank = grouped(spans, lambda s: s.rank)
+            for rank, mine in grouped(part, lambda i: edges[i].rank).items():
                 index = SpanIndex(by_rank.get(rank, []))
                 for i, x in zip(mine, index.overlaps([cut[i] for i in mine]), strict=True):
                     blocked[i] = x
@@ -459,11 +457,11 @@ def _group_by_rank(spans: list[SpanIn]) -> dict[int, list[SpanIn]]:
 
 def _ranges(blocks: Iterable[Any]) -> dict[tuple[int, int], list[tuple[int, int]]]:
     """Per (attempt, rank): the step numbers of the blocks, as runs of whole blocks."""
-    by_key = rollups._group(blocks, lambda r: (r[0], r[1]))
+    by_key = grouped(blocks, lambda r: (r[0], r[1]))
     return {
         key: [
             (first * FINE, (last + 1) * FINE - 1)
-            for first, last in rollups._runs(sorted(r[2] for r in rows))
+            for first, last in consecutive(sorted(r[2] for r in rows))
         ]
         for key, rows in sorted(by_key.items())
     }
