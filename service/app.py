@@ -42,21 +42,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if engine is None:
         engine = prepare_database(settings.database_url, settings.auto_migrate_sqlite, db=settings)
     check = _token_check(settings)
-    # With tokens, the docs are routes of ours (api/routes/docs.py), which the check guards.
-    no_docs: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    # The documents are routes of ours (api/routes/docs.py): Swagger UI from an installed
+    # package, not a CDN, and with tokens behind the check like every other route.
     app = FastAPI(
         title="goodput",
         version="0.1.0",
         description="Goodput, badput and receipts of Mixture-of-Experts training runs.",
-        **(no_docs if check else {}),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.metrics = ServiceMetrics(app.state.sessionmaker)
     guard = [Depends(check)] if check else []
+    app.include_router(docs.router_for(app), dependencies=guard)
     if check:
-        app.include_router(docs.router_for(app), dependencies=guard)
         check.guard_unmatched(app)
     for area in ROUTERS:
         app.include_router(area.router, dependencies=[] if area in OPEN_ROUTERS else guard)

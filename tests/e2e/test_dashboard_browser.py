@@ -72,3 +72,40 @@ def test_dashboard_with_no_runs_opens_cleanly(live_server: LiveServer, browser: 
 
 def test_unknown_run_page_is_a_404(live_server: LiveServer) -> None:
     assert httpx.get(f"{live_server.base}/dashboards/goodput?run_id=nope").status_code == 404
+
+
+def offline_page(browser: Any, live_server: LiveServer) -> tuple[Any, list[str], list[str]]:
+    """A page that can reach nothing but this server: (page, problems, other sites asked)."""
+    page = browser.new_page()
+    problems: list[str] = []
+    elsewhere: list[str] = []
+
+    def only_here(route: Any) -> None:
+        if route.request.url.startswith(live_server.base + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_here)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+    return page, problems, elsewhere
+
+
+def test_swagger_ui_draws_the_api_with_no_other_site(live_server: LiveServer, browser: Any) -> None:
+    """/docs offline: Swagger UI draws every operation from files the server has (it was a
+    blank page, loaded from a CDN)."""
+    page, problems, elsewhere = offline_page(browser, live_server)
+    page.goto(f"{live_server.base}/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+    assert page.locator(".swagger-ui .opblock").count() == operations(live_server)
+    assert page.get_by_text("/api/v1/ingest", exact=True).count() == 1
+    assert elsewhere == [] and problems == []
+    page.close()
+
+
+def operations(live_server: LiveServer) -> int:
+    doc = httpx.get(f"{live_server.base}/openapi.json").json()
+    return sum(len(item) for item in doc["paths"].values())

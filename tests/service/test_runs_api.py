@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tests import factories as f
@@ -95,6 +96,22 @@ def test_openapi_docs_are_served(client: Any) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert "/api/v1/ingest" in paths and "/api/v1/runs/{run_id}/goodput" in paths
+
+
+def test_the_docs_load_nothing_from_another_site(client: Any) -> None:
+    """/docs names only this server's files (from a CDN it is a blank page offline), and
+    those are Swagger UI's real files, with their media types."""
+    html = client.get("/docs").text
+    assert "http" not in html.lower(), html
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)""", html) + re.findall(r"url: '([^']+)'", html)
+    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+    assert "/static/docs/swagger-ui-bundle.js" in urls and "/openapi.json" in urls, urls
+    for name, kind in [("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css")]:
+        resp = client.get(f"/static/docs/{name}")
+        assert resp.status_code == 200 and kind in resp.headers["content-type"]
+        assert len(resp.content) > 100_000  # the real file, not a placeholder
+    assert client.get("/static/docs/core.py").status_code == 404  # only what /docs loads
+    assert client.get("/redoc").status_code == 404  # ReDoc's page reaches for a CDN
 
 
 def test_runs_filter_by_status_pattern_and_tag(client: Any) -> None:

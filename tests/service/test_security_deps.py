@@ -17,7 +17,12 @@ from service.settings import Settings
 READ = "read-token-1234"
 WRITE = "write-token-5678"
 BODY_ROUTES = ["/api/v1/ingest", "/api/v1/import/ml-goodput"]
-DOCS = ["/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"]
+DOCS = [
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/openapi.json",
+    "/static/docs/swagger-ui-bundle.js",
+]
 
 
 @pytest.fixture

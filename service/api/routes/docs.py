@@ -1,52 +1,82 @@
-"""The API's documents when tokens are configured: /openapi.json, /docs and /redoc as routes
-of ours, so that the token check guards them like every other route (without tokens FastAPI
-serves them itself)."""
+"""The API's documents: /openapi.json and /docs (Swagger UI, with its OAuth2 redirect), served
+as routes of ours, with Swagger UI 5's script and stylesheet from the installed `fastapi_offline`
+package (made for FastAPI without a CDN: these machines, and many clusters, reach none). With
+tokens configured, app.py includes this router behind the token check like every other.
+
+No /redoc: ReDoc's page loads its logo from cdn.redoc.ly whatever the options, so it is not
+served at all rather than served half offline.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.openapi.docs import (
-    get_redoc_html,
-    get_swagger_ui_html,
-    get_swagger_ui_oauth2_redirect_html,
-)
-from fastapi.responses import HTMLResponse, JSONResponse
+from functools import lru_cache
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+OPENAPI_URL = "/openapi.json"
+REDIRECT_URL = "/docs/oauth2-redirect"
+ASSETS_URL = "/static/docs"
+# The files of fastapi_offline that /docs loads, and their media types.
+ASSETS = {
+    "swagger-ui-bundle.js": "application/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
+
+
+@lru_cache(maxsize=len(ASSETS))
+def asset(name: str) -> bytes:
+    """One file of Swagger UI, from the installed package."""
+    return resources.files("fastapi_offline").joinpath("static", name).read_bytes()
 
 
 def router_for(app: FastAPI) -> APIRouter:
-    """/openapi.json, /docs (with its OAuth2 redirect) and /redoc of `app`, served as FastAPI
-    serves them (FastAPI.setup) but as routes of a router, which the token check can guard."""
+    """The documents of `app`, served as FastAPI serves them (FastAPI.setup), with Swagger
+    UI's files from this server."""
     router = APIRouter(include_in_schema=False)
-    openapi_url, redirect_url = "/openapi.json", "/docs/oauth2-redirect"
 
-    @router.get(openapi_url)
+    def root(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    @router.get(OPENAPI_URL)
     def openapi(request: Request) -> JSONResponse:
-        root_path = request.scope.get("root_path", "").rstrip("/")
-        schema = app.openapi()
-        if root_path and app.root_path_in_servers:
+        prefix, schema = root(request), app.openapi()
+        if prefix and app.root_path_in_servers:
             server_urls = {s.get("url") for s in schema.get("servers", [])}
-            if root_path not in server_urls:
-                schema = {**schema, "servers": [{"url": root_path}, *schema.get("servers", [])]}
+            if prefix not in server_urls:
+                schema = {**schema, "servers": [{"url": prefix}, *schema.get("servers", [])]}
         return JSONResponse(schema)
 
     @router.get("/docs")
     def swagger_ui(request: Request) -> HTMLResponse:
-        root_path = request.scope.get("root_path", "").rstrip("/")
+        assets = root(request) + ASSETS_URL
         return get_swagger_ui_html(
-            openapi_url=root_path + openapi_url,
+            openapi_url=root(request) + OPENAPI_URL,
             title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=root_path + redirect_url,
+            oauth2_redirect_url=root(request) + REDIRECT_URL,
             init_oauth=app.swagger_ui_init_oauth,
             swagger_ui_parameters=app.swagger_ui_parameters,
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
         )
 
-    @router.get(redirect_url)
+    @router.get(REDIRECT_URL)
     def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @router.get("/redoc")
-    def redoc(request: Request) -> HTMLResponse:
-        root_path = request.scope.get("root_path", "").rstrip("/")
-        return get_redoc_html(openapi_url=root_path + openapi_url, title=f"{app.title} - ReDoc")
+    @router.get(ASSETS_URL + "/{name}")
+    def docs_asset(name: Annotated[str, Path(max_length=64)]) -> Response:
+        if name not in ASSETS:
+            raise HTTPException(404, detail=f"no documentation asset {name!r}")
+        return Response(
+            asset(name),
+            media_type=ASSETS[name],
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
 
     return router
