@@ -106,6 +106,18 @@ def test_swagger_ui_draws_the_api_with_no_other_site(live_server: LiveServer, br
     page.close()
 
 
+def test_redoc_draws_the_api_with_no_other_site(live_server: LiveServer, browser: Any) -> None:
+    """/redoc offline: ReDoc draws the API, its logo ours (the bundle's is on a CDN)."""
+    page, problems, elsewhere = offline_page(browser, live_server)
+    page.goto(f"{live_server.base}/redoc")
+    page.wait_for_selector("h1", timeout=20_000)  # the API's title, drawn by ReDoc
+    assert "goodput" in page.inner_text("h1")
+    page.wait_for_selector("img[alt='redocly logo']", timeout=20_000)
+    assert page.get_by_text("/api/v1/ingest").count() >= 1
+    assert elsewhere == [] and problems == []
+    page.close()
+
+
 def operations(live_server: LiveServer) -> int:
     doc = httpx.get(f"{live_server.base}/openapi.json").json()
     return sum(len(item) for item in doc["paths"].values())

@@ -99,19 +99,26 @@ def test_openapi_docs_are_served(client: Any) -> None:
 
 
 def test_the_docs_load_nothing_from_another_site(client: Any) -> None:
-    """/docs names only this server's files (from a CDN it is a blank page offline), and
-    those are Swagger UI's real files, with their media types."""
-    html = client.get("/docs").text
-    assert "http" not in html.lower(), html
-    urls = re.findall(r"""(?:src|href)=["']([^"']+)""", html) + re.findall(r"url: '([^']+)'", html)
-    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
-    assert "/static/docs/swagger-ui-bundle.js" in urls and "/openapi.json" in urls, urls
-    for name, kind in [("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css")]:
+    """/docs and /redoc name only this server's files (from a CDN they are blank pages
+    offline), and those are the real scripts, with their media types."""
+    for page, script in [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")]:
+        html = client.get(page).text
+        assert "http" not in html.lower(), html
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)""", html)
+        urls += re.findall(r"""(?:url: |spec-url=)["']([^"']+)""", html)
+        assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+        assert f"/static/docs/{script}" in urls and "/openapi.json" in urls, urls
+    for name, kind in [
+        ("swagger-ui-bundle.js", "javascript"),
+        ("swagger-ui.css", "text/css"),
+        ("redoc.standalone.js", "javascript"),
+    ]:
         resp = client.get(f"/static/docs/{name}")
         assert resp.status_code == 200 and kind in resp.headers["content-type"]
         assert len(resp.content) > 100_000  # the real file, not a placeholder
-    assert client.get("/static/docs/core.py").status_code == 404  # only what /docs loads
-    assert client.get("/redoc").status_code == 404  # ReDoc's page reaches for a CDN
+    redoc = client.get("/static/docs/redoc.standalone.js").content
+    assert b"cdn.redoc.ly" not in redoc and b"/static/docs/favicon.png" in redoc  # its logo
+    assert client.get("/static/docs/core.py").status_code == 404  # only what the pages load
 
 
 def test_runs_filter_by_status_pattern_and_tag(client: Any) -> None:

@@ -21,6 +21,7 @@ DOCS = [
     "/docs",
     "/docs/oauth2-redirect",
     "/openapi.json",
+    "/redoc",
     "/static/docs/swagger-ui-bundle.js",
 ]
 

@@ -1,10 +1,12 @@
-"""The API's documents: /openapi.json and /docs (Swagger UI, with its OAuth2 redirect), served
-as routes of ours, with Swagger UI 5's script and stylesheet from the installed `fastapi_offline`
-package (made for FastAPI without a CDN: these machines, and many clusters, reach none). With
-tokens configured, app.py includes this router behind the token check like every other.
+"""The API's documents: /openapi.json, /docs (Swagger UI 5, with its OAuth2 redirect) and
+/redoc (ReDoc), served as routes of ours, their scripts and stylesheet from the installed
+`fastapi_offline` package (made for FastAPI without a CDN: these machines, and many clusters,
+reach none). With tokens configured, app.py includes this router behind the token check like
+every other.
 
-No /redoc: ReDoc's page loads its logo from cdn.redoc.ly whatever the options, so it is not
-served at all rather than served half offline.
+ReDoc's bundle draws its "API docs by Redocly" link with a logo from cdn.redoc.ly, whatever
+the options: that one URL is replaced by our icon as the script is served (`REDOC_LOGO`), so
+that the page asks nothing of another site.
 """
 
 from __future__ import annotations
@@ -14,29 +16,38 @@ from importlib import resources
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
-from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 OPENAPI_URL = "/openapi.json"
 REDIRECT_URL = "/docs/oauth2-redirect"
 ASSETS_URL = "/static/docs"
-# The files of fastapi_offline that /docs loads, and their media types.
+# The files of fastapi_offline that the pages load, and their media types.
 ASSETS = {
     "swagger-ui-bundle.js": "application/javascript",
     "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "application/javascript",
     "favicon.png": "image/png",
 }
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 
 @lru_cache(maxsize=len(ASSETS))
 def asset(name: str) -> bytes:
-    """One file of Swagger UI, from the installed package."""
-    return resources.files("fastapi_offline").joinpath("static", name).read_bytes()
+    """One file of the pages, from the installed package (ReDoc's with its logo ours)."""
+    data = resources.files("fastapi_offline").joinpath("static", name).read_bytes()
+    if name == "redoc.standalone.js":
+        data = data.replace(REDOC_LOGO, f"{ASSETS_URL}/favicon.png".encode())
+    return data
 
 
 def router_for(app: FastAPI) -> APIRouter:
-    """The documents of `app`, served as FastAPI serves them (FastAPI.setup), with Swagger
-    UI's files from this server."""
+    """The documents of `app`, served as FastAPI serves them (FastAPI.setup), with the pages'
+    files from this server."""
     router = APIRouter(include_in_schema=False)
 
     def root(request: Request) -> str:
@@ -68,6 +79,17 @@ def router_for(app: FastAPI) -> APIRouter:
     @router.get(REDIRECT_URL)
     def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
+
+    @router.get("/redoc")
+    def redoc(request: Request) -> HTMLResponse:
+        assets = root(request) + ASSETS_URL
+        return get_redoc_html(
+            openapi_url=root(request) + OPENAPI_URL,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png",
+            with_google_fonts=False,
+        )
 
     @router.get(ASSETS_URL + "/{name}")
     def docs_asset(name: Annotated[str, Path(max_length=64)]) -> Response:
