@@ -401,12 +401,3 @@ class CompareRefusal(BaseModel):
     """A 409 of compare: no verdict for these two runs (as they are stored now)."""
 
     detail: CompareRefusalDetail
-
-
-ERROR_MODELS: tuple[type[BaseModel], ...] = (
-    ErrorMessage,
-    FieldErrors,
-    IngestConflictError,
-    ImportConflictError,
-    CompareRefusal,
-)

@@ -34,11 +34,10 @@ from service.services.errors import Invalid, NotFound
 from service.store import queries
 from service.store.migrate import current_revision
 from service.store.models import Attempt, Run
+from service.store.queries import RunStatus
 from service.store.rollups import read as rollup_read
 from service.store.rollups import series as rollup_series
 from service.store.rollups import windows
-
-RunStatus = Literal["running", "completed", "failed", "stalled"]
 
 
 def run_status(attempts: list[Attempt], now: float | None = None) -> str:

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 from sqlalchemy import (
     ColumnElement,
@@ -76,7 +76,8 @@ class Cursor:
         return cursor
 
 
-RUN_STATUSES = ("running", "completed", "failed", "stalled")
+RunStatus = Literal["running", "completed", "failed", "stalled"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 
 
 def _status_clause(status: str, now: float) -> ColumnElement[bool]:

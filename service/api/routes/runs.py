@@ -22,7 +22,7 @@ def list_runs(
     session: SessionDep,
     name: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     project: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
-    status: Annotated[Literal["running", "completed", "failed", "stalled"] | None, Query()] = None,
+    status: Annotated[runs.RunStatus | None, Query()] = None,
     pattern: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     tag: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
