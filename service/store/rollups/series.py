@@ -105,8 +105,8 @@ def _downsample(
         stmt = select(*cols).where(
             *where_blocks, b.level == lv, b.block.between(first, last), count > 0
         )
-        # Unpacked in the order of `cols` (the names it labels): a Row's attribute costs
-        # about 0.4 us, 40 times a field of tuple unpacking, and these loops are the query.
+        # Unpacked in the order of `cols` (the names it labels): a Row's attribute is a name
+        # lookup per field, far dearer than tuple unpacking, and these loops are the query.
         for n, attempt, lv_, block, low, low_step, high, high_step in core_rows(session, stmt):
             total += n
             bucket = block * lv_ // width
@@ -313,8 +313,8 @@ def routing_series(
             *where_blocks, b.level == lv, b.block.between(first, last)
         )
         for row in core_rows(session, found).all():  # thousands of rows for every layer: lean
-            # The named columns unpacked in the order of `cols` (a Row's attributes cost 40
-            # times as much, the most of this query's time), then each side's figures.
+            # The named columns unpacked in the order of `cols` (Row attributes made this
+            # loop most of the query's time), then each side's figures.
             n, count, attempt, block, low, low_step, high, high_step = row[: len(cols)]
             totals[n] += count
             bucket = block * lv // width
