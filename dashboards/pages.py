@@ -1,16 +1,34 @@
 """Page rendering: Jinja2 templates (dashboards/templates) with autoescape on, so every
-string from a run is HTML-escaped where it lands. Pages hold no numbers: they fetch figure
-JSON from the service and draw it, so a refresh redraws live data."""
+string from a run is HTML-escaped where it lands, on one shared layout (base.html: the
+header, the navigation, a run's tabs). Pages hold no numbers: their script
+(static/dashboard.js) fetches figure JSON from the page's data URL and draws it, and fetches
+again while the run is live."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Mapping
+from functools import cache, lru_cache
+from importlib import resources
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-PLOTLY_JS_URL = "/static/plotly.min.js"
+# a run's pages, in the order of its tabs: (path segment, label)
+RUN_TABS: tuple[tuple[str, str], ...] = (
+    ("goodput", "Goodput"),
+    ("performance", "Performance"),
+    ("routing", "Routing"),
+    ("receipt", "Receipt"),
+)
+REFRESH_S = 5  # how often a live page fetches its data again
+# the files under /static/ and their media types (nothing else there is served)
+STATIC_FILES: dict[str, str] = {
+    "dashboard.js": "application/javascript",
+    "dashboard.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+    "runs.js": "application/javascript",
+    "compare.js": "application/javascript",
+}
 
 
 @lru_cache(maxsize=1)
@@ -24,23 +42,57 @@ def environment() -> Environment:
     )
 
 
-def goodput_page(
-    run: Mapping[str, Any] | None,
-    runs: Sequence[Mapping[str, Any]],
-    server: str = "http://127.0.0.1:8787",
+def render(
+    template: str,
+    *,
+    page: str,
+    title: str,
+    base: str = "",
+    data_url: str | None = None,
+    run: Mapping[str, Any] | None = None,
+    axis: str | None = None,
+    **context: Any,
 ) -> str:
-    """The goodput dashboard for `run` (None: no runs yet, and how to start one against
-    `server`, this service's address), with a picker over `runs`."""
+    """One page on the shared layout. `page` names it (the navigation marks it), `base` is
+    the app's root path, `data_url` where its script fetches the figures (None: a page
+    drawn from the template alone), `run` the run whose tabs the header shows, `axis` the x
+    axis chosen ("step" or "time"; None: the page offers no choice)."""
     return (
         environment()
-        .get_template("goodput.html")
+        .get_template(template)
         .render(
-            title=f"goodput: {run['name']}" if run else "goodput: no runs yet",
-            run_name=run["name"] if run else "no runs yet",
-            run_id=run["run_id"] if run else None,
-            run_status=run.get("status", "") if run else "",
-            runs=runs,
-            plotly_js=PLOTLY_JS_URL,
-            server=server,
+            page=page,
+            title=title,
+            base=base,
+            home=f"{base}/",
+            data_url=data_url,
+            refresh_s=REFRESH_S,
+            run=run,
+            run_tabs=RUN_TABS,
+            axis=axis,
+            axis_choice=axis is not None,
+            query_keep="?x=time" if axis == "time" else "",
+            **context,
         )
     )
+
+
+def error_page(status_code: int, heading: str, detail: str, base: str = "") -> str:
+    """A readable error page for a browser, with a link home (the API keeps its JSON)."""
+    return render(
+        "error.html",
+        page="error",
+        title=f"{status_code} {heading}",
+        base=base,
+        status_code=status_code,
+        heading=heading,
+        detail=detail,
+    )
+
+
+@cache
+def static_file(name: str) -> bytes:
+    """A file of dashboards/static (one of STATIC_FILES), from the installed package."""
+    if name not in STATIC_FILES:
+        raise KeyError(name)
+    return resources.files("dashboards").joinpath("static", name).read_bytes()

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument(
+        "--null-slot",
+        action="store_true",
+        help="give the router a null slot (a choice that runs no routed expert)",
+    )
+    p.add_argument(
         "--ep-size",
         type=int,
         default=1,
@@ -112,6 +117,7 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         num_experts=args.num_experts,
         top_k=args.top_k,
         capacity_factor=args.capacity_factor,
+        null_slot=args.null_slot,
     )
     check_ep_size(args.ep_size, model_cfg.num_experts)
     cfg = TrainConfig(

@@ -21,6 +21,13 @@ from service.api.routes import (
     imports,
     ingest,
     metrics,
+    page_compare,
+    page_goodput,
+    page_performance,
+    page_receipt,
+    page_routing,
+    page_runs,
+    page_trends,
     receipts,
     runs,
 )
@@ -32,6 +39,16 @@ from service.store.migrate import prepare_database
 from trainer_hooks.records import ContractJsonSchema
 
 ROUTERS = (health, ingest, runs, receipts, compare, imports, dashboards, metrics)
+# the pages (api/negotiation.py lists their paths); their data under /ui/data
+PAGES = (
+    page_runs,
+    page_goodput,
+    page_performance,
+    page_routing,
+    page_receipt,
+    page_compare,
+    page_trends,
+)
 OPEN_ROUTERS = (health,)  # every other route needs a token when tokens are configured
 
 
@@ -60,7 +77,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(docs.router_for(app), dependencies=guard)
     if check:
         check.guard_unmatched(app)
-    for area in ROUTERS:
+    for area in (*ROUTERS, *PAGES):
         app.include_router(area.router, dependencies=[] if area in OPEN_ROUTERS else guard)
     _document(app, settings)
     add_handlers(app)

@@ -4,17 +4,23 @@ raises (503 when it is busy or down, a logged 500 for anything else)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
+from dashboards.pages import error_page
+from service.api.negotiation import wants_html
 from service.schemas import (
     CompareRefusal,
     ErrorMessage,
@@ -179,15 +185,78 @@ async def _pool_timeout(_request: Request, _exc: Exception) -> JSONResponse:
     return unavailable("database busy (no connection free in time), retry later")
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return await http_exception_handler(request, exc)
+
+
+_HEADINGS = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    409: "refused",
+    413: "too large",
+    422: "invalid request",
+    500: "server error",
+    503: "service busy",
+}
+
+
+def _detail_text(detail: Any) -> str:
+    """An error's JSON detail as one readable line."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{d.get('field') or '.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}"
+            if isinstance(d, dict)
+            else str(d)
+            for d in detail
+        )
+    if isinstance(detail, dict) and "message" in detail:
+        return str(detail["message"])
+    return str(detail)
+
+
+def _page_aware(handler: Any) -> Any:
+    """The handler's answer, or for a page (or a browser's GET) the same status as an HTML
+    page with the same detail and a link home: the API keeps its JSON errors."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        answer: Response = await handler(request, exc)
+        if not wants_html(request):
+            return answer
+        detail = json.loads(bytes(answer.body)).get("detail") if answer.body else None
+        if answer.status_code == 404 and isinstance(exc, StarletteHTTPException):
+            detail = f"nothing is served at {request.url.path}"
+        status = answer.status_code
+        headers = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() not in ("content-length", "content-type")
+        }
+        base = request.scope.get("root_path", "")
+        page = error_page(status, _HEADINGS.get(status, "error"), _detail_text(detail), base)
+        return HTMLResponse(page, status_code=status, headers=headers)
+
+    return handle
+
+
 def add_handlers(app: FastAPI) -> None:
-    """Each refusal of the services and each database error, answered by its status."""
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Invalid, _invalid)
-    app.add_exception_handler(NotFound, _not_found)
-    app.add_exception_handler(Conflict, _conflict)
-    app.add_exception_handler(Refused, _refused)
-    app.add_exception_handler(TooLarge, _too_large)
-    app.add_exception_handler(IntegrityError, _integrity_error)
-    app.add_exception_handler(OperationalError, _db_unavailable)
-    app.add_exception_handler(DBAPIError, _db_unavailable)
-    app.add_exception_handler(PoolTimeoutError, _pool_timeout)
+    """Each refusal of the services and each database error, answered by its status (as a
+    page where a browser asked for one)."""
+    handlers: list[tuple[type[Exception], Any]] = [
+        (StarletteHTTPException, _http_error),
+        (RequestValidationError, _validation_error),
+        (Invalid, _invalid),
+        (NotFound, _not_found),
+        (Conflict, _conflict),
+        (Refused, _refused),
+        (TooLarge, _too_large),
+        (IntegrityError, _integrity_error),
+        (OperationalError, _db_unavailable),
+        (DBAPIError, _db_unavailable),
+        (PoolTimeoutError, _pool_timeout),
+    ]
+    for kind, handler in handlers:
+        app.add_exception_handler(kind, _page_aware(handler))

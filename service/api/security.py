@@ -11,7 +11,8 @@ and to the app's answer for a path no route matches, so a route added later is g
 - the token travels as `Authorization: Bearer <token>` (`HTTPBearer`) or
   `X-Goodput-Token: <token>` (`APIKeyHeader`); FastAPI documents both in the OpenAPI
   document (`securitySchemes` `bearer` and `tokenHeader`, each operation's `security`).
-- browsers: open a dashboard page once as `GET /dashboards/<name>?token=<token>`. The page is
+- browsers: open a page once with `?token=<token>` (`/?token=...`, `/runs/<id>/goodput?token=`,
+  any page api/negotiation.py lists, or the old `/dashboards/goodput`). The page is
   served and a cookie (HttpOnly, SameSite=Strict, Path=/, Secure over https, gone when the
   browser closes) is set by `SessionCookie`, a small middleware, since a page returned as an
   HTMLResponse carries no header a dependency sets; the page's own fetches and plotly.js then
@@ -48,7 +49,11 @@ WRITE = 2
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 COOKIE_NAME = "goodput_session"
 _COOKIE_CONTEXT = b"goodput dashboard cookie v1"
-_DASHBOARD_PAGE = re.compile(r"^/dashboards/[^/]+/?$")
+# the pages' paths (api/negotiation.py PAGE_PATHS, which imports this module), and the
+# goodput page's first address
+_DASHBOARD_PAGE = re.compile(
+    r"^/(?:dashboards/[^/]+|runs|trends|compare|runs/[^/]+(?:/[a-z]+)?)?/?$"
+)
 TOKEN_DOC = (
     "GOODPUT_WRITE_TOKEN (any route) or GOODPUT_READ_TOKEN (GET and HEAD), as "
     "`Authorization: Bearer <token>` or `X-Goodput-Token: <token>`; a missing token is a 401, "

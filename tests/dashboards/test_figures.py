@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards import figures
-from dashboards.pages import goodput_page
+from dashboards.figures import goodput as figures
 
 
 def summary(**kw: Any) -> dict[str, Any]:
@@ -40,6 +39,27 @@ def test_negative_other_is_shown_not_hidden() -> None:
     assert rows[-1].seconds == -0.5
 
 
+def test_each_attempt_is_its_own_trace_and_each_restart_is_marked() -> None:
+    pts = [
+        {"step": s, "attempt": a, "step_time_s": 0.1, "loss": 1.0, "start": 1e9 + s}
+        for a, steps in ((0, range(0, 6)), (1, range(4, 8)))
+        for s in steps
+    ]
+    fig = figures.step_time_series(pts, "step", {0: "failed"})
+    names = [t.name for t in fig.data]
+    assert names == [
+        "step time (ms) · attempt 0",
+        "step time (ms) · attempt 1",
+        "loss · attempt 0",
+        "loss · attempt 1",
+    ]
+    assert list(fig.data[1].x) == [4, 5, 6, 7]  # no line back from step 5 to step 4
+    assert [s.x0 for s in fig.layout.shapes] == [4]
+    assert fig.layout.annotations[0].text == "attempt 1 (after: failed)"
+    wall = figures.step_time_series(pts, "time")
+    assert wall.data[0].x[0].timestamp() == 1e9 and wall.layout.xaxis.title.text.startswith("wall")
+
+
 def test_step_time_series_plots_milliseconds_and_loss() -> None:
     pts = [{"step": i, "step_time_s": 0.01 * (i + 1), "loss": 3.0 - i} for i in range(3)]
     fig = figures.step_time_series(pts)
@@ -56,33 +76,3 @@ def test_empty_data_gives_empty_figures_with_a_note() -> None:
     ):
         assert len(fig.data) == 0
         assert "no " in fig.layout.annotations[0].text
-
-
-def test_page_escapes_run_names() -> None:
-    run = {"run_id": "r1", "name": "<script>alert(1)</script>", "status": "running"}
-    html = goodput_page(run, [run])
-    assert "<script>alert(1)</script>" not in html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-
-
-def test_page_without_runs_says_so() -> None:
-    assert "no runs yet" in goodput_page(None, [])
-    page = goodput_page(None, [], "http://10.0.0.7:8787")
-    assert "goodput train --server http://10.0.0.7:8787" in page  # what to do, and where
-    assert 'id="step_time"' not in page and "<select" not in page  # no empty charts, no picker
-
-
-def test_page_attributes_and_picker_escape_what_a_run_holds() -> None:
-    import html as htmllib
-    import json
-    import re
-
-    run = {"run_id": "r-1", "name": "a \"quoted\" <b>&'name'", "status": "running"}
-    other = {"run_id": "r-2", "name": "</option><script>x()</script>", "status": "failed"}
-    page = goodput_page(run, [run, other])
-    assert "<script>x()</script>" not in page and "<b>" not in page
-    attr = re.search(r'data-run-id="([^"]*)"', page)
-    assert attr is not None and json.loads(htmllib.unescape(attr.group(1))) == "r-1"
-    options = re.findall(r'<option value="([^"]*)"( selected)?>([^<]*)</option>', page)
-    assert [(v, bool(s)) for v, s, _ in options] == [("r-1", True), ("r-2", False)]
-    assert htmllib.unescape(options[1][2]) == "</option><script>x()</script> (r-2)"

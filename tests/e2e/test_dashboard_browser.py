@@ -53,6 +53,7 @@ def test_goodput_dashboard_draws_its_charts_without_console_errors(
     records.append(f.span("data_stall", f.T0 + 11.2, f.T0 + 11.6, "dash-1"))
     httpx.post(f"{live_server.base}/api/v1/ingest", json={"records": records}).raise_for_status()
     page, problems = open_page(browser, f"{live_server.base}/dashboards/goodput?run_id=dash-1")
+    assert page.url == f"{live_server.base}/runs/dash-1/goodput"  # the page's old address
     page.wait_for_selector("body[data-ready='1']", timeout=20_000)
     for chart in ("headline", "badput", "step_time"):
         assert page.locator(f"#{chart} .main-svg").count() > 0, chart
@@ -63,15 +64,17 @@ def test_goodput_dashboard_draws_its_charts_without_console_errors(
     page.close()
 
 
-def test_dashboard_with_no_runs_opens_cleanly(live_server: LiveServer, browser: Any) -> None:
+def test_home_with_no_runs_says_how_to_start_one(live_server: LiveServer, browser: Any) -> None:
     page, problems = open_page(browser, f"{live_server.base}/dashboards/goodput")
-    page.wait_for_function("document.getElementById('status').textContent.includes('no runs')")
+    assert page.url == f"{live_server.base}/"
+    page.wait_for_selector("text=No runs yet")
+    assert f"goodput train --server {live_server.base}" in page.inner_text("main")
     assert problems == []
     page.close()
 
 
 def test_unknown_run_page_is_a_404(live_server: LiveServer) -> None:
-    assert httpx.get(f"{live_server.base}/dashboards/goodput?run_id=nope").status_code == 404
+    assert httpx.get(f"{live_server.base}/runs/nope/goodput").status_code == 404
 
 
 def offline_page(browser: Any, live_server: LiveServer) -> tuple[Any, list[str], list[str]]:

@@ -181,7 +181,8 @@ def test_head_is_answered_wherever_get_is(client: Any) -> None:
         "/api/v1/runs/run-a/goodput",
         "/api/v1/runs/run-a/export.csv",
         "/metrics",
-        "/dashboards/goodput?run_id=run-a",
+        "/runs/run-a/goodput",
+        "/ui/data/runs/run-a/goodput",
         "/openapi.json",
     ):
         got, head = client.get(path), client.head(path)

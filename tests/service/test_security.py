@@ -147,7 +147,7 @@ def test_only_a_read_token_makes_the_service_read_only(make_app: AppFactory) -> 
 
 
 def test_dashboard_page_token_sets_a_strict_http_only_cookie(secured: TestClient) -> None:
-    page = secured.get("/dashboards/goodput", params={"run_id": "run-a", "token": READ})
+    page = secured.get("/runs/run-a/goodput", params={"token": READ})
     assert page.status_code == 200
     cookie = page.headers["set-cookie"]
     assert cookie.startswith(f"{COOKIE_NAME}=")
@@ -156,13 +156,13 @@ def test_dashboard_page_token_sets_a_strict_http_only_cookie(secured: TestClient
     assert page.headers["referrer-policy"] == "no-referrer"
     assert page.headers["cache-control"] == "no-store"
     # The page's fetch() and plotly.js go with the cookie only.
-    data = secured.get("/dashboards/goodput/data", params={"run_id": "run-a"})
+    data = secured.get("/ui/data/runs/run-a/goodput")
     assert data.status_code == 200
     assert secured.get("/static/plotly.min.js").status_code == 200
 
 
 def test_the_dashboard_cookie_never_writes(secured: TestClient) -> None:
-    secured.get("/dashboards/goodput", params={"token": WRITE})
+    secured.get("/", params={"token": WRITE})
     assert secured.cookies.get(COOKIE_NAME)
     resp = secured.post("/api/v1/ingest", json={"records": [f.run("run-b")]})
     assert resp.status_code == 401
@@ -174,13 +174,13 @@ def test_a_forged_cookie_is_refused(secured: TestClient) -> None:
 
 
 def test_wrong_page_token_is_403_and_sets_no_cookie(secured: TestClient) -> None:
-    resp = secured.get("/dashboards/goodput", params={"token": WRONG})
+    resp = secured.get("/runs/run-a/goodput", params={"token": WRONG})
     assert resp.status_code == 403
     assert "set-cookie" not in resp.headers and WRONG not in resp.text
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/v1/runs", "/metrics", "/dashboards/goodput/data?run_id=run-a"]
+    "path", ["/api/v1/runs", "/metrics", "/ui/data/runs/run-a/goodput"]
 )
 def test_query_token_is_ignored_outside_dashboard_pages(secured: TestClient, path: str) -> None:
     sep = "&" if "?" in path else "?"
@@ -267,10 +267,10 @@ def test_a_browser_opens_the_dashboard_with_a_page_token(migrated_url: str) -> N
                 executable_path=shutil.which("chromium"), headless=True, args=BROWSER_ARGS
             )
             page = browser.new_page()
-            page.goto(f"{base}/dashboards/goodput?run_id=run-a&token={READ}")
+            page.goto(f"{base}/runs/run-a/goodput?token={READ}")
             page.wait_for_selector("body[data-ready='1']", timeout=20_000)  # fetch() got in
             assert page.context.cookies()[0]["httpOnly"]
-            assert browser.new_page().goto(f"{base}/dashboards/goodput").status == 401
+            assert browser.new_page().goto(f"{base}/runs/run-a/goodput").status == 401
             browser.close()
 
 

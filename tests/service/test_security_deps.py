@@ -135,7 +135,7 @@ def test_without_tokens_the_document_declares_none(client: TestClient) -> None:
 
 def test_the_page_cookie_comes_with_an_error_page_too(secured: TestClient) -> None:
     """SessionCookie sets what the check asked for, whatever the route answers."""
-    page = secured.get("/dashboards/goodput", params={"run_id": "no-such-run", "token": READ})
+    page = secured.get("/runs/no-such-run/goodput", params={"token": READ})
     assert page.status_code == 404
     assert page.headers["set-cookie"].startswith("goodput_session=")
     assert secured.get("/api/v1/runs").status_code == 200  # with the cookie alone

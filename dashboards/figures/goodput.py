@@ -1,8 +1,4 @@
-"""Pure figure builders: plain data in, `plotly.graph_objects.Figure` out.
-
-Each builder validates its input, extracts plain rows, and builds the figure from those rows
-only. Empty data gives an empty figure with a note, never an error.
-"""
+"""The goodput page's figures: the headline, where the time went, step time."""
 
 from __future__ import annotations
 
@@ -11,20 +7,16 @@ from typing import Any, NamedTuple
 
 import plotly.graph_objects as go
 
-GOOD = "#2a9d8f"
-BAD = "#e76f51"
-OTHER = "#8d99ae"
-
-
-def _empty(title: str, note: str) -> go.Figure:
-    fig = go.Figure()
-    fig.update_layout(
-        title=title,
-        xaxis={"visible": False},
-        yaxis={"visible": False},
-        annotations=[{"text": note, "showarrow": False, "font": {"size": 16}}],
-    )
-    return fig
+from dashboards.figures.common import (
+    BAD,
+    GOOD,
+    OTHER,
+    XAxis,
+    attempt_traces,
+    mark_boundaries,
+    x_title,
+)
+from dashboards.figures.common import empty as _empty
 
 
 def goodput_headline(summary: Mapping[str, Any]) -> go.Figure:
@@ -88,36 +80,25 @@ def badput_breakdown(summary: Mapping[str, Any]) -> go.Figure:
     return fig
 
 
-def step_time_series(points: Sequence[Mapping[str, Any]]) -> go.Figure:
-    """Step time (and loss on a second axis) over steps."""
+def step_time_series(
+    points: Sequence[Mapping[str, Any]],
+    axis: XAxis = "step",
+    ends: Mapping[int, str | None] | None = None,
+) -> go.Figure:
+    """Step time (and loss on a second axis) over steps or wall clock, one trace per
+    attempt, each restart marked with how the attempt before it ended (`ends`)."""
     if not points:
         return _empty("Step time", "no steps recorded yet")
-    steps = [int(p["step"]) for p in points]
     fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=steps,
-            y=[1000.0 * float(p["step_time_s"]) for p in points],
-            mode="lines+markers",
-            name="step time (ms)",
-            line={"color": GOOD},
-        )
+    bounds = attempt_traces(
+        fig, points, lambda p: 1000.0 * float(p["step_time_s"]), "step time (ms)", axis
     )
-    losses = [p.get("loss") for p in points]
-    if any(v is not None for v in losses):
-        fig.add_trace(
-            go.Scatter(
-                x=steps,
-                y=losses,
-                mode="lines",
-                name="loss",
-                yaxis="y2",
-                line={"color": OTHER, "dash": "dot"},
-            )
-        )
+    if any(p.get("loss") is not None for p in points):
+        attempt_traces(fig, points, lambda p: p.get("loss"), "loss", axis, yaxis="y2", dash="dot")
+    mark_boundaries(fig, bounds, ends)
     fig.update_layout(
         title="Step time",
-        xaxis_title="step",
+        xaxis_title=x_title(axis),
         yaxis={"title": "ms", "rangemode": "tozero"},
         yaxis2={"title": "loss", "overlaying": "y", "side": "right", "showgrid": False},
         legend={"orientation": "h", "y": -0.2},
