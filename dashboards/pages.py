@@ -26,8 +26,11 @@ STATIC_FILES: dict[str, str] = {
     "dashboard.js": "application/javascript",
     "dashboard.css": "text/css",
     "favicon.svg": "image/svg+xml",
-    "runs.js": "application/javascript",
-    "compare.js": "application/javascript",
+    # a page's own script, where it needs one (sorting, selection...): static/<page>.js
+    **{
+        f"{page}.js": "application/javascript"
+        for page in ("runs", "goodput", "performance", "routing", "receipt", "compare", "trends")
+    },
 }
 
 
@@ -95,4 +98,7 @@ def static_file(name: str) -> bytes:
     """A file of dashboards/static (one of STATIC_FILES), from the installed package."""
     if name not in STATIC_FILES:
         raise KeyError(name)
-    return resources.files("dashboards").joinpath("static", name).read_bytes()
+    try:
+        return resources.files("dashboards").joinpath("static", name).read_bytes()
+    except FileNotFoundError:
+        raise KeyError(name) from None

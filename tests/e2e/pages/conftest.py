@@ -11,12 +11,17 @@ Runs (`Site` attributes are their ids):
   (`runtime_policy.dispatch_requested`: grouped, then padded), project "ab".
 
 Screenshots go to $GOODPUT_SCREENSHOTS (default build/screenshots/), one PNG per name.
+
+While working on a page, set GOODPUT_PAGES_SITE_DB=/some/file.db: the first session trains
+the runs and keeps a copy of the database there, later sessions start from that copy
+instead of training again. CI leaves it unset and trains.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -82,9 +87,23 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """The server and its runs, made once for every page test (two trainings at a time on
     this 2-core machine)."""
     work = tmp_path_factory.mktemp("pages")
-    server = LiveServer(f"sqlite:///{work / 'pages.db'}")
+    db = work / "pages.db"
+    cached = os.environ.get("GOODPUT_PAGES_SITE_DB")
+    if cached and Path(cached).exists():
+        shutil.copyfile(cached, db)
+    server = LiveServer(f"sqlite:///{db}")
     server.start()
     s = Site(base=server.base, work=work)
+    if not (cached and Path(cached).exists()):
+        _make_runs(s)
+        if cached:
+            with sqlite3.connect(db) as src, sqlite3.connect(cached) as dst:
+                src.backup(dst)
+    yield s
+    server.stop()
+
+
+def _make_runs(s: Site) -> None:
     crash = ["--run-id", s.crashed, "--run-name", "crash and resume", "--steps", "30"]
     crash += ["--checkpoint-every", "8"]
     first = _train(s, "crash", *crash, "--fail-at-step", "18")
@@ -124,8 +143,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     )
     _done(base)
     _done(cand)
-    yield s
-    server.stop()
 
 
 @pytest.fixture(scope="session")
