@@ -20,7 +20,7 @@ RUN_TABS: tuple[tuple[str, str], ...] = (
     ("routing", "Routing"),
     ("receipt", "Receipt"),
 )
-REFRESH_S = 5  # how often a live page fetches its data again
+REFRESH_S = 5.0  # how often a live page fetches its data again (the service's setting)
 # the files under /static/ and their media types (nothing else there is served)
 STATIC_FILES: dict[str, str] = {
     "dashboard.js": "application/javascript",
@@ -54,12 +54,14 @@ def render(
     data_url: str | None = None,
     run: Mapping[str, Any] | None = None,
     axis: str | None = None,
+    refresh_s: float = REFRESH_S,
     **context: Any,
 ) -> str:
     """One page on the shared layout. `page` names it (the navigation marks it), `base` is
     the app's root path, `data_url` where its script fetches the figures (None: a page
     drawn from the template alone), `run` the run whose tabs the header shows, `axis` the x
-    axis chosen ("step" or "time"; None: the page offers no choice)."""
+    axis chosen ("step" or "time"; None: the page offers no choice), `refresh_s` how often
+    a live page fetches its data again."""
     return (
         environment()
         .get_template(template)
@@ -69,7 +71,7 @@ def render(
             base=base,
             home=f"{base}/",
             data_url=data_url,
-            refresh_s=REFRESH_S,
+            refresh_s=f"{refresh_s:g}",
             run=run,
             run_tabs=RUN_TABS,
             axis=axis,

@@ -227,7 +227,7 @@ def serve(
     application = _build_app(db)  # checks the settings and the database, whatever workers
     console.print(
         f"goodput serving on http://{host}:{port}  (dashboards: "
-        f"http://{host}:{port}/dashboards/goodput, API docs: /docs)"
+        f"http://{host}:{port}/, API docs: /docs)"
         + (f", {workers} workers" if workers > 1 else ""),
         soft_wrap=True,
     )
@@ -444,7 +444,7 @@ def demo(
         raise typer.Exit(rc)
     summary = httpx.get(f"{base}/api/v1/runs/{run_id}/goodput", timeout=30).json()
     print_goodput(summary)
-    print(f"dashboard: {base}/dashboards/goodput?run_id={run_id}")
+    print(f"dashboard: {base}/runs/{run_id}/goodput  (all runs: {base}/)")
     print(f"API docs:  {base}/docs", flush=True)
     if not exit_:
         console.print("serving; Ctrl-C to stop")

@@ -92,6 +92,12 @@ class Settings(DatabaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed by CORS (comma-separated in the env)"
     )
+    page_refresh_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=3600,
+        description="how often a dashboard page of a live run fetches its data again",
+    )
 
     @field_validator("write_token", "read_token")
     @classmethod

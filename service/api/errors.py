@@ -192,6 +192,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 _HEADINGS = {
     400: "bad request",
+    401: "a token is needed",
+    403: "token refused",
     404: "not found",
     405: "method not allowed",
     409: "refused",
@@ -229,6 +231,10 @@ def _page_aware(handler: Any) -> Any:
         detail = json.loads(bytes(answer.body)).get("detail") if answer.body else None
         if answer.status_code == 404 and isinstance(exc, StarletteHTTPException):
             detail = f"nothing is served at {request.url.path}"
+        if answer.status_code == 401:
+            detail = (
+                f"{_detail_text(detail)}; in a browser, open the page once with ?token=<read token>"
+            )
         status = answer.status_code
         headers = {
             k: v

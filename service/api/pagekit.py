@@ -30,8 +30,12 @@ def root(request: Request) -> str:
 
 
 def html(request: Request, template: str, *, page: str, title: str, **context: Any) -> HTMLResponse:
-    """A page on the shared layout (dashboards/pages.py `render`)."""
-    body = pages.render(template, page=page, title=title, base=root(request), **context)
+    """A page on the shared layout (dashboards/pages.py `render`), refreshing as often as
+    the service's settings say (GOODPUT_PAGE_REFRESH_S)."""
+    refresh_s = request.app.state.settings.page_refresh_s
+    body = pages.render(
+        template, page=page, title=title, base=root(request), refresh_s=refresh_s, **context
+    )
     return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
 

@@ -91,7 +91,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     cached = os.environ.get("GOODPUT_PAGES_SITE_DB")
     if cached and Path(cached).exists():
         shutil.copyfile(cached, db)
-    server = LiveServer(f"sqlite:///{db}")
+    server = LiveServer(f"sqlite:///{db}", page_refresh_s=1.0)  # live pages refresh each second
     server.start()
     s = Site(base=server.base, work=work)
     if not (cached and Path(cached).exists()):

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import factories as f
 from tests.e2e.pages.conftest import Site, open_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -39,3 +40,34 @@ def test_the_goodput_page_draws_each_attempt_apart(site: Site, browser: Any) -> 
     opened.shoot("goodput-crashed")
     opened.clean()
     opened.page.close()
+
+
+def test_a_live_page_follows_the_run_and_stops_once_it_ends(site: Site, browser: Any) -> None:
+    """The site serves with page_refresh_s=1: the page fetches again each second while the
+    run runs, draws what arrived, and stops fetching once the run has ended."""
+    run_id = "live-follow"
+
+    def post(*records: dict[str, Any]) -> None:
+        r = httpx.post(f"{site.base}/api/v1/ingest", json={"records": list(records)})
+        r.raise_for_status()
+
+    post(f.run(run_id, "live"), f.attempt_start(run_id), *[f.step(i, run_id) for i in range(5)])
+    opened = open_page(browser, site.base, f"/runs/{run_id}/goodput")
+    opened.ready()
+    page = opened.page
+    steps_drawn = "document.getElementById('step_time').data[0].x.length"
+    assert page.evaluate("document.body.dataset.live") == "1"
+    assert page.evaluate(steps_drawn) == 5
+    assert page.inner_text("#run-status") == "running"
+    post(*[f.step(i, run_id) for i in range(5, 9)])
+    page.wait_for_function(f"{steps_drawn} === 9", timeout=15_000)
+    post(f.attempt_end(run_id, f.T0 + 10 + 2 * 9))
+    page.wait_for_function("document.body.dataset.live === '0'", timeout=15_000)
+    assert page.inner_text("#run-status") == "completed"
+    assert "not refreshing" in page.inner_text("#status")
+    draws = page.evaluate("document.body.dataset.draws")
+    page.wait_for_timeout(2500)  # more than two refresh periods
+    assert page.evaluate("document.body.dataset.draws") == draws
+    opened.shoot("live-ended")
+    opened.clean()
+    page.close()
