@@ -55,13 +55,15 @@ def render(
     run: Mapping[str, Any] | None = None,
     axis: str | None = None,
     refresh_s: float = REFRESH_S,
+    charts: bool = True,
     **context: Any,
 ) -> str:
     """One page on the shared layout. `page` names it (the navigation marks it), `base` is
     the app's root path, `data_url` where its script fetches the figures (None: a page
     drawn from the template alone), `run` the run whose tabs the header shows, `axis` the x
     axis chosen ("step" or "time"; None: the page offers no choice), `refresh_s` how often
-    a live page fetches its data again."""
+    a live page fetches its data again, `charts` whether it draws any (plotly.js, 4.6 MB, is
+    loaded only then)."""
     return (
         environment()
         .get_template(template)
@@ -76,6 +78,7 @@ def render(
             run_tabs=RUN_TABS,
             axis=axis,
             axis_choice=axis is not None,
+            charts=charts,
             query_keep="?x=time" if axis == "time" else "",
             **context,
         )

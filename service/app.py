@@ -32,6 +32,7 @@ from service.api.routes import (
     runs,
 )
 from service.api.security import READ_METHODS, SessionCookie, TokenCheck
+from service.services.fleet import FleetCache
 from service.services.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store.db import make_sessionmaker
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.metrics = ServiceMetrics(app.state.sessionmaker)
+    app.state.fleet_cache = FleetCache()  # the runs and trends pages' per-run figures
     guard = [Depends(check)] if check else []
     app.include_router(docs.router_for(app), dependencies=guard)
     if check:

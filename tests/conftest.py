@@ -314,3 +314,32 @@ def live_server(migrated_url: str) -> Iterator[LiveServer]:
     server.start()
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------- the one browser
+
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium, one for the whole session: Playwright's sync API runs one
+    driver per thread, so every browser test shares this one."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.skip("Debian chromium is not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, headless=True, args=BROWSER_ARGS)
+        yield b
+        b.close()

@@ -16,16 +16,19 @@ WARN = "#e9c46a"
 INK = "#264653"
 # one color per attempt, in order (attempt 0 first); cycles past the end
 ATTEMPT_COLORS = ("#2a9d8f", "#e76f51", "#457b9d", "#f4a261", "#6a4c93", "#8ab17d")
-# each badput category's color (goodput is GOOD); unknown categories get OTHER
+# each badput category's color, on every page (the wire contract's categories:
+# trainer_hooks.records.BADPUT_CATEGORIES; a test checks each has one); custom ones get OTHER
 CATEGORY_COLORS = {
     "startup": "#457b9d",
     "compile": "#6a4c93",
     "data_stall": "#f4a261",
-    "checkpoint": "#8ab17d",
-    "eval": "#a8dadc",
+    "checkpoint_save": "#8ab17d",
+    "checkpoint_restore": "#5a7d4f",
+    "eval": "#4ba3c3",
     "wasted_progress": BAD,
-    "recovery": "#b5838d",
-    "profile": "#ffb4a2",
+    "infra_recovery": "#b5838d",
+    "observability": WARN,
+    "profiling": "#ffb4a2",
 }
 
 XAxis = Literal["step", "time"]
@@ -114,8 +117,9 @@ def mark_boundaries(
     boundaries: Sequence[Boundary],
     ends: Mapping[int, str | None] | None = None,
 ) -> None:
-    """A dashed vertical line where each attempt after the first starts, labelled with the
-    attempt and how the one before it ended (`ends`: attempt -> its end, e.g. "crashed")."""
+    """A dashed vertical line where each attempt after the first starts, labelled above the
+    plot (never over the data) with the attempt and how the one before it ended (`ends`:
+    attempt -> its end, e.g. "crashed")."""
     ends = ends or {}
     for b in boundaries[1:]:
         before = ends.get(b.attempt - 1)
@@ -125,11 +129,11 @@ def mark_boundaries(
             x=b.x,
             y=1.0,
             yref="paper",
+            yanchor="bottom",
+            xanchor="center",
             text=text,
             showarrow=False,
-            xanchor="left",
             font={"size": 11, "color": INK},
-            bgcolor="rgba(255,255,255,0.7)",
         )
 
 

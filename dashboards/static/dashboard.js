@@ -16,11 +16,13 @@
 
   function cellText(v) {
     if (v === null || v === undefined) { return "\u2013"; }
+    if (Array.isArray(v)) { return v.map(cellText).join(" \u00b7 "); }
     if (typeof v === "object") { return cellText(v.text); }
     return String(v);
   }
 
   function sortKey(v) {
+    if (Array.isArray(v)) { return null; }
     if (v !== null && typeof v === "object") {
       return v.sort !== undefined ? v.sort : sortKey(v.text);
     }
@@ -35,8 +37,9 @@
     return String(a).localeCompare(String(b));
   }
 
-  /* spec: {columns: [{label, num, key}], rows: [[cell...]], empty, flags: [bool], select}
-     cell: a string, a number, null, or {text, href, title, sort}. */
+  /* spec: {columns: [{label, num, help}], rows: [[cell...]], empty, flags: [bool], select,
+     sortable}. cell: a string, a number, null, {text, href, title, sort}, or a list of
+     {text, href, title} (several links in one cell). */
   function table(el, spec) {
     var state = el._sort || null;
     var rows = spec.rows.map(function (r, i) { return {cells: r, flag: spec.flags && spec.flags[i], i: i}; });
@@ -55,6 +58,7 @@
       var th = document.createElement("th");
       th.textContent = col.label;
       th.scope = "col";
+      if (col.help) { th.title = col.help; }
       if (spec.sortable) {
         th.className = "sortable";
         th.tabIndex = 0;
@@ -96,7 +100,16 @@
       r.cells.forEach(function (v, ci) {
         var td = tr.insertCell();
         if (spec.columns[ci].num) { td.className = "num"; }
-        if (v !== null && typeof v === "object" && v.href) {
+        if (Array.isArray(v)) {
+          v.forEach(function (link, li) {
+            if (li) { td.appendChild(document.createTextNode(" \u00b7 ")); }
+            var a = document.createElement("a");
+            a.href = link.href;
+            a.textContent = cellText(link);
+            if (link.title) { a.title = link.title; }
+            td.appendChild(a);
+          });
+        } else if (v !== null && typeof v === "object" && v.href) {
           var a = document.createElement("a");
           a.href = v.href;
           a.textContent = cellText(v);

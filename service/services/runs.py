@@ -84,8 +84,15 @@ def list_runs(
     tag: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    name_contains: str | None = None,
+    lane: str | None = None,
+    created_from: float | None = None,
+    created_to: float | None = None,
 ) -> RunList:
-    """Runs, newest first, filtered; `cursor` is the `next_cursor` of the page before."""
+    """Runs, newest first, filtered; `cursor` is the `next_cursor` of the page before.
+    `name` is the exact name, `name_contains` a substring of it in any case; `lane` the
+    requested dispatch (runtime_policy.dispatch_requested); created_from <= created_at <
+    created_to (seconds since the epoch; an empty range matches no run)."""
     try:
         after = queries.Cursor.decode(cursor) if cursor else None
     except ValueError as exc:
@@ -99,6 +106,10 @@ def list_runs(
         tag=tag,
         limit=limit,
         cursor=after,
+        name_contains=name_contains,
+        lane=lane,
+        created_from=created_from,
+        created_to=created_to,
     )
     ids = [r.run_id for r in runs]
     attempts: dict[str, list[Attempt]] = {}

@@ -115,16 +115,27 @@ def _status_clause(status: str, now: float) -> ColumnElement[bool]:
     return and_(~failed, ~completed, ~stalled)
 
 
-def _plan_pattern(session: Session) -> ColumnElement[Any]:
-    """The plan's "pattern", NULL where the database cannot read the stored plan as JSON
-    (stored before the contract refused NUL and NaN in JSON fields): PostgreSQL's ->> raises
-    on a json value holding \\u0000 and SQLite's json_extract on NaN, for every row scanned."""
-    value = Run.model_plan["pattern"].as_string()
+def _readable_json(session: Session, column: Any) -> ColumnElement[bool]:
+    """Whether the database can read the stored JSON `column`: false for values stored before
+    the contract refused NUL and NaN in JSON fields (PostgreSQL's ->> raises on a json value
+    holding \\u0000 and SQLite's json_extract on NaN, for every row scanned)."""
     if session.get_bind().dialect.name == "postgresql":
-        readable = func.strpos(Run.model_plan.cast(SAText), "\\u0000") == 0
-    else:
-        readable = func.json_valid(Run.model_plan) == 1
-    return case((readable, value), else_=None)
+        return func.strpos(column.cast(SAText), "\\u0000") == 0
+    return func.json_valid(column) == 1
+
+
+def plan_pattern(session: Session) -> ColumnElement[Any]:
+    """The plan's "pattern" (model_plan.pattern), NULL where the stored plan is unreadable
+    as JSON (`_readable_json`)."""
+    value = Run.model_plan["pattern"].as_string()
+    return case((_readable_json(session, Run.model_plan), value), else_=None)
+
+
+def policy_lane(session: Session) -> ColumnElement[Any]:
+    """The dispatch lane the run asked for (runtime_policy.dispatch_requested: grouped,
+    padded, loop, auto...), NULL where the stored policy is unreadable as JSON."""
+    value = Run.runtime_policy["dispatch_requested"].as_string()
+    return case((_readable_json(session, Run.runtime_policy), value), else_=None)
 
 
 def list_runs(
@@ -137,17 +148,31 @@ def list_runs(
     tag: str | None = None,
     limit: int = 50,
     cursor: Cursor | None = None,
+    name_contains: str | None = None,
+    lane: str | None = None,
+    created_from: float | None = None,
+    created_to: float | None = None,
 ) -> tuple[list[Run], Cursor | None]:
-    """Newest first, keyset-paginated on (created_at, run_id)."""
+    """Newest first, keyset-paginated on (created_at, run_id). `name` is the exact name,
+    `name_contains` a substring of it (any case); `lane` the requested dispatch
+    (runtime_policy.dispatch_requested); created_from <= created_at < created_to."""
     stmt: Select[tuple[Run]] = select(Run)
     if name is not None:
         stmt = stmt.where(Run.name == name)
+    if name_contains is not None:
+        stmt = stmt.where(func.lower(Run.name).contains(name_contains.lower(), autoescape=True))
+    if lane is not None:
+        stmt = stmt.where(policy_lane(session) == lane)
+    if created_from is not None:
+        stmt = stmt.where(Run.created_at >= created_from)
+    if created_to is not None:
+        stmt = stmt.where(Run.created_at < created_to)
     if project is not None:
         stmt = stmt.where(Run.project == project)
     if status is not None:
         stmt = stmt.where(_status_clause(status, time.time()))
     if pattern is not None:
-        stmt = stmt.where(_plan_pattern(session) == pattern)
+        stmt = stmt.where(plan_pattern(session) == pattern)
     if tag is not None:
         stmt = stmt.where(exists().where(RunTag.run_id == Run.run_id, RunTag.tag == tag))
     if cursor is not None:

@@ -54,3 +54,11 @@ def test_only_the_listed_static_files_are_served() -> None:
         except KeyError:
             continue
         raise AssertionError(name)
+
+
+def test_every_badput_category_of_the_contract_has_its_own_color() -> None:
+    from dashboards.figures.common import CATEGORY_COLORS
+    from trainer_hooks.records import BADPUT_CATEGORIES
+
+    assert set(CATEGORY_COLORS) == set(BADPUT_CATEGORIES)
+    assert len(set(CATEGORY_COLORS.values())) == len(CATEGORY_COLORS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,9 +178,7 @@ def test_wrong_page_token_is_403_and_sets_no_cookie(secured: TestClient) -> None
     assert "set-cookie" not in resp.headers and WRONG not in resp.text
 
 
-@pytest.mark.parametrize(
-    "path", ["/api/v1/runs", "/metrics", "/ui/data/runs/run-a/goodput"]
-)
+@pytest.mark.parametrize("path", ["/api/v1/runs", "/metrics", "/ui/data/runs/run-a/goodput"])
 def test_query_token_is_ignored_outside_dashboard_pages(secured: TestClient, path: str) -> None:
     sep = "&" if "?" in path else "?"
     assert secured.get(f"{path}{sep}token={READ}").status_code == 401
@@ -253,28 +250,19 @@ def test_cors_preflight_needs_no_token_and_a_401_is_readable(make_app: AppFactor
 
 @pytest.mark.browser
 @pytest.mark.e2e
-def test_a_browser_opens_the_dashboard_with_a_page_token(migrated_url: str) -> None:
-    if not shutil.which("chromium"):
-        pytest.skip("Debian chromium is not installed (make test installs it)")
-    from playwright.sync_api import sync_playwright
-
+def test_a_browser_opens_the_dashboard_with_a_page_token(migrated_url: str, browser: Any) -> None:
     app = create_app(Settings(database_url=migrated_url, read_token=READ, write_token=WRITE))
     with served(app) as base:
         records = {"records": f.full_run(steps=5)}
         httpx.post(f"{base}/api/v1/ingest", json=records, headers=bearer(WRITE)).raise_for_status()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=shutil.which("chromium"), headless=True, args=BROWSER_ARGS
-            )
-            page = browser.new_page()
-            page.goto(f"{base}/runs/run-a/goodput?token={READ}")
-            page.wait_for_selector("body[data-ready='1']", timeout=20_000)  # fetch() got in
-            assert page.context.cookies()[0]["httpOnly"]
-            assert browser.new_page().goto(f"{base}/runs/run-a/goodput").status == 401
-            browser.close()
-
-
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run"]
+        page = browser.new_page()
+        page.goto(f"{base}/runs/run-a/goodput?token={READ}")
+        page.wait_for_selector("body[data-ready='1']", timeout=20_000)  # fetch() got in
+        assert page.context.cookies()[0]["httpOnly"]
+        other = browser.new_page()  # a context of its own: no cookie
+        assert other.goto(f"{base}/runs/run-a/goodput").status == 401
+        page.close()
+        other.close()
 
 
 @contextmanager

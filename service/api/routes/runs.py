@@ -25,6 +25,40 @@ def list_runs(
     status: Annotated[runs.RunStatus | None, Query()] = None,
     pattern: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     tag: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")] = None,
+    name_contains: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            pattern=r"^[^\x00]*$",
+            description="a substring of the name, in any case (`name` is the exact name)",
+        ),
+    ] = None,
+    lane: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            pattern=r"^[^\x00]*$",
+            description="the dispatch the run asked for: `runtime_policy.dispatch_requested` "
+            "(grouped, padded, loop, auto...)",
+        ),
+    ] = None,
+    created_from: Annotated[
+        float | None,
+        Query(
+            ge=0.0,
+            le=7_258_118_400.0,
+            description="runs created at or after this time (seconds since the epoch)",
+        ),
+    ] = None,
+    created_to: Annotated[
+        float | None,
+        Query(
+            ge=0.0,
+            le=7_258_118_400.0,
+            description="runs created before this time (seconds since the epoch); at or "
+            "before `created_from`, no run matches",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[
         str | None,
@@ -35,8 +69,8 @@ def list_runs(
         ),
     ] = None,
 ) -> RunList:
-    """Runs, newest first, filtered by name, project, status, layer pattern and tag; follow
-    `next_cursor` for more."""
+    """Runs, newest first, filtered by name (exact or `name_contains`), project, status,
+    layer pattern, tag, dispatch lane and creation time; follow `next_cursor` for more."""
     return runs.list_runs(
         session,
         name=name,
@@ -46,6 +80,10 @@ def list_runs(
         tag=tag,
         limit=limit,
         cursor=cursor,
+        name_contains=name_contains,
+        lane=lane,
+        created_from=created_from,
+        created_to=created_to,
     )
 
 

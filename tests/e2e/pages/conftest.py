@@ -1,6 +1,7 @@
 """What the pages' browser tests share: one server on loopback holding runs made by the
-bundled training loop (`goodput train`, real processes), a headless Debian Chromium that
-can reach nothing but that server, and screenshots of what it drew.
+bundled training loop (`goodput train`, real processes), pages that can reach nothing but
+that server (in the session's one Chromium: tests/conftest.py `browser`), and screenshots of
+what it drew.
 
 Runs (`Site` attributes are their ids):
 - `crashed`: crashes at step 18 (`--fail-at-step`), resumes from its step-15 checkpoint as
@@ -35,15 +36,6 @@ import pytest
 from moe_core.loop import FAIL_EXIT_CODE
 from tests.conftest import LiveServer
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOTS = Path(os.environ.get("GOODPUT_SCREENSHOTS", "build/screenshots"))
 TRAIN = [sys.executable, "-m", "service.cli", "train", "--no-progress"]
 COMMON = ["--pattern", "AEME", "--eval-every", "10", "--flush-timeout", "30"]
@@ -143,18 +135,6 @@ def _make_runs(s: Site) -> None:
     )
     _done(base)
     _done(cand)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    if not shutil.which("chromium"):
-        pytest.skip("Debian chromium is not installed (make test installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @dataclass
