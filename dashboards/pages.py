@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import cache, lru_cache
 from importlib import resources
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
@@ -107,3 +108,30 @@ def static_file(name: str) -> bytes:
         return resources.files("dashboards").joinpath("static", name).read_bytes()
     except FileNotFoundError:
         raise KeyError(name) from None
+
+
+# plotly.js's cartesian bundle from the npm registry (make installs it: package.json), beside
+# the project; it holds every trace type the figures use (TRACE_TYPES, a test checks)
+CARTESIAN_BUNDLE = (
+    Path(__file__).resolve().parents[1]
+    / "node_modules"
+    / "plotly.js-cartesian-dist-min"
+    / "plotly-cartesian.min.js"
+)
+TRACE_TYPES = frozenset({"scatter", "bar", "heatmap"})
+
+
+class Bundle(NamedTuple):
+    name: str
+    body: bytes
+
+
+@lru_cache(maxsize=1)
+def plotly_js() -> Bundle:
+    """The plotly.js the pages load: the cartesian bundle where npm installed it (1.5 MB,
+    parsed three times faster), else the plotly package's full one (4.8 MB). Both are the
+    plotly.js version the plotly package writes figures for (package.json pins it)."""
+    if CARTESIAN_BUNDLE.is_file():
+        return Bundle("plotly.js-cartesian-dist-min", CARTESIAN_BUNDLE.read_bytes())
+    full = resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
+    return Bundle("plotly", full)

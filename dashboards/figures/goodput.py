@@ -31,24 +31,6 @@ def escape(text: str) -> str:
     return _escape(text, quote=False)
 
 
-def goodput_headline(summary: Mapping[str, Any]) -> go.Figure:
-    """Goodput fraction as a gauge, with the seconds behind it."""
-    fraction = summary.get("goodput_fraction")
-    if fraction is None:
-        return _empty("Goodput", "no time recorded yet")
-    fig = go.Figure(
-        go.Indicator(
-            mode="gauge+number",
-            value=100.0 * float(fraction),
-            number={"suffix": "%", "valueformat": ".1f"},
-            gauge={"axis": {"range": [0, 100]}, "bar": {"color": GOOD}},
-            title={"text": f"goodput {summary['goodput_s']:.2f} s of {summary['total_s']:.2f} s"},
-        )
-    )
-    fig.update_layout(title="Goodput", margin={"t": 60, "b": 10})
-    return fig
-
-
 class BarRow(NamedTuple):
     label: str
     seconds: float
@@ -66,6 +48,52 @@ def badput_rows(summary: Mapping[str, Any]) -> list[BarRow]:
     if other:
         rows.append(BarRow("other (unattributed)", other, OTHER))
     return rows
+
+
+def goodput_headline(summary: Mapping[str, Any]) -> go.Figure:
+    """The goodput fraction as one bar of the whole wall time: goodput, then each badput
+    category and the unattributed rest, stacked in percent, the seconds on hover."""
+    fraction = summary.get("goodput_fraction")
+    total = float(summary.get("total_s") or 0.0)
+    if fraction is None or total <= 0:
+        return _empty("Goodput", "no time recorded yet")
+    fig = go.Figure()
+    shown = [r for r in badput_rows(summary) if r.seconds > 0]
+    for r in shown:
+        fig.add_trace(
+            go.Bar(
+                x=[100.0 * r.seconds / total],
+                y=["wall time"],
+                orientation="h",
+                name=r.label,
+                marker={"color": r.color},
+                customdata=[[r.seconds]],
+                hovertemplate=f"{r.label}: %{{x:.1f}}% (%{{customdata[0]:.3f}} s)<extra></extra>",
+                text=[f"{100.0 * r.seconds / total:.1f}%"] if r.label == "goodput" else None,
+                textposition="inside",
+            )
+        )
+    goodput_s, total_s = float(summary["goodput_s"]), float(summary["total_s"])
+    fig.update_layout(
+        title=f"Goodput {100.0 * float(fraction):.1f}% · {goodput_s:.2f} s of {total_s:.2f} s",
+        barmode="stack",
+        xaxis={"range": [0, 100], "ticksuffix": "%", "title": "share of the wall time"},
+        yaxis={"visible": False},
+        legend={"orientation": "h", "y": -0.35},
+        margin={"t": 60, "b": 20, "l": 20, "r": 20},
+    )
+    other = float(summary.get("other_s", 0.0))
+    if other < 0:
+        fig.add_annotation(
+            text=f"other: {other:.3f} s (parts overlap: see ACCOUNTING.md)",
+            showarrow=False,
+            xref="paper",
+            yref="paper",
+            x=1,
+            y=1.08,
+            xanchor="right",
+        )
+    return fig
 
 
 def badput_breakdown(summary: Mapping[str, Any]) -> go.Figure:

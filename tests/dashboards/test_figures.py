@@ -18,10 +18,18 @@ def summary(**kw: Any) -> dict[str, Any]:
     return {**base, **kw}
 
 
-def test_headline_shows_the_goodput_percentage() -> None:
+def test_headline_stacks_the_wall_time_in_percent_and_says_the_goodput() -> None:
     fig = figures.goodput_headline(summary())
-    assert fig.data[0].value == 60.0
-    assert "6.00 s of 10.00 s" in fig.data[0].title.text
+    assert [t.name for t in fig.data] == [
+        "goodput",
+        "data_stall",
+        "startup",
+        "other (unattributed)",
+    ]
+    assert [t.x[0] for t in fig.data] == [60.0, 20.0, 10.0, 10.0]  # of 10 s, summing to 100
+    assert fig.layout.barmode == "stack"
+    assert fig.layout.title.text == "Goodput 60.0% · 6.00 s of 10.00 s"
+    assert {t.type for t in fig.data} <= {"bar"}  # in the cartesian bundle (pages.TRACE_TYPES)
 
 
 def test_badput_rows_skip_zero_categories_and_order_by_size() -> None:

@@ -4,6 +4,7 @@ run's tabs, the error page."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from dashboards import pages
 
@@ -62,3 +63,39 @@ def test_every_badput_category_of_the_contract_has_its_own_color() -> None:
 
     assert set(CATEGORY_COLORS) == set(BADPUT_CATEGORIES)
     assert len(set(CATEGORY_COLORS.values())) == len(CATEGORY_COLORS)
+
+
+def test_the_figures_draw_only_traces_of_the_bundle_served() -> None:
+    """The pages are served plotly.js's cartesian bundle (pages.plotly_js) where npm
+    installed it: every trace a figure builder makes must be one it holds."""
+    import ast
+    from pathlib import Path
+
+    made = set()
+    for module in Path(pages.__file__).parent.joinpath("figures").glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "go"
+                and node.func.attr != "Figure"
+            ):
+                made.add(node.func.attr.lower())
+    assert made and made <= pages.TRACE_TYPES, made - pages.TRACE_TYPES
+
+
+def test_the_cartesian_bundle_is_served_where_npm_installed_it() -> None:
+    bundle = pages.plotly_js()
+    if not pages.CARTESIAN_BUNDLE.is_file():
+        assert bundle.name == "plotly"  # the plotly package's full bundle
+        return
+    assert bundle.name == "plotly.js-cartesian-dist-min"
+    import plotly
+
+    def version(head: bytes) -> str:
+        return re.search(rb"plotly\.js[^\n]* v(\d+\.\d+\.\d+)", head).group(1).decode()  # type: ignore[union-attr]
+
+    full = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    # the plotly.js version the plotly package writes figures for
+    assert version(bundle.body[:200]) == version(full.read_bytes()[:200])

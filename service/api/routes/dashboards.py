@@ -1,10 +1,8 @@
-"""The pages' files (plotly.js from the installed plotly package; the layout's script,
+"""The pages' files (plotly.js from an installed package; the layout's script,
 style sheet and icon from dashboards/static) and the old address of the goodput page."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-from importlib import resources
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -18,15 +16,12 @@ router = APIRouter()
 _CACHE = {"Cache-Control": "public, max-age=3600"}
 
 
-@lru_cache(maxsize=1)
-def _plotly_js() -> bytes:
-    return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
-
-
 @router.get("/static/plotly.min.js", include_in_schema=False)
 def plotly_js() -> Response:
-    """plotly.js from the plotly package: these machines have no CDN."""
-    return Response(_plotly_js(), media_type="application/javascript", headers=_CACHE)
+    """plotly.js from an installed package (dashboards/pages.py `plotly_js`), never a CDN."""
+    bundle = pages.plotly_js()
+    headers = {**_CACHE, "X-Goodput-Bundle": bundle.name}
+    return Response(bundle.body, media_type="application/javascript", headers=headers)
 
 
 @router.get("/static/{name}", include_in_schema=False)

@@ -27,6 +27,7 @@ def receipt_page(request: Request, session: SessionDep, run_id: RunIdPath) -> HT
         "receipt.html",
         page="receipt",
         title=f"receipt · {run.name}",
+        charts=False,  # tables only: no plotly.js to load
         run=pagekit.run_header(run),
         data_url=pagekit.data_url(request, f"/runs/{run_id}/receipt"),
         json_url=f"{api}/receipt",
