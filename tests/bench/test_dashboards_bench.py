@@ -1,5 +1,5 @@
-"""Smoke test of bench/dashboards.py: a 2,000-step scale run, every page opened in Chromium,
-one row per page and the last line's format; a second run reuses the database."""
+"""Smoke test of bench/dashboards.py: a 1,000-step scale run, every page opened in Chromium,
+one row per page and the last line's format."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ PAGES = 8
 
 
 def bench(*args: str) -> list[str]:
-    cmd = [sys.executable, "bench/dashboards.py", "--steps", "2000", "--reps", "1", *args]
+    cmd = [sys.executable, "bench/dashboards.py", "--steps", "1000", "--reps", "1", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout.strip().splitlines()
@@ -47,8 +47,3 @@ def test_tiny_scale_run_times_every_page_and_prints_the_last_line(tmp_path: Path
     # the compare page (built with this bench) is drawn: 5 charts, no console error
     assert compare[1] == "200" and compare[7:9] == ["5", "0"], compare
     assert int(compare[2]) > 10_000 and float(compare[4]) > 0
-    # a second run finds both runs in the database and ingests nothing
-    again = bench("--db", db, "--only", "/compare")
-    assert sum("already stored" in line for line in again) == 2
-    assert not any("ingested" in line for line in again)
-    assert LAST_LINE.match(again[-1]) and len(table(again)) == 1
