@@ -3,6 +3,7 @@ their boundaries marked, and the x axis (step or wall clock)."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -123,7 +124,9 @@ def mark_boundaries(
     ends = ends or {}
     for b in boundaries[1:]:
         before = ends.get(b.attempt - 1)
-        text = f"attempt {b.attempt}" + (f" (after: {before})" if before else "")
+        # an end's cause is a run's text: escaped, as Plotly reads a few tags in a text
+        after = f" (after: {html.escape(before, quote=False)})" if before else ""
+        text = f"attempt {b.attempt}{after}"
         fig.add_vline(x=b.x, line={"color": INK, "dash": "dash", "width": 1})
         fig.add_annotation(
             x=b.x,

@@ -65,6 +65,10 @@ def test_each_attempt_is_its_own_trace_and_each_restart_is_marked() -> None:
     assert list(fig.data[1].x) == [4, 5, 6, 7]  # no line back from step 5 to step 4
     assert [s.x0 for s in fig.layout.shapes] == [4]
     assert fig.layout.annotations[0].text == "attempt 1 (after: failed)"
+    hostile = figures.step_time_series(pts, "step", {0: "failed: <a href='x'>oom</a>"})
+    assert hostile.layout.annotations[0].text == (
+        "attempt 1 (after: failed: &lt;a href='x'&gt;oom&lt;/a&gt;)"
+    )
     wall = figures.step_time_series(pts, "time")
     assert wall.data[0].x[0].timestamp() == 1e9 and wall.layout.xaxis.title.text.startswith("wall")
 

@@ -6,7 +6,7 @@ stragglers."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from dashboards.figures import goodput as figures
 from dashboards.figures import timeline as gantt
@@ -17,6 +17,12 @@ from service.services import accounting, runs, timeline
 router = APIRouter(include_in_schema=False)
 
 MAX_POINTS = 2000  # step-time points drawn, at most (services.runs.steps downsamples)
+
+
+@router.get("/runs/{run_id}")
+def run_page(request: Request, run_id: RunIdPath) -> RedirectResponse:
+    """A run's address opens its first page, the goodput page (the API's is /api/v1/runs/{id})."""
+    return RedirectResponse(f"{pagekit.root(request)}/runs/{run_id}/goodput", status_code=307)
 
 
 @router.get("/runs/{run_id}/goodput", response_class=HTMLResponse)
