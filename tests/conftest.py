@@ -328,10 +328,11 @@ BROWSER_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Debian Chromium, one for the whole session: Playwright's sync API runs one
-    driver per thread, so every browser test shares this one."""
+    """Headless Debian Chromium, one per test module, closed after it: Playwright's sync API
+    runs one driver per thread at a time, and while it runs it holds an event loop in this
+    thread (so a later test's asyncio.run() would fail): every browser test takes this one."""
     import shutil
 
     chromium = shutil.which("chromium")
