@@ -79,7 +79,7 @@ def goodput_headline(summary: Mapping[str, Any]) -> go.Figure:
         barmode="stack",
         xaxis={"range": [0, 100], "ticksuffix": "%", "title": "share of the wall time"},
         yaxis={"visible": False},
-        legend={"orientation": "h", "y": -0.35},
+        legend={"orientation": "h", "y": -0.35, "traceorder": "normal"},
         margin={"t": 60, "b": 20, "l": 20, "r": 20},
     )
     other = float(summary.get("other_s", 0.0))
