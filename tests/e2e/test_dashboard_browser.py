@@ -7,7 +7,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import factories as f
 from tests.conftest import LiveServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -23,24 +22,6 @@ def open_page(browser: Any, url: str) -> tuple[Any, list[str]]:
     return page, problems
 
 
-def test_goodput_dashboard_draws_its_charts_without_console_errors(
-    live_server: LiveServer, browser: Any
-) -> None:
-    records = f.full_run("dash-1", steps=20, name="<b>bold</b> run")
-    records.append(f.span("data_stall", f.T0 + 11.2, f.T0 + 11.6, "dash-1"))
-    httpx.post(f"{live_server.base}/api/v1/ingest", json={"records": records}).raise_for_status()
-    page, problems = open_page(browser, f"{live_server.base}/dashboards/goodput?run_id=dash-1")
-    assert page.url == f"{live_server.base}/runs/dash-1/goodput"  # the page's old address
-    page.wait_for_selector("body[data-ready='1']", timeout=20_000)
-    for chart in ("headline", "badput", "step_time"):
-        assert page.locator(f"#{chart} .main-svg").count() > 0, chart
-    assert page.locator("#step_time .scatterlayer .trace").count() == 2
-    assert page.locator("#badput .bars .point").count() >= 3
-    assert page.inner_text("#run-name") == "<b>bold</b> run"  # shown as text, not markup
-    assert problems == []
-    page.close()
-
-
 def test_home_with_no_runs_says_how_to_start_one(live_server: LiveServer, browser: Any) -> None:
     page, problems = open_page(browser, f"{live_server.base}/dashboards/goodput")
     assert page.url == f"{live_server.base}/"
@@ -48,10 +29,6 @@ def test_home_with_no_runs_says_how_to_start_one(live_server: LiveServer, browse
     assert f"goodput train --server {live_server.base}" in page.inner_text("main")
     assert problems == []
     page.close()
-
-
-def test_unknown_run_page_is_a_404(live_server: LiveServer) -> None:
-    assert httpx.get(f"{live_server.base}/runs/nope/goodput").status_code == 404
 
 
 def offline_page(browser: Any, live_server: LiveServer) -> tuple[Any, list[str], list[str]]:

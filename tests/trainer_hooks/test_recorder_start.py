@@ -252,6 +252,7 @@ def test_attempt_start_now_and_an_explicit_time(fresh_process: None) -> None:
 @pytest.mark.parametrize(
     ("value", "error"),
     [("soon", TypeError), (True, TypeError), (time.time() + 3600, ValueError), (5.0, ValueError)],
+    ids=["a-string", "a-bool", "an-hour-ahead", "before-2000"],  # the same in every process
 )
 def test_an_impossible_attempt_start_is_refused(
     fresh_process: None, value: Any, error: type[Exception]

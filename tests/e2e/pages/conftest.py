@@ -180,3 +180,11 @@ def open_page(browser: Any, base: str, path: str, width: int = 1400) -> Opened:
     page.on("requestfailed", lambda r: opened.problems.append(f"failed: {r.url}"))
     page.goto(base + path)
     return opened
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers), every page test goes to the same
+    worker (`--dist loadgroup`), so the site is built once."""
+    for item in items:
+        if "tests/e2e/pages/" in str(item.path):
+            item.add_marker(pytest.mark.xdist_group("pages"))
