@@ -32,18 +32,6 @@ from tests.service.accounting_reference import Reference
 from tests.service.test_accounting_properties import Features, Timeline, timelines
 
 TOL = 1e-6
-DRAWN_SPANS = (
-    "startup",
-    "compile",
-    "eval",
-    "data_stall",
-    "checkpoint_save",
-    "checkpoint_restore",
-    "profiling",
-    "observability",
-    "custom:x",
-    "custom:y",
-)
 
 
 # ---- merge, against the rule read literally -------------------------------------------
