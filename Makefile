@@ -42,7 +42,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/lint-imports
 
 test: $(VENV)/.installed-dev node_modules/.installed chromium lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules goodput.db goodput.db-wal goodput.db-shm goodput-spool

@@ -15,7 +15,8 @@ Screenshots go to $GOODPUT_SCREENSHOTS (default build/screenshots/), one PNG per
 
 While working on a page, set GOODPUT_PAGES_SITE_DB=/some/file.db: the first session trains
 the runs and keeps a copy of the database there, later sessions start from that copy
-instead of training again. CI leaves it unset and trains.
+instead of training again. CI leaves it unset and trains once: under pytest-xdist the
+workers share one copy (`_cached_db`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from filelock import FileLock
 
 from moe_core.loop import FAIL_EXIT_CODE
 from tests.conftest import LiveServer
@@ -80,19 +83,31 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     this 2-core machine)."""
     work = tmp_path_factory.mktemp("pages")
     db = work / "pages.db"
-    cached = os.environ.get("GOODPUT_PAGES_SITE_DB")
-    if cached and Path(cached).exists():
-        shutil.copyfile(cached, db)
-    server = LiveServer(f"sqlite:///{db}", page_refresh_s=1.0)  # live pages refresh each second
-    server.start()
-    s = Site(base=server.base, work=work)
-    if not (cached and Path(cached).exists()):
-        _make_runs(s)
-        if cached:
-            with sqlite3.connect(db) as src, sqlite3.connect(cached) as dst:
-                src.backup(dst)
+    cached = _cached_db(tmp_path_factory)
+    with FileLock(f"{cached}.lock") if cached else nullcontext():
+        if cached and cached.exists():
+            shutil.copyfile(cached, db)
+        server = LiveServer(f"sqlite:///{db}", page_refresh_s=1.0)  # live pages: every 1 s
+        server.start()
+        s = Site(base=server.base, work=work)
+        if not (cached and cached.exists()):
+            _make_runs(s)
+            if cached:
+                with sqlite3.connect(db) as src, sqlite3.connect(cached) as dst:
+                    src.backup(dst)
     yield s
     server.stop()
+
+
+def _cached_db(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """Where the site's database is kept for reuse: GOODPUT_PAGES_SITE_DB, else, under
+    pytest-xdist, beside the workers' temporary directories (the first worker to need the
+    site trains its runs, the others wait for it and copy them); None: train here."""
+    if os.environ.get("GOODPUT_PAGES_SITE_DB"):
+        return Path(os.environ["GOODPUT_PAGES_SITE_DB"])
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.getbasetemp().parent / "pages-site.db"
+    return None
 
 
 def _make_runs(s: Site) -> None:
@@ -180,11 +195,3 @@ def open_page(browser: Any, base: str, path: str, width: int = 1400) -> Opened:
     page.on("requestfailed", lambda r: opened.problems.append(f"failed: {r.url}"))
     page.goto(base + path)
     return opened
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs two workers), every page test goes to the same
-    worker (`--dist loadgroup`), so the site is built once."""
-    for item in items:
-        if "tests/e2e/pages/" in str(item.path):
-            item.add_marker(pytest.mark.xdist_group("pages"))
