@@ -7,18 +7,12 @@ JSON their script fetches) lives under `/ui/data`.
 
 from __future__ import annotations
 
-import re
-
 from starlette.requests import Request
 from starlette.types import Scope
 
-from service.api.security import route_path
+from service.api.security import PAGE_PATHS, route_path
 
 UI_DATA = "/ui/data"  # where the pages' data routes are
-PAGE_TABS = ("goodput", "performance", "routing", "receipt")
-PAGE_PATHS = re.compile(
-    r"^/(?:|runs|trends|compare|runs/[^/]+(?:/(?:" + "|".join(PAGE_TABS) + r"))?)/?$"
-)
 
 
 def _quality(accept: str, media: str) -> float:

@@ -44,16 +44,19 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dashboards.pages import RUN_TABS
+
 READ = 1
 WRITE = 2
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 COOKIE_NAME = "goodput_session"
 _COOKIE_CONTEXT = b"goodput dashboard cookie v1"
-# the pages' paths (api/negotiation.py PAGE_PATHS, which imports this module), and the
-# goodput page's first address
-_DASHBOARD_PAGE = re.compile(
-    r"^/(?:dashboards/[^/]+|runs|trends|compare|runs/[^/]+(?:/[a-z]+)?)?/?$"
+# the pages' paths (the run's tabs from dashboards/pages.py), where `?token=` is read and where
+# a browser gets HTML errors (api/negotiation.py); the goodput page's first address too
+PAGE_PATHS = re.compile(
+    r"^/(?:|runs|trends|compare|runs/[^/]+(?:/(?:" + "|".join(k for k, _ in RUN_TABS) + r"))?)/?$"
 )
+_OLD_PAGE = re.compile(r"^/dashboards/[^/]+/?$")
 TOKEN_DOC = (
     "GOODPUT_WRITE_TOKEN (any route) or GOODPUT_READ_TOKEN (GET and HEAD), as "
     "`Authorization: Bearer <token>` or `X-Goodput-Token: <token>`; a missing token is a 401, "
@@ -92,8 +95,9 @@ def _bytes(text: str) -> bytes:
 
 
 def _page_token(request: Request) -> bytes | None:
-    if request.method not in ("GET", "HEAD") or not _DASHBOARD_PAGE.match(
-        route_path(request.scope)
+    path = route_path(request.scope)
+    if request.method not in ("GET", "HEAD") or not (
+        PAGE_PATHS.match(path) or _OLD_PAGE.match(path)
     ):
         return None
     tokens = [v for v in request.query_params.getlist("token") if v]
