@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from moe_core.model import build_model
 from moe_core.parallel import SINGLE, Layout, sync_and_clip
 
 FAIL_EXIT_CODE = 17
+EVAL_SEED = 7919  # the held-out batches every run evaluates on, whatever its --seed
 
 
 @dataclass(kw_only=True)
@@ -49,6 +51,9 @@ class TrainConfig:
     device: str = "cpu"
     corpus_bytes: int = 2_000_000
     ep_size: int = 1  # routed experts split over this many ranks (moe_core.parallel)
+    # A real delay inside every step, this fraction of the step's own compute time (a known
+    # slowdown, to calibrate keep/drop verdicts against: bench/compare_calibration.py).
+    slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batches", "corpus_bytes", "ep_size"):
@@ -59,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.slowdown <= 10.0:
+            raise ValueError(f"slowdown must be within [0, 10], got {self.slowdown}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
         if self.checkpoint_every and self.checkpoint_dir is None:
@@ -77,6 +84,9 @@ class NullRecorder:
         return _NullStep()
 
     def checkpoint_committed(self, *_a: Any, **_k: Any) -> None:
+        pass
+
+    def metric(self, *_a: Any, **_k: Any) -> None:
         pass
 
 
@@ -216,18 +226,32 @@ def train(
         with rec.span("data_stall", step=step):
             x_BT, y_BT = _to_device(next(batches), device)
         with rec.step(step, tokens=x_BT.numel(), flops_key=tuple(x_BT.shape)) as s:
+            t0 = time.perf_counter()
             loss = train_step(st, cfg, step, x_BT, y_BT, device)
             s.loss = loss
+            if cfg.slowdown:
+                _delay(cfg.slowdown, t0, device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             with rec.span("eval", step=step):
-                # The same held-out batches every time, so eval losses compare across steps.
-                val = st.corpus.batches("val", cfg.batch_size, model_cfg.seq_len, cfg.seed + 1)
-                evals.append((step, evaluate(st.model, val, cfg.eval_batches, device)))
+                # The same held-out batches every time, so eval losses compare across steps
+                # and across runs (its seed is fixed, not the run's).
+                val = st.corpus.batches("val", cfg.batch_size, model_cfg.seq_len, EVAL_SEED)
+                value = evaluate(st.model, val, cfg.eval_batches, device)
+            evals.append((step, value))
+            rec.metric("eval_loss", value, step=step)  # a tensor: read off the training thread
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _checkpoint(st, cfg, step, rec)
         if progress is not None:
             progress(step)
     return TrainResult(st.run_id, cfg.steps - st.first_step, loss, evals, _observed(st.raw_model))
+
+
+def _delay(fraction: float, t0: float, device: torch.device) -> None:
+    """Sleep `fraction` of the step's compute so far (on CUDA after waiting for it: this
+    knob is for calibration runs, where a sync per step is part of the experiment)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    time.sleep(fraction * (time.perf_counter() - t0))
 
 
 def _to_device(

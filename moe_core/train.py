@@ -32,31 +32,63 @@ from moe_core.parallel import Layout, make_layout
 from trainer_hooks import Recorder, SpoolSink
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it says it itself or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        none = action.default is None or action.default is False or action.default == []
+        if "default" in text or none or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="goodput train", description="Train the bundled MoE model.")
-    p.add_argument("--server", default=None, help="service URL; none = offline (spool only)")
+    p = argparse.ArgumentParser(
+        prog="goodput train",
+        description="Train the bundled MoE model, with goodput hooks attached.",
+        formatter_class=_DefaultsShown,
+    )
+    p.add_argument(
+        "--server", default=None, help="service URL (default: none, offline: spool only)"
+    )
     p.add_argument("--spool", default="./goodput-spool", help="spool root directory")
     p.add_argument(
         "--token",
         default=os.environ.get("GOODPUT_TOKEN"),
         help="the service's write token (default: $GOODPUT_TOKEN)",
     )
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps to train")
     p.add_argument("--pattern", default="AE", help="layer plan of A/M/E/R letters, e.g. AEME*2")
     p.add_argument("--depth", type=int, default=1, help="repeat the pattern this many times")
-    p.add_argument("--dispatch", default="auto", choices=["grouped", "padded", "loop", "auto"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--run-name", default=None)
+    p.add_argument(
+        "--dispatch",
+        default="auto",
+        choices=["grouped", "padded", "loop", "auto"],
+        help="how E layers run their experts (auto: the fastest this machine supports)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (default: eager)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    p.add_argument(
+        "--run-name", default=None, help="the run's name (default: moe-<pattern>-<time>)"
+    )
     p.add_argument("--run-id", default=None, help="client-chosen run id (default: random)")
-    p.add_argument("--project", default="default")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--num-experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument("--project", default="default", help="project the run is filed under")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step and rank")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--d-model", type=int, default=64, help="model width")
+    p.add_argument("--num-experts", type=int, default=4, help="routed experts per E layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="expert capacity as a multiple of the even share; tokens over it are dropped "
+        "(default: none, no capacity limit)",
+    )
     p.add_argument(
         "--null-slot",
         action="store_true",
@@ -69,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the routed experts over this many ranks (expert parallel; divides the "
         "world size and --num-experts)",
     )
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (0: never)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)"
+    )
     p.add_argument("--checkpoint-dir", default=None, help="default: ./checkpoints/<run name>")
     p.add_argument(
         "--resume",
@@ -82,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-at-step",
         type=int,
         default=None,
-        help="crash the process for real at this step (restart tests)",
+        help="crash the process for real at this step (restart tests; default: never)",
     )
     p.add_argument(
         "--profile-steps",
         default=None,
         metavar="A:B",
-        help="capture a torch.profiler window over steps A..B-1",
+        help="capture a torch.profiler window over steps A..B-1 (default: none)",
     )
     p.add_argument(
         "--routing-every",
@@ -102,7 +136,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to keep sending at the end before leaving the rest spooled",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="a label to filter runs by (repeat for more)",
+    )
+    p.add_argument(
+        "--ablation",
+        default=None,
+        metavar="ID",
+        help="the ablation this run is a replicate of (goodput ablate sets it)",
+    )
+    p.add_argument(
+        "--cell",
+        default=None,
+        help="its cell in that ablation, e.g. dispatch=padded (with --ablation)",
+    )
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="a real delay in every step, this fraction of its compute (calibration runs)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -133,7 +192,10 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         seed=args.seed,
         device=args.device,
         ep_size=args.ep_size,
+        slowdown=args.slowdown,
     )
+    if (args.ablation is None) != (args.cell is None):
+        raise ValueError("--ablation and --cell come together")
     return model_cfg, cfg
 
 
@@ -167,6 +229,7 @@ def runtime_policy(model_cfg: ModelConfig, cfg: TrainConfig, world_size: int) ->
         "lr": cfg.lr,
         "steps": cfg.steps,
         "seed": cfg.seed,
+        **({"slowdown": cfg.slowdown} if cfg.slowdown else {}),
     }
 
 
@@ -249,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink = SpoolSink(
         Path(args.spool) / run_id / f"attempt{attempt}-rank{rank}", args.server, token=args.token
     )
+    if rank == 0:
+        _say_where_it_starts(args, resume, attempt)
+        if args.server:
+            _check_server(args.server, Path(args.spool) / run_id)
     rec = Recorder(
         run_name=args.run_name,
         project=args.project,
@@ -259,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime_policy=runtime_policy(model_cfg, cfg, world),
         device=cfg.device,
         routing_every=args.routing_every,
+        tags=args.tag,
+        ablation=args.ablation,
+        cell=args.cell,
     )
     if profile is not None:
         rec.profile(*profile, trace_dir=str(Path(args.spool) / run_id / "traces"))
@@ -280,6 +350,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _say_where_it_starts(
+    args: argparse.Namespace, resume: ckpt.Checkpoint | None, attempt: int
+) -> None:
+    if not args.resume:
+        return
+    if resume is None:
+        print(
+            f"--resume: no checkpoint in {args.checkpoint_dir} yet: attempt {attempt} "
+            "starts from step 0",
+            flush=True,
+        )
+    else:
+        print(
+            f"resumed from the checkpoint of step {resume.step} in {args.checkpoint_dir}: "
+            f"attempt {attempt} starts at step {resume.step + 1}",
+            flush=True,
+        )
+
+
+def _check_server(url: str, spool_dir: Path) -> None:
+    """Say at once when the service cannot be reached: training goes on regardless, and its
+    records wait in the spool until the service answers."""
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/healthz", timeout=2.0)
+    except httpx.HTTPError as exc:
+        print(
+            f"goodput: the service at {url} cannot be reached ({type(exc).__name__}); training "
+            f"goes on and its records are kept in the spool {spool_dir}, sent as soon as the "
+            "service answers (or later: goodput spool replay DIR --server URL)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _ddp_wrapper(cfg: TrainConfig, layout: Layout) -> Any:

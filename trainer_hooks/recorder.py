@@ -34,6 +34,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -265,6 +266,19 @@ class Recorder:
 
     `heartbeat_s`: a heartbeat every that many seconds, declaring that interval (the server
     judges a rank silent for several intervals stalled); 0 sends none.
+
+    The receipt (what keep/drop verdicts rest on) needs the keys `trainer_hooks.records`
+    lists (`PLAN_KEYS`, `POLICY_KEYS`, ...). Pass them in `model_plan` / `runtime_policy`, or
+    as the typed arguments: `pattern` (A/M/E/R letters, e.g. "AEME"), `num_experts`, `top_k`
+    (model plan), `dtype` (e.g. "bfloat16"), `compile` ("eager" or a torch.compile mode) and
+    `dispatch` (the MoE dispatch asked for: "grouped", "padded", "loop" or "auto"), which
+    fill the runtime policy; a typed argument wins over the dict. The hooks fill
+    `world_size` and the environment (torch, CUDA, device, host, git sha) themselves. What is
+    still missing is logged once, as a warning, at construction.
+
+    `tags`: labels to filter runs by. `ablation` and `cell`: this run is one replicate of
+    that cell (e.g. "dispatch=padded") of that ablation (`goodput ablate` sets them); both
+    or neither.
     """
 
     def __init__(
@@ -285,6 +299,15 @@ class Recorder:
         heartbeat_s: float = 10.0,
         watch_compile: bool = True,
         attempt_start: AttemptStart = None,
+        tags: Sequence[str] = (),
+        ablation: str | None = None,
+        cell: str | None = None,
+        pattern: str | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        dtype: str | None = None,
+        compile: str | None = None,
+        dispatch: str | None = None,
     ) -> None:
         # One anchor: wall time = anchor + monotonic elapsed, so steps never go backwards
         # when NTP adjusts the clock mid-run. Taken first: it is "now" for attempt_start.
@@ -310,18 +333,29 @@ class Recorder:
 
         self._parts: Parts = Parts(self, device, routing_every, watch_compile)
         env = collect_environment() if environment is None else environment
-        self._safe_emit(
-            "run",
-            {
-                "run_id": self.run_id,
-                "name": run_name,
-                "project": project,
-                "created_at": self.attempt_start,
-                "model_plan": model_plan or {},
-                "runtime_policy": runtime_policy or {},
-                "environment": env,
-            },
-        )
+        plan = {
+            **(model_plan or {}),
+            **_given(pattern=pattern, num_experts=num_experts, top_k=top_k),
+        }
+        policy = {
+            "world_size": self.world_size,
+            **(runtime_policy or {}),
+            **_given(dtype=dtype, compile=compile, dispatch_requested=dispatch),
+        }
+        _warn_missing(plan, policy, env)
+        run = {
+            "run_id": self.run_id,
+            "name": run_name,
+            "project": project,
+            "created_at": self.attempt_start,
+            "model_plan": plan,
+            "runtime_policy": policy,
+            "environment": env,
+            "tags": list(tags),
+        }
+        if ablation is not None or cell is not None:
+            run["ablation_id"], run["ablation_cell"] = ablation, cell
+        self._safe_emit("run", run)
         self._safe_emit(
             "attempt_start",
             {**self._key, "world_size": self.world_size, "start": self.attempt_start},
@@ -381,6 +415,15 @@ class Recorder:
                 "time": self.now(),
                 "step": step,
             },
+        )
+
+    def metric(self, name: str, value: Any, step: int) -> None:
+        """A value measured at `step` besides the training loss; `eval_loss` (the held-out
+        loss) is what keep/drop verdicts judge quality by. A tensor is fine: it is read on
+        the sink's thread, never here."""
+        self._safe_emit(
+            "metric",
+            {**self._key, "name": name, "step": step, "value": value, "time": self.now()},
         )
 
     def profile(self, first_step: int, num_steps: int, trace_dir: str | None = None) -> None:
@@ -484,6 +527,39 @@ class Recorder:
         except Exception:
             self.errors += 1
             log.debug("goodput hook error", exc_info=True)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _warn_missing(plan: dict[str, Any], policy: dict[str, Any], env: dict[str, Any]) -> None:
+    """Log, once per recorder, the receipt keys nobody filled (the server's rule, simplified:
+    the MoE keys count only when the pattern has an E)."""
+    from trainer_hooks.records import (
+        ENVIRONMENT_KEYS,
+        MOE_PLAN_KEYS,
+        PLAN_KEYS,
+        POLICY_KEYS,
+    )
+
+    moe = "E" in str(plan.get("pattern", "E"))
+    wanted = [("model_plan", plan, PLAN_KEYS + (MOE_PLAN_KEYS if moe else ()))]
+    wanted += [
+        (
+            "runtime_policy",
+            policy,
+            tuple(k for k in POLICY_KEYS if moe or k != "dispatch_requested"),
+        )
+    ]
+    wanted += [("environment", env, ENVIRONMENT_KEYS)]
+    missing = [f"{part}.{k}" for part, got, keys in wanted for k in keys if got.get(k) is None]
+    if missing:
+        log.warning(
+            "goodput: this run's receipt will be incomplete (no keep/drop verdict) without: %s;"
+            " pass them to Recorder (see its docstring)",
+            ", ".join(missing),
+        )
 
 
 class _Heartbeat:

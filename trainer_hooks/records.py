@@ -13,6 +13,7 @@ Natural keys:
   checkpoint     (run_id, attempt, rank, step)
   routing        (run_id, attempt, rank, step, layer)
   observation    (run_id, attempt, rank, seam, observed)
+  metric         (run_id, attempt, rank, name, step)
   profile        (run_id, attempt, rank, first_step)
   excluded_window (run_id, start, end)
 
@@ -28,8 +29,9 @@ re-send:
                  kept, never a conflict
   run            each rank and attempt sends one: `created_at` and `environment` are the
                  sender's own (its start, its host) and the first stored stays; `name`,
-                 `project`, `model_plan` and `runtime_policy` must be repeated; `tags` may
-                 only grow (new ones are added, a stored one left out is a conflict)
+                 `project`, `model_plan`, `ablation_id` and `ablation_cell` must be
+                 repeated; `tags` may only grow (new ones are added, a stored one left out
+                 is a conflict)
   placeholders   a run or attempt made by a record that came first is filled in by its run
                  or attempt_start record (not a conflict); an attempt_start must repeat a
                  declared start and world size, an attempt_end its end, status, cause,
@@ -58,6 +60,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
@@ -239,8 +242,29 @@ def _end_after_start(end: float, info: ValidationInfo) -> float:
     return end
 
 
+# The keys a receipt needs to be complete (the service's `complete` and `missing`): present
+# and non-null in the run record's parts. The MoE keys are needed only when the plan has E
+# (routed-expert) layers; every E layer must also have reported what its dispatch ran (an
+# observation at seam `moe_dispatch.layer<j>`, which `Recorder.watch` sends for the bundled
+# model), the run must hold steps, and its newest attempt must have ended `completed`.
+PLAN_KEYS = ("pattern",)
+MOE_PLAN_KEYS = ("num_experts", "top_k")
+POLICY_KEYS = ("world_size", "dtype", "dispatch_requested", "compile")
+MOE_POLICY_KEYS = ("dispatch_requested",)
+ENVIRONMENT_KEYS = ("torch", "device", "host")
+
+_RECEIPT_DOC = (
+    "Receipt keys a complete receipt needs: model_plan.pattern (A/M/E/R letters), and with E "
+    "layers model_plan.num_experts and model_plan.top_k; runtime_policy.world_size, .dtype, "
+    ".compile, and with E layers .dispatch_requested; environment.torch, .device, .host "
+    "(the hooks fill the environment and world_size themselves)."
+)
+
+
 class RunRecord(_Record):
     """A run's identity and its receipt parts (model plan, runtime policy, environment)."""
+
+    model_config = ConfigDict(json_schema_extra=lambda s: _run_schema_doc(s))
 
     kind: Literal["run"] = "run"
     run_id: RunId
@@ -251,6 +275,23 @@ class RunRecord(_Record):
     runtime_policy: JsonObject = Field(default_factory=dict)
     environment: JsonObject = Field(default_factory=dict)
     tags: Annotated[list[Tag], Field(max_length=32)] = Field(default_factory=list)
+    ablation_id: RunId | None = Field(
+        None, description="the ablation this run is one replicate of (with ablation_cell)"
+    )
+    ablation_cell: Annotated[Text, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="its cell of the ablation: the knob values it ran, e.g. dispatch=padded"
+    )
+
+    @model_validator(mode="after")
+    def _cell_with_ablation(self) -> RunRecord:
+        if (self.ablation_cell is None) != (self.ablation_id is None):
+            raise ValueError("ablation_id and ablation_cell come together (or neither)")
+        return self
+
+
+def _run_schema_doc(schema: dict[str, Any]) -> None:
+    _kind_required(schema)
+    schema["description"] = f"{schema.get('description', '')} {_RECEIPT_DOC}".strip()
 
 
 class AttemptStartRecord(_RankScoped):
@@ -431,6 +472,17 @@ class ObservationRecord(_RankScoped):
     step: Count | None = None
 
 
+class MetricRecord(_RankScoped):
+    """A value the run measured at a step besides its training loss, e.g. `eval_loss` (the
+    held-out loss keep/drop verdicts judge quality by)."""
+
+    kind: Literal["metric"] = "metric"
+    name: Label
+    step: Count
+    value: Finite
+    time: Epoch
+
+
 class KernelTime(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -459,6 +511,7 @@ Record = Annotated[
     | CheckpointRecord
     | RoutingRecord
     | ObservationRecord
+    | MetricRecord
     | ProfileRecord
     | ExcludedWindowRecord,
     Field(discriminator="kind"),

@@ -18,12 +18,14 @@ from typing import Any, NamedTuple
 
 from service.calc.goodput import StepIn
 from service.calc.step_stats import RECENT_STEPS
+from trainer_hooks.records import (
+    ENVIRONMENT_KEYS,
+    MOE_PLAN_KEYS,
+    MOE_POLICY_KEYS,
+    PLAN_KEYS,
+    POLICY_KEYS,
+)
 
-PLAN_KEYS = ("pattern",)
-MOE_PLAN_KEYS = ("num_experts", "top_k")
-POLICY_KEYS = ("world_size", "dtype", "dispatch_requested", "compile")
-MOE_POLICY_KEYS = ("dispatch_requested",)
-ENVIRONMENT_KEYS = ("torch", "device", "host")
 DISPATCH_SEAM = "moe_dispatch.layer{}"
 RECOMPILE_SEAM = "recompile"
 AUTO = "auto"

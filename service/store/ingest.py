@@ -32,6 +32,7 @@ from service.store.models import (
     Base,
     CheckpointCommit,
     ExcludedWindow,
+    Metric,
     Observation,
     PackedCounts,
     Profile,
@@ -53,6 +54,7 @@ from trainer_hooks.records import (
     ExcludedWindowRecord,
     HeartbeatRecord,
     IngestResult,
+    MetricRecord,
     ObservationRecord,
     ProfileRecord,
     Record,
@@ -105,6 +107,7 @@ _NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("run_id", "attempt", "rank", "step"),
     "routing": ("run_id", "attempt", "rank", "step", "layer"),
     "observation": ("run_id", "attempt", "rank", "seam", "observed"),
+    "metric": ("run_id", "attempt", "rank", "name", "step"),
     "profile": ("run_id", "attempt", "rank", "first_step"),
     "excluded_window": ("run_id", "start", "end"),
 }
@@ -114,6 +117,7 @@ _OF_KIND: dict[str, type[Any]] = {
     "checkpoint": CheckpointRecord,
     "routing": RoutingRecord,
     "observation": ObservationRecord,
+    "metric": MetricRecord,
     "profile": ProfileRecord,
     "excluded_window": ExcludedWindowRecord,
 }
@@ -127,7 +131,7 @@ _COMPARED: dict[str, tuple[str, ...]] = {
 # created_at, environment and runtime_policy are the sender's own (its start, its host, its
 # world size after an elastic restart, its --steps after a resume): the first stays.
 # Its tags may only grow: a stored tag it lacks is a conflict, a new one is added.
-_COMPARED["run"] = ("name", "project", "model_plan")
+_COMPARED["run"] = ("name", "project", "model_plan", "ablation_id", "ablation_cell")
 _COMPARED["attempt_start"] = ("start", "world_size")
 _COMPARED["attempt_end"] = ("end", "status", "cause", "hook_errors", "counters")
 _HISTOGRAMS = ("tokens_per_expert", "dropped_per_expert")  # stored packed
@@ -232,6 +236,7 @@ def _insert_new(
 _TABLES: dict[str, type[Base]] = {  # kinds stored as one row each, a duplicate key ignored
     "checkpoint": CheckpointCommit,
     "observation": Observation,
+    "metric": Metric,
     "profile": Profile,
     "excluded_window": ExcludedWindow,
 }
@@ -282,6 +287,7 @@ _LATEST: dict[str, str] = {
     "span": "end",
     "checkpoint": "time",
     "observation": "time",
+    "metric": "time",
     "excluded_window": "end",
 }
 _SECOND = itemgetter(1)
@@ -366,7 +372,16 @@ def _dialect_insert(session: Session, model: type[Base]) -> Any:
     return ins(_table(model))
 
 
-_RUN_FILLED = ("name", "project", "created_at", "model_plan", "runtime_policy", "environment")
+_RUN_FILLED = (
+    "name",
+    "project",
+    "created_at",
+    "model_plan",
+    "runtime_policy",
+    "environment",
+    "ablation_id",
+    "ablation_cell",
+)
 
 
 def _store_runs(
@@ -898,7 +913,13 @@ def _latest_stored(
     return out
 
 
-_AT_END = {"step": "end", "span": "end", "checkpoint": "time", "heartbeat": "time"}
+_AT_END = {
+    "step": "end",
+    "span": "end",
+    "checkpoint": "time",
+    "heartbeat": "time",
+    "metric": "time",
+}
 
 
 def _after_attempt_end(

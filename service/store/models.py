@@ -104,8 +104,28 @@ class Run(Base):
     # False while only other records of the run have arrived (records come in any order):
     # the row holds placeholders until the run record fills it in.
     declared: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    # The ablation this run is a replicate of, and its cell there (both or neither).
+    ablation_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    ablation_cell: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (Index("ix_runs_created_at_run_id", "created_at", "run_id"),)
+
+
+class Ablation(Base):
+    """A declared ablation: the knob grid it runs, its cells (a name and the knob values
+    each runs) and which cell is the baseline. Its runs name it (runs.ablation_id)."""
+
+    __tablename__ = "ablations"
+
+    ablation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    knobs: Mapped[dict[str, Any]] = mapped_column(JSON)  # knob -> its values
+    cells: Mapped[dict[str, Any]] = mapped_column(JSON)  # cell -> {knob: value}
+    baseline_cell: Mapped[str] = mapped_column(String(200))
+    repeats: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)  # what every cell shares
 
 
 class RunTag(Base):
@@ -326,6 +346,19 @@ class Observation(_RankRow, Base):
     __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "seam", "observed"),)
 
 
+class Metric(_RankRow, Base):
+    """A value measured at a step besides the training loss (`eval_loss`, say)."""
+
+    __tablename__ = "metrics"
+
+    name: Mapped[str] = mapped_column(String(200))
+    step: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float] = mapped_column(Double)
+    time: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (UniqueConstraint("run_id", "attempt", "rank", "name", "step"),)
+
+
 class Profile(_RankRow, Base):
     __tablename__ = "profiles"
 
@@ -452,3 +485,4 @@ class RoutingBlock(Base):
         CheckConstraint("n >= 1", name="non_negative"),
         _CLUSTERED,
     )
+

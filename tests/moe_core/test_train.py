@@ -148,6 +148,7 @@ def test_crash_then_resume_is_the_same_run_in_a_new_attempt(tmp_path: Path) -> N
     resumed = run_cli(tmp_path, "--steps", "70", "--checkpoint-every", "25", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "attempt 1" in resumed.stdout and "trained 20 steps" in resumed.stdout
+    assert "resumed from the checkpoint of step 49" in resumed.stdout
     records = spooled(tmp_path)
     assert {r["run_id"] for r in records} == {"crashy"}
     steps = sorted((r["attempt"], r["step"]) for r in records if r["kind"] == "step")
@@ -160,6 +161,22 @@ def test_crash_then_resume_is_the_same_run_in_a_new_attempt(tmp_path: Path) -> N
     assert (0, 24) in commits and (0, 49) in commits and (1, 69) not in commits
     ends = [r for r in records if r["kind"] == "attempt_end"]
     assert [(e["attempt"], e["status"]) for e in ends] == [(1, "completed")]
+
+
+def test_the_cli_sends_eval_losses_tags_and_its_ablation_cell(tmp_path: Path) -> None:
+    args = ["--steps", "8", "--eval-every", "4", "--tag", "nightly", "--tag", "ab"]
+    got = run_cli(tmp_path, *args, "--ablation", "abl-1", "--cell", "dispatch=loop")
+    assert got.returncode == 0, got.stderr
+    records = spooled(tmp_path)
+    (run,) = [r for r in records if r["kind"] == "run"]
+    assert run["tags"] == ["nightly", "ab"]
+    assert (run["ablation_id"], run["ablation_cell"]) == ("abl-1", "dispatch=loop")
+    evals = {r["step"]: r["value"] for r in records if r["kind"] == "metric"}
+    assert sorted(evals) == [3, 7] and all(2.0 < v < 7.0 for v in evals.values())
+    printed = [line for line in got.stdout.splitlines() if line.startswith("eval loss")]
+    assert printed == [f"eval loss at step {s}: {v:.4f}" for s, v in sorted(evals.items())]
+    half = run_cli(tmp_path, "--steps", "2", "--ablation", "abl-1")
+    assert half.returncode == 2 and "--ablation and --cell come together" in half.stderr
 
 
 def test_a_fresh_run_refuses_a_directory_that_holds_checkpoints(tmp_path: Path) -> None:

@@ -76,7 +76,9 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
     engine = make_engine(migrated_url)
     with engine.begin() as conn:
         conn.execute(
-            text("INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true)")
+            text(
+                "INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true, NULL, NULL)"
+            )
         )
     bad_rows = [
         'INSERT INTO steps (run_id, attempt, rank, step, start, "end", tokens) '
