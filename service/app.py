@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from service.api.errors import ERROR_MODELS, add_handlers, error_response
 from service.api.middleware import AdmissionLimit, BodyLimit, HeadAsGet, IngestRefusals
 from service.api.routes import (
+    ablations,
     compare,
     dashboards,
     docs,
@@ -39,7 +40,7 @@ from service.store.db import make_sessionmaker
 from service.store.migrate import prepare_database
 from trainer_hooks.records import ContractJsonSchema
 
-ROUTERS = (health, ingest, runs, receipts, compare, imports, dashboards, metrics)
+ROUTERS = (health, ingest, runs, receipts, compare, ablations, imports, dashboards, metrics)
 # the pages (api/negotiation.py lists their paths); their data under /ui/data
 PAGES = (
     page_runs,

@@ -303,20 +303,167 @@ class Pair(BaseModel):
     candidate: Any
 
 
+class AxisRead(BaseModel):
+    """One axis of a comparison: its estimate and 95% interval, each side's figure."""
+
+    name: str = Field(
+        description="step_time, tokens_per_s, eval_loss, goodput_fraction, peak_memory, "
+        "drop_rate, max_vio, or badput.<category> (its share of the wall time)"
+    )
+    kind: Literal["ratio", "difference"] = Field(
+        description="ratio: candidate / baseline; difference: candidate - baseline"
+    )
+    value: float | None
+    low: float | None = Field(description="95% interval, low end")
+    high: float | None = Field(description="95% interval, high end")
+    baseline: float | None = Field(description="the baseline side's figure")
+    candidate: float | None = Field(description="the candidate side's figure")
+    better: Literal["lower", "higher"] = Field(description="which direction is better")
+    finding: Literal["better", "worse", "same", "unclear", "no data"]
+    reason: str = Field(description="the finding in plain words, with its numbers")
+
+
 class CompareRead(BaseModel):
-    baseline: str
-    candidate: str
-    verdict: str = Field(description="keep, drop or inconclusive")
-    reasons: list[str]
+    baseline: str = Field(description="the baseline side as asked: run ids, comma-separated")
+    candidate: str = Field(description="the candidate side as asked")
+    baseline_runs: list[str] = Field(description="the baseline's runs (replicates)")
+    candidate_runs: list[str] = Field(description="the candidate's runs (replicates)")
+    ablation: str | None = Field(None, description="the ablation the cells belong to")
+    verdict: Literal["keep", "tax", "drop", "inconclusive"] = Field(
+        description="keep: faster or leaner, quality not worse; tax: costs speed or memory, "
+        "buys quality (keep only on purpose); drop: worse quality, or slower or heavier "
+        "without better quality; inconclusive: the data cannot tell"
+    )
+    reasons: list[str] = Field(description="the verdict's grounds in plain words, first first")
+    axes: list[AxisRead]
+    run_noise: float | None = Field(
+        description="the run-to-run relative noise of the step time the intervals allow for "
+        "(estimated from replicates, or the documented floor with one run a side)"
+    )
     step_time_ratio: RatioRead
     tokens_per_s_ratio: RatioRead
-    steady_steps: Pair
+    runs: Pair = Field(description="runs per side")
+    steady_steps: Pair = Field(description="steady-state steps compared per side, summed")
     goodput_fraction: Pair
     badput_s: dict[str, Pair]
     peak_memory_bytes: Pair
     final_loss: Pair
-    lane_diff: dict[str, Pair]
-    knobs: list[str]
+    eval_loss: Pair = Field(description="each side's eval loss at the matched steps")
+    lane_diff: dict[str, Pair] = Field(
+        description="receipt fields in which the sides differ (dispatch as observed)"
+    )
+    knobs: list[str] = Field(description="the knobs the sides may differ in")
+    knob_fields: list[str] = Field(description="the receipt fields those knobs cover")
+
+
+class KnobRead(BaseModel):
+    name: str = Field(description="what users type: dispatch, capacity_factor, compile, ...")
+    fields: list[str] = Field(description="the receipt fields it covers, the first its value")
+    observed_seam: str | None = Field(
+        description="the seam whose observed backend is the knob's value where a run has it"
+    )
+    help: str
+
+
+class AblationIn(BaseModel):
+    """An ablation declared before its runs: the knob grid, its cells and the baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ablation_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    name: str = Field(min_length=1, max_length=200)
+    project: str = Field("default", min_length=1, max_length=200)
+    created_at: float = Field(ge=946_684_800.0, le=7_258_118_400.0)
+    knobs: dict[str, list[str | int | float | bool | None]] = Field(
+        description="each knob's values, in the order run", max_length=16
+    )
+    cells: dict[str, dict[str, str | int | float | bool | None]] = Field(
+        description="each cell's name and the knob values it runs", max_length=256
+    )
+    baseline_cell: str = Field(min_length=1, max_length=200)
+    repeats: int = Field(ge=1, le=1000)
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="what every cell shares (steps, pattern, ...)"
+    )
+
+
+class AblationRunRead(BaseModel):
+    run_id: str
+    name: str
+    status: str
+    seed: Any = Field(description="runtime_policy.seed, when the run says")
+    created_at: float
+
+
+class AblationCellRead(BaseModel):
+    cell: str
+    knobs: dict[str, Any] = Field(description="the knob values the cell runs")
+    baseline: bool
+    runs: list[AblationRunRead]
+    comparison: CompareRead | None = Field(
+        description="this cell against the baseline cell, once both have completed runs"
+    )
+    refusal: dict[str, Any] | None = Field(
+        description="why there is no comparison yet (runs missing, incomplete receipts, lanes)"
+    )
+
+
+class AblationSummary(BaseModel):
+    ablation_id: str
+    name: str
+    project: str
+    created_at: float
+    declared: bool = Field(description="declared (POST /ablations), not only named by runs")
+    knobs: dict[str, list[Any]]
+    baseline_cell: str | None
+    repeats: int | None
+    runs: int = Field(description="runs that named it")
+    runs_ended: int = Field(description="of them, ended (completed or failed)")
+    expected_runs: int | None = Field(description="cells x repeats, when declared")
+
+
+class AblationRead(AblationSummary):
+    settings: dict[str, Any]
+    cells: list[AblationCellRead]
+
+
+class AblationList(BaseModel):
+    ablations: list[AblationSummary]
+
+
+class LedgerVerdict(BaseModel):
+    ablation_id: str
+    cell: str
+    baseline_cell: str
+    date: float = Field(description="when its newest run was created")
+    verdict: str
+    reasons: list[str]
+    step_time_ratio: RatioRead
+    environment: dict[str, Any] = Field(description="torch, cuda, device, git_sha of its runs")
+    lane: dict[str, Any] = Field(description="pattern, world size, dtype of its runs")
+    runs: Pair
+
+
+class LedgerEntry(BaseModel):
+    knob: str
+    value: Any
+    standing: Literal["default-on win", "measured tax", "dropped", "unproven"]
+    standing_reason: str
+    needs_rereview: bool = Field(
+        description="a newer run's environment (torch, CUDA, device) differs from the one "
+        "its standing rests on"
+    )
+    rereview_reason: str | None
+    verdicts: list[LedgerVerdict] = Field(description="every verdict of it, oldest first")
+
+
+class LedgerRead(BaseModel):
+    project: str | None
+    entries: list[LedgerEntry]
+    newest_environment: dict[str, Any] | None = Field(
+        description="the environment of the project's newest run, which standings are "
+        "checked against"
+    )
 
 
 class ErrorMessage(BaseModel):
@@ -393,7 +540,7 @@ class ImportConflictError(BaseModel):
 class CompareRefusalDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    error: Literal["incomplete_receipt", "lane_mismatch"]
+    error: Literal["incomplete_receipt", "lane_mismatch", "replicates_differ"]
     message: str
 
 

@@ -276,10 +276,11 @@ class RunRecord(_Record):
     environment: JsonObject = Field(default_factory=dict)
     tags: Annotated[list[Tag], Field(max_length=32)] = Field(default_factory=list)
     ablation_id: RunId | None = Field(
-        None, description="the ablation this run is one replicate of (with ablation_cell)"
+        default=None, description="the ablation this run is one replicate of (with ablation_cell)"
     )
     ablation_cell: Annotated[Text, Field(min_length=1, max_length=200)] | None = Field(
-        None, description="its cell of the ablation: the knob values it ran, e.g. dispatch=padded"
+        default=None,
+        description="its cell of the ablation: the knob values it ran, e.g. dispatch=padded",
     )
 
     @model_validator(mode="after")
