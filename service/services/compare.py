@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 
 from service.calc import compare as calc
 from service.calc.knobs import REPLICATE_ONLY, UnknownKnob, covered_fields, lane_parts
-from service.schemas import AxisRead, CompareRead, Pair, RatioRead, ReceiptRead
+from service.schemas import AxisRead, CompareRead, Pair, RatioRead
 from service.services.errors import Invalid, NotFound, Refused
 from service.services.fleet import FleetCache
-from service.services.receipts import receipt
+from service.services.receipts import ReceiptCheck, receipt_check
 from service.services.runs import run_status
 from service.store import ablations as store
 from service.store.rollups import read as rollup_read
@@ -58,12 +58,12 @@ def knob_fields(knob: Sequence[str]) -> list[str]:
         raise Invalid.field("query", "knob", str(exc)) from None
 
 
-def _figures(session: Session, fleet: FleetCache, got: ReceiptRead) -> calc.RunFigures:
+def _figures(session: Session, fleet: FleetCache, got: ReceiptCheck) -> calc.RunFigures:
     """The newest COMPARE_STEPS steps of the last attempt of the receipt's reference rank, in
-    step order (the bootstrap's cost grows with the steps; its answer barely does), the
-    run's eval losses, and its whole-run figures (goodput, badput, memory, routing)."""
-    rank = got.summary.throughput.rank or 0
-    mine = rollup_read.newest_attempt_steps(session, got.run_id, rank, calc.COMPARE_STEPS)
+    step order (the statistics' cost grows with the steps; their answer barely does), the
+    run's eval losses, and its whole-run figures (goodput, badput, memory, routing: the
+    fleet cache's, reused while the run is unchanged)."""
+    mine = rollup_read.newest_attempt_steps(session, got.run_id, got.rank or 0, calc.COMPARE_STEPS)
     whole = fleet.figures(session, [got.run_id])[got.run_id]
     return calc.RunFigures(
         run_id=got.run_id,
@@ -71,31 +71,27 @@ def _figures(session: Session, fleet: FleetCache, got: ReceiptRead) -> calc.RunF
         tokens=[s.tokens for s in mine],
         steps=[s.step for s in mine],
         eval_loss=store.metric_values(session, got.run_id, EVAL_METRIC),
-        final_loss=got.summary.throughput.final_loss,
-        goodput_fraction=got.summary.goodput.goodput_fraction,
-        badput_s=got.summary.goodput.badput_s,
-        total_s=got.summary.goodput.total_s,
-        peak_memory_bytes=got.summary.throughput.peak_memory_bytes,
+        final_loss=mine[-1].loss if mine else None,
+        goodput_fraction=whole.goodput_fraction,
+        badput_s=whole.badput_s,
+        total_s=whole.total_s,
+        peak_memory_bytes=whole.peak_memory_bytes,
         drop_rate=whole.drop_rate,
         max_vio=whole.max_vio,
     )
 
 
-def _observed(got: ReceiptRead) -> dict[str, str]:
-    return {seam: s.observed for seam, s in got.observed.items()}
-
-
-def lane(got: ReceiptRead) -> dict[str, Any]:
+def lane(got: ReceiptCheck) -> dict[str, Any]:
     """The receipt's parts as the lane it ran in."""
     parts = {
         "model_plan": got.model_plan,
         "runtime_policy": got.runtime_policy,
         "environment": got.environment,
     }
-    return lane_parts(parts, _observed(got))
+    return lane_parts(parts, got.observed)
 
 
-def _refuse_incomplete(receipts: dict[str, ReceiptRead]) -> None:
+def _refuse_incomplete(receipts: dict[str, ReceiptCheck]) -> None:
     missing = {r.run_id: r.missing for r in receipts.values() if not r.complete}
     if missing:
         raise Refused(
@@ -108,7 +104,7 @@ def _refuse_incomplete(receipts: dict[str, ReceiptRead]) -> None:
         )
 
 
-def _refuse_mixed_replicates(side: str, got: list[ReceiptRead]) -> None:
+def _refuse_mixed_replicates(side: str, got: list[ReceiptCheck]) -> None:
     first = lane(got[0])
     for other in got[1:]:
         diff = calc.lane_diff(first, lane(other), ignore_prefixes=INCIDENTAL + REPLICATE_ONLY)
@@ -167,7 +163,7 @@ def compare_sets(
     overlap = sorted(set(baseline) & set(candidate))
     if overlap:
         raise Invalid.field("query", "candidate", f"run {overlap[0]} is on both sides")
-    receipts = {r: receipt(session, r) for r in [*baseline, *candidate]}
+    receipts = {r: receipt_check(session, r) for r in [*baseline, *candidate]}
     _refuse_incomplete(receipts)
     base = [receipts[r] for r in baseline]
     cand = [receipts[r] for r in candidate]

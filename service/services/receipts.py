@@ -4,7 +4,7 @@ its routing series and its records as CSV."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,7 +42,7 @@ from service.store.rollups import common as rollup_common
 from service.store.rollups import read as rollup_read
 from service.store.rollups import series as rollup_series
 
-__all__ = ["ExportWhat", "csv_chunks", "receipt", "routing"]
+__all__ = ["ExportWhat", "ReceiptCheck", "csv_chunks", "receipt", "receipt_check", "routing"]
 
 
 def _seam_read(seam: SeamReceipt) -> ObservedSeamRead:
@@ -83,6 +83,47 @@ def _summary(session: Session, run_id: str, recompiles: int) -> ReceiptSummary:
             peak_memory_bytes=queries.peak_memory_of(session, run_id),
             recompiles=recompiles,
         ),
+    )
+
+
+class ReceiptCheck(NamedTuple):
+    """What keep/drop checks of a receipt before comparing: whether it is complete (and what
+    it lacks), its parts, what each seam observed, and its reference rank."""
+
+    run_id: str
+    complete: bool
+    missing: list[str]
+    model_plan: dict[str, Any]
+    runtime_policy: dict[str, Any]
+    environment: dict[str, Any]
+    observed: dict[str, str]  # seam -> the newest observed backend
+    rank: int | None  # the reference rank of the step figures (receipt.summary.throughput)
+
+
+def receipt_check(session: Session, run_id: str) -> ReceiptCheck:
+    """The receipt's completeness and parts without its summary (whose figures read the
+    newest 10,000 steps; a comparison reads its own): `receipt` without `summary`."""
+    run = run_or_404(session, run_id)
+    attempts = queries.attempts_of(session, [run_id])
+    seams = observed_seams(queries.observations_of(session, run_id))
+    missing = missing_parts(
+        run.model_plan,
+        run.runtime_policy,
+        run.environment,
+        seams.keys(),
+        queries.count_steps(session, run_id),
+        _ends(attempts),
+    )
+    ranks = rollup_read.rank_step_sums(session, run_id)
+    return ReceiptCheck(
+        run_id=run.run_id,
+        complete=not missing,
+        missing=missing,
+        model_plan=run.model_plan,
+        runtime_policy=run.runtime_policy,
+        environment=run.environment,
+        observed={name: seam.observed for name, seam in seams.items()},
+        rank=reference_rank(r for r, sums in ranks.items() if RankSteps(*sums).steps > 0),
     )
 
 
