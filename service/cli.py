@@ -23,15 +23,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Protocol
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from service import ablate as runner
 from service.settings import DEFAULT_DATABASE_URL
 
 if TYPE_CHECKING:
@@ -463,6 +466,599 @@ def _wait_started(server: Any, thread: threading.Thread, timeout_s: float = 30.0
         if not thread.is_alive() or time.monotonic() > deadline:
             fail("the service did not start", FAILURE)
         time.sleep(0.05)
+
+
+# --- the terminal side of keep/drop: --version, runs, compare, ablate ----------------------
+
+
+def package_version() -> str:
+    """The installed package's version; "unknown" when run from a tree not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("goodput")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"goodput {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="print goodput's version and exit",
+        ),
+    ] = False,
+) -> None:
+    """Goodput and receipt observability for MoE training."""
+
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="ask the goodput service at this URL (default: none, read the --db database "
+        "in this process)",
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="GOODPUT_TOKEN",
+        help="the service's token, with --server (default: $GOODPUT_TOKEN; none needed "
+        "where the service has no tokens)",
+    ),
+]
+ReadDbOption = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="GOODPUT_DATABASE_URL",
+        help="SQLAlchemy URL of the database to read without --server, as goodput serve's",
+    ),
+]
+
+
+class ApiResponse(Protocol):
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def reason_phrase(self) -> str: ...
+    def json(self) -> Any: ...
+
+
+class ApiClient(Protocol):
+    """What the commands ask of a client: httpx's, or the in-process app's (TestClient)."""
+
+    def get(self, url: str, *, params: Any = None) -> ApiResponse: ...
+
+
+@contextmanager
+def service_client(server: str | None, db: str, token: str | None) -> Iterator[ApiClient]:
+    """A client of the goodput API: the service at `server`, or, without one, the app itself
+    on the `db` database in this process, so that both answer through the same routes.
+    In process, tokens are not asked for: whoever can open the database can read it."""
+    if server:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=120) as client:
+            yield client
+        return
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    settings = load_settings(db).model_copy(update={"write_token": None, "read_token": None})
+    with database_errors(db):
+        application = create_app(settings)
+    try:
+        with TestClient(application, raise_server_exceptions=False) as client:
+            yield client
+    finally:
+        application.state.engine.dispose()
+
+
+def _detail(resp: ApiResponse) -> str:
+    """An error answer's detail in one line: a message, field errors, or a refusal."""
+    try:
+        detail = resp.json().get("detail", resp.text)
+    except ValueError:
+        return resp.text.strip()[:500] or resp.reason_phrase
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{d.get('field') or '.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}"
+            if isinstance(d, dict)
+            else str(d)
+            for d in detail
+        )
+    if isinstance(detail, dict):
+        return refusal_text(detail)
+    return str(detail)
+
+
+def refusal_text(refusal: dict[str, Any]) -> str:
+    """A refusal ({"error", "message", and "fields" or "missing"}) as one line: what is
+    wrong, where, and (for the command line) what would fix it."""
+    text = str(refusal.get("message") or refusal)
+    error = refusal.get("error")
+    if refusal.get("fields"):
+        text += f"; fields: {', '.join(map(str, refusal['fields']))}"
+    missing = refusal.get("missing")
+    if isinstance(missing, dict) and missing:
+        text += "; " + "; ".join(
+            f"run {run} lacks {', '.join(map(str, keys))}" for run, keys in missing.items()
+        )
+    if error == "lane_mismatch":
+        text += " (here: --knob NAME for each knob that differs, or --allow-lane-mismatch)"
+    return f"{text} [{error}]" if error else text
+
+
+def api_get(client: ApiClient, path: str, params: Any = None, where: str = "") -> Any:
+    """GET a JSON answer; anything else is one line and an exit: 409 (no verdict yet) 1,
+    404 and 422 (a name or parameter to fix) 2, a token refused 2, the rest 1."""
+    try:
+        resp = client.get(path, params=params)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the service at {where}: {exc}; start it or fix --server", FAILURE)
+    return _answer(resp)
+
+
+def _answer(resp: ApiResponse) -> Any:
+    status = resp.status_code
+    if status == 200:
+        return resp.json()
+    detail = _detail(resp)
+    if status == 409:
+        fail(f"refused: {detail}", FAILURE)
+    if status in (401, 403):
+        fail(f"the service refused the token (HTTP {status}): {detail}; pass --token")
+    if status in (404, 422):
+        fail(detail)
+    fail(f"the service answered HTTP {status}: {detail}", FAILURE)
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
+_STATUS_STYLE = {"completed": "green", "failed": "red", "running": "cyan", "stalled": "yellow"}
+
+
+@app.command("runs")
+def list_runs(
+    project: Annotated[
+        str | None, typer.Option(help="only this project's runs (default: every project)")
+    ] = None,
+    tag: Annotated[str | None, typer.Option(help="only runs with this tag (default: any)")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="only running, completed, failed or stalled runs (default: any)"),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="only runs whose name holds this, in any case (default: any name)"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="show at most this many, newest first")] = 20,
+    server: ServerOption = None,
+    db: ReadDbOption = DEFAULT_DATABASE_URL,
+    token: TokenOption = None,
+) -> None:
+    """The runs, newest first, as a table (the service's GET /api/v1/runs)."""
+    params = {"project": project, "tag": tag, "status": status, "name_contains": name}
+    params = {k: v for k, v in params.items() if v is not None}
+    rows: list[dict[str, Any]] = []
+    cursor: str | None = None
+    with service_client(server, db, token) as client:
+        while len(rows) < limit:
+            page_params = {**params, "limit": min(500, limit - len(rows))}
+            if cursor:
+                page_params["cursor"] = cursor
+            page = api_get(client, "/api/v1/runs", page_params, server or "")
+            rows += page["runs"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        # A run's step count and layer pattern are in the run itself, not in the list.
+        details = [api_get(client, f"/api/v1/runs/{r['run_id']}", None, server or "") for r in rows]
+    if not rows:
+        console.print("no runs" + (" match" if params else " yet"))
+        return
+    table = Table(show_header=True)
+    widest_id = max(len(r["run_id"]) for r in rows)
+    table.add_column("id", no_wrap=True, min_width=widest_id)  # whole, to paste into compare
+    for column in ("name", "project", "status", "created", "steps", "pattern", "tags"):
+        table.add_column(column, justify="right" if column == "steps" else "left")
+    for row, run in zip(rows, details, strict=True):
+        table.add_row(
+            Text(row["run_id"]),
+            Text(row["name"]),
+            Text(row["project"]),
+            Text(row["status"], style=_STATUS_STYLE.get(row["status"], "")),
+            _when(row["created_at"]),
+            str(run.get("num_steps", "")),
+            Text(str((run.get("model_plan") or {}).get("pattern") or "-")),
+            Text(", ".join(row.get("tags") or [])),
+        )
+    console.print(table)
+    if cursor:
+        console.print(f"(more runs: raise --limit above {limit})")
+
+
+_VERDICT_STYLE = {"keep": "green", "tax": "yellow", "drop": "red", "inconclusive": "magenta"}
+_FINDING_STYLE = {"better": "green", "worse": "red", "same": "", "unclear": "yellow"}
+_SHARE_AXES = ("goodput_fraction", "drop_rate")  # and badput.*: fractions, shown in %
+
+
+def _is_share(axis: str) -> bool:
+    return axis in _SHARE_AXES or axis.startswith("badput.")
+
+
+def axis_figure(axis: str, value: float | None) -> str:
+    """One side's figure of an axis, in the axis's unit."""
+    if value is None:
+        return "-"
+    if _is_share(axis):
+        return f"{value:.1%}"
+    if axis == "step_time":
+        return f"{value * 1e3:.4g} ms"
+    if axis == "peak_memory":
+        return f"{value / 2**20:.4g} MiB"
+    return f"{value:.4g}"
+
+
+def axis_estimate(axis: dict[str, Any]) -> tuple[str, str]:
+    """An axis's estimate and 95% interval: a ratio as x0.930, a difference of shares in
+    percentage points, any other difference signed."""
+    value, low, high = axis["value"], axis["low"], axis["high"]
+    if value is None:
+        return "-", "-"
+    share = _is_share(axis["name"])
+
+    def one(x: float) -> str:
+        if axis["kind"] == "ratio":
+            return f"{x:.3f}"
+        return f"{100 * x:+.1f}" if share else f"{x:+.4g}"
+
+    estimate = f"x{one(value)}" if axis["kind"] == "ratio" else one(value)
+    if share:
+        estimate += " pts"
+    interval = "-" if low is None or high is None else f"[{one(low)}, {one(high)}]"
+    return estimate, interval
+
+
+def print_comparison(body: dict[str, Any], title: str | None = None) -> None:
+    """A comparison as the compare page shows it: the verdict, its reasons, and each axis
+    with both sides' figures, the estimate (ratios as xR, differences of shares in
+    percentage points) and its 95% interval. Badput categories at zero on both sides are
+    left out of the table, and counted under it."""
+    verdict = body["verdict"]
+    style = _VERDICT_STYLE.get(verdict, "bold")
+    sides = f"{len(body['baseline_runs'])} baseline run(s), {len(body['candidate_runs'])} candidate"
+    head = (f"[bold]{escape(title)}[/]: " if title else "") + f"verdict [bold {style}]{verdict}[/]"
+    console.print(f"{head} ({sides})", soft_wrap=True, highlight=False)
+    for reason in body["reasons"]:
+        console.print(Text(f"  - {reason}"), soft_wrap=True)
+    table = Table(show_header=True)
+    for column in ("axis", "baseline", "candidate", "estimate", "95% interval", "finding"):
+        left = column in ("axis", "finding")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "axis")
+    idle = 0
+    for axis in body["axes"]:
+        name = axis["name"]
+        if name.startswith("badput.") and not axis["baseline"] and not axis["candidate"]:
+            idle += 1
+            continue
+        estimate, interval = axis_estimate(axis)
+        finding = axis["finding"]
+        table.add_row(
+            Text(name),
+            Text(axis_figure(name, axis["baseline"])),
+            Text(axis_figure(name, axis["candidate"])),
+            Text(estimate),
+            Text(interval),
+            Text(finding, style=_FINDING_STYLE.get(finding, "dim")),
+        )
+    console.print(table)
+    notes = []
+    if idle:
+        notes.append(f"{idle} badput categories at 0 on both sides not shown")
+    if body.get("run_noise") is not None:
+        notes.append(f"the intervals allow for {body['run_noise']:.1%} run-to-run step-time noise")
+    if notes:
+        console.print(Text("  " + "; ".join(notes)), soft_wrap=True)
+
+
+@app.command()
+def compare(
+    baseline: Annotated[
+        str,
+        typer.Argument(
+            metavar="BASELINE",
+            help="the baseline: a run id, or run ids comma-separated (replicates); with "
+            "--ablation, a cell name such as dispatch=grouped",
+        ),
+    ],
+    candidate: Annotated[
+        str, typer.Argument(metavar="CANDIDATE", help="the candidate, written like the baseline")
+    ],
+    knob: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--knob",
+            help="a knob the two sides may differ in, e.g. dispatch (repeat for more; "
+            "default: none, the lanes must match)",
+        ),
+    ] = None,
+    ablation: Annotated[
+        str | None,
+        typer.Option(
+            "--ablation",
+            help="compare two cells of this ablation: BASELINE and CANDIDATE are cell names "
+            "(default: none, they are run ids)",
+        ),
+    ] = None,
+    allow_lane_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-lane-mismatch",
+            help="compare even where the sides differ beyond the knobs (default: refuse)",
+        ),
+    ] = False,
+    server: ServerOption = None,
+    db: ReadDbOption = DEFAULT_DATABASE_URL,
+    token: TokenOption = None,
+) -> None:
+    """Keep/drop: the candidate against the baseline, a verdict with its 95% intervals.
+
+    Asks GET /api/v1/compare and prints the verdict, its reasons and each axis (baseline,
+    candidate, estimate, 95% interval, finding). A refusal (incomplete receipts, lanes that
+    differ) is one line and exit status 1; an unknown knob or run, exit status 2."""
+    params: dict[str, Any] = {"baseline": baseline, "candidate": candidate}
+    if knob:
+        params["knob"] = knob
+    if ablation is not None:
+        params["ablation"] = ablation
+    if allow_lane_mismatch:
+        params["allow_lane_mismatch"] = "true"
+    with service_client(server, db, token) as client:
+        body = api_get(client, "/api/v1/compare", params, server or "")
+    print_comparison(body)
+
+
+def print_ablation(body: dict[str, Any]) -> None:
+    """Each cell of an ablation: the baseline's runs, every other cell's verdict against it
+    or why there is none yet."""
+    expected = body.get("expected_runs")
+    console.print(
+        f"[bold]ablation {escape(body['ablation_id'])}[/] ({escape(body['name'])}): "
+        f"{body['runs_ended']} of "
+        f"{expected if expected is not None else body['runs']} runs ended",
+        soft_wrap=True,
+        highlight=False,
+    )
+    for cell in body["cells"]:
+        runs = len(cell["runs"])
+        if cell["baseline"]:
+            console.print(
+                f"[bold]{escape(cell['cell'])}[/]: the baseline, {runs} run(s)", highlight=False
+            )
+        elif cell.get("comparison"):
+            print_comparison(cell["comparison"], title=cell["cell"])
+        else:
+            why = refusal_text(cell["refusal"]) if cell.get("refusal") else "no comparison yet"
+            console.print(
+                f"[bold]{escape(cell['cell'])}[/]: no verdict ({runs} run(s)): {escape(why)}",
+                soft_wrap=True,
+                highlight=False,
+            )
+
+
+@contextmanager
+def embedded_service(db: str) -> Iterator[str]:
+    """Serve the `db` database from a thread on a free loopback port; yields its URL."""
+    import uvicorn
+
+    application = _build_app(db)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the port is ours from here: no race with another process
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="goodput-server", daemon=True
+    )
+    thread.start()
+    try:
+        _wait_started(server, thread)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        application.state.engine.dispose()
+
+
+def _declare(base: str, body: dict[str, Any], token: str | None) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        resp = httpx.post(f"{base}/api/v1/ablations", json=body, headers=headers, timeout=60)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the service at {base}: {exc}; start it or fix --server", FAILURE)
+    if resp.status_code != 200:
+        _answer(resp)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def ablate(
+    ctx: typer.Context,
+    knob: Annotated[
+        list[str],
+        typer.Option(
+            "--knob",
+            help="a knob and its values, KNOB=V1,V2,... (the first value is the baseline); "
+            f"repeat for a grid of every combination. Knobs: {runner.known_knobs()}",
+        ),
+    ],
+    repeats: Annotated[
+        int, typer.Option(min=1, help="runs of each cell, each repeat with its own seed")
+    ] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="training steps of every run")] = 60,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="the goodput service the runs report to (default: none, serve the --db "
+            "database from this process on a free loopback port while it runs)",
+        ),
+    ] = None,
+    project: Annotated[
+        str, typer.Option(help="project the ablation and its runs are filed under")
+    ] = "default",
+    name: Annotated[
+        str | None,
+        typer.Option(help="the ablation's name (default: its knobs, e.g. dispatch=grouped,padded)"),
+    ] = None,
+    seed0: Annotated[
+        int, typer.Option(help="seed of the first repeat; repeat r runs seed0 + r in every cell")
+    ] = 0,
+    device: Annotated[str, typer.Option(help="torch device of the runs, e.g. cuda")] = "cpu",
+    db: Annotated[
+        str,
+        typer.Option(
+            "--db",
+            envvar="GOODPUT_DATABASE_URL",
+            help="without --server: the database served, as goodput serve's",
+        ),
+    ] = DEFAULT_DATABASE_URL,
+    token: TokenOption = None,
+    keep_serving: Annotated[
+        bool,
+        typer.Option(
+            "--keep-serving",
+            help="without --server: keep serving when done, for the browser, until Ctrl-C "
+            "(default: stop)",
+        ),
+    ] = False,
+) -> None:
+    """Run the bundled loop over a knob grid, replicated and interleaved; print the verdicts.
+
+    Every cell runs REPEATS times, interleaved (each repeat runs every cell once, all on one
+    seed), as one ablation the service stores; at the end, each cell's verdict against the
+    baseline cell (the first value of every knob). Arguments after -- go to every run
+    (goodput train's flags, e.g. -- --d-model 32 --eval-every 5). A run that fails is
+    reported and the rest go on; exit status 1 if any failed."""
+    extra = list(ctx.args)
+    try:
+        grid = runner.build_grid(knob)
+        runner.check_extra_args(extra, grid)
+    except runner.AblateUsageError as exc:
+        fail(str(exc))
+    ablation_id = runner.new_ablation_id()
+    settings = runner.Settings(steps=steps, device=device, project=project, extra=extra)
+    title = (name or " ".join(f"{k}={','.join(v)}" for k, v in grid.knobs.items()))[:200]
+    plan = runner.schedule(grid, repeats, seed0)
+    body = runner.ablation_body(ablation_id, title, grid, repeats, settings, seed0)
+    with ExitStack() as stack:
+        base = server.rstrip("/") if server else stack.enter_context(embedded_service(db))
+        _declare(base, body, token)
+        console.print(
+            f"ablation {ablation_id}: {len(grid.cells)} cells x {repeats} repeats = "
+            f"{len(plan)} runs of {steps} steps; watch it at {base}/ablations/{ablation_id}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        failed = _run_plan(ablation_id, plan, settings, base, token, len(grid.cells))
+        with service_client(base, db, token) as client:
+            print_ablation(api_get(client, f"/api/v1/ablations/{ablation_id}", None, base))
+        if failed:
+            console.print(f"[red]{failed} of {len(plan)} runs failed[/]")
+        if keep_serving and not server:
+            console.print(f"serving {base}/ablations/{ablation_id}; Ctrl-C to stop")
+            with suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(0.5)
+    if failed:
+        raise typer.Exit(FAILURE)
+
+
+def _run_plan(
+    ablation_id: str,
+    plan: list[runner.Planned],
+    settings: runner.Settings,
+    base: str,
+    token: str | None,
+    cells: int,
+) -> int:
+    """Run the schedule one child at a time under a progress bar; returns the failed count.
+    Every cell failing in the first repeat stops it (the rest would fail alike)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    env = dict(os.environ)
+    if token:
+        env["GOODPUT_TOKEN"] = token  # read by the child; never on its command line
+    failed = 0
+    repeats = plan[-1].repeat + 1
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("starting", total=len(plan))
+        for i, planned in enumerate(plan):
+            bar.update(
+                task, description=f"repeat {planned.repeat + 1}/{repeats} {planned.cell.name}"
+            )
+            argv = runner.child_argv(ablation_id, planned, settings, base, uuid.uuid4().hex)
+            proc = runner.start_child(argv, env)
+            try:
+                result = runner.finish_child(proc)
+            except KeyboardInterrupt:
+                proc.terminate()
+                proc.wait(30)
+                bar.stop()
+                fail(
+                    f"stopped after {i} of {len(plan)} runs; the ablation {ablation_id} keeps "
+                    "the runs that ended",
+                    130,
+                )
+            if result.returncode != 0:
+                failed += 1
+                bar.console.print(
+                    f"[red]run failed[/] ({escape(planned.cell.name)}, repeat "
+                    f"{planned.repeat + 1}, exit {result.returncode}): "
+                    + escape(result.last_line or "no message"),
+                    soft_wrap=True,
+                    highlight=False,
+                )
+            bar.advance(task)
+            if i == cells - 1 and failed == cells:
+                bar.stop()
+                last = result.last_line or "no message"
+                fail(
+                    f"every cell's first run failed (the last: {last}); stopped, the other "
+                    "repeats would fail alike",
+                    FAILURE,
+                )
+    return failed
 
 
 if __name__ == "__main__":

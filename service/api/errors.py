@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -187,7 +188,25 @@ async def _pool_timeout(_request: Request, _exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:  # Allow: every method of the path, not of one route of it
+        allowed = _methods_of(request)
+        if allowed:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
     return await http_exception_handler(request, exc)
+
+
+def _methods_of(request: Request) -> list[str]:
+    """The methods the OpenAPI document gives the request's path (a path may have one route
+    per method: GET and POST /api/v1/ablations); none for a path the document does not hold
+    (the pages: their single route's Allow stands)."""
+    path = request.url.path
+    for template, item in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/}]+\\}", "[^/]+", re.escape(template)), path):
+            return sorted(m.upper() for m in item if m in _HTTP_METHODS)
+    return []
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
 _HEADINGS = {

@@ -60,6 +60,7 @@ _INGEST_RULES = {
 _CROSS_FIELD = re.compile(
     r"end \(.*\) (is before|must be after) start"
     r"|slots, tokens_per_expert has|a slot dropped more assignments than it received"
+    r"|ablation_id and ablation_cell come together"
 )
 
 
@@ -152,10 +153,21 @@ def _config(examples: int, **extra: Any) -> Any:
 
 def _store_runs(client: Any, headers: dict[str, str] | None = None) -> None:
     """Runs for lookups to find: `run-a`, and `0`, the id generated first (the smallest
-    string of the id pattern)."""
+    string of the id pattern); and an ablation of each id."""
     for run_id in ("run-a", "0"):
         records = f.full_run(run_id, steps=3)
         resp = client.post("/api/v1/ingest", json={"records": records}, headers=headers)
+        assert resp.status_code == 200, resp.text
+        ablation = {
+            "ablation_id": run_id,
+            "name": "lr",
+            "created_at": f.T0,
+            "knobs": {"lr": [0.001, 0.01]},
+            "cells": {"lr=0.001": {"lr": 0.001}, "lr=0.01": {"lr": 0.01}},
+            "baseline_cell": "lr=0.001",
+            "repeats": 1,
+        }
+        resp = client.post("/api/v1/ablations", json=ablation, headers=headers)
         assert resp.status_code == 200, resp.text
 
 
@@ -243,7 +255,7 @@ def test_with_tokens_every_operation_refuses_a_missing_or_wrong_token(
         _store_runs(client, write)
         doc = client.get("/openapi.json", headers=write).json()
     secured = {
-        (method.upper(), path.replace("{run_id}", "run-a"))
+        (method.upper(), path.replace("{run_id}", "run-a").replace("{ablation_id}", "run-a"))
         for path, item in doc["paths"].items()
         for method, op in item.items()
         if path != "/healthz" and op["security"] and {"401", "403"} <= set(op["responses"])
@@ -253,7 +265,12 @@ def test_with_tokens_every_operation_refuses_a_missing_or_wrong_token(
     config = _config(
         TOKEN_EXAMPLES,
         auth={"openapi": {"bearer": {"bearer": WRITE_TOKEN}}},
-        parameters={"run_id": "run-a", "baseline": "run-a", "candidate": "run-a"},
+        parameters={
+            "run_id": "run-a",
+            "ablation_id": "run-a",
+            "baseline": "run-a",
+            "candidate": "0",
+        },
         phases={"coverage": {"enabled": False}},
     )
     cases, problems = run_schemathesis(app, config, headers=write)
