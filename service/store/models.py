@@ -486,3 +486,65 @@ class RoutingBlock(Base):
         _CLUSTERED,
     )
 
+
+# Spans are bucketed by start time in buckets of this many seconds (a power of two: a start
+# divided by it, and a bucket's bounds, are exact in floating point).
+SPAN_BUCKET_S = 16.0
+
+
+class SpanBucket(Base):
+    """Sums of one attempt rank's blocking spans of one category that start in one bucket of
+    SPAN_BUCKET_S seconds (bucket = floor(start / SPAN_BUCKET_S)), clashing or not: many
+    windows' span seconds are read from these and from the spans of the few buckets that
+    straddle a window's edge (service/store/rollups/rolling.py)."""
+
+    __tablename__ = "span_buckets"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(80), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    total_s: Mapped[float] = mapped_column(Double)  # sum of end - start
+    first_start: Mapped[float] = mapped_column(Double)
+    last_end: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        CheckConstraint("n >= 1 AND total_s >= 0", name="non_negative"),
+        _CLUSTERED,
+    )
+
+
+# Steps are also summed in blocks of this many step numbers, finer than any level of
+# ROLLUP_LEVELS (each of which it divides).
+MICRO_BLOCK = 8
+
+
+class StepMicroBlock(Base):
+    """Sums of one attempt rank's steps numbered MICRO_BLOCK * micro to MICRO_BLOCK * (micro +
+    1) - 1: many windows read these inside the fine step blocks that straddle a window's edge,
+    and only the steps of the micro blocks that straddle it (service/store/rollups/rolling.py)."""
+
+    __tablename__ = "step_micro_blocks"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    micro: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    busy_s: Mapped[float] = mapped_column(Double)  # sum of end - start
+    blocked_s: Mapped[float] = mapped_column(Double)  # sum of the steps' blocked_s
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    hook_s: Mapped[float] = mapped_column(Double)
+    first_start: Mapped[float] = mapped_column(Double)
+    last_end: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        CheckConstraint("n >= 1 AND busy_s >= 0 AND blocked_s >= 0", name="non_negative"),
+        _CLUSTERED,
+    )

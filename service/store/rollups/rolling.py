@@ -8,25 +8,31 @@ edge `e` of any window, per attempt rank: the steps that start before `e`, those
 attempt's last checkpoint), and the one step that crosses `e`, if any. A window is then the
 difference of its edges' figures, with the steps that cross an edge cut to it and measured
 against the blocking spans there, exactly as `WindowReader.parts` measures them. The figures
-at an edge come from the fine step blocks (read once for the run, summed in Python) and, for
-the few blocks that straddle an edge, from one statement that sums those blocks' steps for
-every such (edge, block) pair, joined from the list of pairs (`_values`: a temporary table on
-SQLite, a `VALUES` list on PostgreSQL).
+at an edge come from the fine step blocks (read once for the run, summed in Python); inside
+each fine block that straddles an edge, from its micro blocks of MICRO_BLOCK steps
+(`step_micro_blocks`: those wholly before the edge, summed by the database); and from the
+steps of the one or two micro blocks that straddle it. Each runs as one statement over the
+list of (edge, block) pairs (`_values`: a temporary table on SQLite, a `VALUES` list on
+PostgreSQL).
 
-Spans are summed per window, also in one statement over the list of (window, attempt, rank,
-category), each found through the spans' primary key from the category's longest span before
-the window. Only spans that clash with no other are summed there; the clashing ones (few,
-read once) are charged by precedence in Python (goodput.charged).
+A window's spans are summed the same way, per (attempt, rank, category): at each edge, the
+seconds before it of the blocking spans, from the span buckets of SPAN_BUCKET_S seconds
+(`span_buckets`, read once for the run: those whose spans all end before the edge) and, in
+one statement, the spans of the buckets that straddle it; with how many spans start before
+the edge and how many end by it (a window that no span meets gets no seconds, not a rounding
+residue). The buckets hold every blocking span; those that clash with another (few, read
+once) are taken out of each window they meet and charged by precedence in Python
+(goodput.charged).
 
-Near the cap of 10,000 windows on a 1,000,000-step run this reads each record about once,
-where one window at a time ran a dozen statements per window (BENCHMARKS.md).
+Near the cap of 10,000 windows on a 1,000,000-step run this reads about 16 step rows and a few
+dozen span rows per edge, where reading every step of the straddling fine blocks and every
+span of every window read each record about once (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +40,7 @@ import numpy as np
 from sqlalchemy import Connection, select
 
 from service.calc.goodput import ROUNDING_SLACK_S, AttemptSplit, RankParts, SpanIndex, charged
-from service.store.models import StepBlock
+from service.store.models import MICRO_BLOCK, SPAN_BUCKET_S, SpanBucket, StepBlock
 from service.store.rollups.common import FINE, grouped
 from service.store.rollups.windows import WindowReader
 
@@ -42,6 +48,11 @@ from service.store.rollups.windows import WindowReader
 CHUNK_ROWS = 2_000
 NO_CHECKPOINT = 2**62  # an attempt split at no checkpoint: every step is on the committed side
 EVER = 1e300  # an edge after every step
+
+# A window's span seconds are a difference of sums over the whole run: where no span meets it
+# they are 0 (counted), and where only spans of no length do, the difference may leave a few
+# ulps of those sums; a cut of a real span on epoch times is at least an ulp of one (2.4e-7 s).
+RESIDUE_S = 1e-9
 
 _SQL_TYPES = {
     "sqlite": {"int": "INTEGER", "float": "REAL", "text": "TEXT"},  # INTEGER PRIMARY KEY: rowid
@@ -83,6 +94,33 @@ _EDGE_COLS = (
     *(("f", "int"), ("l", "int"), ("up", "int")),
 )
 
+# Per (pair, edge t, attempt a, rank r, micro blocks f..l, checkpoint step up): the micro
+# blocks that start by t, those whose steps all end before t and lie on one side of up summed
+# (`whole`), and how many others there are, the first and the last (their steps are summed
+# by _EDGE_SUMS).
+_WHOLE = (
+    f"(m.last_end < e.t AND ((m.micro + 1) * {MICRO_BLOCK} - 1 <= e.up"
+    f" OR m.micro * {MICRO_BLOCK} > e.up))"
+)
+_MICRO_SUMS = f"""
+SELECT e.pid,
+  sum(CASE WHEN {_WHOLE} THEN m.n ELSE 0 END),
+  sum(CASE WHEN {_WHOLE} THEN m.tokens ELSE 0 END),
+  sum(CASE WHEN {_WHOLE} THEN m.hook_s ELSE 0.0 END),
+  sum(CASE WHEN {_WHOLE} AND m.micro * {MICRO_BLOCK} <= e.up
+      THEN m.busy_s - m.blocked_s ELSE 0.0 END),
+  sum(CASE WHEN {_WHOLE} AND m.micro * {MICRO_BLOCK} > e.up
+      THEN m.busy_s - m.blocked_s ELSE 0.0 END),
+  sum(CASE WHEN {_WHOLE} AND m.micro * {MICRO_BLOCK} > e.up THEN m.n ELSE 0 END),
+  sum(CASE WHEN {_WHOLE} THEN 0 ELSE 1 END),
+  min(CASE WHEN {_WHOLE} THEN NULL ELSE m.micro END),
+  max(CASE WHEN {_WHOLE} THEN NULL ELSE m.micro END)
+FROM {{source}} CROSS JOIN step_micro_blocks m
+WHERE m.run_id = {{run}} AND m.attempt = e.a AND m.rank = e.r AND m.micro BETWEEN e.f AND e.l
+  AND m.first_start <= e.t
+GROUP BY e.pid
+"""
+
 # Per (pair, attempt, rank, category, reach, lo, hi): the cut seconds of the blocking spans
 # that clash with no other and overlap [lo, hi].
 _SPAN_SUMS = """
@@ -99,6 +137,31 @@ _SPAN_COLS = (
     *(("pid", "int"), ("a", "int"), ("r", "int"), ("c", "text")),
     *(("reach", "float"), ("lo", "float"), ("hi", "float")),
 )
+
+
+# Per (pair, edge t, attempt a, rank r, category c, bucket start f, u = min(bucket end, t)):
+# the bucket's blocking spans that start before t, summed against it: their seconds before t,
+# their count, and the count of those that end by t.
+_BUCKET_SUMS = """
+SELECT e.pid,
+  sum(CASE WHEN s."end" <= e.t THEN s."end" - s.start ELSE e.t - s.start END),
+  count(*),
+  sum(CASE WHEN s."end" <= e.t THEN 1 ELSE 0 END)
+FROM {source} CROSS JOIN spans s
+WHERE s.run_id = {run} AND s.attempt = e.a AND s.rank = e.r AND s.category = e.c
+  AND s.start >= e.f AND s.start < e.u AND NOT s.overlapped
+GROUP BY e.pid
+"""
+_BUCKET_COLS = (
+    *(("pid", "int"), ("t", "float"), ("a", "int"), ("r", "int"), ("c", "text")),
+    *(("f", "float"), ("u", "float")),
+)
+
+
+def _plain_rows(conn: Connection, stmt: Any) -> list[tuple[Any, ...]]:
+    """The rows of a read of numbers as the driver gives them (tuples), without building a
+    Row for each: numpy reads tuples quickly, Rows one value at a time."""
+    return list(conn.execute(stmt).cursor.fetchall())
 
 
 def _values(
@@ -159,19 +222,34 @@ class _Crossing:
 
 @dataclass
 class _EdgeFigures:
-    """One attempt rank's cumulative figures at every edge (arrays over the sorted edges)."""
+    """One attempt rank's cumulative figures at every edge (lists over the sorted edges)."""
 
-    n_lt: np.ndarray  # steps that start before the edge
-    tok_lt: np.ndarray
-    n_le: np.ndarray  # steps that end by the edge
-    tok_le: np.ndarray
-    hook_le: np.ndarray
-    hook_lt: np.ndarray  # hook time of the steps that end by the edge and start before it
-    upto_le: np.ndarray  # step time minus blocked_s of the steps that end by it, <= checkpoint
-    after_le: np.ndarray  # the same, after the checkpoint
-    after_lt: np.ndarray  # steps after the checkpoint that start before the edge
-    after_n_le: np.ndarray
+    n_lt: list[int]  # steps that start before the edge
+    tok_lt: list[int]
+    n_le: list[int]  # steps that end by the edge
+    tok_le: list[int]
+    hook_le: list[float]
+    hook_lt: list[float]  # hook time of the steps that end by the edge and start before it
+    upto_le: list[float]  # step time minus blocked_s of the steps that end by it, <= checkpoint
+    after_le: list[float]  # the same, after the checkpoint
+    after_lt: list[int]  # steps after the checkpoint that start before the edge
+    after_n_le: list[int]
     crossing: dict[int, _Crossing] = field(default_factory=dict)  # edge index -> its step
+
+    def add_whole(
+        self, e: int, n: int, tokens: int, hook: float, upto: float, after: float, after_n: int
+    ) -> None:
+        """Steps that all start before edge `e` and end by it, summed (micro blocks)."""
+        self.n_lt[e] += n
+        self.tok_lt[e] += tokens
+        self.n_le[e] += n
+        self.tok_le[e] += tokens
+        self.hook_le[e] += hook
+        self.hook_lt[e] += hook
+        self.upto_le[e] += upto
+        self.after_le[e] += after
+        self.after_lt[e] += after_n
+        self.after_n_le[e] += after_n
 
     def add(self, e: int, row: Any) -> None:
         """One straddling block's steps summed against edge `e` (a row of _EDGE_SUMS)."""
@@ -197,7 +275,7 @@ class _Blocks:
     either side of the attempt's checkpoint step `up`."""
 
     def __init__(self, rows: list[Any], up: int) -> None:
-        a = np.array([tuple(r[2:]) for r in rows], dtype=float)
+        a = np.array([r[2:] for r in rows], dtype=float)
         self.up = up
         self.block, self.first, self.last = a[:, 0], a[:, 1], a[:, 2]
         self.n, self.tokens, self.hook, busy = a[:, 3], a[:, 4], a[:, 5], a[:, 6]
@@ -220,17 +298,17 @@ class _Blocks:
             return np.concatenate(([0], np.cumsum(x[order].astype(np.int64))))[count]
 
         n, tokens, after_n = whole(self.n), whole(self.tokens), whole(self.after_n)
-        return _EdgeFigures(
-            n_lt=n,
-            tok_lt=tokens,
-            n_le=n.copy(),
-            tok_le=tokens.copy(),
-            hook_le=cum(self.hook),
-            hook_lt=cum(self.hook),
-            upto_le=cum(self.upto_busy),
-            after_le=cum(self.after_busy),
-            after_lt=after_n,
-            after_n_le=after_n.copy(),
+        return _EdgeFigures(  # lists: one value at a time, they are faster than arrays
+            n_lt=n.tolist(),
+            tok_lt=tokens.tolist(),
+            n_le=n.tolist(),
+            tok_le=tokens.tolist(),
+            hook_le=cum(self.hook).tolist(),
+            hook_lt=cum(self.hook).tolist(),
+            upto_le=cum(self.upto_busy).tolist(),
+            after_le=cum(self.after_busy).tolist(),
+            after_lt=after_n.tolist(),
+            after_n_le=after_n.tolist(),
         )
 
 
@@ -293,7 +371,7 @@ class _Many:
             b.hook_s,
             b.busy_s - b.blocked_s,
         ).where(b.run_id == self.reader.run_id, b.level == FINE)
-        by_key = grouped(self.conn.execute(stmt), lambda r: (r.attempt, r.rank))
+        by_key = grouped(_plain_rows(self.conn, stmt), lambda r: (r[0], r[1]))
         blocks = {key: _Blocks(rows, self._checkpoint(key[0])) for key, rows in by_key.items()}
         self._split_across(blocks)
         out: dict[tuple[int, int], _EdgeFigures] = {}
@@ -302,12 +380,26 @@ class _Many:
         for key, blk in sorted(blocks.items()):
             out[key] = blk.before(self.edges)
             for e, j in self._straddles(blk.first, blk.last):
-                first_step = int(blk.block[j]) * FINE
-                pairs.append((len(pairs), float(self.edges[e]), *key, first_step))
-                pairs[-1] += (first_step + FINE - 1, blk.up)
+                first = int(blk.block[j]) * FINE // MICRO_BLOCK
+                pairs.append((len(pairs), float(self.edges[e]), *key, first))
+                pairs[-1] += (first + FINE // MICRO_BLOCK - 1, blk.up)
                 where.append((key, e))
-        for row in _values(self.conn, _EDGE_SUMS, _EDGE_COLS, self.reader.run_id, pairs):
-            key, e = where[row[0]]
+        steps: list[tuple[Any, ...]] = []  # the straddling micro blocks' steps, per edge
+        at: list[tuple[tuple[int, int], int]] = []
+        found = _values(self.conn, _MICRO_SUMS, _EDGE_COLS, self.reader.run_id, pairs)
+        for pid, n, tokens, hook, upto, after, after_n, left, first, last in found:
+            key, e = where[pid]
+            _, t, attempt, rank, block_first, block_last, up = pairs[pid]
+            if left and last - first + 1 != left:  # not one run of micro blocks: every step
+                first, last = block_first, block_last
+            else:
+                out[key].add_whole(e, int(n), int(tokens), hook, upto, after, int(after_n))
+            if left:
+                steps.append((len(steps), t, attempt, rank, first * MICRO_BLOCK))
+                steps[-1] += ((last + 1) * MICRO_BLOCK - 1, up)
+                at.append((key, e))
+        for row in _values(self.conn, _EDGE_SUMS, _EDGE_COLS, self.reader.run_id, steps):
+            key, e = at[row[0]]
             out[key].add(e, row)
         return out
 
@@ -336,20 +428,17 @@ class _Many:
             raise RuntimeError(f"no sums kept for a cut at step {upto}")
         return int(upto)
 
-    def _straddles(self, first: np.ndarray, last: np.ndarray) -> Iterable[tuple[int, int]]:
+    def _straddles(self, first: np.ndarray, last: np.ndarray) -> list[tuple[int, int]]:
         """(edge index, block index) for each block whose time span holds the edge (first
-        start <= edge <= last end): in one sweep, blocks by first start, live ones by end."""
-        order = np.argsort(first, kind="stable")
-        live: list[tuple[float, int]] = []
-        j, n = 0, len(order)
-        for e, t in enumerate(self.edges.tolist()):
-            while j < n and first[order[j]] <= t:
-                heapq.heappush(live, (float(last[order[j]]), int(order[j])))
-                j += 1
-            while live and live[0][0] < t:
-                heapq.heappop(live)
-            for _, k in live:
-                yield e, k
+        start <= edge <= last end), by edge: each block's edges are a run of the sorted
+        edges."""
+        lo = np.searchsorted(self.edges, first, side="left")
+        counts = np.maximum(np.searchsorted(self.edges, last, side="right") - lo, 0)
+        blocks = np.repeat(np.arange(len(first)), counts)
+        offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+        edges = np.arange(len(blocks)) + offsets
+        order = np.lexsort((blocks, edges))
+        return list(zip(edges[order].tolist(), blocks[order].tolist(), strict=True))
 
     def _steps_of(
         self, lo: float, hi: float, figures: dict[tuple[int, int], _EdgeFigures]
@@ -359,7 +448,7 @@ class _Many:
         il, ih = self.at[lo], self.at[hi]
         w = _Window()
         for (attempt, rank), f in figures.items():
-            n = int(f.n_lt[ih] - f.n_le[il])
+            n = f.n_lt[ih] - f.n_le[il]
             if n <= 0:
                 continue
             upto = f.upto_le[ih] - f.upto_le[il]
@@ -370,9 +459,9 @@ class _Many:
                     upto -= low.full
                 else:
                     after -= low.full
-            w.split[attempt, rank] = [upto, after, int(f.after_lt[ih] - f.after_n_le[il])]
+            w.split[attempt, rank] = [upto, after, f.after_lt[ih] - f.after_n_le[il]]
             w.steps[rank] = w.steps.get(rank, 0) + n
-            w.tokens[rank] = w.tokens.get(rank, 0) + int(f.tok_lt[ih] - f.tok_le[il])
+            w.tokens[rank] = w.tokens.get(rank, 0) + (f.tok_lt[ih] - f.tok_le[il])
             w.hook[rank] = w.hook.get(rank, 0.0) + (f.hook_lt[ih] - f.hook_le[il])
             if low is not None:
                 w.edges.append((rank, (lo, min(low.end, hi)), attempt, low))
@@ -422,17 +511,37 @@ class _Many:
         return out
 
     def _span_sums(self) -> list[dict[int, dict[str, float]]]:
-        """Per interval, per rank: seconds charged to each category (by precedence)."""
+        """Per interval, per rank: seconds charged to each category (by precedence). Each
+        category's blocking spans of an attempt rank, clashing or not, are summed at every
+        edge (`_span_edges`) and an interval is the difference of its edges; the clashing
+        spans that meet it are then taken out and charged by precedence instead."""
         ranks = sorted({g.rank for g in self.reader.span_groups if not g.overlapped})
-        asked = [(rank, lo, hi) for lo, hi in self.intervals for rank in ranks]
-        sums = iter(self._sums(asked))
+        edges = {  # as lists: indexing them is faster than numpy's one value at a time
+            rank: [(c, f.tolist(), lt.tolist(), le.tolist()) for (_, c), (f, lt, le) in g.items()]
+            for rank, g in self._span_edges().items()
+        }
         out: list[dict[int, dict[str, float]]] = []
         for lo, hi in self.intervals:
+            il, ih = self.at[lo], self.at[hi]
             mine: dict[int, dict[str, float]] = {}
             for rank in ranks:
-                cats = next(sums)
+                seconds: dict[str, float] = {}
+                count: dict[str, int] = {}
+                for category, f, n_lt, n_le in edges.get(rank, ()):
+                    n = n_lt[ih] - n_le[il]
+                    if n > 0:
+                        seconds[category] = seconds.get(category, 0.0) + (f[ih] - f[il])
+                        count[category] = count.get(category, 0) + n
                 clashing = self.reader.clashing.get(rank)
                 meeting = clashing.meeting(lo, hi) if clashing is not None else []
+                for sp in meeting:
+                    cut = min(sp.end, hi) - max(sp.start, lo)
+                    seconds[sp.category] = seconds.get(sp.category, 0.0) - cut
+                    count[sp.category] = count.get(sp.category, 0) - 1
+                cats = {
+                    c: (x if count[c] > 0 and abs(x) > RESIDUE_S else 0.0)
+                    for c, x in seconds.items()
+                }
                 if meeting:
                     for cat, x in charged(meeting, lo, hi).items():
                         cats[cat] = cats.get(cat, 0.0) + x
@@ -440,6 +549,54 @@ class _Many:
                 if cats:
                     mine[rank] = cats
             out.append(mine)
+        return out
+
+    def _span_edges(
+        self,
+    ) -> dict[int, dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """Per rank, per (attempt, category): at every edge t, the seconds before t of its
+        blocking spans, how many start before t and how many end by t. From the span buckets
+        (read once for the run): the buckets whose spans all end before t, summed in order of
+        their last end; and, in one statement, the spans of the buckets that straddle t."""
+        b = SpanBucket
+        out: dict[int, dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        pairs: list[tuple[Any, ...]] = []
+        where: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+        edges = self.edges
+        groups = {
+            (g.rank, g.attempt, g.category) for g in self.reader.span_groups if not g.overlapped
+        }
+        for rank, attempt, category in sorted(groups):
+            stmt = select(b.bucket, b.n, b.total_s, b.first_start, b.last_end).where(
+                b.run_id == self.reader.run_id,
+                b.rank == rank,
+                b.attempt == attempt,
+                b.category == category,
+            )
+            rows = _plain_rows(self.conn, stmt)
+            if not rows:
+                continue
+            a = np.array(rows, dtype=float)
+            bucket, n, total, first, last = a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
+            order = np.argsort(last, kind="stable")
+            before = np.searchsorted(last[order], edges, side="left")
+            f = np.concatenate(([0.0], np.cumsum(total[order])))[before]
+            n_lt = np.concatenate(([0], np.cumsum(n[order].astype(np.int64))))[before]
+            n_le = n_lt.copy()
+            out.setdefault(rank, {})[attempt, category] = (f, n_lt, n_le)
+            for e, j in self._straddles(first, last):
+                t = float(edges[e])
+                lo = float(bucket[j]) * SPAN_BUCKET_S
+                up = min(lo + SPAN_BUCKET_S, t)
+                pairs.append((len(pairs), t, attempt, rank, category, lo, up))
+                where.append((f, n_lt, n_le, e))
+        for pid, seconds, started, ended in _values(
+            self.conn, _BUCKET_SUMS, _BUCKET_COLS, self.reader.run_id, pairs
+        ):
+            f, n_lt, n_le, e = where[pid]
+            f[e] += seconds
+            n_lt[e] += int(started)
+            n_le[e] += int(ended)
         return out
 
     def _sums(self, asked: list[tuple[int, float, float]]) -> list[dict[str, float]]:

@@ -12,10 +12,15 @@ them, and a resent record, which is not inserted, is not counted twice):
   writer at a time.
 - `step_blocks`: per (run, rank, level, block, attempt), with block = step // level for the
   levels of ROLLUP_LEVELS: count, step time and blocked time, tokens, hook time, first start,
-  last end, and the fastest and slowest step. A batch folds its steps into blocks of the
-  finest level, those into the next level's, and so on (`_levels_up`).
+  last end, and the fastest and slowest step. A batch folds its steps into micro blocks,
+  those into blocks of the finest level, those into the next level's, and so on
+  (`_levels_up`).
+- `step_micro_blocks`: per (run, rank, attempt, micro), with micro = step // MICRO_BLOCK:
+  count, step time and blocked time, tokens, hook time, first start, last end.
 - `span_totals`: per (run, rank, attempt, category, overlapped): count, seconds, longest,
   first start, last end.
+- `span_buckets`: per (run, rank, attempt, category, bucket), with bucket = floor(start /
+  SPAN_BUCKET_S), of the blocking spans: count, seconds, first start, last end.
 - `routing_blocks`: per (run, rank, layer, level, block, attempt): count and the records with
   the lowest and highest MaxVio (a record without one counts as -inf).
 """
@@ -49,15 +54,19 @@ from sqlalchemy.sql.elements import SQLCoreOperations
 
 from service.calc.goodput import SpanIn, SpanIndex, credited
 from service.store.models import (
+    MICRO_BLOCK,
     ROLLUP_LEVELS,
+    SPAN_BUCKET_S,
     Base,
     RoutingBlock,
     RoutingRow,
     Run,
     Span,
+    SpanBucket,
     SpanTotal,
     Step,
     StepBlock,
+    StepMicroBlock,
 )
 from service.store.rollups.common import (
     FINE,
@@ -349,17 +358,23 @@ _STEP_BLOCK_KEY = ("run_id", "rank", "level", "block", "attempt")
 
 def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[float]) -> None:
     """Fold newly inserted steps (rows laid out as STEP_COLUMNS, or at least its first ten)
-    and their `blocked_s` into step_blocks."""
+    and their `blocked_s` into step_micro_blocks, and those into step_blocks."""
     if not steps:
         return
-    fine: dict[tuple[Any, ...], _StepAcc] = {}
+    micro: dict[tuple[Any, ...], _StepAcc] = {}  # (run, rank, attempt, micro) -> its steps
     for row, b in zip(steps, blocked, strict=True):
-        key = (row[_RUN_ID], row[_RANK], FINE, row[_STEP] // FINE, row[_ATTEMPT])
-        have = fine.get(key)
+        key = (row[_RUN_ID], row[_RANK], row[_ATTEMPT], row[_STEP] // MICRO_BLOCK)
+        have = micro.get(key)
         if have is None:
-            fine[key] = _StepAcc.of(row, b)
+            micro[key] = _StepAcc.of(row, b)
         else:
             have.add(row, b)
+    _add_micro_blocks(session, micro)
+    fine: dict[tuple[Any, ...], _StepAcc] = {}  # the finest level, from the micro blocks
+    for (run_id, rank, attempt, m), acc in micro.items():
+        at = (run_id, rank, FINE, m * MICRO_BLOCK // FINE, attempt)
+        have = fine.get(at)
+        fine[at] = copy.copy(acc) if have is None else have.merge(acc)
     blocks = _levels_up(fine, _StepAcc.merge)
     rows = [
         dict(zip(_STEP_BLOCK_KEY, k, strict=True)) | {f: getattr(a, f) for f in _STEP_ACC_FIELDS}
@@ -411,6 +426,37 @@ def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[flo
     session.execute(upsert, rows)
 
 
+_MICRO_KEY = ("run_id", "rank", "attempt", "micro")
+_MICRO_FIGURES = ("n", "busy_s", "blocked_s", "tokens", "hook_s", "first_start", "last_end")
+
+
+def _add_micro_blocks(session: Session, micro: dict[tuple[Any, ...], _StepAcc]) -> None:
+    """Fold newly inserted steps, summed per (run, rank, attempt, micro block), into
+    step_micro_blocks."""
+    rows = [
+        {
+            **dict(zip(_MICRO_KEY, k, strict=True)),
+            **{f: getattr(a, f) for f in _MICRO_FIGURES},
+        }
+        for k, a in micro.items()
+    ]
+    stmt = _insert(session, StepMicroBlock)
+    new, old = stmt.excluded, StepMicroBlock
+    upsert = stmt.on_conflict_do_update(
+        index_elements=list(_MICRO_KEY),
+        set_={
+            "n": old.n + new.n,
+            "busy_s": old.busy_s + new.busy_s,
+            "blocked_s": old.blocked_s + new.blocked_s,
+            "tokens": old.tokens + new.tokens,
+            "hook_s": old.hook_s + new.hook_s,
+            "first_start": _least(new.first_start, old.first_start),
+            "last_end": _greatest(new.last_end, old.last_end),
+        },
+    )
+    session.execute(upsert, rows)
+
+
 _SPAN_TOTAL_KEY = ("run_id", "rank", "attempt", "category", "overlapped")
 _SPAN_TOTAL_FIGURES = ("n", "total_s", "longest_s", "first_start", "last_end", "correction_s")
 
@@ -420,25 +466,42 @@ def add_spans(
 ) -> None:
     """Fold newly inserted spans (rows or records with run_id, attempt, rank, category,
     start, end, overlapped) into span_totals; `charged[i]`: what flag_clashes charged a
-    clashing span (None: all of it; rows may carry it as `charged_s`)."""
+    clashing span (None: all of it; rows may carry it as `charged_s`); and the blocking ones
+    into span_buckets."""
     if not spans:
         return
     acc: dict[tuple[Any, ...], list[Any]] = {}  # the key -> _SPAN_TOTAL_FIGURES
+    buckets: dict[tuple[Any, ...], list[Any]] = {}  # the key -> _SPAN_BUCKET_FIGURES
     for i, s in enumerate(spans):
-        key = (s.run_id, s.rank, s.attempt, s.category, bool(s.overlapped))
-        d = s.end - s.start
+        run_id, rank, attempt, category = s.run_id, s.rank, s.attempt, s.category
+        start, end, overlapped = s.start, s.end, bool(s.overlapped)
+        key = (run_id, rank, attempt, category, overlapped)
+        d = end - start
         c = charged[i] if charged is not None else getattr(s, "charged_s", None)
         fix = 0.0 if c is None else c - d
         a = acc.get(key)
         if a is None:
-            acc[key] = [1, d, d, s.start, s.end, fix]
+            acc[key] = [1, d, d, start, end, fix]
         else:
             a[0] += 1
             a[1] += d
             a[2] = max(a[2], d)
-            a[3] = min(a[3], s.start)
-            a[4] = max(a[4], s.end)
+            a[3] = min(a[3], start)
+            a[4] = max(a[4], end)
             a[5] += fix
+        if overlapped:  # span_buckets hold the blocking spans, clashing or not
+            continue
+        bucket = (run_id, rank, attempt, category, math.floor(start / SPAN_BUCKET_S))
+        a = buckets.get(bucket)
+        if a is None:
+            buckets[bucket] = [1, d, start, end]
+        else:
+            a[0] += 1
+            a[1] += d
+            if start < a[2]:
+                a[2] = start
+            if end > a[3]:
+                a[3] = end
     rows = [
         {
             **dict(zip(_SPAN_TOTAL_KEY, k, strict=True)),
@@ -446,6 +509,7 @@ def add_spans(
         }
         for k, a in acc.items()
     ]
+    _add_span_buckets(session, buckets)
     stmt = _insert(session, SpanTotal)
     new, old = stmt.excluded, SpanTotal
     upsert = stmt.on_conflict_do_update(
@@ -457,6 +521,37 @@ def add_spans(
             "first_start": _least(new.first_start, old.first_start),
             "last_end": _greatest(new.last_end, old.last_end),
             "correction_s": old.correction_s + new.correction_s,
+        },
+    )
+    session.execute(upsert, rows)
+
+
+_SPAN_BUCKET_KEY = ("run_id", "rank", "attempt", "category", "bucket")
+_SPAN_BUCKET_FIGURES = ("n", "total_s", "first_start", "last_end")
+
+
+def _add_span_buckets(session: Session, buckets: dict[tuple[Any, ...], list[Any]]) -> None:
+    """Fold newly inserted blocking spans, summed per (run, rank, attempt, category,
+    bucket), into span_buckets (a span's bucket does not move when a later span clashes with
+    it: the readers take the clashing spans out themselves)."""
+    if not buckets:
+        return
+    rows = [
+        {
+            **dict(zip(_SPAN_BUCKET_KEY, k, strict=True)),
+            **dict(zip(_SPAN_BUCKET_FIGURES, a, strict=True)),
+        }
+        for k, a in buckets.items()
+    ]
+    stmt = _insert(session, SpanBucket)
+    new, old = stmt.excluded, SpanBucket
+    upsert = stmt.on_conflict_do_update(
+        index_elements=list(_SPAN_BUCKET_KEY),
+        set_={
+            "n": old.n + new.n,
+            "total_s": old.total_s + new.total_s,
+            "first_start": _least(new.first_start, old.first_start),
+            "last_end": _greatest(new.last_end, old.last_end),
         },
     )
     session.execute(upsert, rows)
@@ -645,6 +740,22 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[_S
         .values(blocked_s=cols.blocked_s + bindparam("x")),
         [{"lv": lv, "bk": bk, "at": at, "x": x} for (lv, bk, at), x in per_block.items()],
     )
+    per_micro: dict[tuple[int, int], float] = {}  # (attempt, micro block) -> seconds
+    for attempt, step, x in added:
+        at = (attempt, step // MICRO_BLOCK)
+        per_micro[at] = per_micro.get(at, 0.0) + x
+    micro = table_of(StepMicroBlock).c
+    session.execute(
+        update(table_of(StepMicroBlock))
+        .where(
+            micro.run_id == run_id,
+            micro.rank == rank,
+            micro.attempt == bindparam("at"),
+            micro.micro == bindparam("mc"),
+        )
+        .values(blocked_s=micro.blocked_s + bindparam("x")),
+        [{"at": at, "mc": mc, "x": x} for (at, mc), x in per_micro.items()],
+    )
 
 
 class _Spikes:
@@ -719,7 +830,7 @@ _CHUNK = 50_000
 
 def rebuild_run(session: Session, run_id: str) -> None:
     """Recompute every rollup of one run from its rows, as if they had just been ingested."""
-    for model in (StepBlock, SpanTotal, RoutingBlock):
+    for model in (StepBlock, StepMicroBlock, SpanTotal, SpanBucket, RoutingBlock):
         table = table_of(model)
         session.execute(table.delete().where(table.c.run_id == run_id))
     add_spans(
