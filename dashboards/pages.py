@@ -21,6 +21,14 @@ RUN_TABS: tuple[tuple[str, str], ...] = (
     ("routing", "Routing"),
     ("receipt", "Receipt"),
 )
+# the main navigation, in order: (path under the root, label, the pages it marks as current)
+NAV: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("/", "Runs", frozenset({"runs"})),
+    ("/ablations", "Ablations", frozenset({"ablations", "ablation"})),
+    ("/ledger", "Ledger", frozenset({"ledger"})),
+    ("/compare", "Compare", frozenset({"compare"})),
+    ("/trends", "Trends", frozenset({"trends"})),
+)
 REFRESH_S = 5.0  # how often a live page fetches its data again (the service's setting)
 # the files under /static/ and their media types (nothing else there is served)
 STATIC_FILES: dict[str, str] = {
@@ -30,7 +38,18 @@ STATIC_FILES: dict[str, str] = {
     # a page's own script, where it needs one (sorting, selection...): static/<page>.js
     **{
         f"{page}.js": "application/javascript"
-        for page in ("runs", "goodput", "performance", "routing", "receipt", "compare", "trends")
+        for page in (
+            "runs",
+            "goodput",
+            "performance",
+            "routing",
+            "receipt",
+            "compare",
+            "trends",
+            "ablations",
+            "ablation",
+            "ledger",
+        )
     },
 }
 
@@ -77,6 +96,7 @@ def render(
             refresh_s=f"{refresh_s:g}",
             run=run,
             run_tabs=RUN_TABS,
+            nav=NAV,
             axis=axis,
             axis_choice=axis is not None,
             charts=charts,

@@ -22,8 +22,10 @@ from service.api.routes import (
     imports,
     ingest,
     metrics,
+    page_ablations,
     page_compare,
     page_goodput,
+    page_ledger,
     page_performance,
     page_receipt,
     page_routing,
@@ -50,6 +52,8 @@ PAGES = (
     page_receipt,
     page_compare,
     page_trends,
+    page_ablations,
+    page_ledger,
 )
 OPEN_ROUTERS = (health,)  # every other route needs a token when tokens are configured
 

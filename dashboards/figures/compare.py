@@ -1,12 +1,14 @@
-"""The compare page's figures (a candidate run against a baseline): the ratios with their
-intervals around 1.0, badput side by side, step time / loss / drop rate of both runs
-overlaid by step. Its tables and refusals are in compare_tables.py.
+"""The compare page's figures (a candidate against a baseline, each side one run or several
+replicates): the ratios with their intervals around 1.0, badput side by side, step time /
+loss / drop rate of every run overlaid by step in its side's color. Its tables and refusals
+are in compare_tables.py; the verdicts' colors are shared with the ablation and ledger pages.
 
 Each builder takes plain dicts (a CompareRead, StepPoints, a routing series, as the service
 answers them), extracts plain rows, then builds the figure."""
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -19,6 +21,15 @@ from dashboards.figures.common import empty as _empty
 ROLES = ("baseline", "candidate")
 ROLE_COLORS = {"baseline": "#457b9d", "candidate": "#f4a261"}
 ROLE_WIDTHS = {"baseline": 4.0, "candidate": 2.0}
+# a verdict's color, wherever one is drawn (badges: dashboard.css `.badge-<verdict>`, a test
+# checks they agree), and what it means in plain words
+VERDICT_COLORS = {"keep": GOOD, "tax": WARN, "drop": BAD, "inconclusive": OTHER}
+VERDICT_MEANINGS = {
+    "keep": "faster or leaner, quality not worse",
+    "tax": "costs speed or memory, buys quality: keep only on purpose",
+    "drop": "worse quality, or slower or heavier without better quality",
+    "inconclusive": "the data cannot tell yet",
+}
 ATTEMPT_DASHES = ("solid", "dot", "dash", "longdash", "dashdot")  # attempt 0, 1, ...
 DEFAULT_MARGIN = 0.02  # service/services/compare.py's defaults, left out of links
 DEFAULT_LOSS_TOLERANCE = 0.01
@@ -125,7 +136,7 @@ def ratio_forest(result: Mapping[str, Any], margin: float = DEFAULT_MARGIN) -> g
             "type": "log",
             "title": "candidate / baseline (log scale)",
             "range": [math.log10(min(xs) / 1.25), math.log10(max(xs) * 1.25)],
-            **_log_ticks(min(xs) / 1.25, max(xs) * 1.25),
+            **log_ticks(min(xs) / 1.25, max(xs) * 1.25),
         },
         yaxis={"autorange": "reversed"},
         legend={"orientation": "h", "y": -0.3},
@@ -141,7 +152,7 @@ TICKS = sorted(
 )
 
 
-def _log_ticks(lo: float, hi: float, most: int = 9) -> dict[str, Any]:
+def log_ticks(lo: float, hi: float, most: int = 9) -> dict[str, Any]:
     """Labelled ticks at round ratios, 1.0 first, then outwards, each at least 1/most of
     the axis from the ticks kept (Plotly's own label a log axis's minor digits alone)."""
     gap = (math.log10(hi) - math.log10(lo)) / most
@@ -217,43 +228,64 @@ def seconds(v: float) -> str:
 # -- overlays by step --
 
 
+class RunSeries(NamedTuple):
+    """One run's points on an overlay: its id, its name (a run's text: escaped where drawn),
+    its points by attempt then step, and how each of its attempts ended."""
+
+    run_id: str
+    name: str
+    points: Points
+    ends: Mapping[int, str | None] | None = None
+
+
 def overlay(
     title: str,
-    series: Mapping[str, Points],
+    sides: Mapping[str, Sequence[RunSeries]],
     y: Callable[[Mapping[str, Any]], float | None],
     unit: str,
-    ends: Mapping[str, Mapping[int, str | None]] | None = None,
     note: str = "",
 ) -> go.Figure:
-    """Baseline and candidate on one chart by step: one trace per run and attempt (a run's
-    color, an attempt's dash), each restart marked with the run, the attempt and how the
-    attempt before it ended (`ends`: role -> attempt -> end)."""
-    kept = {role: [p for p in series.get(role, ()) if y(p) is not None] for role in ROLES}
-    if not any(kept.values()):
-        return _empty(title, f"neither run recorded {title.lower()} yet")
+    """Baseline and candidate on one chart by step: one trace per run and attempt, in its
+    side's color (replicates of a side share it, named by run), an attempt's dash; each
+    restart marked with the side, the run where there are several, the attempt and how the
+    attempt before it ended."""
+    kept = {
+        role: [
+            s._replace(points=[p for p in s.points if y(p) is not None])
+            for s in sides.get(role, ())
+        ]
+        for role in ROLES
+    }
+    drawn = {role: [s for s in runs if s.points] for role, runs in kept.items()}
+    if not any(drawn.values()):
+        return _empty(title, f"neither side recorded {title.lower()} yet")
     fig = go.Figure()
     for i, role in enumerate(ROLES):
-        groups = by_attempt(kept[role])
-        for attempt, group in groups.items():
-            label = role if len(groups) == 1 else f"{role} · attempt {attempt}"
-            fig.add_trace(
-                go.Scatter(
-                    x=[p["step"] for p in group],
-                    y=[y(p) for p in group],
-                    mode="lines",
-                    name=label,
-                    line={
-                        "color": ROLE_COLORS[role],
-                        "dash": ATTEMPT_DASHES[attempt % len(ATTEMPT_DASHES)],
-                        "width": ROLE_WIDTHS[role],  # a wider baseline shows under the candidate
-                    },
+        several = len(kept[role]) > 1
+        for run in drawn[role]:
+            who = f"{role} · {html.escape(run.name, quote=False)}" if several else role
+            groups = by_attempt(run.points)
+            for attempt, group in groups.items():
+                fig.add_trace(
+                    go.Scatter(
+                        x=[p["step"] for p in group],
+                        y=[y(p) for p in group],
+                        mode="lines",
+                        name=who if len(groups) == 1 else f"{who} · attempt {attempt}",
+                        legendgroup=role,
+                        line={
+                            "color": ROLE_COLORS[role],
+                            "dash": ATTEMPT_DASHES[attempt % len(ATTEMPT_DASHES)],
+                            "width": ROLE_WIDTHS[role],  # a wider baseline shows under
+                        },
+                        opacity=0.75 if several else 1.0,
+                    )
                 )
-            )
-            if attempt != min(groups):
-                _mark_restart(fig, role, attempt, group[0]["step"], (ends or {}).get(role), i)
-    lacking = [role for role in ROLES if not kept[role]]
+                if attempt != min(groups):
+                    _mark_restart(fig, who, attempt, group[0]["step"], run.ends or {}, i)
+    lacking = [role for role in ROLES if not drawn[role]]
     subtitle = "; ".join([*(f"{r}: none recorded" for r in lacking), *([note] if note else [])])
-    steps = [p["step"] for points in kept.values() for p in points]
+    steps = [p["step"] for runs in drawn.values() for s in runs for p in s.points]
     fig.update_layout(
         title=title + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
         # the steps drawn, not stretched to hold a restart's label (autorange would)
@@ -266,17 +298,19 @@ def overlay(
 
 
 def _mark_restart(
-    fig: go.Figure, role: str, attempt: int, x: Any, ends: Mapping[int, str | None] | None, i: int
+    fig: go.Figure, who: str, attempt: int, x: Any, ends: Mapping[int, str | None], i: int
 ) -> None:
-    before = (ends or {}).get(attempt - 1)
+    role = who.split(" · ")[0]
+    before = ends.get(attempt - 1)
     if before and len(before) > RESTART_CAUSE_CHARS:
         before = before[: RESTART_CAUSE_CHARS - 1] + "…"
+    after = f" (after: {html.escape(before, quote=False)})" if before else ""
     fig.add_vline(x=x, line={"color": ROLE_COLORS[role], "dash": "dash", "width": 1})
     fig.add_annotation(
         x=x,
         y=1.0 - 0.08 * i,
         yref="paper",
-        text=f"{role}: attempt {attempt}" + (f" (after: {before})" if before else ""),
+        text=f"{who}: attempt {attempt}{after}",
         showarrow=False,
         xanchor="left",
         font={"size": 11, "color": INK},

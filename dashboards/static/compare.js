@@ -1,5 +1,6 @@
 /* The compare page: show the verdict or the refusal (with the links that would fix it) from
-   the data dashboard.js fetched; every string placed with textContent. */
+   the data dashboard.js fetched, and each run's status; every string placed with
+   textContent. */
 (function () {
   "use strict";
 
@@ -10,11 +11,11 @@
     items.forEach(function (item) { list.appendChild(make(item)); });
   }
 
-  function statuses(data) {
-    Object.keys(data.statuses || {}).forEach(function (role) {
-      var badge = byId(role + "-status");
-      var s = data.statuses[role];
-      if (badge) { badge.textContent = s; badge.className = "badge badge-" + s; }
+  function statuses(data) {   // data.statuses: run id -> status
+    var got = data.statuses || {};
+    document.querySelectorAll("[data-run-status]").forEach(function (badge) {
+      var s = got[badge.getAttribute("data-run-status")];
+      if (s) { badge.textContent = s; badge.className = "badge badge-" + s; }
     });
   }
 
@@ -29,6 +30,7 @@
       var v = byId("verdict");
       v.textContent = verdict.verdict;
       v.className = "verdict verdict-" + verdict.verdict;
+      byId("verdict-meaning").textContent = verdict.meaning || "";
       fill(byId("reasons"), verdict.reasons, function (text) {
         var li = document.createElement("li");
         li.textContent = text;

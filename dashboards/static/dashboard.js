@@ -38,8 +38,9 @@
   }
 
   /* spec: {columns: [{label, num, help}], rows: [[cell...]], empty, flags: [bool], select,
-     sortable}. cell: a string, a number, null, {text, href, title, sort}, or a list of
-     {text, href, title} (several links in one cell). */
+     sortable}. cell: a string, a number, null, {text, href, title, sort}, {text, badge,
+     title, sort} (the text as a badge: class badge-<badge>), or a list of {text, href,
+     title} (several links in one cell). */
   function table(el, spec) {
     var state = el._sort || null;
     var rows = spec.rows.map(function (r, i) { return {cells: r, flag: spec.flags && spec.flags[i], i: i}; });
@@ -114,6 +115,11 @@
           a.href = v.href;
           a.textContent = cellText(v);
           td.appendChild(a);
+        } else if (v !== null && typeof v === "object" && v.badge) {
+          var badge = document.createElement("span");
+          badge.className = "badge badge-" + String(v.badge).replace(/[^a-z0-9_-]/gi, "");
+          badge.textContent = cellText(v);
+          td.appendChild(badge);
         } else {
           td.textContent = cellText(v);
         }

@@ -1,5 +1,6 @@
 """Which answers are pages: the routes a browser opens (`/`, `/trends`, `/compare`,
-`/runs/{id}` and `/runs/{id}/{goodput,performance,routing,receipt}`, beside the API under
+`/ablations`, `/ablations/{id}`, `/ledger`, `/runs/{id}` and
+`/runs/{id}/{goodput,performance,routing,receipt}`, beside the API under
 `/api/v1`), and errors a browser asked for. Such errors are answered as an HTML page with a
 link home (api/errors.py); API clients keep their JSON errors. The pages' data (figure
 JSON their script fetches) lives under `/ui/data`.

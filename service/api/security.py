@@ -54,7 +54,8 @@ _COOKIE_CONTEXT = b"goodput dashboard cookie v1"
 # the pages' paths (the run's tabs from dashboards/pages.py), where `?token=` is read and where
 # a browser gets HTML errors (api/negotiation.py); the goodput page's first address too
 PAGE_PATHS = re.compile(
-    r"^/(?:|runs|trends|compare|runs/[^/]+(?:/(?:" + "|".join(k for k, _ in RUN_TABS) + r"))?)/?$"
+    r"^/(?:|runs|trends|compare|ledger|ablations(?:/[^/]+)?"
+    r"|runs/[^/]+(?:/(?:" + "|".join(k for k, _ in RUN_TABS) + r"))?)/?$"
 )
 _OLD_PAGE = re.compile(r"^/dashboards/[^/]+/?$")
 TOKEN_DOC = (

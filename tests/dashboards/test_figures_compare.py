@@ -37,8 +37,11 @@ def result(**kw: Any) -> dict[str, Any]:
         },
         "peak_memory_bytes": pair(2 * 2**30, None),
         "final_loss": pair(2.5, 2.4),
+        "eval_loss": pair(2.25, 2.2),
+        "runs": pair(3, 2),
         "lane_diff": {"runtime_policy.dispatch_requested": pair("grouped", "padded")},
-        "knobs": ["runtime_policy.dispatch_requested"],
+        "knobs": ["dispatch"],
+        "knob_fields": ["runtime_policy.dispatch_requested"],
     }
     return {**base, **kw}
 
@@ -65,11 +68,11 @@ def test_each_ratio_is_a_point_with_its_interval_around_one_with_the_margin_band
 
 
 def test_log_axis_ticks_are_round_ratios_spread_apart() -> None:
-    ticks = fc._log_ticks(0.5, 2.0)["tickvals"]
+    ticks = fc.log_ticks(0.5, 2.0)["tickvals"]
     assert 1.0 in ticks and min(ticks) >= 0.5 and max(ticks) <= 2.0
     logs = [math.log10(t) for t in ticks]
     assert min(b - a for a, b in zip(logs, logs[1:], strict=False)) >= math.log10(4) / 9
-    assert fc._log_ticks(0.999, 1.001) == {}  # too narrow for round ratios: Plotly's own
+    assert fc.log_ticks(0.999, 1.001) == {}  # too narrow for round ratios: Plotly's own
 
 
 @pytest.mark.parametrize(
@@ -139,13 +142,16 @@ def steps(attempts: dict[int, range], t: float = 0.1) -> list[dict[str, Any]]:
     ]
 
 
+def one(role: str, points: list[dict[str, Any]], ends: Any = None) -> list[fc.RunSeries]:
+    return [fc.RunSeries(f"{role}-1", f"{role} run", points, ends)]
+
+
 def test_overlay_draws_each_run_and_attempt_apart_and_marks_the_restart() -> None:
-    series = {
-        "baseline": steps({0: range(0, 18), 1: range(15, 30)}),
-        "candidate": steps({0: range(30)}),
+    sides = {
+        "baseline": one("baseline", steps({0: range(0, 18), 1: range(15, 30)}), {0: "failed"}),
+        "candidate": one("candidate", steps({0: range(30)}), {0: "completed"}),
     }
-    ends = {"baseline": {0: "failed", 1: "completed"}, "candidate": {0: "completed"}}
-    fig = fc.overlay("Step time", series, lambda p: 1000 * p["step_time_s"], "ms", ends)
+    fig = fc.overlay("Step time", sides, lambda p: 1000 * p["step_time_s"], "ms")
     assert [t.name for t in fig.data] == [
         "baseline · attempt 0",
         "baseline · attempt 1",
@@ -159,16 +165,44 @@ def test_overlay_draws_each_run_and_attempt_apart_and_marks_the_restart() -> Non
     assert fig.layout.xaxis.range == (0, 29)  # the steps drawn, not stretched by a label
 
 
-def test_overlay_with_one_run_lacking_data_says_so_and_with_none_is_empty() -> None:
-    series = {"baseline": steps({0: range(5)}), "candidate": []}
-    fig = fc.overlay("Loss", series, lambda p: p["loss"], "loss")
+def test_replicates_are_each_their_own_trace_in_their_sides_color_named_escaped() -> None:
+    sides = {
+        "baseline": [
+            fc.RunSeries(f"b{i}", f"base <{i}>", steps({0: range(10)}, t=0.1 + i / 100))
+            for i in range(3)
+        ],
+        "candidate": [
+            fc.RunSeries("c0", "cand 0", steps({0: range(10)}, t=0.2)),
+            fc.RunSeries("c1", "cand 1", steps({0: range(4), 1: range(3, 10)}, t=0.2), {0: "x"}),
+        ],
+    }
+    fig = fc.overlay("Step time", sides, lambda p: 1000 * p["step_time_s"], "ms")
     assert [t.name for t in fig.data] == [
-        "baseline"
-    ] and "candidate: none recorded" in fig.layout.title.text
+        "baseline · base &lt;0&gt;",
+        "baseline · base &lt;1&gt;",
+        "baseline · base &lt;2&gt;",
+        "candidate · cand 0",
+        "candidate · cand 1 · attempt 0",
+        "candidate · cand 1 · attempt 1",
+    ]
+    colors = [t.line.color for t in fig.data]
+    assert colors[:3] == [fc.ROLE_COLORS["baseline"]] * 3
+    assert colors[3:] == [fc.ROLE_COLORS["candidate"]] * 3
+    assert [t.legendgroup for t in fig.data] == ["baseline"] * 3 + ["candidate"] * 3
+    # each trace is its own run's values, not a mix
+    assert [t.y[0] for t in fig.data[:3]] == pytest.approx([100.0, 110.0, 120.0])
+    assert [a.text for a in fig.layout.annotations] == ["candidate · cand 1: attempt 1 (after: x)"]
+
+
+def test_overlay_with_one_side_lacking_data_says_so_and_with_none_is_empty() -> None:
+    sides = {"baseline": one("baseline", steps({0: range(5)})), "candidate": []}
+    fig = fc.overlay("Loss", sides, lambda p: p["loss"], "loss")
+    assert [t.name for t in fig.data] == ["baseline"]
+    assert "candidate: none recorded" in fig.layout.title.text
     nothing = fc.overlay("Loss", {"baseline": [], "candidate": []}, lambda p: p["loss"], "loss")
-    assert nothing.data == () and "neither run recorded loss" in nothing.layout.annotations[0].text
+    assert nothing.data == () and "neither side recorded loss" in nothing.layout.annotations[0].text
     no_loss = [{**p, "loss": None} for p in steps({0: range(3)})]
-    assert fc.overlay("Loss", {"baseline": no_loss}, lambda p: p["loss"], "loss").data == ()
+    assert fc.overlay("Loss", {"baseline": one("b", no_loss)}, lambda p: p["loss"], "l").data == ()
 
 
 # -- drop rate over E layers: against a brute-force reference --
@@ -279,7 +313,7 @@ def test_the_lane_table_flags_fields_outside_the_knobs() -> None:
         "model_plan.capacity.factor": {"baseline": 1.0, "candidate": None},
         "environment.host": {"baseline": {"a": [1]}, "candidate": True},
     }
-    table = ft.lane_table(diff, knobs=["runtime_policy", "model_plan.capacity"])
+    table = ft.lane_table(diff, knob_fields=["runtime_policy", "model_plan.capacity"])
     assert table["rows"] == [
         [
             "environment.host",
@@ -298,12 +332,56 @@ def test_the_lane_table_flags_fields_outside_the_knobs() -> None:
 def test_the_summary_table_formats_each_run_side_by_side() -> None:
     rows = ft.summary_table(result())["rows"]
     assert rows == [
-        ["goodput fraction", "50.0%", "62.5%"],
-        ["badput, all categories", "5 s", "6.5 s"],
-        ["final loss", "2.5", "2.4"],
-        ["peak memory", "2.00 GiB", None],
-        ["steady steps compared", "35", "36"],
+        ["runs (replicates)", "3", "2"],
+        ["goodput fraction (mean)", "50.0%", "62.5%"],
+        ["badput, all categories (mean)", "5 s", "6.5 s"],
+        ["eval loss (matched steps)", "2.25", "2.2"],
+        ["final training loss (mean)", "2.5", "2.4"],
+        ["peak memory (highest)", "2.00 GiB", None],
+        ["steady steps compared (all runs)", "35", "36"],
     ]
+
+
+def axis(name: str, kind: str, value: Any, low: Any, high: Any, b: Any, c: Any, **kw: Any) -> Any:
+    """An AxisRead as the service answers it."""
+    base = {"name": name, "kind": kind, "value": value, "low": low, "high": high,
+            "baseline": b, "candidate": c, "better": "lower", "finding": "unclear",
+            "reason": f"{name}: why"}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_the_axes_table_gives_each_axis_in_its_unit_with_its_interval_and_finding() -> None:
+    axes = [
+        axis("step_time", "ratio", 1.2, 1.1, 1.3, 0.1, 0.12, finding="worse"),
+        axis("tokens_per_s", "ratio", 0.833, 0.8, 0.87, 5120.4, 4266.0, better="higher"),
+        axis("eval_loss", "ratio", 1.0, 0.99, 1.01, 2.5, 2.5, reason="eval loss at step 39"),
+        axis("peak_memory", "ratio", None, None, None, None, None, finding="no data"),
+        axis("goodput_fraction", "difference", 0.032, 0.031, 0.033, 0.2, 0.232),
+        axis("badput.startup", "difference", -0.0257, -0.03, -0.02, 0.63, 0.6043),
+        axis("badput.eval", "difference", 0.0, 0.0, 0.0, 0.0, 0.0, finding="same"),
+        axis("badput.profiling", "difference", 0.0, 0.0, 0.0, 0.0, None, finding="same"),
+        axis("max_vio", "difference", 0.012, -0.01, 0.03, 0.2, 0.212),
+    ]
+    table = ft.axes_table(axes)
+    rows = [[c["text"] if isinstance(c, dict) else c for c in r] for r in table["rows"]]
+    assert rows == [
+        ["step time", "100 ms", "120 ms", "1.200×", "1.100× to 1.300×", "worse"],
+        ["tokens/s", "5,120", "4,266", "0.833×", "0.800× to 0.870×", "unclear"],
+        ["eval loss", "2.5", "2.5", "1.000×", "0.990× to 1.010×", "unclear"],
+        ["peak memory", None, None, None, None, "no data"],
+        ["goodput fraction", "20.0%", "23.2%", "+3.20 pp", "+3.10 pp to +3.30 pp", "unclear"],
+        ["badput: startup (share of wall time)", "63.0%", "60.4%", "-2.57 pp",
+         "-3.00 pp to -2.00 pp", "unclear"],
+        ["MaxVio", "0.2", "0.212", "+0.012", "-0.01 to +0.03", "unclear"],
+        ["badput, none on either side: eval, profiling", None, None, None, None, None],
+    ]  # fmt: skip
+    assert table["flags"] == [True] + [False] * 7
+    finding = table["rows"][0][-1]
+    assert finding["badge"] == "worse" and finding["title"] == "step_time: why"
+    assert table["rows"][3][-1]["badge"] == "nodata"
+    # quality judged on the final training loss (no eval step common to all runs) says so
+    fallback = axis("eval_loss", "ratio", 1.0, 0.9, 1.1, 2.0, 2.0, reason="final training loss")
+    assert ft.axes_table([fallback])["rows"][0][0]["text"] == "final training loss"
 
 
 def test_seconds_read_plainly_at_any_size() -> None:
@@ -317,6 +395,13 @@ def test_seconds_read_plainly_at_any_size() -> None:
 
 def test_compare_urls_leave_the_defaults_out_and_encode_every_value() -> None:
     assert ft.compare_url("", "a", "b") == "/compare?baseline=a&candidate=b"
+    cells = ft.compare_url("", "dispatch=grouped", "dispatch=padded", ablation="ab 1")
+    assert parse_qs(urlsplit(cells).query) == {
+        "ablation": ["ab 1"],
+        "baseline": ["dispatch=grouped"],
+        "candidate": ["dispatch=padded"],
+    }
+    assert ft.compare_url("", "a,b", "c").endswith("?baseline=a%2Cb&candidate=c")
     url = ft.compare_url("/gp", "a", "b", ["x.y", "x&z=1", "x.y"], True, margin=0.05)
     parts = urlsplit(url)
     assert parts.path == "/gp/compare"
@@ -330,17 +415,27 @@ def test_compare_urls_leave_the_defaults_out_and_encode_every_value() -> None:
 
 
 RUNS = {
-    "baseline": {
-        "run_id": "base-1",
-        "name": "base <b>",
-        "parts": {"runtime_policy": {"dispatch_requested": "grouped", "seed": 1}},
-    },
-    "candidate": {
-        "run_id": "cand-1",
-        "name": "cand",
-        "parts": {"runtime_policy": {"dispatch_requested": "padded"}},
-    },
+    "baseline": [
+        {
+            "run_id": "base-1",
+            "name": "base <b>",
+            "parts": {"runtime_policy": {"dispatch_requested": "grouped", "seed": 1}},
+        },
+        {
+            "run_id": "base-2",
+            "name": "base 2",
+            "parts": {"runtime_policy": {"dispatch_requested": "grouped", "seed": 2, "lr": 0.1}},
+        },
+    ],
+    "candidate": [
+        {
+            "run_id": "cand-1",
+            "name": "cand",
+            "parts": {"runtime_policy": {"dispatch_requested": "padded"}},
+        }
+    ],
 }
+SIDES = {"baseline": "base-1,base-2", "candidate": "cand-1"}
 
 
 def test_a_lane_mismatch_lists_the_fields_and_links_to_them_as_knobs_or_to_allowing_it() -> None:
@@ -350,37 +445,39 @@ def test_a_lane_mismatch_lists_the_fields_and_links_to_them_as_knobs_or_to_allow
         "fields": ["runtime_policy.dispatch_requested", "runtime_policy.seed"],
     }
     choice = {
+        **SIDES,
         "knobs": ["model_plan.x"],
         "allow_lane_mismatch": False,
         "margin": 0.03,
         "loss_tolerance": 0.01,
     }
-    view = ft.refusal_view(detail, RUNS, choice, base="/gp")
+    knob_names = {"runtime_policy.dispatch_requested": "dispatch"}
+    view = ft.refusal_view(detail, RUNS, choice, base="/gp", field_knobs=knob_names)
     assert view["error"] == "lane_mismatch" and "differ" in view["title"]
-    assert view["table"]["rows"] == [
+    assert view["table"]["rows"] == [  # each side's first run
         ["runtime_policy.dispatch_requested", "grouped", "padded"],
         ["runtime_policy.seed", "1", None],
     ]
     as_knobs, allowed = (parse_qs(urlsplit(f["href"]).query) for f in view["fixes"])
-    assert as_knobs["knob"] == [
-        "model_plan.x",
-        "runtime_policy.dispatch_requested",
-        "runtime_policy.seed",
-    ]
+    # a field that is a knob's value is declared by the knob's name
+    assert as_knobs["knob"] == ["model_plan.x", "dispatch", "runtime_policy.seed"]
     assert as_knobs["margin"] == ["0.03"] and "allow_lane_mismatch" not in as_knobs
     assert allowed["knob"] == ["model_plan.x"] and allowed["allow_lane_mismatch"] == ["true"]
     assert all(
-        f["href"].startswith("/gp/compare?baseline=base-1&candidate=cand-1") for f in view["fixes"]
+        f["href"].startswith("/gp/compare?baseline=base-1%2Cbase-2&candidate=cand-1")
+        for f in view["fixes"]
     )
+    in_cells = ft.refusal_view(detail, RUNS, {**choice, "ablation": "ab"}, field_knobs=knob_names)
+    assert all(parse_qs(urlsplit(f["href"]).query)["ablation"] == ["ab"] for f in in_cells["fixes"])
 
 
 def test_an_incomplete_receipt_lists_what_each_run_lacks_and_what_would_supply_it() -> None:
     detail = {
         "error": "incomplete_receipt",
         "message": "a keep/drop verdict needs two complete receipts",
-        "missing": {
-            "baseline": [],
-            "candidate": ["runtime_policy.dtype", "observed.moe_dispatch.layer1", "attempt_end"],
+        "missing": {  # by run, as services/compare.py words it
+            "base-2": [],
+            "cand-1": ["runtime_policy.dtype", "observed.moe_dispatch.layer1", "attempt_end"],
         },
     }
     view = ft.refusal_view(detail, RUNS, {"knobs": []})
@@ -396,6 +493,34 @@ def test_an_incomplete_receipt_lists_what_each_run_lacks_and_what_would_supply_i
     assert view["fixes"] == [
         {"text": "open the candidate's receipt (cand)", "href": "/runs/cand-1/receipt"}
     ]
+
+
+def test_replicates_of_mixed_lanes_show_both_runs_values_and_how_to_split_them() -> None:
+    detail = {
+        "error": "replicates_differ",
+        "message": "the baseline's runs are not replicates of one lane",
+        "fields": ["runtime_policy.lr"],
+        "runs": ["base-1", "base-2"],
+    }
+    choice = {**SIDES, "knobs": ["dispatch"], "margin": 0.02, "loss_tolerance": 0.01}
+    view = ft.refusal_view(detail, RUNS, choice)
+    assert view["error"] == "replicates_differ" and "not replicates" in view["title"]
+    assert [c["label"] for c in view["table"]["columns"]] == ["field", "base <b>", "base 2"]
+    assert view["table"]["rows"] == [["runtime_policy.lr", None, "0.1"]]
+    without, apart = view["fixes"]
+    assert without["text"] == "leave base 2 out of the baseline"
+    assert parse_qs(urlsplit(without["href"]).query) == {
+        "baseline": ["base-1"],
+        "candidate": ["cand-1"],
+        "knob": ["dispatch"],
+    }
+    assert parse_qs(urlsplit(apart["href"]).query) == {
+        "baseline": ["base-1"],
+        "candidate": ["base-2"],
+        "knob": ["dispatch", "runtime_policy.lr"],
+    }
+    # two cells of an ablation cannot be split by hand: the table alone
+    assert ft.refusal_view(detail, RUNS, {**choice, "ablation": "ab"})["fixes"] == []
 
 
 def test_an_unknown_refusal_still_says_its_message() -> None:

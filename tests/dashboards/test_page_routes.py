@@ -17,6 +17,9 @@ PAGES = (
     "/runs/run-a/performance",
     "/runs/run-a/routing",
     "/runs/run-a/receipt",
+    "/ablations",
+    "/ablations/abl-a",
+    "/ledger",
 )
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
@@ -24,6 +27,8 @@ BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;
 @pytest.fixture
 def stored(client: Any) -> Any:
     assert client.post("/api/v1/ingest", json={"records": f.full_run("run-a")}).status_code == 200
+    named = f.run("run-b", ablation_id="abl-a", ablation_cell="lr=0.01")
+    assert client.post("/api/v1/ingest", json={"records": [named]}).status_code == 200
     return client
 
 

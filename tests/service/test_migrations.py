@@ -77,7 +77,8 @@ def test_database_checks_refuse_impossible_rows(migrated_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO runs VALUES ('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true, NULL, NULL)"
+                "INSERT INTO runs VALUES "
+                "('r', 'n', 'p', 1.0, '{}', '{}', '{}', 1.0, true, NULL, NULL)"
             )
         )
     bad_rows = [

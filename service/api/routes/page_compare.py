@@ -1,10 +1,11 @@
-"""The compare page: `/compare?baseline=&candidate=` (a picker without both), its data at
-`/ui/data/compare` with the same parameters as `GET /api/v1/compare`. A refusal (incomplete
-receipt, lane mismatch) is part of the page's data, with what would fix it, not an error."""
+"""The compare page: `/compare?baseline=&candidate=` (each side a run id or replicates' ids,
+comma-separated) or `/compare?ablation=ID&baseline=CELL&candidate=CELL` (two cells of an
+ablation), a picker without both sides; its data at `/ui/data/compare` with the same
+parameters as `GET /api/v1/compare`. A refusal (incomplete receipt, replicates of mixed
+lanes, lane mismatch) is part of the page's data, with what would fix it, not an error."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,10 +15,12 @@ from dashboards.figures import compare as figures
 from dashboards.figures import compare_tables as tables
 from dashboards.figures.common import empty
 from service.api import pagekit
-from service.api.deps import RunIdQuery, SessionDep
-from service.schemas import RunRead
-from service.services import compare, receipts, runs
-from service.services.errors import Invalid, Refused
+from service.api.deps import SessionDep
+from service.calc.knobs import KNOBS
+from service.schemas import AblationRead, RunRead
+from service.services import ablations, compare, receipts, runs
+from service.services.errors import NotFound, Refused
+from service.services.fleet import cache_of
 from trainer_hooks.records import ID_PATTERN
 
 router = APIRouter(include_in_schema=False)
@@ -30,31 +33,57 @@ STEP_POINTS = 320
 ROUTING_POINTS = 320
 DROP_BINS = 100
 PICKER_RUNS = 100
+PICKER_ABLATIONS = 50
+OVERLAY_RUNS = 8  # runs a side drawn on the overlays (the verdict takes every one)
 
 Knobs = Annotated[
     list[str],
-    Query(max_length=64, description="a receipt field the runs may differ in (repeatable)"),
+    Query(max_length=64, description="a knob (dispatch, compile, ...) or receipt field"),
 ]
 Margin = Annotated[float, Query(ge=0.0, le=0.5)]
 LossTolerance = Annotated[float, Query(ge=0.0, le=1.0)]
-MaybeId = Annotated[str | None, Query(max_length=128, description="a run's id; empty: pick one")]
+MaybeSide = Annotated[
+    str | None,
+    Query(
+        max_length=4200,
+        description="a run id, or replicates' ids comma-separated; with `ablation`, a cell; "
+        "empty: pick one",
+    ),
+]
+Side = Annotated[
+    str,
+    Query(
+        min_length=1,
+        max_length=4200,
+        description="a run id, or replicates' ids comma-separated; with `ablation`, a cell",
+    ),
+]
+Ablation = Annotated[
+    str | None, Query(pattern=ID_PATTERN, description="compare two cells of this ablation")
+]
+# receipt field -> the knob whose value it is: a lane mismatch's links declare knobs by name
+FIELD_KNOBS = {k.fields[0]: k.name for k in KNOBS.values()}
 
 
-def _chosen(field: str, value: str | None) -> str | None:
-    """An id given, None when left empty (the picker's blank choice)."""
-    if value is None or not value.strip():
-        return None
-    if not re.match(ID_PATTERN, value):
-        raise Invalid.field("query", field, f"not a run id: must match {ID_PATTERN}")
-    return value
+def _text(value: str | None) -> str:
+    return value.strip() if value else ""
 
 
 def _knobs(knob: list[str]) -> list[str]:
     return list(dict.fromkeys(k.strip() for k in knob if k.strip()))
 
 
-def _choice(knob: list[str], allow: bool, margin: float, loss_tolerance: float) -> dict[str, Any]:
+def _choice(
+    sides: dict[str, str],
+    ablation: str | None,
+    knob: list[str],
+    allow: bool,
+    margin: float,
+    loss_tolerance: float,
+) -> dict[str, Any]:
     return {
+        **sides,
+        "ablation": ablation,
         "knobs": knob,
         "allow_lane_mismatch": allow,
         "margin": margin,
@@ -62,14 +91,15 @@ def _choice(knob: list[str], allow: bool, margin: float, loss_tolerance: float) 
     }
 
 
-def _data_url(request: Request, baseline: str, candidate: str, choice: dict[str, Any]) -> str:
+def _data_url(request: Request, choice: dict[str, Any]) -> str:
     """The page's data address, with the choices that differ from the defaults."""
     margin, tolerance = choice["margin"], choice["loss_tolerance"]
     return pagekit.data_url(
         request,
         "/compare",
-        baseline=baseline,
-        candidate=candidate,
+        ablation=choice["ablation"],
+        baseline=choice["baseline"],
+        candidate=choice["candidate"],
         knob=choice["knobs"] or None,
         allow_lane_mismatch="true" if choice["allow_lane_mismatch"] else None,
         margin=None if margin == figures.DEFAULT_MARGIN else margin,
@@ -77,48 +107,71 @@ def _data_url(request: Request, baseline: str, candidate: str, choice: dict[str,
     )
 
 
+def _cell_runs(got: AblationRead, cell: str) -> list[str]:
+    """The run ids of an ablation's cell; a 404 naming the cells for one it lacks."""
+    for c in got.cells:
+        if c.cell == cell:
+            return [r.run_id for r in c.runs]
+    cells = ", ".join(c.cell for c in got.cells)
+    raise NotFound(f"ablation {got.ablation_id} has no cell {cell!r} (cells: {cells})")
+
+
+def _side_runs(
+    session: SessionDep, request: Request, choice: dict[str, Any]
+) -> tuple[dict[str, list[RunRead]], AblationRead | None]:
+    """Each chosen side's runs (a side left empty: none), and the ablation where one is
+    named; 404 for an unknown run, ablation or cell, 422 for a malformed side."""
+    got = None
+    if choice["ablation"]:
+        got = ablations.read(session, cache_of(request.app.state), choice["ablation"])
+    sides: dict[str, list[RunRead]] = {}
+    for role in figures.ROLES:
+        text = choice[role]
+        if not text:
+            sides[role] = []
+            continue
+        ids = _cell_runs(got, text) if got is not None else compare.parse_side(role, text)
+        sides[role] = [runs.get_run(session, i) for i in ids]
+    return sides, got
+
+
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(
     request: Request,
     session: SessionDep,
-    baseline: MaybeId = None,
-    candidate: MaybeId = None,
+    baseline: MaybeSide = None,
+    candidate: MaybeSide = None,
+    ablation: Ablation = None,
     knob: Knobs = [],  # noqa: B006 (FastAPI copies it)
     allow_lane_mismatch: bool = False,
     margin: Margin = figures.DEFAULT_MARGIN,
     loss_tolerance: LossTolerance = figures.DEFAULT_LOSS_TOLERANCE,
 ) -> HTMLResponse:
-    base_id, cand_id = _chosen("baseline", baseline), _chosen("candidate", candidate)
-    knobs = _knobs(knob)
-    picked = {
-        role: runs.get_run(session, i)
-        for role, i in (("baseline", base_id), ("candidate", cand_id))
-        if i
-    }
+    sides = {"baseline": _text(baseline), "candidate": _text(candidate)}
+    choice = _choice(sides, ablation, _knobs(knob), allow_lane_mismatch, margin, loss_tolerance)
+    picked, got = _side_runs(session, request, choice)
+    compared = all(picked.values())
     recent = runs.list_runs(session, limit=PICKER_RUNS).runs
-    listed = {r.run_id for r in recent}
-    options = [*recent, *(r for r in picked.values() if r.run_id not in listed)]
-    compared = base_id is not None and cand_id is not None
-    choice = _choice(knobs, allow_lane_mismatch, margin, loss_tolerance)
-    data_url = _data_url(request, base_id, cand_id, choice) if base_id and cand_id else None
-    title = (
-        f"compare · {picked['baseline'].name} vs {picked['candidate'].name}"
-        if compared
-        else "compare"
-    )
+    listed = ablations.list_ablations(session).ablations[:PICKER_ABLATIONS]
+    title = "compare"
+    if compared:
+        title += " · " + " vs ".join(
+            choice[role] if got is not None or len(picked[role]) > 1 else picked[role][0].name
+            for role in figures.ROLES
+        )
     return pagekit.html(
         request,
         "compare.html",
         page="compare",
         title=title,
-        data_url=data_url,
+        data_url=_data_url(request, choice) if compared else None,
         compared=compared,
-        options=[pagekit.run_header(r) for r in options],
-        picked={
-            role: pagekit.run_header(r) if (r := picked.get(role)) else None
-            for role in figures.ROLES
-        },
+        options=[pagekit.run_header(r) for r in recent],
+        ablations=[{"ablation_id": a.ablation_id, "name": a.name} for a in listed],
+        cells=[c.cell for c in got.cells] if got is not None else [],
+        picked={role: [pagekit.run_header(r) for r in picked[role]] for role in figures.ROLES},
         choice=choice,
+        knob_names=list(KNOBS),
     )
 
 
@@ -147,71 +200,95 @@ def _series(session: SessionDep, run: RunRead) -> tuple[list[dict[str, Any]], An
     return [p.model_dump() for p in steps.points], drops, sampled
 
 
-def _overlays(session: SessionDep, pair: dict[str, RunRead]) -> dict[str, Any]:
-    steps, drops, sampled = {}, {}, []
-    for role, run in pair.items():
-        steps[role], drops[role], was_sampled = _series(session, run)
-        if was_sampled:
-            sampled.append(role)
-    ends = {role: _ends(run, _rank(run)) for role, run in pair.items()}
+def _overlays(session: SessionDep, sides: dict[str, list[RunRead]]) -> dict[str, Any]:
+    """Step time, loss and drop rate of each side's runs (the first OVERLAY_RUNS a side)."""
+    steps: dict[str, list[figures.RunSeries]] = {}
+    drops: dict[str, list[figures.RunSeries]] = {}
+    sampled: list[str] = []
+    for role, side in sides.items():
+        steps[role], drops[role] = [], []
+        for run in side[:OVERLAY_RUNS]:
+            points, dropped, was_sampled = _series(session, run)
+            ends = _ends(run, _rank(run))
+            steps[role].append(figures.RunSeries(run.run_id, run.name, points, ends))
+            drops[role].append(figures.RunSeries(run.run_id, run.name, dropped, ends))
+            if was_sampled and role not in sampled:
+                sampled.append(role)
     note = "dropped / routed assignments, all E layers"
     if sampled:
         note += f"; {' and '.join(sampled)}: binned estimate (downsampled)"
+    left_out = {r: len(s) - OVERLAY_RUNS for r, s in sides.items() if len(s) > OVERLAY_RUNS}
+    more = "; ".join(
+        f"{r}: first {OVERLAY_RUNS} runs drawn of {OVERLAY_RUNS + n}" for r, n in left_out.items()
+    )
     return {
         "step_time": figures.overlay(
-            "Step time", steps, lambda p: 1000.0 * float(p["step_time_s"]), "ms", ends
+            "Step time", steps, lambda p: 1000.0 * float(p["step_time_s"]), "ms", more
         ),
-        "loss": figures.overlay("Loss", steps, lambda p: p.get("loss"), "loss", ends),
+        "loss": figures.overlay("Loss", steps, lambda p: p.get("loss"), "loss", more),
         "drop_rate": figures.overlay(
             "Drop rate (all E layers)",
             drops,
             lambda p: 100.0 * float(p["drop_rate"]),
             "% dropped",
-            ends,
-            note,
+            "; ".join(x for x in (note, more) if x),
         ),
     }
 
 
-def _live(pair: dict[str, RunRead]) -> dict[str, Any]:
-    statuses = {role: run.status for role, run in pair.items()}
+def _live(sides: dict[str, list[RunRead]]) -> dict[str, Any]:
+    statuses = {run.run_id: run.status for side in sides.values() for run in side}
     live = any(s in pagekit.LIVE_STATUSES for s in statuses.values())
-    ended = None if live else "both runs ended: not refreshing"
+    ended = None if live else "every run ended: not refreshing"
     return {"live": live, "status": None, "ended": ended, "statuses": statuses}
 
 
 def _verdict(result: dict[str, Any], margin: float) -> dict[str, Any]:
-    """The verdict's part of the data: the verdict and its reasons, the ratios, badput, the
-    summary and the lane's differing fields."""
+    """The verdict's part of the data: the verdict, its meaning and reasons, the axes, the
+    ratios, badput, the summary and the lane's differing fields."""
     step_time, tokens = figures.ratio_rows(result)
+    noise = result.get("run_noise")
     return {
-        "verdict": {"verdict": result["verdict"], "reasons": result["reasons"]},
+        "verdict": {
+            "verdict": result["verdict"],
+            "meaning": figures.VERDICT_MEANINGS.get(result["verdict"], ""),
+            "reasons": result["reasons"],
+        },
         "figures": {
             "ratios": figures.ratio_forest(result, margin),
             "badput": figures.badput_bars(result),
         },
         "tables": {
+            "axes": tables.axes_table(result.get("axes") or ()),
             "summary": tables.summary_table(result),
-            "lane_diff": tables.lane_table(result["lane_diff"], result["knobs"]),
+            "lane_diff": tables.lane_table(result["lane_diff"], result["knob_fields"]),
         },
         "texts": {
             "ratio-step_time": figures.ratio_text(step_time),
             "ratio-tokens": figures.ratio_text(tokens),
+            "run-noise": "–" if noise is None else f"±{noise:.1%}",
+            "replicates": f"{result['runs']['baseline']} vs {result['runs']['candidate']}",
         },
     }
 
 
 def _refusal(
-    request: Request, detail: dict[str, Any], pair: dict[str, RunRead], choice: dict[str, Any]
+    request: Request,
+    detail: dict[str, Any],
+    sides: dict[str, list[RunRead]],
+    choice: dict[str, Any],
 ) -> dict[str, Any]:
     """The refusal's part of the data: why, what each run lacks or where they differ, and
     the links that would give a verdict; the verdict's charts say there is none."""
     parts = ("model_plan", "runtime_policy", "environment")
     runs_view = {
-        role: {"run_id": r.run_id, "name": r.name, "parts": {k: getattr(r, k) for k in parts}}
-        for role, r in pair.items()
+        role: [
+            {"run_id": r.run_id, "name": r.name, "parts": {k: getattr(r, k) for k in parts}}
+            for r in side
+        ]
+        for role, side in sides.items()
     }
-    view = tables.refusal_view(detail, runs_view, choice, pagekit.root(request))
+    view = tables.refusal_view(detail, runs_view, choice, pagekit.root(request), FIELD_KNOBS)
     note = "no verdict: see why above"
     return {
         "refusal": {"error": view["error"], "fixes": view["fixes"]},
@@ -228,36 +305,60 @@ def _refusal(
 def compare_data(
     request: Request,
     session: SessionDep,
-    baseline: RunIdQuery,
-    candidate: RunIdQuery,
+    baseline: Side,
+    candidate: Side,
+    ablation: Ablation = None,
     knob: Knobs = [],  # noqa: B006 (FastAPI copies it)
     allow_lane_mismatch: bool = False,
     margin: Margin = figures.DEFAULT_MARGIN,
     loss_tolerance: LossTolerance = figures.DEFAULT_LOSS_TOLERANCE,
 ) -> Response:
-    """The verdict, or the refusal with what would fix it (a 200 either way), and both
-    runs' series overlaid."""
+    """The verdict, or the refusal with what would fix it (a 200 either way), and every
+    run's series overlaid."""
     knobs = _knobs(knob)
-    choice = _choice(knobs, allow_lane_mismatch, margin, loss_tolerance)
-    pair = {
-        "baseline": runs.get_run(session, baseline),
-        "candidate": runs.get_run(session, candidate),
-    }
+    sides_text = {"baseline": _text(baseline), "candidate": _text(candidate)}
+    choice = _choice(sides_text, ablation, knobs, allow_lane_mismatch, margin, loss_tolerance)
+    sides, _ = _side_runs(session, request, choice)
+    fleet = cache_of(request.app.state)
+    live = _live(sides)  # every run of a cell counts, not only the completed ones compared
+    shown_knobs = knobs
     try:
-        result = compare.compare_runs(
-            session, baseline, candidate, knobs, allow_lane_mismatch, margin, loss_tolerance
-        )
+        if ablation:
+            result = compare.compare_cells(
+                session, fleet, ablation, sides_text["baseline"], sides_text["candidate"],
+                knobs, allow_lane_mismatch=allow_lane_mismatch, margin=margin,
+                loss_tolerance=loss_tolerance,
+            )  # fmt: skip
+        else:
+            result = compare.compare_sets(
+                session,
+                fleet,
+                [r.run_id for r in sides["baseline"]],
+                [r.run_id for r in sides["candidate"]],
+                knobs,
+                allow_lane_mismatch=allow_lane_mismatch,
+                margin=margin,
+                loss_tolerance=loss_tolerance,
+                asked=(sides_text["baseline"], sides_text["candidate"]),
+            )
     except Refused as refused:
-        part = _refusal(request, refused.detail, pair, choice)
+        part = _refusal(request, refused.detail, sides, choice)
     else:
         part = _verdict(result.model_dump(), margin)
+        shown_knobs = result.knobs
+        if ablation:  # the runs compared: a cell's completed ones
+            compared = {"baseline": result.baseline_runs, "candidate": result.candidate_runs}
+            sides = {
+                role: [r for r in side if r.run_id in compared[role]]
+                for role, side in sides.items()
+            }
     return pagekit.data(
         {
-            **_live(pair),
+            **live,
             "verdict": part.get("verdict"),
             "refusal": part.get("refusal"),
-            "figures": {**_overlays(session, pair), **part["figures"]},
+            "figures": {**_overlays(session, sides), **part["figures"]},
             "tables": part["tables"],
-            "texts": {"knobs": ", ".join(knobs) or "none declared", **part["texts"]},
+            "texts": {"knobs": ", ".join(shown_knobs) or "none declared", **part["texts"]},
         }
     )
