@@ -161,7 +161,7 @@ def train_run(
         "--seed",
         str(seed),
         "--no-progress",
-        *MODEL_ARGS,
+        *shlex.split(args.model),
     ]
     if SLOWDOWN[side]:
         argv += ["--slowdown", str(SLOWDOWN[side])]
@@ -293,6 +293,11 @@ def main() -> int:
         default=1,
         help="torch intra-op threads (0: torch's default, one per core)",
     )
+    p.add_argument(
+        "--model",
+        default=" ".join(MODEL_ARGS),
+        help="the model's goodput train flags, one string (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/compare_calibration.txt")
     args = p.parse_args()
     if args.runs_per_side < 2:
@@ -342,7 +347,7 @@ def main() -> int:
         )
         say(
             f"# {args.pairs} blocks x {len(SIDES)} sides x {args.runs_per_side} runs of "
-            f"{args.steps} steps ({' '.join(MODEL_ARGS)} --eval-every {args.eval_every}), "
+            f"{args.steps} steps ({args.model} --eval-every {args.eval_every}), "
             "interleaved A, A', B5, B10; verdicts at margin 0.02 (the default)"
         )
         # One run before the blocks, not compared: this process's first run pays for the

@@ -16,13 +16,14 @@ from urllib.parse import quote
 
 import plotly.graph_objects as go
 
-from dashboards.figures.common import INK, OTHER, WARN, wall
+from dashboards.figures.common import INK, OTHER, wall
 from dashboards.figures.common import empty as _empty
 from dashboards.figures.compare import (
     DEFAULT_MARGIN,
     VERDICT_COLORS,
     VERDICT_MEANINGS,
     log_ticks,
+    no_change_band,
 )
 from dashboards.figures.compare_tables import axes_table, compare_url, shown
 
@@ -278,17 +279,7 @@ def cell_forest(ablation: Mapping[str, Any], margin: float = DEFAULT_MARGIN) -> 
             )
         )
     lo, hi = min(xs) / 1.25, max(xs) * 1.25
-    fig.add_vrect(x0=1 - margin, x1=1 + margin, fillcolor=WARN, opacity=0.3, line_width=0)
-    fig.add_vline(x=1.0, line={"color": INK, "dash": "dash", "width": 1})
-    fig.add_annotation(
-        x=0.0,  # log10(1.0): annotations on a log axis take the exponent
-        y=1.0,
-        yref="paper",
-        yanchor="bottom",
-        text=f"1.0 = no change; band ±{margin:.1%}; left of it: faster",
-        showarrow=False,
-        font={"size": 11, "color": INK},
-    )
+    no_change_band(fig, margin, f"1.0 = no change; band ±{margin:.1%}; left of it: faster")
     order = [_plot_label(str(c["cell"])) for c in cells]
     fig.update_layout(
         title=title,

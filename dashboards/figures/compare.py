@@ -119,17 +119,7 @@ def ratio_forest(result: Mapping[str, Any], margin: float = DEFAULT_MARGIN) -> g
             )
         )
     xs = [1 - margin, 1 + margin] + [v for r in rows for v in (r.value, r.low, r.high) if v]
-    fig.add_vrect(x0=1 - margin, x1=1 + margin, fillcolor=WARN, opacity=0.3, line_width=0)
-    fig.add_vline(x=1.0, line={"color": INK, "dash": "dash", "width": 1})
-    fig.add_annotation(
-        x=0.0,  # log10(1.0): annotations on a log axis take the exponent
-        y=1.0,
-        yref="paper",
-        yanchor="bottom",
-        text=f"1.0 = no change; band ±{margin:.1%} (the margin)",
-        showarrow=False,
-        font={"size": 11, "color": INK},
-    )
+    no_change_band(fig, margin, f"1.0 = no change; band ±{margin:.1%} (the margin)")
     fig.update_layout(
         title=title,
         xaxis={
@@ -150,6 +140,22 @@ TICKS = sorted(
     {m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)}
     | {0.8, 0.9, 0.95, 0.98, 0.99, 1.01, 1.02, 1.05, 1.1, 1.25}
 )
+
+
+def no_change_band(fig: go.Figure, margin: float, note: str) -> None:
+    """On a log x axis of ratios: the band of no real difference (1 +- margin), a dashed
+    line at 1 and the note above the plot."""
+    fig.add_vrect(x0=1 - margin, x1=1 + margin, fillcolor=WARN, opacity=0.3, line_width=0)
+    fig.add_vline(x=1.0, line={"color": INK, "dash": "dash", "width": 1})
+    fig.add_annotation(
+        x=0.0,  # log10(1.0): annotations on a log axis take the exponent
+        y=1.0,
+        yref="paper",
+        yanchor="bottom",
+        text=note,
+        showarrow=False,
+        font={"size": 11, "color": INK},
+    )
 
 
 def log_ticks(lo: float, hi: float, most: int = 9) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from service.services import accounting
 from service.services.runs import run_or_404, run_status
 from service.store import queries
 from service.store.db import session_scope
-from service.store.models import Attempt
+from service.store.models import Attempt, Run
 from service.store.queries import ExportWhat
 from service.store.rollups import common as rollup_common
 from service.store.rollups import read as rollup_read
@@ -100,12 +100,20 @@ class ReceiptCheck(NamedTuple):
     rank: int | None  # the reference rank of the step figures (receipt.summary.throughput)
 
 
-def receipt_check(session: Session, run_id: str) -> ReceiptCheck:
-    """The receipt's completeness and parts without its summary (whose figures read the
-    newest 10,000 steps; a comparison reads its own): `receipt` without `summary`."""
+class _Stored(NamedTuple):
+    run: Run
+    attempts: list[Attempt]
+    observations: list[Any]
+    seams: dict[str, SeamReceipt]
+    missing: list[str]
+
+
+def _stored(session: Session, run_id: str) -> _Stored:
+    """The run, its attempts and observations, the seams they show, what the receipt lacks."""
     run = run_or_404(session, run_id)
     attempts = queries.attempts_of(session, [run_id])
-    seams = observed_seams(queries.observations_of(session, run_id))
+    observations = queries.observations_of(session, run_id)
+    seams = observed_seams(observations)
     missing = missing_parts(
         run.model_plan,
         run.runtime_policy,
@@ -114,15 +122,22 @@ def receipt_check(session: Session, run_id: str) -> ReceiptCheck:
         queries.count_steps(session, run_id),
         _ends(attempts),
     )
+    return _Stored(run, attempts, observations, seams, missing)
+
+
+def receipt_check(session: Session, run_id: str) -> ReceiptCheck:
+    """The receipt's completeness and parts without its summary (whose figures read the
+    newest 10,000 steps; a comparison reads its own): `receipt` without `summary`."""
+    got = _stored(session, run_id)
     ranks = rollup_read.rank_step_sums(session, run_id)
     return ReceiptCheck(
-        run_id=run.run_id,
-        complete=not missing,
-        missing=missing,
-        model_plan=run.model_plan,
-        runtime_policy=run.runtime_policy,
-        environment=run.environment,
-        observed={name: seam.observed for name, seam in seams.items()},
+        run_id=got.run.run_id,
+        complete=not got.missing,
+        missing=got.missing,
+        model_plan=got.run.model_plan,
+        runtime_policy=got.run.runtime_policy,
+        environment=got.run.environment,
+        observed={name: seam.observed for name, seam in got.seams.items()},
         rank=reference_rank(r for r, sums in ranks.items() if RankSteps(*sums).steps > 0),
     )
 
@@ -130,19 +145,8 @@ def receipt_check(session: Session, run_id: str) -> ReceiptCheck:
 def receipt(session: Session, run_id: str) -> ReceiptRead:
     """The run's receipt: plan, policy, environment, observed backends, summary, and what
     it lacks to be complete."""
-    run = run_or_404(session, run_id)
-    attempts = queries.attempts_of(session, [run_id])
-    observations = queries.observations_of(session, run_id)
-    seams = observed_seams(observations)
+    run, attempts, observations, seams, missing = _stored(session, run_id)
     summary = _summary(session, run_id, recompile_count(observations, _ends(attempts)))
-    missing = missing_parts(
-        run.model_plan,
-        run.runtime_policy,
-        run.environment,
-        seams.keys(),
-        queries.count_steps(session, run_id),
-        _ends(attempts),
-    )
     return ReceiptRead(
         run_id=run.run_id,
         name=run.name,
