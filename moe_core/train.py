@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="a real delay in every step, this fraction of its compute (calibration runs)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads on CPU (default: torch's, one per core); 1 keeps step "
+        "times steady on a machine shared with other work (the service, the sink's thread)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -230,6 +237,7 @@ def runtime_policy(model_cfg: ModelConfig, cfg: TrainConfig, world_size: int) ->
         "steps": cfg.steps,
         "seed": cfg.seed,
         **({"slowdown": cfg.slowdown} if cfg.slowdown else {}),
+        **({"threads": torch.get_num_threads()} if cfg.device == "cpu" else {}),
     }
 
 
@@ -295,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     world = _init_distributed(cfg.device)
     args.run_name, args.checkpoint_dir = named, placed
     _shared_name(args)  # now rank 0's, on every rank

@@ -44,8 +44,23 @@ The 95% interval, by how many runs there are:
                        BOOTSTRAP_SAMPLES resamples, fixed seed). v is 0 for the axes that have
                        one value per run. The reasons say how large a difference the floor
                        alone could explain.
+  paired runs (PAIRED)  when every run of both sides has a pair key (RunFigures.pair: the
+                       service passes the run's seed), each key once a side and the same keys
+                       on both sides, at least 2 pairs: the runs are compared pair by pair,
+                       d_i = c_i - b_i (log values for ratios), mean(d) +- t(0.975, n - 1) *
+                       s_d / sqrt(n). `goodput ablate` runs every cell with the seeds of its
+                       repeats, one repeat after another (ABAB...): a pair shares its seed (its
+                       initialisation and data order: the eval losses of two dispatch lanes of
+                       one seed agree to the last digits) and the machine's state at the time,
+                       so the pairs' differences leave out both. The paired t interval holds
+                       whatever the pairs share (it needs only that the differences be alike
+                       and independent from pair to pair); with few pairs it has fewer degrees of
+                       freedom (n - 1 against 2n - 2), so it is wider than the unpaired one when
+                       a pair shares little. Runs of other seeds (the calibration's A/A sides,
+                       replicates chosen by hand) are compared unpaired.
 The run_noise reported is the step time's: the pooled between-run standard deviation of the
-runs' log medians (about a relative noise), or the floor with one run a side.
+runs' log medians (about a relative noise), the within-pair one (s_d / sqrt(2)) for paired
+runs, or the floor with one run a side.
 
 Why a t interval on per-run medians rather than a bootstrap over runs: with 2 or 3 runs a side,
 resampling runs sees at most 10 distinct sets a side, its spread underestimates the between-run
@@ -141,6 +156,7 @@ class RunFigures:
     peak_memory_bytes: int | None = None
     drop_rate: float | None = None  # dropped / routed tokens over the run; None: no MoE data
     max_vio: float | None = None  # mean MaxVio over the run; None: no data
+    pair: Any = None  # runs of the two sides with one pair key are a pair (PAIRED below)
 
 
 @dataclass(frozen=True)
@@ -312,6 +328,7 @@ class _Interval:
     noise: float  # between-run standard deviation used (estimated or the floor)
     estimated: bool  # False: the floor (one run a side)
     noise_only: float  # one run a side: half-width of the floor alone; else 0
+    pairs: int = 0  # paired: how many pairs; 0 unpaired
 
 
 def _interval(b: np.ndarray, c: np.ndarray, floor: float, within: float = 0.0) -> _Interval:
@@ -339,6 +356,36 @@ def _interval(b: np.ndarray, c: np.ndarray, floor: float, within: float = 0.0) -
     z = statistics.NormalDist().inv_cdf(q_level)
     half = z * math.sqrt(2 * floor**2 + within)
     return _Interval(d, d - half, d + half, floor, False, z * math.sqrt(2) * floor)
+
+
+def _paired_interval(b: np.ndarray, c: np.ndarray) -> _Interval:
+    """Paired runs (b[i] with c[i]): the t interval of the mean of their differences,
+    mean(d) +- t(0.975, n - 1) * s_d / sqrt(n); the noise a run, s_d / sqrt(2)."""
+    d = c - b
+    n = d.size
+    mean = float(d.mean())
+    s_d = float(np.std(d, ddof=1))
+    half = t_quantile((1 + LEVEL) / 2, n - 1) * s_d / math.sqrt(n)
+    return _Interval(mean, mean - half, mean + half, s_d / math.sqrt(2), True, 0.0, n)
+
+
+def _pair_up(
+    base: Sequence[tuple[Any, float]], cand: Sequence[tuple[Any, float]]
+) -> tuple[list[float], list[float]] | None:
+    """The values in pair order when the runs pair up one to one (PAIRED), else None."""
+    kb, kc = [k for k, _ in base], [k for k, _ in cand]
+    if (
+        len(kb) < 2
+        or any(k is None for k in kb + kc)
+        or len(set(kb)) != len(kb)
+        or len(set(kc)) != len(kc)
+        or set(kb) != set(kc)
+    ):
+        return None
+    of_c = dict(cand)
+    order = sorted(kb, key=repr)
+    of_b = dict(base)
+    return [of_b[k] for k in order], [of_c[k] for k in order]
 
 
 def _finding(kind: str, better: str, low: float, high: float, band: float) -> str:
@@ -376,14 +423,24 @@ def _gib(x: float) -> str:
 
 
 def _axis(
-    spec: _Spec, base: Sequence[float], cand: Sequence[float], within: float = 0.0
+    spec: _Spec,
+    base_keyed: Sequence[tuple[Any, float]],
+    cand_keyed: Sequence[tuple[Any, float]],
+    within: float = 0.0,
 ) -> tuple[Axis, _Interval | None]:
-    """The axis from each side's per-run values (runs without a value already left out; a
-    ratio's non-positive values, which have no log, are left out too)."""
+    """The axis from each side's per-run values, each with its run's pair key (runs without
+    a value already left out; a ratio's non-positive values, which have no log, are left out
+    too). Paired when the runs left pair up one to one (PAIRED)."""
     usable: Callable[[float], bool] = (
         (lambda v: v > 0 and math.isfinite(v)) if spec.kind == "ratio" else math.isfinite
     )
-    base, cand = [v for v in base if usable(v)], [v for v in cand if usable(v)]
+    base_keyed = [(k, v) for k, v in base_keyed if usable(v)]
+    cand_keyed = [(k, v) for k, v in cand_keyed if usable(v)]
+    paired = _pair_up(base_keyed, cand_keyed)
+    if paired is not None:
+        base, cand = paired
+    else:
+        base, cand = [v for _, v in base_keyed], [v for _, v in cand_keyed]
     if not base or not cand:
         missing = [name for name, got in (("baseline", base), ("candidate", cand)) if not got]
         reason = f"{spec.label}: no data on the {' or the '.join(missing)}"
@@ -394,7 +451,7 @@ def _axis(
     wb, wc = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
     if ratio:  # worked on logs: the interval of the log ratio, then back
         wb, wc = np.log(wb), np.log(wc)
-    est = _interval(wb, wc, spec.floor, within)
+    est = _paired_interval(wb, wc) if paired is not None else _interval(wb, wc, spec.floor, within)
     back: Callable[[float], float] = math.exp if ratio else float
     value, low, high = back(est.d), back(est.low), back(est.high)
     b_fig, c_fig = back(float(wb.mean())), back(float(wc.mean()))
@@ -407,7 +464,10 @@ def _axis(
         where = f"wholly within {lo_edge:.4g}..{hi_edge:.4g} (no real difference)"
     else:
         where = f"not clear of the {lo_edge:.4g}..{hi_edge:.4g} band of no real difference"
-    runs = f"{len(base)} + {len(cand)} runs" if len(base) + len(cand) > 2 else "one run a side"
+    if paired is not None:
+        runs = f"{len(base)} pairs of runs"
+    else:
+        runs = f"{len(base)} + {len(cand)} runs" if len(base) + len(cand) > 2 else "one run a side"
     reason = (
         f"{spec.label} {spec.fmt(b_fig)} -> {spec.fmt(c_fig)}: {spec.kind} {num.format(value)}, "
         f"95% interval [{num.format(low)}, {num.format(high)}] ({runs}), {where}: {finding}"
@@ -448,6 +508,8 @@ class _Speed:
     rates: list[np.ndarray] = field(default_factory=list)  # steady tokens/s, usable runs
     tokens: list[float] = field(default_factory=list)  # median tokens per steady step
     short: list[str] = field(default_factory=list)  # runs left out: too few steady steps
+    time_keys: list[Any] = field(default_factory=list)  # the pair key of each of `times`
+    rate_keys: list[Any] = field(default_factory=list)  # the pair key of each of `rates`
 
 
 def _speed(runs: Sequence[RunFigures]) -> _Speed:
@@ -465,9 +527,11 @@ def _speed(runs: Sequence[RunFigures]) -> _Speed:
             out.short.append(run.run_id)
             continue
         out.times.append(times)
+        out.time_keys.append(run.pair)
         out.tokens.append(float(np.median(tok[warm_up(tok.size) :])))
         if rates.size >= MIN_STEADY_STEPS and float(np.median(rates)) > 0:
             out.rates.append(rates)
+            out.rate_keys.append(run.pair)
     return out
 
 
@@ -489,13 +553,16 @@ def _specs(margin: float, loss_tolerance: float) -> dict[str, _Spec]:
     }  # fmt: skip
 
 
-def _values(runs: Sequence[RunFigures], get: Callable[[RunFigures], float | None]) -> list[float]:
-    return [float(v) for v in map(get, runs) if v is not None]
+def _values(
+    runs: Sequence[RunFigures], get: Callable[[RunFigures], float | None]
+) -> list[tuple[Any, float]]:
+    """Each run's value with its pair key; runs without a value left out."""
+    return [(r.pair, float(v)) for r in runs if (v := get(r)) is not None]
 
 
 def _quality(
     base: Sequence[RunFigures], cand: Sequence[RunFigures], tolerance: float
-) -> tuple[_Spec, list[float], list[float], str]:
+) -> tuple[_Spec, list[tuple[Any, float]], list[tuple[Any, float]], str]:
     """The quality spec and per-run values: eval loss at the newest matched step, else the
     final training loss; with a sentence that says which."""
     matched = set.intersection(*(set(r.eval_loss) for r in [*base, *cand]))
@@ -504,7 +571,8 @@ def _quality(
         spec = _Spec("eval_loss", f"eval loss at step {step}", "ratio", "lower", tolerance,
                      RUN_NOISE_FLOORS["eval_loss"], _g)  # fmt: skip
         source = f"quality is the eval loss at step {step}, the newest step every run evaluated"
-        return spec, [r.eval_loss[step] for r in base], [r.eval_loss[step] for r in cand], source
+        b = [(r.pair, r.eval_loss[step]) for r in base]
+        return spec, b, [(r.pair, r.eval_loss[step]) for r in cand], source
     spec = _Spec("eval_loss", "final training loss", "ratio", "lower", tolerance,
                  RUN_NOISE_FLOORS["final_loss"], _g)  # fmt: skip
 
@@ -571,10 +639,16 @@ def compare(
     ests: dict[str, _Interval | None] = {}
     median: Callable[[np.ndarray], float] = lambda a: float(np.median(a))  # noqa: E731
     axes["step_time"], ests["step_time"] = _axis(
-        specs["step_time"], list(map(median, sb.times)), list(map(median, sc.times)), within_t
+        specs["step_time"],
+        list(zip(sb.time_keys, map(median, sb.times), strict=True)),
+        list(zip(sc.time_keys, map(median, sc.times), strict=True)),
+        within_t,
     )
     axes["tokens_per_s"], ests["tokens_per_s"] = _axis(
-        specs["tokens_per_s"], list(map(median, sb.rates)), list(map(median, sc.rates)), within_r
+        specs["tokens_per_s"],
+        list(zip(sb.rate_keys, map(median, sb.rates), strict=True)),
+        list(zip(sc.rate_keys, map(median, sc.rates), strict=True)),
+        within_r,
     )
     q_spec, q_base, q_cand, q_source = _quality(base, cand, loss_tolerance)
     axes["eval_loss"], ests["eval_loss"] = _axis(q_spec, q_base, q_cand)
@@ -695,6 +769,12 @@ def _noise_notes(
             f"[{lo:.3f}, {hi:.3f}], and the observed {axis.value:.3f} is "
             + ("inside it: noise could explain all of it" if inside else "beyond it")
             + "; replicate runs to measure it"
+        ]
+    if est.pairs:
+        return [
+            f"runs paired by seed ({est.pairs} pairs): the interval is that of the pairs' "
+            f"differences, which leaves out what a pair shares (its seed, the machine's state "
+            f"at the time); {label} noise within a pair estimated at {est.noise:.1%} a run"
         ]
     runs = f"{nb} + {nc} runs" if nb >= 2 and nc >= 2 else f"the side with {max(nb, nc)} runs"
     return [f"run-to-run {label} noise estimated at {est.noise:.1%} a run from {runs}"]

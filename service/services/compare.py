@@ -78,7 +78,15 @@ def _figures(session: Session, fleet: FleetCache, got: ReceiptCheck) -> calc.Run
         peak_memory_bytes=whole.peak_memory_bytes,
         drop_rate=whole.drop_rate,
         max_vio=whole.max_vio,
+        pair=_seed(got.runtime_policy),
     )
+
+
+def _seed(policy: dict[str, Any]) -> Any:
+    """The run's seed, its pair key (runs of the two sides with one seed are compared pair by
+    pair; calc/compare.py, PAIRED); None when the run does not say."""
+    seed = policy.get("seed") if isinstance(policy, dict) else None
+    return seed if isinstance(seed, int | str) and not isinstance(seed, bool) else None
 
 
 def lane(got: ReceiptCheck) -> dict[str, Any]:

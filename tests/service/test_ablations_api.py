@@ -93,6 +93,7 @@ def test_cells_are_judged_from_their_completed_replicates(client: Any) -> None:
     assert comparison["runs"] == {"baseline": 3, "candidate": 3}
     assert comparison["step_time_ratio"]["value"] == pytest.approx(1.25, rel=0.03)
     assert comparison["ablation"] == "abl-1"
+    assert any("paired by seed (3 pairs)" in r for r in comparison["reasons"])  # seeds 0, 1, 2
     by_cells = client.get(
         "/api/v1/compare",
         params={

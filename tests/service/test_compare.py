@@ -6,6 +6,7 @@ A/A and power check on autocorrelated runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -233,6 +234,65 @@ def test_speed_axes_match_a_plain_t_interval_on_run_medians(nb: int, nc: int) ->
         assert got.run_noise == pytest.approx(math.sqrt(pooled), rel=1e-9)
     else:
         assert got.run_noise == pytest.approx(statistics.stdev(tb if nb > 1 else tc), rel=1e-9)
+
+
+def paired(runs: list[RunFigures], keys: Sequence[Any]) -> list[RunFigures]:
+    return [dataclasses.replace(r, pair=k) for r, k in zip(runs, keys, strict=True)]
+
+
+def test_runs_that_pair_up_by_seed_are_compared_pair_by_pair() -> None:
+    """The pair keys say which runs pair (here c0 with the baseline run of key 12, b2): the
+    interval is the paired t of the pairs' differences of log medians, mean(d) +- t(0.975,
+    n - 1) * s_d / sqrt(n) (written here from the docstring), the noise s_d / sqrt(2)."""
+    rng = np.random.default_rng(7)
+    base = side(rng, 3, offset=0.15)
+    cand = side(rng, 3, step_s=0.11, offset=0.15)
+    got = compare(paired(base, [10, 11, 12]), paired(cand, [12, 10, 11]))
+    (tb, _), (tc, _) = ref_log_medians(base), ref_log_medians(cand)
+    of_key = dict(zip((12, 10, 11), tc, strict=True))
+    d = [of_key[k] - b for k, b in zip((10, 11, 12), tb, strict=True)]
+    half = 4.302652729911275 * statistics.stdev(d) / math.sqrt(3)  # t(0.975, 2)
+    axis = got.axes["step_time"]
+    assert axis.value == pytest.approx(math.exp(statistics.fmean(d)), rel=1e-12)
+    assert axis.low == pytest.approx(math.exp(statistics.fmean(d) - half), rel=1e-9)
+    assert axis.high == pytest.approx(math.exp(statistics.fmean(d) + half), rel=1e-9)
+    assert got.run_noise == pytest.approx(statistics.stdev(d) / math.sqrt(2), rel=1e-9)
+    assert any("paired by seed (3 pairs)" in r for r in got.reasons)
+    assert "3 pairs of runs" in axis.reason
+
+
+def test_pairing_finds_what_a_shared_offset_hides_from_the_unpaired_interval() -> None:
+    rng = np.random.default_rng(11)
+    shared = rng.normal(0, 0.15, 3)
+    base, cand = [], []
+    for i, off in enumerate(shared):
+        for out, step_s, tag in ((base, 0.10, "b"), (cand, 0.11, "c")):
+            t = step_s * np.exp(off + rng.normal(0, 0.005) + rng.normal(0, 0.01, 120))
+            out.append(RunFigures(f"{tag}{i}", t.tolist(), [4096] * 120, list(range(120))))
+    assert compare(base, cand).verdict == "inconclusive"  # 15% between runs hides 10%
+    got = compare(paired(base, [0, 1, 2]), paired(cand, [0, 1, 2]))
+    assert got.verdict == "drop", got.reasons
+    assert bounds(got.axes["step_time"])[0] > 1.02
+
+
+@pytest.mark.parametrize(
+    ("kb", "kc"),
+    [
+        ([0, 1, 2], [0, 1, 3]),  # other keys
+        ([0, 0, 1], [0, 0, 1]),  # a key twice on a side
+        ([0, 1, None], [0, 1, 2]),  # a run without one
+        ([0], [0]),  # one pair: no spread to estimate
+    ],
+)
+def test_runs_that_do_not_pair_up_one_to_one_are_compared_unpaired(
+    kb: list[Any], kc: list[Any]
+) -> None:
+    rng = np.random.default_rng(3)
+    base, cand = side(rng, len(kb)), side(rng, len(kc), step_s=0.09)
+    plain = compare(base, cand)
+    got = compare(paired(base, kb), paired(cand, kc))
+    assert got.axes["step_time"] == plain.axes["step_time"]
+    assert not any("paired by seed" in r for r in got.reasons)
 
 
 def test_block_bootstrap_variance_matches_a_plain_one() -> None:

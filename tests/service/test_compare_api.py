@@ -111,6 +111,7 @@ def test_runs_that_differ_only_in_their_seed_are_replicates_not_a_lane_mismatch(
     assert body["runs"] == {"baseline": 3, "candidate": 3}
     assert body["verdict"] == "inconclusive", body["reasons"]  # A/A: no keep, no drop
     assert body["lane_diff"] == {}
+    assert not any("paired" in r for r in body["reasons"])  # seeds 10.. against 20..: unpaired
     single = compare(client, baseline="a0", candidate="b1")
     assert single.status_code == 200 and single.json()["verdict"] == "inconclusive"
 
