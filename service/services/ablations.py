@@ -201,8 +201,9 @@ def list_ablations(session: Session, project: str | None = None) -> AblationList
     return AblationList(ablations=out)
 
 
-def read(session: Session, fleet: FleetCache, ablation_id: str) -> AblationRead:
-    """The ablation, its cells and their runs, each cell's verdict against the baseline."""
+def read(session: Session, fleet: FleetCache, ablation_id: str, judge: bool = True) -> AblationRead:
+    """The ablation, its cells and their runs, each cell's verdict against the baseline (with
+    `judge` false no cell is compared: what a page's header needs)."""
     declared = store.stored_ablation(session, ablation_id)
     runs = store.ablation_runs(session, [ablation_id])
     if declared is None and not runs:
@@ -218,7 +219,7 @@ def read(session: Session, fleet: FleetCache, ablation_id: str) -> AblationRead:
     cells = []
     for cell, values in shape["cells"].items():
         comparison, refusal = None, None
-        if cell != base_cell:
+        if judge and cell != base_cell:
             comparison, refusal = _judge(
                 session, fleet, ablation_id, (base_cell, cell), completed, knob_names
             )

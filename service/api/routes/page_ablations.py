@@ -80,7 +80,7 @@ def ablations_data(request: Request, session: SessionDep, project: Project = Non
 def ablation_page(
     request: Request, session: SessionDep, ablation_id: AblationIdPath
 ) -> HTMLResponse:
-    got = ablations.read(session, cache_of(request.app.state), ablation_id)
+    got = ablations.read(session, cache_of(request.app.state), ablation_id, judge=False)
     return pagekit.html(
         request,
         "ablation.html",
