@@ -12,14 +12,10 @@ from trainer_hooks.emitter import Emitter, StepState
 from trainer_hooks.flops import FlopCounter
 from trainer_hooks.profiling import ProfileWindow
 from trainer_hooks.receipts import DispatchWatch, dispatch_seams, is_compiled, sdpa_probe
-from trainer_hooks.routing import RoutingCollector, find_sources
+from trainer_hooks.routing import ROUTING, RoutingCollector, find_sources
 
 _OOM_NAMES = ("OutOfMemoryError",)
 POLL_EVERY = 8  # steps between looks at the dispatchers: a change is reported within 8 steps
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 class Parts:
@@ -27,7 +23,10 @@ class Parts:
         self.rec = rec
         self.device = DeviceProbe(device)
         self.flops = FlopCounter()
-        self.routing = RoutingCollector([], routing_every)
+        # A sink that expands routing batches itself (SpoolSink) gets one per step in the
+        # step record; any other gets the per-layer records (trainer_hooks.routing).
+        expands = getattr(getattr(rec, "sink", None), "expands_routing", False) is True
+        self.routing = RoutingCollector([], routing_every, batch=expands)
         self.dispatch = DispatchWatch([])
         self.profile: ProfileWindow | None = None
         self._sdpa_armed = False
@@ -73,13 +72,11 @@ class Parts:
             if self.flops.counting:
                 self.flops.exit(ok=True)
             fields["flops"] = self.flops.by_key.get(h.flops_key)
-        if self.device.cuda:
-            self._step_exit_cuda(h, fields)
+        if self.routing.due():
+            self._step_exit_routing(h, fields)
         else:
-            fields["loss"] = h.loss
-            if self.routing.due():
-                for routing in self.routing.collect(h.step, _same):
-                    self._emit_routing(routing)
+            fields["loss"] = self.device.to_host(h.loss)
+            self.device.end(h._start_event, fields)
         self._poll_left -= 1
         if self._poll_left <= 0:
             self._poll_left = POLL_EVERY
@@ -87,13 +84,33 @@ class Parts:
         if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
             self.profile = None
 
-    def _step_exit_cuda(self, h: StepState, fields: dict[str, Any]) -> None:
-        fields["loss"] = self.device.to_host(h.loss)
-        routings = self.routing.collect(h.step, self.device.to_host) if self.routing.due() else []
-        self.device.end(h._start_event, fields)  # after the copies: its event covers them
-        for routing in routings:
-            routing[READY] = fields[READY]
-            self._emit_routing(routing)
+    def _step_exit_routing(self, h: StepState, fields: dict[str, Any]) -> None:
+        """A step whose end reads the routing counters. The batched layers' counters (the
+        loss in front of them, when it can ride along) become one host tensor and one batch
+        in the step's fields; other layers' records are emitted one by one, after the step's
+        end event is recorded, which covers their copies too."""
+        routing, device = self.routing, self.device
+        num_steps = routing.take_window()
+        counters = routing.batched_counters()
+        loss = h.loss
+        if counters:
+            lead = device.riding_loss(loss, counters[0]) if device.cuda else None
+            if lead is None:
+                fields["loss"] = device.to_host(loss)
+                flat = device.gather(counters)
+            else:  # the sink thread sets the loss from the batch
+                flat = device.gather([lead, *counters])
+            fields[ROUTING] = routing.make_batch(h.step, flat, int(lead is not None))
+        else:
+            fields["loss"] = device.to_host(loss)
+        singles = (
+            routing.collect(h.step, device.to_host, num_steps) if routing.reads_singles else ()
+        )
+        device.end(h._start_event, fields)  # after the copies: its event covers them
+        for single in singles:
+            if device.cuda:
+                single[READY] = fields[READY]
+            self._emit_routing(single)
 
     def step_failed(self, h: StepState, exc: BaseException) -> None:
         self._close_probe(h)

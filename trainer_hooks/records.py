@@ -352,8 +352,14 @@ class StepRecord(_RankScoped):
     device_time_s: Seconds | None = Field(None, description="CUDA-event time of the step")
     hook_overhead_s: Seconds | None = Field(None, description="the hooks' own host time")
     flops: Count | None = Field(None, description="model FLOPs of the step (counted once)")
-    mem_allocated_peak: Count | None = Field(None, description="bytes, peak in the step")
-    mem_reserved_peak: Count | None = Field(None, description="bytes, peak in the step")
+    mem_allocated_peak: Count | None = Field(
+        None,
+        description="bytes, the peak since the previous step that carried one (the hooks "
+        "read the allocator every 8 steps: the run's maximum stays exact)",
+    )
+    mem_reserved_peak: Count | None = Field(
+        None, description="bytes, the peak since the previous step that carried one"
+    )
     alloc_retries: Count | None = Field(None, description="allocator retries so far")
 
     _end = field_validator("end")(_end_after_start)

@@ -13,6 +13,16 @@ the null slot if any.
 
 Either way the read is a few kernel launches and no synchronization; the values reach the host
 through pinned copies (see device.py).
+
+Read together (batched): a snapshot source that is an `nn.Module` holding that vector as its
+buffer `routing_counters` (moe_core's E blocks) is not copied layer by layer. Every such
+layer's live buffer is concatenated in one operation per step (on CUDA one kernel and one
+pinned copy, the step's loss riding along), and the step record carries the result as one
+`RoutingBatch`, which the sink thread turns into a routing record per layer
+(`expand_batch`). That is the difference between a dozen tensor operations, pinned buffers
+and records per step on the training thread and one of each. Only a sink that says it
+expands batches (`expands_routing = True`, as `SpoolSink`) gets them; any other sink gets
+per-layer records as before.
 """
 
 from __future__ import annotations
@@ -20,11 +30,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+BUFFER = "routing_counters"  # the batched sources' cumulative vector
+SNAPSHOT = "_snapshot"
+STATE = "_layer_state"
+ROUTING = "_routing"  # a step record's RoutingBatch, for the sink thread to expand
+KEY_FIELDS = ("run_id", "attempt", "rank")
+
 
 def _attr(module: Any, name: str, default: Any) -> Any:
     if hasattr(module, name):
         return getattr(module, name)
     return getattr(getattr(module, "router", None), name, default)
+
+
+def _holder(module: Any, name: str) -> Any:
+    """The object `_attr` would read `name` from (the module or its router), found once."""
+    if hasattr(module, name):
+        return module
+    router = getattr(module, "router", None)
+    return router if router is not None and hasattr(router, name) else None
 
 
 def find_sources(model: Any) -> list[tuple[str, Any]]:
@@ -36,6 +60,16 @@ def find_sources(model: Any) -> list[tuple[str, Any]]:
     ]
 
 
+def _buffers_of(module: Any) -> dict[str, Any] | None:
+    """The module's buffer dict when it is a batchable source, else None. The dict, not the
+    tensor, is kept: `module.to(...)` replaces the tensor in that same dict."""
+    buffers = getattr(module, "_buffers", None)
+    if not callable(getattr(module, "routing_snapshot", None)) or not isinstance(buffers, dict):
+        return None
+    counters = buffers.get(BUFFER)
+    return buffers if counters is not None and getattr(counters, "ndim", 0) == 1 else None
+
+
 class _LayerState:
     """The previous snapshot of one layer, held for the sink thread's differences."""
 
@@ -45,18 +79,61 @@ class _LayerState:
         self.prev = prev
 
 
-SNAPSHOT = "_snapshot"
-STATE = "_layer_state"
+class _Plan:
+    """What the batched layers' records need beside the numbers, fixed when the sources are
+    set: per layer its fields that never change and its slice of the concatenation; and the
+    previous concatenation and how many steps had been counted then (both read and
+    replaced by the sink thread only)."""
+
+    __slots__ = ("layers", "total", "prev", "prev_seen")
+
+    def __init__(self, layers: list[tuple[dict[str, Any], int, int]], prev: Any) -> None:
+        self.layers = layers
+        self.total = layers[-1][2] if layers else 0
+        self.prev = prev
+        self.prev_seen = 0
+
+
+class RoutingBatch:
+    """The batched layers' counters at the end of one step (`flat[offset:]`, possibly still
+    in flight: the step record's CUDA event says when they landed), the capacities read
+    at that step, and the steps counted since watching (`seen`): the window is measured
+    from the previous batch expanded, so a batch lost on the way (a full queue) widens the
+    next one's window instead of vanishing from the sums."""
+
+    __slots__ = ("plan", "step", "seen", "capacities", "flat", "offset")
+
+    def __init__(
+        self,
+        plan: _Plan,
+        step: int,
+        seen: int,
+        capacities: list[Any],
+        flat: Any,
+        offset: int,
+    ) -> None:
+        self.plan = plan
+        self.step = step
+        self.seen = seen
+        self.capacities = capacities
+        self.flat = flat
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.plan.layers)
 
 
 class RoutingCollector:
-    """Every `every` steps, reads each source's counters into routing record fields."""
+    """Every `every` steps, reads each source's counters into routing record fields. With
+    `batch`, batchable sources are read together (the module's docstring)."""
 
-    def __init__(self, sources: list[tuple[str, Any]], every: int) -> None:
+    def __init__(self, sources: list[tuple[str, Any]], every: int, batch: bool = False) -> None:
         if every < 1:
             raise ValueError(f"routing_every must be >= 1, got {every}")
         self.every = every
+        self.batch = batch
         self._steps = 0
+        self._seen = 0  # steps counted in windows taken since the sources were set
         self._states: list[_LayerState | None] = []
         self.sources = sources
 
@@ -69,11 +146,7 @@ class RoutingCollector:
         """Snapshot sources get a baseline now, so forwards before watching are not counted;
         the fields that never change are worked out once, off the step path."""
         self._sources = sources
-        self._states = [
-            _LayerState(m.routing_snapshot().cpu()) if hasattr(m, "routing_snapshot") else None
-            for _name, m in sources
-        ]
-        self._static = [
+        statics = [
             {
                 "layer": layer,
                 "top_k": int(_attr(m, "top_k", 1)),
@@ -81,6 +154,34 @@ class RoutingCollector:
             }
             for layer, (_name, m) in enumerate(sources)
         ]
+        batched = [_buffers_of(m) if self.batch else None for _name, m in sources]
+        # the layers read one by one: (module, its snapshot state or None, static fields)
+        self._single = [
+            (
+                m,
+                _LayerState(m.routing_snapshot().cpu()) if hasattr(m, "routing_snapshot") else None,
+                statics[i],
+            )
+            for i, (_name, m) in enumerate(sources)
+            if batched[i] is None
+        ]
+        self._buffer_dicts = [b for b in batched if b is not None]
+        self._capacity_holders = [
+            _holder(m, "capacity") for (_name, m), b in zip(sources, batched, strict=True) if b
+        ]
+        layers, end = [], 0
+        for static, b in zip(statics, batched, strict=True):
+            if b is not None:
+                n = b[BUFFER].numel()
+                layers.append((static, end, end + n))
+                end += n
+        prev = None
+        if self._buffer_dicts:
+            import torch
+
+            prev = torch.cat([c.detach().reshape(-1) for c in self.batched_counters()]).cpu()
+        self._plan = _Plan(layers, prev)
+        self._seen = 0
 
     def due(self) -> bool:
         """Counts a step; True when this step's end should collect (every `every` steps)."""
@@ -89,14 +190,38 @@ class RoutingCollector:
         self._steps += 1
         return self._steps >= self.every
 
-    def collect(self, step: int, to_host: Callable[[Any], Any]) -> list[dict[str, Any]]:
-        """Called at the end of a step for which `due()` said so: record fields, with
-        tensors possibly still in flight."""
+    def take_window(self) -> int:
+        """The steps since the last collection (call once per collection, after `due`)."""
         num_steps, self._steps = self._steps, 0
+        self._seen += num_steps
+        return num_steps
+
+    @property
+    def reads_singles(self) -> bool:
+        """Whether some layers are read one by one (`collect`)."""
+        return bool(self._single)
+
+    def batched_counters(self) -> list[Any]:
+        """The batched layers' live counter buffers, in layer order (no copy: concatenate
+        them before the next forward adds to them)."""
+        return [d[BUFFER] for d in self._buffer_dicts]
+
+    def make_batch(self, step: int, flat: Any, offset: int) -> RoutingBatch:
+        """The step's batch (after `take_window`), `flat[offset:]` being the concatenated
+        counters."""
+        capacities = [None if h is None else h.capacity for h in self._capacity_holders]
+        return RoutingBatch(self._plan, step, self._seen, capacities, flat, offset)
+
+    def collect(
+        self, step: int, to_host: Callable[[Any], Any], num_steps: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Called at the end of a step for which `due()` said so: record fields of the
+        layers not batched, with tensors possibly still in flight. `num_steps`: the window
+        when `take_window` was already called."""
+        if num_steps is None:
+            num_steps = self.take_window()
         out = []
-        for (_name, module), state, static in zip(
-            self._sources, self._states, self._static, strict=True
-        ):
+        for module, state, static in self._single:
             fields: dict[str, Any] = dict(static)
             fields["step"] = step
             fields["num_steps"] = num_steps
@@ -124,6 +249,20 @@ def _read_and_reset(module: Any, fields: dict[str, Any], to_host: Callable[[Any]
         fields["capacity"] = c["capacity"]
 
 
+def _window_fields(fields: dict[str, Any], counts: list[int], tail: list[float]) -> None:
+    """A layer's record fields from its window: `counts` the rounded [tokens per slot (S),
+    dropped per slot (S), shared-only tokens] and `tail` the float [aux-loss sum, z-loss
+    sum, forwards]."""
+    s = (len(counts) - 1) // 2
+    aux, z, forwards = tail
+    fields["tokens_per_expert"] = counts[:s]
+    fields["dropped_per_expert"] = counts[s : 2 * s]
+    fields["shared_only_tokens"] = counts[2 * s]
+    fields["aux_loss"] = aux / max(forwards, 1.0)
+    fields["z_loss"] = z / max(forwards, 1.0)
+    fields["num_tokens"] = sum(fields["tokens_per_expert"]) // max(1, fields["top_k"])
+
+
 def _from_snapshot(fields: dict[str, Any]) -> None:
     """Difference this snapshot with the layer's previous one (a negative difference means
     someone reset the counters: then the snapshot is the window)."""
@@ -135,13 +274,7 @@ def _from_snapshot(fields: dict[str, Any]) -> None:
     delta = [c - p for c, p in zip(cur_v, prev_v, strict=True)]
     if min(delta) < 0:
         delta = cur_v
-    s = (len(delta) - 4) // 2
-    shared, aux, z, forwards = delta[2 * s :]
-    fields["tokens_per_expert"] = [round(v) for v in delta[:s]]
-    fields["dropped_per_expert"] = [round(v) for v in delta[s : 2 * s]]
-    fields["shared_only_tokens"] = round(shared)
-    fields["aux_loss"] = aux / max(forwards, 1.0)
-    fields["z_loss"] = z / max(forwards, 1.0)
+    _window_fields(fields, [round(v) for v in delta[:-3]], delta[-3:])
 
 
 def finish_routing_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -149,8 +282,54 @@ def finish_routing_fields(fields: dict[str, Any]) -> dict[str, Any]:
     token makes exactly top_k choices, the null slot's included)."""
     if STATE in fields:
         _from_snapshot(fields)
+        return fields
     for key in ("tokens_per_expert", "dropped_per_expert"):
         value = fields[key]
         fields[key] = [int(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
     fields["num_tokens"] = sum(fields["tokens_per_expert"]) // max(1, fields["top_k"])
     return fields
+
+
+def expand_batch(step_fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """On the sink thread, once the step's copies landed: take the step record's batch off
+    it (its loss too, when the loss rode along at the front) and return one routing
+    record's fields per batched layer, differenced with the previous batch as
+    `_from_snapshot` does one layer (a layer whose difference is negative was reset: its
+    snapshot is the window). Batches must be expanded in step order."""
+    batch: RoutingBatch = step_fields.pop(ROUTING)
+    plan = batch.plan
+    flat = batch.flat
+    if batch.offset:
+        step_fields["loss"] = float(flat[0])
+    cur = flat[batch.offset :]
+    if cur.numel() != plan.total:
+        raise ValueError(f"routing batch of {cur.numel()} counters, expected {plan.total}")
+    prev, plan.prev = plan.prev, cur
+    num_steps, plan.prev_seen = batch.seen - plan.prev_seen, batch.seen
+    delta = cur - prev
+    floats = delta.tolist()
+    rounded = delta.round().long().tolist()
+    reset: list[int] | None = None
+    key = {k: step_fields[k] for k in KEY_FIELDS}
+    out = []
+    for (static, a, b), capacity in zip(plan.layers, batch.capacities, strict=True):
+        tail = floats[b - 3 : b]
+        counts = rounded[a : b - 3]
+        if min(floats[a:b]) < 0:  # reset by someone: this snapshot is the window
+            if reset is None:
+                reset = cur.round().long().tolist()
+            counts, tail = reset[a : b - 3], cur[b - 3 : b].tolist()
+        fields = dict(static)
+        fields["step"] = batch.step
+        fields["num_steps"] = num_steps
+        fields["capacity"] = capacity
+        _window_fields(fields, counts, tail)
+        fields.update(key)
+        out.append(fields)
+    return out
+
+
+def batch_size(fields: dict[str, Any]) -> int:
+    """How many routing records a step record's batch stands for (0 without one)."""
+    batch = fields.get(ROUTING)
+    return len(batch) if batch is not None else 0

@@ -52,7 +52,7 @@ from pydantic import TypeAdapter
 
 from trainer_hooks.device import is_ready, settle
 from trainer_hooks.records import Record
-from trainer_hooks.routing import finish_routing_fields
+from trainer_hooks.routing import ROUTING, batch_size, expand_batch, finish_routing_fields
 from trainer_hooks.spool import (
     HEADER_SIZE,
     REJECTED_DIR,
@@ -291,7 +291,13 @@ class Sender:
 
 
 class SpoolSink:
-    """Spool first, then send in the background. `server_url=None` is the offline mode."""
+    """Spool first, then send in the background. `server_url=None` is the offline mode.
+
+    A step record may carry its routing batch (`trainer_hooks.routing`): its sink thread
+    writes the step's routing records right after the step's, one per layer, and counts
+    them as records (spooled, dropped) like any other."""
+
+    expands_routing = True  # the recorder hands this sink one routing batch per step
 
     def __init__(
         self,
@@ -340,7 +346,7 @@ class SpoolSink:
         """Hot path: O(1), no I/O, no lock beyond the deque's own. Past `max_pending` queued
         records a record is dropped (counted), but never a control record (rare by nature)."""
         if len(self._queue) >= self._max_pending and kind not in CONTROL_KINDS:
-            self.stats.records_dropped += 1
+            self.stats.records_dropped += 1 + batch_size(fields)
             return
         self._queue.append((kind, fields))
         self._emitted += 1
@@ -435,7 +441,7 @@ class SpoolSink:
                     break
                 self._queue.popleft()  # never landed: lost, and counted
                 taken += 1
-                self.stats.records_dropped += 1
+                self.stats.records_dropped += 1 + batch_size(fields)
                 continue
             self._queue.popleft()
             taken += 1
@@ -443,14 +449,26 @@ class SpoolSink:
                 self._ends.append(fields)
                 continue
             time.sleep(0)  # hand the GIL to the training thread between records
+            lost = 1 + batch_size(fields)
             try:
                 settle(fields)
                 if kind == "routing":
                     finish_routing_fields(fields)
-                payloads.append((kind, to_payload(kind, fields)))
+                records = [(kind, fields)]
+                if ROUTING in fields:  # a step's routing batch: a record per layer after it
+                    records += [("routing", r) for r in expand_batch(fields)]
             except Exception as exc:
-                self.stats.records_rejected += 1
+                self.stats.records_rejected += lost
                 self.stats.last_error = f"invalid {kind} record: {exc}"
+                continue
+            for i, (kind_i, fields_i) in enumerate(records):
+                if i:
+                    time.sleep(0)
+                try:
+                    payloads.append((kind_i, to_payload(kind_i, fields_i)))
+                except Exception as exc:
+                    self.stats.records_rejected += 1
+                    self.stats.last_error = f"invalid {kind_i} record: {exc}"
         self._unspooled.extend(payloads)
         try:
             self._write_unspooled()

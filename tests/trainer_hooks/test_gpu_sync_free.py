@@ -23,6 +23,7 @@ def test_fifty_steps_with_hooks_never_sync_the_device(tmp_path: Path) -> None:
     from moe_core.config import ModelConfig
     from moe_core.loop import TrainConfig, setup, train
     from trainer_hooks import Recorder, SpoolSink
+    from trainer_hooks.device import MEMORY_EVERY
     from trainer_hooks.spool import Spool
 
     model_cfg = ModelConfig(
@@ -66,5 +67,8 @@ def test_fifty_steps_with_hooks_never_sync_the_device(tmp_path: Path) -> None:
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == STEPS
     assert all(r["device_time_s"] > 0 and "loss" in r for r in steps)
+    # the allocator's peaks every MEMORY_EVERY steps, each covering the steps since the last
+    read = [r["step"] for r in steps if r.get("mem_allocated_peak", 0) > 0]
+    assert read == list(range(0, STEPS, MEMORY_EVERY))
     routing = [r for r in records if r["kind"] == "routing"]
     assert len(routing) == 2 * STEPS and all(r["num_tokens"] == 8 * 256 for r in routing)
