@@ -237,7 +237,6 @@ def runtime_policy(model_cfg: ModelConfig, cfg: TrainConfig, world_size: int) ->
         "steps": cfg.steps,
         "seed": cfg.seed,
         **({"slowdown": cfg.slowdown} if cfg.slowdown else {}),
-        **({"threads": torch.get_num_threads()} if cfg.device == "cpu" else {}),
     }
 
 
@@ -336,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink=sink,
         attempt=attempt,
         model_plan=model_plan(model_cfg),
-        runtime_policy=runtime_policy(model_cfg, cfg, world),
+        runtime_policy={
+            **runtime_policy(model_cfg, cfg, world),
+            **({"threads": args.threads} if args.threads is not None else {}),
+        },
         device=cfg.device,
         routing_every=args.routing_every,
         tags=args.tag,

@@ -164,13 +164,25 @@ def test_crash_then_resume_is_the_same_run_in_a_new_attempt(tmp_path: Path) -> N
 
 
 def test_the_cli_sends_eval_losses_tags_and_its_ablation_cell(tmp_path: Path) -> None:
-    args = ["--steps", "8", "--eval-every", "4", "--tag", "nightly", "--tag", "ab"]
+    args = [
+        "--steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--tag",
+        "nightly",
+        "--tag",
+        "ab",
+        "--threads",
+        "1",
+    ]
     got = run_cli(tmp_path, *args, "--ablation", "abl-1", "--cell", "dispatch=loop")
     assert got.returncode == 0, got.stderr
     records = spooled(tmp_path)
     (run,) = [r for r in records if r["kind"] == "run"]
     assert run["tags"] == ["nightly", "ab"]
     assert (run["ablation_id"], run["ablation_cell"]) == ("abl-1", "dispatch=loop")
+    assert run["runtime_policy"]["threads"] == 1  # in the lane only when asked for
     evals = {r["step"]: r["value"] for r in records if r["kind"] == "metric"}
     assert sorted(evals) == [3, 7] and all(2.0 < v < 7.0 for v in evals.values())
     printed = [line for line in got.stdout.splitlines() if line.startswith("eval loss")]
