@@ -293,9 +293,12 @@ class ImportResult(BaseModel):
 
 
 class RatioRead(BaseModel):
-    value: float | None = Field(description="candidate / baseline, ratio of medians")
-    low: float | None = Field(description="95% bootstrap interval, low end")
-    high: float | None = Field(description="95% bootstrap interval, high end")
+    value: float | None = Field(
+        description="candidate / baseline: the ratio of the sides' geometric means of their "
+        "runs' medians"
+    )
+    low: float | None = Field(description="95% interval over the runs, low end")
+    high: float | None = Field(description="95% interval over the runs, high end")
 
 
 class Pair(BaseModel):
