@@ -236,3 +236,26 @@ def trend_figure(entries: Sequence[Mapping[str, Any]], margin: float = DEFAULT_M
 
 def _or(v: Any, default: float) -> float:
     return default if v is None else float(v)
+
+
+def notes(
+    entries: Sequence[Mapping[str, Any]], newest: Mapping[str, Any] | None
+) -> tuple[str, str]:
+    """The line above the standings (how many knob values, checked against what) and the
+    re-review banner (empty when nothing needs it)."""
+    note = ""
+    if entries:
+        note = f"{len(entries)} knob value{'s' * (len(entries) != 1)}"
+        if newest:
+            note += "; standings checked against the newest run's environment: " + (
+                environment_text(newest)
+            )
+    review = sum(bool(e["needs_rereview"]) for e in entries)
+    rereview = (
+        f"{review} knob value{'s' * (review != 1)} need{'s' * (review == 1)} re-review: the "
+        "newest run's torch, CUDA or device differs from the one its standing rests on "
+        "(hover the flag for what changed); run its ablation again"
+        if review
+        else ""
+    )
+    return note, rereview

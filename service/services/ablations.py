@@ -33,7 +33,7 @@ from service.schemas import (
 from service.services.compare import compare_sets
 from service.services.errors import Conflict, Invalid, NotFound, Refused
 from service.services.fleet import FleetCache
-from service.services.runs import run_status
+from service.services.runs import statuses
 from service.store import ablations as store
 
 ENDED = ("completed", "failed")
@@ -164,7 +164,7 @@ def _shape(
     }
 
 
-def _summary(shape: Mapping[str, Any], statuses: Mapping[str, str]) -> dict[str, Any]:
+def _summary(shape: Mapping[str, Any], status_of: Mapping[str, str]) -> dict[str, Any]:
     repeats = shape["repeats"]
     return {
         "ablation_id": shape["ablation_id"],
@@ -175,14 +175,10 @@ def _summary(shape: Mapping[str, Any], statuses: Mapping[str, str]) -> dict[str,
         "knobs": shape["knobs"],
         "baseline_cell": shape["baseline_cell"],
         "repeats": repeats,
-        "runs": len(statuses),
-        "runs_ended": sum(s in ENDED for s in statuses.values()),
+        "runs": len(status_of),
+        "runs_ended": sum(s in ENDED for s in status_of.values()),
         "expected_runs": len(shape["cells"]) * repeats if repeats else None,
     }
-
-
-def _statuses(session: Session, run_ids: Sequence[str]) -> dict[str, str]:
-    return {r: run_status(a) for r, a in store.attempts_of(session, run_ids).items()}
 
 
 def list_ablations(session: Session, project: str | None = None) -> AblationList:
@@ -191,12 +187,14 @@ def list_ablations(session: Session, project: str | None = None) -> AblationList
     by_id: dict[str, list[store.AblationRun]] = {}
     for r in runs:
         by_id.setdefault(r.ablation_id, []).append(r)
-    statuses = _statuses(session, [r.run_id for r in runs])
+    status_of = statuses(session, [r.run_id for r in runs])
     out = []
     for ablation_id in [*declared, *(i for i in by_id if i not in declared)]:
         mine = by_id.get(ablation_id, [])
         shape = _shape(ablation_id, declared.get(ablation_id), mine)
-        out.append(AblationSummary(**_summary(shape, {r.run_id: statuses[r.run_id] for r in mine})))
+        out.append(
+            AblationSummary(**_summary(shape, {r.run_id: status_of[r.run_id] for r in mine}))
+        )
     out.sort(key=lambda a: (-a.created_at, a.ablation_id))
     return AblationList(ablations=out)
 
@@ -209,11 +207,11 @@ def read(session: Session, fleet: FleetCache, ablation_id: str, judge: bool = Tr
     if declared is None and not runs:
         raise NotFound(f"ablation {ablation_id} not found")
     shape = _shape(ablation_id, declared, runs)
-    statuses = _statuses(session, [r.run_id for r in runs])
+    status_of = statuses(session, [r.run_id for r in runs])
     knob_names = list(shape["knobs"])
     base_cell = shape["baseline_cell"]
     completed = {
-        cell: [r.run_id for r in runs if r.cell == cell and statuses[r.run_id] == "completed"]
+        cell: [r.run_id for r in runs if r.cell == cell and status_of[r.run_id] == "completed"]
         for cell in shape["cells"]
     }
     cells = []
@@ -232,7 +230,7 @@ def read(session: Session, fleet: FleetCache, ablation_id: str, judge: bool = Tr
                     AblationRunRead(
                         run_id=r.run_id,
                         name=r.name,
-                        status=statuses[r.run_id],
+                        status=status_of[r.run_id],
                         seed=r.seed,
                         created_at=r.created_at,
                     )
@@ -244,7 +242,7 @@ def read(session: Session, fleet: FleetCache, ablation_id: str, judge: bool = Tr
             )
         )
     return AblationRead(
-        **_summary(shape, statuses),
+        **_summary(shape, status_of),
         settings=shape["settings"],
         cells=cells,
     )

@@ -24,7 +24,7 @@ from service.schemas import AxisRead, CompareRead, Pair, RatioRead
 from service.services.errors import Invalid, NotFound, Refused
 from service.services.fleet import FleetCache
 from service.services.receipts import ReceiptCheck, receipt_check
-from service.services.runs import run_status
+from service.services.runs import statuses
 from service.store import ablations as store
 from service.store.rollups import read as rollup_read
 from trainer_hooks.records import ID_PATTERN
@@ -258,16 +258,14 @@ def compare_cells(
     runs = store.ablation_runs(session, [ablation_id])
     if not runs:
         raise NotFound(f"ablation {ablation_id} not found (no run names it)")
-    statuses = {
-        r: run_status(a) for r, a in store.attempts_of(session, [x.run_id for x in runs]).items()
-    }
+    status = statuses(session, [x.run_id for x in runs])
     sides = []
     for cell in (baseline_cell, candidate_cell):
         mine = [r.run_id for r in runs if r.cell == cell]
         if not mine:
             cells = ", ".join(sorted({r.cell for r in runs}))
             raise NotFound(f"ablation {ablation_id} has no run in cell {cell!r} (cells: {cells})")
-        done = [r for r in mine if statuses[r] == "completed"]
+        done = [r for r in mine if status[r] == "completed"]
         if not done:
             raise Refused(
                 {

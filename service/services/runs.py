@@ -4,6 +4,7 @@ of a window and rolling; the service's health. What the routes and the pages bot
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from sqlalchemy import Engine
@@ -51,6 +52,14 @@ def run_status(attempts: list[Attempt], now: float | None = None) -> str:
     ]
     statuses = attempt_statuses(rows, (), time.time() if now is None else now)
     return statuses[max(statuses)][0]
+
+
+def statuses(session: Session, run_ids: Sequence[str]) -> dict[str, str]:
+    """Each run's status (run_status), from one read of their attempts."""
+    attempts: dict[str, list[Attempt]] = {r: [] for r in run_ids}
+    for a in queries.attempts_of(session, list(run_ids)):
+        attempts[a.run_id].append(a)
+    return {r: run_status(a) for r, a in attempts.items()}
 
 
 def _summary(run: Run, attempts: list[Attempt], tags: list[str]) -> RunSummary:

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.store.models import Ablation, Attempt, Metric, Run
+from service.store.models import Ablation, Metric, Run
 from service.store.rollups.common import core_rows
 
 ABLATION_FIELDS = (
@@ -89,16 +89,6 @@ def ablation_runs(
     for run_id, name, proj, abl, cell, created, plan, policy, env in core_rows(session, stmt):
         seed = policy.get("seed") if isinstance(policy, dict) else None
         out.append(AblationRun(run_id, name, proj, abl, cell, created, seed, plan, policy, env))
-    return out
-
-
-def attempts_of(session: Session, run_ids: Sequence[str]) -> dict[str, list[Attempt]]:
-    out: dict[str, list[Attempt]] = {r: [] for r in run_ids}
-    if not run_ids:
-        return out
-    stmt = select(Attempt).where(Attempt.run_id.in_(list(run_ids)))
-    for a in session.scalars(stmt):
-        out[a.run_id].append(a)
     return out
 
 

@@ -104,3 +104,19 @@ def test_knob_values_are_escaped_where_plotly_draws_them_and_nothing_is_an_empty
     assert fl.trend_figure(hostile).data[0].name == "dispatch=&lt;img src=x&gt;"
     nothing = fl.trend_figure([])
     assert nothing.data == () and "no verdict yet" in nothing.layout.annotations[0].text
+
+
+def test_notes_count_the_values_and_those_to_review() -> None:
+    from dashboards.figures.ledger import environment_text, notes
+
+    env = {"torch": "2.14.0", "device": "cpu"}
+    assert notes([], env) == ("", "")
+    one = [{"needs_rereview": True}, {"needs_rereview": False}]
+    note, banner = notes(one, env)
+    assert note == "2 knob values; standings checked against the newest run's environment: " + (
+        environment_text(env)
+    )
+    assert banner.startswith("1 knob value needs re-review: ")
+    note, banner = notes([{"needs_rereview": True}] * 2, None)
+    assert note == "2 knob values"  # no newest environment: nothing to check against
+    assert banner.startswith("2 knob values need re-review: ")

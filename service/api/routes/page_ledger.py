@@ -50,22 +50,7 @@ def ledger_data(request: Request, session: SessionDep, project: Project = None) 
     entries = [e.model_dump() for e in got.entries]
     base = pagekit.root(request)
     review = sum(e["needs_rereview"] for e in entries)
-    newest = got.newest_environment
-    note = ""
-    if entries:
-        note = f"{len(entries)} knob value{'s' * (len(entries) != 1)}"
-        if newest:
-            note += (
-                "; standings checked against the newest run's environment: "
-                + figures.environment_text(newest)
-            )
-    rereview = (
-        f"{review} knob value{'s' * (review != 1)} need{'s' * (review == 1)} re-review: the "
-        "newest run's torch, CUDA or device differs from the one its standing rests on "
-        "(hover the flag for what changed); run its ablation again"
-        if review
-        else ""
-    )
+    note, rereview = figures.notes(entries, got.newest_environment)
     return pagekit.data(
         {
             "figures": {"ledger-trend": figures.trend_figure(entries)},

@@ -167,6 +167,17 @@ def _greatest(new: _SQL, old: _SQL) -> ColumnElement[Any]:
     return _pick(new > old, new, old)
 
 
+def _merged(
+    new: Any, old: Any, sums: Sequence[str], lows: Sequence[str] = (), highs: Sequence[str] = ()
+) -> dict[str, ColumnElement[Any]]:
+    """The SET of an upsert that folds a new row into a stored one: the `sums` added, the
+    `lows` the lesser, the `highs` the greater (`new`, `old`: the excluded row, the table)."""
+    out: dict[str, ColumnElement[Any]] = {c: getattr(old, c) + getattr(new, c) for c in sums}
+    out |= {c: _least(getattr(new, c), getattr(old, c)) for c in lows}
+    out |= {c: _greatest(getattr(new, c), getattr(old, c)) for c in highs}
+    return out
+
+
 def _insert(session: Session, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
     ins = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     return ins(table_of(model))
@@ -402,13 +413,7 @@ def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[flo
     upsert = stmt.on_conflict_do_update(
         index_elements=list(_STEP_BLOCK_KEY),
         set_={
-            "n": old.n + new.n,
-            "busy_s": old.busy_s + new.busy_s,
-            "blocked_s": old.blocked_s + new.blocked_s,
-            "tokens": old.tokens + new.tokens,
-            "hook_s": old.hook_s + new.hook_s,
-            "first_start": _least(new.first_start, old.first_start),
-            "last_end": _greatest(new.last_end, old.last_end),
+            **_merged(new, old, _STEP_SUMS, ("first_start",), ("last_end",)),
             "fast_s": _pick(fast, new.fast_s, old.fast_s),
             "fast_step": _pick(fast, new.fast_step, old.fast_step),
             "slow_s": _pick(slow, new.slow_s, old.slow_s),
@@ -426,6 +431,7 @@ def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[flo
     session.execute(upsert, rows)
 
 
+_STEP_SUMS = ("n", "busy_s", "blocked_s", "tokens", "hook_s")  # summed per block of steps
 _MICRO_KEY = ("run_id", "rank", "attempt", "micro")
 _MICRO_FIGURES = ("n", "busy_s", "blocked_s", "tokens", "hook_s", "first_start", "last_end")
 
@@ -444,15 +450,7 @@ def _add_micro_blocks(session: Session, micro: dict[tuple[Any, ...], _StepAcc]) 
     new, old = stmt.excluded, StepMicroBlock
     upsert = stmt.on_conflict_do_update(
         index_elements=list(_MICRO_KEY),
-        set_={
-            "n": old.n + new.n,
-            "busy_s": old.busy_s + new.busy_s,
-            "blocked_s": old.blocked_s + new.blocked_s,
-            "tokens": old.tokens + new.tokens,
-            "hook_s": old.hook_s + new.hook_s,
-            "first_start": _least(new.first_start, old.first_start),
-            "last_end": _greatest(new.last_end, old.last_end),
-        },
+        set_=_merged(new, old, _STEP_SUMS, ("first_start",), ("last_end",)),
     )
     session.execute(upsert, rows)
 
@@ -514,14 +512,9 @@ def add_spans(
     new, old = stmt.excluded, SpanTotal
     upsert = stmt.on_conflict_do_update(
         index_elements=list(_SPAN_TOTAL_KEY),
-        set_={
-            "n": old.n + new.n,
-            "total_s": old.total_s + new.total_s,
-            "longest_s": _greatest(new.longest_s, old.longest_s),
-            "first_start": _least(new.first_start, old.first_start),
-            "last_end": _greatest(new.last_end, old.last_end),
-            "correction_s": old.correction_s + new.correction_s,
-        },
+        set_=_merged(
+            new, old, ("n", "total_s", "correction_s"), ("first_start",), ("longest_s", "last_end")
+        ),
     )
     session.execute(upsert, rows)
 
@@ -547,12 +540,7 @@ def _add_span_buckets(session: Session, buckets: dict[tuple[Any, ...], list[Any]
     new, old = stmt.excluded, SpanBucket
     upsert = stmt.on_conflict_do_update(
         index_elements=list(_SPAN_BUCKET_KEY),
-        set_={
-            "n": old.n + new.n,
-            "total_s": old.total_s + new.total_s,
-            "first_start": _least(new.first_start, old.first_start),
-            "last_end": _greatest(new.last_end, old.last_end),
-        },
+        set_=_merged(new, old, ("n", "total_s"), ("first_start",), ("last_end",)),
     )
     session.execute(upsert, rows)
 
