@@ -43,7 +43,7 @@ from service.store.db import make_engine, make_sessionmaker  # noqa: E402
 from service.store.rollups import rolling as rr  # noqa: E402
 from service.store.rollups import windows  # noqa: E402
 
-PHASES = ("_edge_figures", "_blocked", "_span_sums", "_span_edges", "_steps_of")
+PHASES = ("_edge_figures", "_blocked", "_span_sums", "_span_edges", "_steps_of", "_charge_clashing")
 
 
 def timed(spent: dict[str, float], name: str, f: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,8 +95,14 @@ def main() -> None:
                 acc = accounting.whole_run(session, run_id)
                 bounds = rolling(run_extent(acc.goodput), args.window_s, args.window_s)
                 t, c = time.perf_counter(), time.process_time()
-                accounting.rolling(windows.WindowReader(session, run_id, acc.decided), acc, bounds)
+                out = accounting.rolling(
+                    windows.WindowReader(session, run_id, acc.decided), acc, bounds
+                )
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
+                if hasattr(out, "rows"):  # the response's dicts (built after the figures)
+                    r = time.process_time()
+                    out.rows()
+                    spent["rows, after"] = time.process_time() - r
             parts = ", ".join(f"{k} {v:.3f} s" for k, v in spent.items())
             print(
                 f"rep {rep}: {len(bounds)} windows, wall {wall:.3f} s, cpu {cpu:.3f} s "

@@ -10,7 +10,9 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from service.calc.goodput import (
@@ -24,11 +26,13 @@ from service.calc.goodput import (
     account,
     decide,
     disruptions,
+    empty_badput,
     merged,
     minus,
     run_figures,
     slowest_rank,
 )
+from service.calc.goodput_many import GoodputColumns, PartsColumns, account_many
 from service.calc.step_stats import STRAGGLER_STEPS, ideal_step_time
 from service.store.rollups import read as rollup_read
 from service.store.rollups import rolling as rolling_sums
@@ -132,16 +136,115 @@ def window(
     return run_figures(per_rank, acc.goodput.rank), parts
 
 
+@dataclass
+class Rolling:
+    """Many windows' figures at once: each rank's as columns over the windows
+    (calc/goodput_many.py), and the rank the whole run chose."""
+
+    bounds: list[tuple[float, float]]
+    ranks: dict[int, GoodputColumns]
+    rank: int | None
+
+    def rows(self, rank: int | None = None) -> list[dict[str, Any]]:
+        """Each window's figures for `rank` (by default the whole run's), as plain dicts in
+        the fields of schemas.GoodputWindow: 10,000 of them are built and encoded far faster
+        than as a pydantic model each."""
+        chosen = self.rank if rank is None else rank
+        g = self.ranks.get(chosen) if chosen is not None else None
+        if g is None:
+            return [
+                _row(a, b, 0.0, 0.0, None, empty_badput(), 0.0, chosen, 0, 0)
+                for a, b in self.bounds
+            ]
+        total, goodput = g.total_s.tolist(), g.goodput_s.tolist()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fraction = np.where(g.total_s > 0, g.goodput_s / g.total_s, np.nan).tolist()
+        badput = _badput_rows(g)
+        return [
+            _row(a, b, t, x, f if t > 0 else None, bad, o, chosen, s, k)
+            for (a, b), t, x, f, bad, o, s, k in zip(
+                self.bounds,
+                total,
+                goodput,
+                fraction,
+                badput,
+                g.other_s.tolist(),
+                g.steps.tolist(),
+                g.tokens.tolist(),
+                strict=True,
+            )
+        ]
+
+
+def _row(
+    start: float,
+    end: float,
+    total: float,
+    goodput: float,
+    fraction: float | None,
+    badput: dict[str, float],
+    other: float,
+    rank: int | None,
+    steps: int,
+    tokens: int,
+) -> dict[str, Any]:
+    return {
+        "start": start,
+        "end": end,
+        "total_s": total,
+        "goodput_s": goodput,
+        "goodput_fraction": fraction,
+        "badput_s": badput,
+        "other_s": other,
+        "rank": rank,
+        "steps": steps,
+        "tokens": tokens,
+    }
+
+
+def _badput_rows(g: GoodputColumns) -> list[dict[str, float]]:
+    """Each window's badput dict: every fixed category, and the custom ones it has."""
+    fixed = [c for c in g.badput_s if c not in g.shown]
+    out = [
+        dict(zip(fixed, values, strict=True))
+        for values in zip(*(g.badput_s[c].tolist() for c in fixed), strict=True)
+    ]
+    for c, shown in g.shown.items():
+        values = g.badput_s[c]
+        for i in np.flatnonzero(shown).tolist():
+            out[i][c] = float(values[i])
+    return out
+
+
 def rolling(
     reader: windows.WindowReader, acc: Accounted, bounds: Sequence[tuple[float, float]]
-) -> list[RunGoodput]:
+) -> Rolling:
     """`window` for many windows at once, their records summed incrementally
-    (store/rollups/rolling.py): each window's figures, the same as `window` gives."""
-    cuts = [(max(e.start, lo), min(e.end, hi)) for lo, hi in bounds for e in acc.excluded]
-    cuts = [(a, b) for a, b in cuts if b > a]
-    sums = rolling_sums.parts_many(reader, [*bounds, *cuts])
-    excluded = dict(zip(cuts, sums[len(bounds) :], strict=True))
-    return [
-        run_figures(_shares(acc, parts, lambda a, b: excluded[a, b], lo, hi), acc.goodput.rank)
-        for (lo, hi), parts in zip(bounds, sums, strict=False)
-    ]
+    (store/rollups/rolling.py) and accounted as arrays (calc/goodput_many.py): each window's
+    figures, the same as `window` gives. A window that meets an excluded interval has the
+    accounting of their overlap (a further interval read with the windows) taken out, as
+    `_shares` takes it out."""
+    lo = np.array([a for a, _ in bounds], dtype=float)
+    hi = np.array([b for _, b in bounds], dtype=float)
+    meeting: list[np.ndarray] = []  # per excluded interval, the windows that meet it
+    cut_lo, cut_hi = [lo], [hi]
+    for e in acc.excluded:
+        a, b = np.maximum(e.start, lo), np.minimum(e.end, hi)
+        meets = np.flatnonzero(b > a)
+        meeting.append(meets)
+        cut_lo.append(a[meets])
+        cut_hi.append(b[meets])
+    all_lo, all_hi = np.concatenate(cut_lo), np.concatenate(cut_hi)
+    intervals = list(zip(all_lo.tolist(), all_hi.tolist(), strict=True))
+    columns = rolling_sums.parts_many(reader, intervals)
+    n, out = len(bounds), {}
+    for rank in sorted(acc.decided):
+        parts = columns.get(rank) or PartsColumns.empty(rank, len(intervals))
+        g = account_many(acc.decided[rank], parts, _cuts(acc.cuts, rank), all_lo, all_hi)
+        mine = g.take(np.arange(n))
+        at = n
+        for meets in meeting:
+            mine.subtract_at(meets, g.take(np.arange(at, at + len(meets))))
+            at += len(meets)
+        out[rank] = mine
+    return Rolling(list(bounds), out, acc.goodput.rank)

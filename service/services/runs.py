@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -18,7 +18,6 @@ from service.schemas import (
     AttemptRead,
     DisruptionRead,
     GoodputRead,
-    GoodputWindow,
     Health,
     MetricSeries,
     RankGoodputRead,
@@ -261,14 +260,16 @@ def goodput(
     )
 
 
-def rolling_goodput(
+def rolling_body(
     session: Session,
     run_id: str,
     window_s: float,
     step_s: float | None = None,
     rank: int | None = None,
-) -> RollingGoodput:
-    """Goodput over windows of `window_s` seconds every `step_s` (default: back to back)."""
+) -> dict[str, Any]:
+    """Goodput over windows of `window_s` seconds every `step_s` (default: back to back), as
+    plain dicts and lists in the fields of RollingGoodput: near the cap of 10,000 windows a
+    pydantic model a window cost more than their accounting."""
     run_or_404(session, run_id)
     acc = accounting.whole_run(session, run_id)
     try:
@@ -280,14 +281,25 @@ def rolling_goodput(
         raise Invalid.field("query", "step_s" if step_s else "window_s", msg) from exc
     if rank is not None and not any(r.rank == rank for r in acc.goodput.ranks):
         raise NotFound(f"rank {rank} has no records in run {run_id!r}")
-    out = []
-    reader = windows.WindowReader(
-        session, run_id, acc.decided
-    )  # reads what every window shares once
-    for (a, b), g in zip(bounds, accounting.rolling(reader, acc, bounds), strict=True):
-        read = _goodput_read(run_id, g, rank)
-        out.append(GoodputWindow(start=a, end=b, **read.model_dump(exclude={"run_id", "ranks"})))
-    return RollingGoodput(run_id=run_id, window_s=window_s, step_s=step_s or window_s, windows=out)
+    reader = windows.WindowReader(session, run_id, acc.decided)  # what every window shares
+    figures = accounting.rolling(reader, acc, bounds)
+    return {
+        "run_id": run_id,
+        "window_s": window_s,
+        "step_s": step_s or window_s,
+        "windows": figures.rows(rank),
+    }
+
+
+def rolling_goodput(
+    session: Session,
+    run_id: str,
+    window_s: float,
+    step_s: float | None = None,
+    rank: int | None = None,
+) -> RollingGoodput:
+    """`rolling_body` as a RollingGoodput."""
+    return RollingGoodput.model_validate(rolling_body(session, run_id, window_s, step_s, rank))
 
 
 def health(engine: Engine) -> Health:

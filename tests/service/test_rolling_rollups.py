@@ -203,3 +203,28 @@ def test_rolling_falls_back_on_overlapping_steps_whose_rollups_agree(client: Any
         for name in ("total_s", "goodput_s", "other_s", "steps", "tokens"):
             assert w[name] == pytest.approx(got[name], rel=1e-12, abs=1e-9), (w["start"], name)
         assert w["badput_s"] == pytest.approx(got["badput_s"], rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("window_s,step_s", [(7.0, None), (23.0, 9.0)])
+def test_rolling_windows_with_excluded_intervals_equal_clipping_every_record(
+    client: Any, app: Any, window_s: float, step_s: float | None
+) -> None:
+    """Windows accounted as arrays (calc/goodput_many.py) with excluded intervals that cut
+    some of them, contain others and overlap each other, clashing custom categories and a
+    checkpoint split, against the reference; for the run and for ?rank=."""
+    records = bucket_run(14, 240)
+    t0 = f.T0
+    for lo, hi in ((t0 + 30.0, t0 + 41.5), (t0 + 38.0, t0 + 90.0), (t0 + 200.25, t0 + 200.5)):
+        records.append({"kind": "excluded_window", "run_id": "run-a", "start": lo, "end": hi})
+    post_shuffled(client, records, 14)
+    with app.state.sessionmaker() as session:
+        full = queries.goodput_inputs(session, "run-a")
+    assert full.excluded
+    params = {"window_s": window_s} | ({"step_s": step_s} if step_s else {})
+    now = time.time()
+    bounds = rolling(run_extent(run_goodput(full, now)), window_s, step_s or window_s)
+    for extra in ({}, {"rank": 0}):
+        body = client.get("/api/v1/runs/run-a/goodput/rolling", params=params | extra).json()
+        assert [(w["start"], w["end"]) for w in body["windows"]] == bounds and len(bounds) > 10
+        for w, (lo, hi) in zip(body["windows"], bounds, strict=True):
+            assert_goodput_equal(w, run_goodput(full, now, lo, hi), (lo, hi))

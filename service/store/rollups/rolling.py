@@ -8,7 +8,7 @@ edge `e` of any window, per attempt rank: the steps that start before `e`, those
 attempt's last checkpoint), and the one step that crosses `e`, if any. A window is then the
 difference of its edges' figures, with the steps that cross an edge cut to it and measured
 against the blocking spans there, exactly as `WindowReader.parts` measures them. The figures
-at an edge come from the fine step blocks (read once for the run, summed in Python); inside
+at an edge come from the fine step blocks (read once for the run, summed by numpy); inside
 each fine block that straddles an edge, from its micro blocks of MICRO_BLOCK steps
 (`step_micro_blocks`: those wholly before the edge, summed by the database); and from the
 steps of the one or two micro blocks that straddle it. Each runs as one statement over the
@@ -27,6 +27,12 @@ once) are taken out of each window they meet and charged by precedence in Python
 Near the cap of 10,000 windows on a 1,000,000-step run this reads about 16 step rows and a few
 dozen span rows per edge, where reading every step of the straddling fine blocks and every
 span of every window read each record about once (BENCHMARKS.md).
+
+Everything after the reads is done for all the windows at once, on arrays (edges by attempt
+rank, windows), in the order of operations that one window at a time took, so that each
+window's figures are the same floats: the result is each rank's parts as columns over the
+windows (calc/goodput_many.PartsColumns), which `accounting.rolling` accounts as arrays.
+Only the windows that clashing spans meet are charged one at a time.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, select
 
-from service.calc.goodput import ROUNDING_SLACK_S, AttemptSplit, RankParts, SpanIndex, charged
+from service.calc.goodput import ROUNDING_SLACK_S, RankParts, SpanIn, SpanIndex, charged
+from service.calc.goodput_many import PartsColumns
 from service.store.models import MICRO_BLOCK, SPAN_BUCKET_S, SpanBucket, StepBlock
 from service.store.rollups.common import FINE, grouped
 from service.store.rollups.windows import WindowReader
@@ -186,7 +193,7 @@ def _values(
         values = ", ".join([typed] + [plain] * (len(chunk) - 1))
         sql = f"WITH e({names}) AS (VALUES {values}) " + template.format(source="e", run="%s")
         params = tuple(v for row in chunk for v in row) + (run_id,)
-        out += conn.exec_driver_sql(sql, params).all()
+        out += conn.exec_driver_sql(sql, params).cursor.fetchall()
     return out
 
 
@@ -204,70 +211,100 @@ def _temp_table(
         marks = ", ".join("?" * len(cols))
         conn.exec_driver_sql(f"INSERT INTO temp.{table} VALUES ({marks})", rows)
         sql = template.format(source=f"temp.{table} AS e", run="?")
-        return list(conn.exec_driver_sql(sql, (run_id,)).all())
+        found = conn.exec_driver_sql(sql, (run_id,))
+        return list(found.cursor.fetchall())  # the driver's tuples, as _plain_rows reads
     finally:
         conn.exec_driver_sql(f"DELETE FROM temp.{table}")
 
 
-@dataclass(slots=True)
-class _Crossing:
-    """The step of one attempt rank that crosses an edge."""
+def _sorted_rows(rows: list[Any], width: int) -> np.ndarray:
+    """Rows of numbers read by `_values` as one float array in pid order (NULL: nan), so that
+    they are added up in the order of their pairs on either database (PostgreSQL's GROUP BY
+    keeps no order). Counts and step numbers are exact in a float far past any run's."""
+    if not rows:
+        return np.zeros((0, width))
+    a = np.array(rows, dtype=float)
+    return a[np.argsort(a[:, 0], kind="stable")]
 
-    step: int
-    start: float
-    end: float
-    full: float  # its whole step time minus blocked_s
-    blocked: float  # blocked_s: its seconds covered by blocking spans, kept at ingest
+
+def _tuples(*columns: Any) -> list[tuple[Any, ...]]:
+    """Rows of plain Python values (what the drivers bind) from columns of numbers, numbered
+    by a first column pid."""
+    n = len(columns[0]) if columns else 0
+    lists = [c.tolist() if isinstance(c, np.ndarray) else c for c in columns]
+    return list(zip(range(n), *lists, strict=True))
 
 
-@dataclass
+def _meets(spans: Sequence[Any], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Whether any of `spans` (sorted by start) meets each [lo, hi]: starts before hi and ends
+    after lo, the test `_SortedSpans.meeting` makes, for every interval at once (the spans
+    that start before hi, by the latest end among them)."""
+    if not spans:
+        return np.zeros(len(lo), dtype=bool)
+    starts = np.array([s.start for s in spans])
+    reach = np.maximum.accumulate(np.array([s.end for s in spans]))
+    before = np.searchsorted(starts, hi, side="left")
+    return (before > 0) & (reach[np.maximum(before - 1, 0)] > lo)
+
+
 class _EdgeFigures:
-    """One attempt rank's cumulative figures at every edge (lists over the sorted edges)."""
+    """Each attempt rank's cumulative figures at every edge: arrays of (attempt ranks,
+    edges), row k for keys[k]; and the one step of an attempt rank that crosses an edge."""
 
-    n_lt: list[int]  # steps that start before the edge
-    tok_lt: list[int]
-    n_le: list[int]  # steps that end by the edge
-    tok_le: list[int]
-    hook_le: list[float]
-    hook_lt: list[float]  # hook time of the steps that end by the edge and start before it
-    upto_le: list[float]  # step time minus blocked_s of the steps that end by it, <= checkpoint
-    after_le: list[float]  # the same, after the checkpoint
-    after_lt: list[int]  # steps after the checkpoint that start before the edge
-    after_n_le: list[int]
-    crossing: dict[int, _Crossing] = field(default_factory=dict)  # edge index -> its step
+    def __init__(self, keys: list[tuple[int, int]], edges: int) -> None:
+        shape = (len(keys), edges)
+        self.keys = keys
 
-    def add_whole(
-        self, e: int, n: int, tokens: int, hook: float, upto: float, after: float, after_n: int
-    ) -> None:
-        """Steps that all start before edge `e` and end by it, summed (micro blocks)."""
-        self.n_lt[e] += n
-        self.tok_lt[e] += tokens
-        self.n_le[e] += n
-        self.tok_le[e] += tokens
-        self.hook_le[e] += hook
-        self.hook_lt[e] += hook
-        self.upto_le[e] += upto
-        self.after_le[e] += after
-        self.after_lt[e] += after_n
-        self.after_n_le[e] += after_n
+        def ints() -> np.ndarray:
+            return np.zeros(shape, dtype=np.int64)
 
-    def add(self, e: int, row: Any) -> None:
-        """One straddling block's steps summed against edge `e` (a row of _EDGE_SUMS)."""
-        n_lt, tok_lt, n_le, tok_le, hook, upto, after, a_lt, a_le, crossing = row[1:11]
-        self.n_lt[e] += int(n_lt)
-        self.tok_lt[e] += int(tok_lt)
-        self.n_le[e] += int(n_le)
-        self.tok_le[e] += int(tok_le)
-        self.hook_le[e] += hook
-        self.hook_lt[e] += row[16]
-        self.upto_le[e] += upto
-        self.after_le[e] += after
-        self.after_lt[e] += int(a_lt)
-        self.after_n_le[e] += int(a_le)
-        if crossing:
-            if crossing > 1 or e in self.crossing:
-                raise _Fallback
-            self.crossing[e] = _Crossing(int(row[11]), row[12], row[13], row[14], row[15])
+        self.n_lt, self.tok_lt = ints(), ints()  # steps that start before the edge
+        self.n_le, self.tok_le = ints(), ints()  # steps that end by the edge
+        self.after_lt, self.after_n_le = ints(), ints()  # the same, after the checkpoint
+        self.hook_le, self.hook_lt = np.zeros(shape), np.zeros(shape)  # hook_lt: also start before
+        # step time minus blocked_s of the steps that end by the edge, on either side of the
+        # attempt's checkpoint
+        self.upto_le, self.after_le = np.zeros(shape), np.zeros(shape)
+        self.crossed = np.zeros(shape, dtype=bool)  # a step crosses the edge: its figures
+        self.c_step = ints()
+        self.c_start, self.c_end = np.zeros(shape), np.zeros(shape)
+        self.c_full = np.zeros(shape)  # its whole step time minus blocked_s
+        self.c_blocked = np.zeros(shape)  # its blocked_s, kept at ingest
+
+    def add_whole(self, k: np.ndarray, e: np.ndarray, a: np.ndarray) -> None:
+        """Steps that all start before edge e and end by it, summed (micro blocks): rows of
+        _MICRO_SUMS, in pid order (a float array)."""
+        at = (k, e)
+        n, tokens, after_n = (a[:, j].astype(np.int64) for j in (1, 2, 6))
+        for x, v in ((self.n_lt, n), (self.n_le, n), (self.tok_lt, tokens), (self.tok_le, tokens)):
+            np.add.at(x, at, v)
+        for x, v in ((self.after_lt, after_n), (self.after_n_le, after_n)):
+            np.add.at(x, at, v)
+        for x, j in ((self.hook_le, 3), (self.hook_lt, 3), (self.upto_le, 4), (self.after_le, 5)):
+            np.add.at(x, at, a[:, j])
+
+    def add(self, k: np.ndarray, e: np.ndarray, a: np.ndarray) -> None:
+        """Straddling blocks' steps summed against edge e: rows of _EDGE_SUMS, in pid order."""
+        at = (k, e)
+        for x, j in (
+            *((self.n_lt, 1), (self.tok_lt, 2), (self.n_le, 3), (self.tok_le, 4)),
+            *((self.after_lt, 8), (self.after_n_le, 9)),
+        ):
+            np.add.at(x, at, a[:, j].astype(np.int64))
+        for x, j in ((self.hook_le, 5), (self.upto_le, 6), (self.after_le, 7), (self.hook_lt, 16)):
+            np.add.at(x, at, a[:, j])
+        crossing = a[:, 10]
+        if np.any(crossing > 1):
+            raise _Fallback
+        rows = np.flatnonzero(crossing == 1)
+        ck, ce = k[rows], e[rows]
+        twice = len(set(zip(ck.tolist(), ce.tolist(), strict=True))) < len(rows)
+        if twice or self.crossed[ck, ce].any():
+            raise _Fallback
+        self.crossed[ck, ce] = True
+        self.c_step[ck, ce] = a[rows, 11].astype(np.int64)
+        self.c_start[ck, ce], self.c_end[ck, ce] = a[rows, 12], a[rows, 13]
+        self.c_full[ck, ce], self.c_blocked[ck, ce] = a[rows, 14], a[rows, 15]
 
 
 class _Blocks:
@@ -285,9 +322,9 @@ class _Blocks:
         self.after_busy = np.where(after, busy, 0.0)
         self.after_n = np.where(after, self.n, 0.0)
 
-    def before(self, edges: np.ndarray) -> _EdgeFigures:
-        """The sums of the blocks that end before each edge (every step of them starts
-        before it and ends by it)."""
+    def before(self, edges: np.ndarray, fig: _EdgeFigures, k: int) -> None:
+        """Row k of `fig`: the sums of the blocks that end before each edge (every step of
+        them starts before it and ends by it)."""
         order = np.argsort(self.last, kind="stable")
         count = np.searchsorted(self.last[order], edges, side="left")
 
@@ -297,19 +334,11 @@ class _Blocks:
         def whole(x: np.ndarray) -> Any:
             return np.concatenate(([0], np.cumsum(x[order].astype(np.int64))))[count]
 
-        n, tokens, after_n = whole(self.n), whole(self.tokens), whole(self.after_n)
-        return _EdgeFigures(  # lists: one value at a time, they are faster than arrays
-            n_lt=n.tolist(),
-            tok_lt=tokens.tolist(),
-            n_le=n.tolist(),
-            tok_le=tokens.tolist(),
-            hook_le=cum(self.hook).tolist(),
-            hook_lt=cum(self.hook).tolist(),
-            upto_le=cum(self.upto_busy).tolist(),
-            after_le=cum(self.after_busy).tolist(),
-            after_lt=after_n.tolist(),
-            after_n_le=after_n.tolist(),
-        )
+        fig.n_lt[k] = fig.n_le[k] = whole(self.n)
+        fig.tok_lt[k] = fig.tok_le[k] = whole(self.tokens)
+        fig.after_lt[k] = fig.after_n_le[k] = whole(self.after_n)
+        fig.hook_le[k] = fig.hook_lt[k] = cum(self.hook)
+        fig.upto_le[k], fig.after_le[k] = cum(self.upto_busy), cum(self.after_busy)
 
 
 class _Fallback(Exception):
@@ -319,15 +348,50 @@ class _Fallback(Exception):
 
 def parts_many(
     reader: WindowReader, intervals: Sequence[tuple[float, float]]
-) -> list[dict[int, RankParts]]:
-    """Every rank's records cut to each interval and summed: what `reader.parts(lo, hi)`
-    gives in `.ranks`, for all the intervals at once."""
+) -> dict[int, PartsColumns]:
+    """Every rank's records cut to each interval and summed, as columns over the intervals:
+    what `reader.parts(lo, hi)` gives in `.ranks`, for all the intervals at once."""
     if not intervals:
-        return []
+        return {}
     try:
-        return _Many(reader, intervals).parts()
+        return _Many(reader, intervals).columns()
     except _Fallback:
-        return [reader.parts(lo, hi).ranks for lo, hi in intervals]
+        return columns_of([reader.parts(lo, hi).ranks for lo, hi in intervals])
+
+
+def columns_of(windows: Sequence[dict[int, RankParts]]) -> dict[int, PartsColumns]:
+    """Each rank's parts of windows read one at a time, as columns over the windows."""
+    ranks = sorted({rank for w in windows for rank in w})
+    return {rank: PartsColumns.of(rank, [w.get(rank) for w in windows]) for rank in ranks}
+
+
+@dataclass
+class _Cuts:
+    """The steps that cross a window's edge, cut to the window: one element a cut."""
+
+    window: np.ndarray  # the interval's position
+    key: np.ndarray  # the attempt rank's row in _EdgeFigures
+    low: np.ndarray  # True: the step crosses the window's start (else its end)
+    rank: np.ndarray
+    a: np.ndarray  # the cut
+    b: np.ndarray
+    step: np.ndarray  # the step's number, start, end and blocked_s
+    start: np.ndarray
+    end: np.ndarray
+    blocked: np.ndarray
+
+
+@dataclass
+class _Steps:
+    """The intervals' steps: per attempt rank, busy time on either side of its checkpoint
+    and the steps after it; per rank, steps, tokens and hook time."""
+
+    split: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
+    steps: dict[int, np.ndarray] = field(default_factory=dict)
+    tokens: dict[int, np.ndarray] = field(default_factory=dict)
+    hook: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class _Many:
@@ -337,28 +401,32 @@ class _Many:
                 raise ValueError(f"end ({hi}) must be after start ({lo})")
         self.reader = reader
         self.conn = reader.session.connection()
-        self.intervals = list(intervals)
-        self.edges = np.array(sorted({x for pair in intervals for x in pair}), dtype=float)
-        self.at = {float(x): i for i, x in enumerate(self.edges)}
+        self.lo = np.array([lo for lo, _ in intervals], dtype=float)
+        self.hi = np.array([hi for _, hi in intervals], dtype=float)
+        self.edges = np.unique(np.concatenate([self.lo, self.hi]))  # sorted
+        self.il = np.searchsorted(self.edges, self.lo)  # each interval's edges
+        self.ih = np.searchsorted(self.edges, self.hi)
         self.ups: dict[int, int] = {}
 
-    def parts(self) -> list[dict[int, RankParts]]:
+    def columns(self) -> dict[int, PartsColumns]:
         figures = self._edge_figures()
-        windows = [self._steps_of(lo, hi, figures) for lo, hi in self.intervals]
-        blocked = self._blocked([edge for w in windows for edge in w.edges])
+        steps, cuts = self._steps_of(figures)
+        self._add_cuts(steps, figures.keys, cuts, self._blocked(cuts))
         spans = self._span_sums()
-        out = []
-        for i, (lo, hi) in enumerate(self.intervals):
-            w = windows[i]
-            for rank, (a, b), attempt, step in w.edges:
-                split = w.split.setdefault((attempt, rank), [0.0, 0.0, 0])
-                split[0 if self._upto(attempt, step.step) else 1] += (b - a) - blocked[rank, a, b]
-            out.append(self._ranks(i, lo, hi, w, spans))
+        n = len(self.lo)
+        out: dict[int, PartsColumns] = {}
+        for rank in sorted(set(steps.steps) | set(spans)):
+            mine = out[rank] = PartsColumns.empty(rank, n)
+            mine.split = {a: x for (a, r), x in steps.split.items() if r == rank}
+            mine.blocking_s = spans.get(rank, {})
+            if rank in steps.steps:
+                mine.hook_s, mine.steps = steps.hook[rank], steps.steps[rank]
+                mine.tokens = steps.tokens[rank]
         return out
 
     # -- steps --
 
-    def _edge_figures(self) -> dict[tuple[int, int], _EdgeFigures]:
+    def _edge_figures(self) -> _EdgeFigures:
         b = StepBlock
         stmt = select(
             b.attempt,
@@ -374,34 +442,54 @@ class _Many:
         by_key = grouped(_plain_rows(self.conn, stmt), lambda r: (r[0], r[1]))
         blocks = {key: _Blocks(rows, self._checkpoint(key[0])) for key, rows in by_key.items()}
         self._split_across(blocks)
-        out: dict[tuple[int, int], _EdgeFigures] = {}
-        pairs: list[tuple[Any, ...]] = []
-        where: list[tuple[tuple[int, int], int]] = []
-        for key, blk in sorted(blocks.items()):
-            out[key] = blk.before(self.edges)
-            for e, j in self._straddles(blk.first, blk.last):
-                first = int(blk.block[j]) * FINE // MICRO_BLOCK
-                pairs.append((len(pairs), float(self.edges[e]), *key, first))
-                pairs[-1] += (first + FINE // MICRO_BLOCK - 1, blk.up)
-                where.append((key, e))
-        steps: list[tuple[Any, ...]] = []  # the straddling micro blocks' steps, per edge
-        at: list[tuple[tuple[int, int], int]] = []
-        found = _values(self.conn, _MICRO_SUMS, _EDGE_COLS, self.reader.run_id, pairs)
-        for pid, n, tokens, hook, upto, after, after_n, left, first, last in found:
-            key, e = where[pid]
-            _, t, attempt, rank, block_first, block_last, up = pairs[pid]
-            if left and last - first + 1 != left:  # not one run of micro blocks: every step
-                first, last = block_first, block_last
-            else:
-                out[key].add_whole(e, int(n), int(tokens), hook, upto, after, int(after_n))
-            if left:
-                steps.append((len(steps), t, attempt, rank, first * MICRO_BLOCK))
-                steps[-1] += ((last + 1) * MICRO_BLOCK - 1, up)
-                at.append((key, e))
-        for row in _values(self.conn, _EDGE_SUMS, _EDGE_COLS, self.reader.run_id, steps):
-            key, e = at[row[0]]
-            out[key].add(e, row)
-        return out
+        keys = sorted(blocks)
+        fig = _EdgeFigures(keys, len(self.edges))
+        # Per (edge, straddling fine block): the attempt rank's row, the edge, the attempt
+        # rank, the block's first and last micro block, the checkpoint step.
+        cols: list[list[np.ndarray]] = [[] for _ in range(7)]
+        per_block = FINE // MICRO_BLOCK
+        for row, key in enumerate(keys):
+            blk = blocks[key]
+            blk.before(self.edges, fig, row)
+            edge, j = self._straddles(blk.first, blk.last)
+            micro = blk.block[j].astype(np.int64) * per_block
+            same = np.ones(len(edge), dtype=np.int64)
+            for col, x in zip(
+                cols,
+                (row * same, edge, key[0] * same, key[1] * same),
+                strict=False,
+            ):
+                col.append(x)
+            cols[4].append(micro)
+            cols[5].append(micro + per_block - 1)
+            cols[6].append(blk.up * same)
+        if not keys:
+            return fig
+        k, e, attempt, rank, first, last, up = (np.concatenate(c) for c in cols)
+        t = self.edges[e]
+        pairs = _tuples(t, attempt, rank, first, last, up)
+        found = _sorted_rows(
+            _values(self.conn, _MICRO_SUMS, _EDGE_COLS, self.reader.run_id, pairs), 10
+        )
+        pid = found[:, 0].astype(np.int64)
+        left, m_first, m_last = found[:, 7], found[:, 8], found[:, 9]
+        # Micro blocks left to read that are not one run of them: read every step of the block.
+        widen = (left > 0) & (m_last - m_first + 1 != left)
+        whole = ~widen
+        fig.add_whole(k[pid[whole]], e[pid[whole]], found[whole])
+        steps = np.flatnonzero(left > 0)
+        at = pid[steps]
+        lo_m = np.where(widen[steps], first[at], m_first[steps]).astype(np.int64)
+        hi_m = np.where(widen[steps], last[at], m_last[steps]).astype(np.int64)
+        pairs = _tuples(
+            t[at], attempt[at], rank[at], lo_m * MICRO_BLOCK, (hi_m + 1) * MICRO_BLOCK - 1, up[at]
+        )
+        rows = _sorted_rows(
+            _values(self.conn, _EDGE_SUMS, _EDGE_COLS, self.reader.run_id, pairs), 17
+        )
+        sid = at[rows[:, 0].astype(np.int64)]
+        fig.add(k[sid], e[sid], rows)
+        return fig
 
     def _split_across(self, blocks: dict[tuple[int, int], _Blocks]) -> None:
         """The block that holds an attempt's checkpoint step (one at most per attempt rank)
@@ -421,15 +509,21 @@ class _Many:
     def _checkpoint(self, attempt: int) -> int:
         """The step the accounting splits the attempt at: its last successful checkpoint's,
         or none (every step on the committed side)."""
+        up = self.ups.get(attempt)
+        if up is not None:
+            return up
         upto = self.reader.upto.get(attempt, math.inf)
         if upto == math.inf:
-            return NO_CHECKPOINT
-        if upto != self.reader.saved.get(attempt, -1):  # the accounting only cuts at these
+            up = NO_CHECKPOINT
+        elif upto != self.reader.saved.get(attempt, -1):  # the accounting only cuts at these
             raise RuntimeError(f"no sums kept for a cut at step {upto}")
-        return int(upto)
+        else:
+            up = int(upto)
+        self.ups[attempt] = up
+        return up
 
-    def _straddles(self, first: np.ndarray, last: np.ndarray) -> list[tuple[int, int]]:
-        """(edge index, block index) for each block whose time span holds the edge (first
+    def _straddles(self, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(edge indices, block indices) of each block whose time span holds the edge (first
         start <= edge <= last end), by edge: each block's edges are a run of the sorted
         edges."""
         lo = np.searchsorted(self.edges, first, side="left")
@@ -438,118 +532,160 @@ class _Many:
         offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
         edges = np.arange(len(blocks)) + offsets
         order = np.lexsort((blocks, edges))
-        return list(zip(edges[order].tolist(), blocks[order].tolist(), strict=True))
+        return edges[order], blocks[order]
 
-    def _steps_of(
-        self, lo: float, hi: float, figures: dict[tuple[int, int], _EdgeFigures]
-    ) -> _Window:
-        """A window's steps from its edges' figures; the steps that cross an edge cut to it,
-        their blocked time still to be measured."""
-        il, ih = self.at[lo], self.at[hi]
-        w = _Window()
-        for (attempt, rank), f in figures.items():
-            n = f.n_lt[ih] - f.n_le[il]
-            if n <= 0:
-                continue
-            upto = f.upto_le[ih] - f.upto_le[il]
-            after = f.after_le[ih] - f.after_le[il]
-            low, high = f.crossing.get(il), f.crossing.get(ih)
-            if low is not None and low.end <= hi:  # summed whole by its end: take it out
-                if self._upto(attempt, low.step):
-                    upto -= low.full
-                else:
-                    after -= low.full
-            w.split[attempt, rank] = [upto, after, f.after_lt[ih] - f.after_n_le[il]]
-            w.steps[rank] = w.steps.get(rank, 0) + n
-            w.tokens[rank] = w.tokens.get(rank, 0) + (f.tok_lt[ih] - f.tok_le[il])
-            w.hook[rank] = w.hook.get(rank, 0.0) + (f.hook_lt[ih] - f.hook_le[il])
-            if low is not None:
-                w.edges.append((rank, (lo, min(low.end, hi)), attempt, low))
-            if high is not None and (low is None or high.step != low.step):
-                w.edges.append((rank, (max(high.start, lo), hi), attempt, high))
-        return w
+    def _steps_of(self, fig: _EdgeFigures) -> tuple[_Steps, _Cuts]:
+        """Every interval's steps from its edges' figures, per attempt rank; the steps that
+        cross an edge cut to it, their blocked time still to be measured (`_Cuts`)."""
+        il, ih, lo, hi = self.il, self.ih, self.lo, self.hi
+        out = _Steps()
+        parts: list[tuple[np.ndarray, ...]] = []
+        for k, (attempt, rank) in enumerate(fig.keys):
+            n = fig.n_lt[k, ih] - fig.n_le[k, il]
+            seen = n > 0
+            low = seen & fig.crossed[k, il]
+            high = seen & fig.crossed[k, ih] & (~low | (fig.c_step[k, ih] != fig.c_step[k, il]))
+            upto = fig.upto_le[k, ih] - fig.upto_le[k, il]
+            after = fig.after_le[k, ih] - fig.after_le[k, il]
+            # the step across the start, summed whole by its end: taken out
+            whole = low & (fig.c_end[k, il] <= hi)
+            committed = fig.c_step[k, il] <= self._checkpoint(attempt)
+            upto = np.where(whole & committed, upto - fig.c_full[k, il], upto)
+            after = np.where(whole & ~committed, after - fig.c_full[k, il], after)
+            steps_after = fig.after_lt[k, ih] - fig.after_n_le[k, il]
+            out.split[attempt, rank] = (
+                np.where(seen, upto, 0.0),
+                np.where(seen, after, 0.0),
+                np.where(seen, steps_after, 0),
+            )
+            zero_i, zero_f = np.zeros(len(lo), dtype=np.int64), np.zeros(len(lo))
+            out.steps[rank] = out.steps.get(rank, zero_i) + np.where(seen, n, 0)
+            tokens = fig.tok_lt[k, ih] - fig.tok_le[k, il]
+            out.tokens[rank] = out.tokens.get(rank, zero_i) + np.where(seen, tokens, 0)
+            hook = fig.hook_lt[k, ih] - fig.hook_le[k, il]
+            out.hook[rank] = out.hook.get(rank, zero_f) + np.where(seen, hook, 0.0)
+            for is_low, mask, edge in ((True, low, il), (False, high, ih)):
+                w = np.flatnonzero(mask)
+                x = edge[w]
+                end = fig.c_end[k, x]
+                a = lo[w] if is_low else np.maximum(fig.c_start[k, x], lo[w])
+                b = np.minimum(end, hi[w]) if is_low else hi[w]
+                parts.append(
+                    (w, np.full(len(w), k), np.full(len(w), is_low), np.full(len(w), rank), a, b)
+                    + (fig.c_step[k, x], fig.c_start[k, x], end, fig.c_blocked[k, x])
+                )
+        if not parts:  # no attempt rank
+            return out, _Cuts(*(np.zeros(0),) * 10)
+        return out, _Cuts(*(np.concatenate(c) for c in zip(*parts, strict=True)))
 
-    def _upto(self, attempt: int, step: int) -> bool:
-        up = self.ups.get(attempt)
-        if up is None:
-            up = self.ups[attempt] = self._checkpoint(attempt)
-        return step <= up
+    def _add_cuts(
+        self, out: _Steps, keys: list[tuple[int, int]], cuts: _Cuts, blocked: np.ndarray
+    ) -> None:
+        """The cut steps' busy time added to their attempt rank's side of its checkpoint: the
+        step across the start first, then the one across the end, as one window at a time
+        adds them."""
+        busy = (cuts.b - cuts.a) - blocked
+        for k, (attempt, rank) in enumerate(keys):
+            split = out.split[attempt, rank]
+            committed = cuts.step <= self._checkpoint(attempt)
+            for is_low in (True, False):
+                mine = (cuts.key == k) & (cuts.low == is_low)
+                for side, sel in ((0, mine & committed), (1, mine & ~committed)):
+                    split[side][cuts.window[sel]] += busy[sel]  # one cut a window: no repeats
 
     # -- spans --
 
-    def _blocked(
-        self, edges: list[tuple[int, tuple[float, float], int, _Crossing]]
-    ) -> dict[tuple[int, float, float], float]:
-        """The seconds of each edge step's cut, (rank, a, b), covered by the rank's blocking
-        spans (their union). The spans that clash with none are disjoint from every other, so
-        their cut seconds add up; the clashing ones (in memory) are measured as a union. Where
-        no clashing span meets the step, the part of it after an edge is its blocked_s less
-        the part before: both windows beside an edge read one interval."""
-        asked: dict[tuple[int, float, float], None] = {}
-        derived: list[tuple[tuple[int, float, float], _Crossing, tuple[int, float, float]]] = []
-        direct: list[tuple[int, float, float]] = []
-        for rank, (a, b), _, step in edges:
-            clashing = self.reader.clashing.get(rank)
-            near = clashing is not None and bool(clashing.meeting(step.start, step.end))
-            if b == step.end and a > step.start and not near:
-                derived.append(((rank, a, b), step, (rank, step.start, a)))
-                asked[rank, step.start, a] = None
-            else:
-                direct.append((rank, a, b))
-                asked[rank, a, b] = None
-        keys = list(asked)
-        sums = dict(zip(keys, (sum(x.values()) for x in self._sums(keys)), strict=True))
-        out = {key: sums[key] for key in direct}
-        for rank, idx in grouped(direct, lambda k: k[0]).items():
-            clashing = self.reader.clashing.get(rank)
-            if clashing is not None:
+    def _blocked(self, cuts: _Cuts) -> np.ndarray:
+        """The seconds of each cut step, (rank, a, b), covered by the rank's blocking spans
+        (their union). A step whose blocked_s is 0 has none: a span that met a part of it
+        would cover a positive length of it. The spans that clash with none are disjoint from
+        every other, so their cut seconds add up; the clashing ones (in memory) are measured
+        as a union. Where no clashing span meets the step, the part of it after an edge is its
+        blocked_s less the part before: both windows beside an edge read one interval."""
+        out = np.zeros(len(cuts.a))
+        at = np.flatnonzero(cuts.blocked != 0.0)
+        if not len(at):
+            return out
+        rank, a, b = cuts.rank[at], cuts.a[at], cuts.b[at]
+        start, end, blocked = cuts.start[at], cuts.end[at], cuts.blocked[at]
+        near = np.zeros(len(at), dtype=bool)
+        for r, clashing in self.reader.clashing.items():
+            mine = np.flatnonzero(rank == r)
+            near[mine] = _meets(clashing.spans, start[mine], end[mine])
+        derived = (b == end) & (a > start) & ~near
+        asked = np.stack([rank, np.where(derived, start, a), np.where(derived, a, b)])
+        keys, which = np.unique(asked, axis=1, return_inverse=True)
+        which = which.reshape(-1)
+        rank_of = keys[0].astype(np.int64)
+        sums = self._sums(rank_of, keys[1], keys[2])
+        direct = sums.copy()
+        for r, clashing in self.reader.clashing.items():  # the clashing spans' union
+            mine = np.flatnonzero((rank_of == r) & np.isin(np.arange(len(sums)), which[~derived]))
+            if len(mine):
                 index = SpanIndex(clashing.spans)
-                for key, x in zip(idx, index.overlaps([(a, b) for _, a, b in idx]), strict=True):
-                    out[key] += x
-        for key, step, before in derived:
-            out[key] = step.blocked - sums[before]
+                direct[mine] += index.overlaps(
+                    list(zip(keys[1, mine].tolist(), keys[2, mine].tolist(), strict=True))
+                )
+        out[at] = np.where(derived, blocked - sums[which], direct[which])
         return out
 
-    def _span_sums(self) -> list[dict[int, dict[str, float]]]:
-        """Per interval, per rank: seconds charged to each category (by precedence). Each
+    def _span_sums(self) -> dict[int, dict[str, np.ndarray]]:
+        """Per rank, per category: each interval's seconds charged to it (by precedence). Each
         category's blocking spans of an attempt rank, clashing or not, are summed at every
         edge (`_span_edges`) and an interval is the difference of its edges; the clashing
         spans that meet it are then taken out and charged by precedence instead."""
+        il, ih = self.il, self.ih
         ranks = sorted({g.rank for g in self.reader.span_groups if not g.overlapped})
-        edges = {  # as lists: indexing them is faster than numpy's one value at a time
-            rank: [(c, f.tolist(), lt.tolist(), le.tolist()) for (_, c), (f, lt, le) in g.items()]
-            for rank, g in self._span_edges().items()
-        }
-        out: list[dict[int, dict[str, float]]] = []
-        for lo, hi in self.intervals:
-            il, ih = self.at[lo], self.at[hi]
-            mine: dict[int, dict[str, float]] = {}
-            for rank in ranks:
-                seconds: dict[str, float] = {}
-                count: dict[str, int] = {}
-                for category, f, n_lt, n_le in edges.get(rank, ()):
-                    n = n_lt[ih] - n_le[il]
-                    if n > 0:
-                        seconds[category] = seconds.get(category, 0.0) + (f[ih] - f[il])
-                        count[category] = count.get(category, 0) + n
-                clashing = self.reader.clashing.get(rank)
-                meeting = clashing.meeting(lo, hi) if clashing is not None else []
-                for sp in meeting:
-                    cut = min(sp.end, hi) - max(sp.start, lo)
-                    seconds[sp.category] = seconds.get(sp.category, 0.0) - cut
-                    count[sp.category] = count.get(sp.category, 0) - 1
-                cats = {
-                    c: (x if count[c] > 0 and abs(x) > RESIDUE_S else 0.0)
-                    for c, x in seconds.items()
-                }
-                if meeting:
-                    for cat, x in charged(meeting, lo, hi).items():
-                        cats[cat] = cats.get(cat, 0.0) + x
-                cats = {c: x for c, x in cats.items() if x}
-                if cats:
-                    mine[rank] = cats
-            out.append(mine)
+        edges = self._span_edges()
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for rank in ranks:
+            seconds: dict[str, np.ndarray] = {}
+            count: dict[str, np.ndarray] = {}
+            for (_, category), (f, n_lt, n_le) in edges.get(rank, {}).items():
+                n = n_lt[ih] - n_le[il]
+                met = n > 0
+                x = np.where(met, f[ih] - f[il], 0.0)
+                seconds[category] = seconds[category] + x if category in seconds else 0.0 + x
+                count[category] = count.get(category, 0) + np.where(met, n, 0)
+            cats = {
+                c: np.where((count[c] > 0) & (np.abs(x) > RESIDUE_S), x, 0.0)
+                for c, x in seconds.items()
+            }
+            clashing = self.reader.clashing.get(rank)
+            if clashing is not None:
+                for i in np.flatnonzero(_meets(clashing.spans, self.lo, self.hi)).tolist():
+                    self._charge_clashing(
+                        i, clashing.meeting(self.lo[i], self.hi[i]), seconds, count, cats
+                    )
+            cats = {c: x for c, x in cats.items() if x.any()}
+            if cats:
+                out[rank] = cats
         return out
+
+    def _charge_clashing(
+        self,
+        i: int,
+        meeting: list[SpanIn],
+        seconds: dict[str, np.ndarray],
+        count: dict[str, np.ndarray],
+        cats: dict[str, np.ndarray],
+    ) -> None:
+        """Interval i, which clashing spans meet: their cut seconds taken out of the sums and
+        charged by precedence (goodput.charged), in the order one window at a time takes."""
+        lo, hi = float(self.lo[i]), float(self.hi[i])
+        mine = {c: float(x[i]) for c, x in seconds.items()}
+        n = {c: int(x[i]) for c, x in count.items()}
+        for sp in meeting:
+            cut = min(sp.end, hi) - max(sp.start, lo)
+            mine[sp.category] = mine.get(sp.category, 0.0) - cut
+            n[sp.category] = n.get(sp.category, 0) - 1
+        charged_i = {c: (x if n[c] > 0 and abs(x) > RESIDUE_S else 0.0) for c, x in mine.items()}
+        for cat, x in charged(meeting, lo, hi).items():
+            charged_i[cat] = charged_i.get(cat, 0.0) + x
+        for c, x in charged_i.items():
+            if c not in cats:
+                cats[c] = np.zeros(len(self.lo))
+            cats[c][i] = x
 
     def _span_edges(
         self,
@@ -560,8 +696,8 @@ class _Many:
         their last end; and, in one statement, the spans of the buckets that straddle t."""
         b = SpanBucket
         out: dict[int, dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-        pairs: list[tuple[Any, ...]] = []
-        where: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+        cols: list[list[Any]] = [[] for _ in range(7)]  # group, e, a, r, c, f, u
+        sums: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         edges = self.edges
         groups = {
             (g.rank, g.attempt, g.category) for g in self.reader.span_groups if not g.overlapped
@@ -584,80 +720,63 @@ class _Many:
             n_lt = np.concatenate(([0], np.cumsum(n[order].astype(np.int64))))[before]
             n_le = n_lt.copy()
             out.setdefault(rank, {})[attempt, category] = (f, n_lt, n_le)
-            for e, j in self._straddles(first, last):
-                t = float(edges[e])
-                lo = float(bucket[j]) * SPAN_BUCKET_S
-                up = min(lo + SPAN_BUCKET_S, t)
-                pairs.append((len(pairs), t, attempt, rank, category, lo, up))
-                where.append((f, n_lt, n_le, e))
-        for pid, seconds, started, ended in _values(
-            self.conn, _BUCKET_SUMS, _BUCKET_COLS, self.reader.run_id, pairs
-        ):
-            f, n_lt, n_le, e = where[pid]
-            f[e] += seconds
-            n_lt[e] += int(started)
-            n_le[e] += int(ended)
+            e, j = self._straddles(first, last)
+            lo = bucket[j] * SPAN_BUCKET_S
+            for col, x in zip(
+                cols,
+                (np.full(len(e), len(sums)), e, [attempt] * len(e), [rank] * len(e)),
+                strict=False,
+            ):
+                col.append(x)
+            cols[4].append([category] * len(e))
+            cols[5].append(lo)
+            cols[6].append(np.minimum(lo + SPAN_BUCKET_S, edges[e]))
+            sums.append((f, n_lt, n_le))
+        if not sums:
+            return out
+        group, e = np.concatenate(cols[0]), np.concatenate(cols[1])
+        pairs = _tuples(
+            edges[e],
+            [x for c in cols[2] for x in c],
+            [x for c in cols[3] for x in c],
+            [x for c in cols[4] for x in c],
+            np.concatenate(cols[5]),
+            np.concatenate(cols[6]),
+        )
+        rows = _values(self.conn, _BUCKET_SUMS, _BUCKET_COLS, self.reader.run_id, pairs)
+        a = _sorted_rows(rows, 4)
+        pid = a[:, 0].astype(np.int64)
+        for g, (f, n_lt, n_le) in enumerate(sums):
+            mine = pid[group[pid] == g]
+            sel = group[pid] == g
+            np.add.at(f, e[mine], a[sel, 1])
+            np.add.at(n_lt, e[mine], a[sel, 2].astype(np.int64))
+            np.add.at(n_le, e[mine], a[sel, 3].astype(np.int64))
         return out
 
-    def _sums(self, asked: list[tuple[int, float, float]]) -> list[dict[str, float]]:
-        """Per (rank, lo, hi): the cut seconds of each category's blocking spans of that rank
-        (any attempt) that clash with none, in one statement per chunk."""
+    def _sums(self, rank: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Per (rank, lo, hi): the cut seconds of the rank's blocking spans (any attempt, any
+        category) that clash with none, in one statement per chunk."""
         groups = grouped((g for g in self.reader.span_groups if not g.overlapped), lambda g: g.rank)
-        pairs: list[tuple[Any, ...]] = []
-        where: list[tuple[int, str]] = []
-        for rank, idx in grouped(range(len(asked)), lambda i: asked[i][0]).items():
-            at = np.array(idx)
-            lo = np.array([asked[i][1] for i in idx])
-            hi = np.array([asked[i][2] for i in idx])
-            for g in groups.get(rank, ()):
-                meet = np.flatnonzero((lo < g.last_end) & (hi > g.first_start))
-                reach = (lo[meet] - (g.longest_s + ROUNDING_SLACK_S)).tolist()
-                first = len(pairs)
-                pairs += zip(
-                    range(first, first + len(meet)),
-                    [g.attempt] * len(meet),
-                    [rank] * len(meet),
-                    [g.category] * len(meet),
-                    reach,
-                    lo[meet].tolist(),
-                    hi[meet].tolist(),
-                    strict=True,
-                )
-                where += zip(at[meet].tolist(), [g.category] * len(meet), strict=True)
-        out: list[dict[str, float]] = [{} for _ in asked]
-        for pid, seconds in _values(self.conn, _SPAN_SUMS, _SPAN_COLS, self.reader.run_id, pairs):
-            i, category = where[pid]
-            out[i][category] = out[i].get(category, 0.0) + seconds
+        cols: list[list[Any]] = [[] for _ in range(7)]  # at, a, r, c, reach, lo, hi
+        for r in np.unique(rank).tolist():
+            at = np.flatnonzero(rank == r)
+            for g in groups.get(r, ()):
+                meet = at[(lo[at] < g.last_end) & (hi[at] > g.first_start)]
+                cols[0].append(meet)
+                cols[1] += [g.attempt] * len(meet)
+                cols[2] += [r] * len(meet)
+                cols[3] += [g.category] * len(meet)
+                cols[4].append(lo[meet] - (g.longest_s + ROUNDING_SLACK_S))
+                cols[5].append(lo[meet])
+                cols[6].append(hi[meet])
+        out = np.zeros(len(rank))
+        if not cols[0]:
+            return out
+        at = np.concatenate(cols[0])
+        pairs = _tuples(cols[1], cols[2], cols[3], *(np.concatenate(c) for c in cols[4:]))
+        rows = _sorted_rows(
+            _values(self.conn, _SPAN_SUMS, _SPAN_COLS, self.reader.run_id, pairs), 2
+        )
+        np.add.at(out, at[rows[:, 0].astype(np.int64)], rows[:, 1])
         return out
-
-    def _ranks(
-        self, i: int, lo: float, hi: float, w: _Window, spans: list[dict[int, dict[str, float]]]
-    ) -> dict[int, RankParts]:
-        blocking = spans[i]
-        out: dict[int, RankParts] = {}
-        for rank in sorted(set(w.steps) | set(blocking)):
-            out[rank] = RankParts(
-                rank=rank,
-                split={
-                    attempt: AttemptSplit(s[0], s[1], s[2])
-                    for (attempt, r), s in w.split.items()
-                    if r == rank
-                },
-                blocking_s=blocking.get(rank, {}),
-                hook_s=w.hook.get(rank, 0.0),
-                steps=w.steps.get(rank, 0),
-                tokens=w.tokens.get(rank, 0),
-            )
-        return out
-
-
-@dataclass
-class _Window:
-    """One window's steps, per attempt rank and per rank, before its edge steps are measured."""
-
-    split: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
-    steps: dict[int, int] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
-    hook: dict[int, float] = field(default_factory=dict)
-    # (rank, the step cut to the window, attempt, the step)
-    edges: list[tuple[int, tuple[float, float], int, _Crossing]] = field(default_factory=list)
