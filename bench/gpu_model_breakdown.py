@@ -1,6 +1,7 @@
 """Issue 16 part 2, as run on the H100 (bench/results/hooks_h100_issue16.log, then named
 .h2_before/part2_run.py): the bundled model on a GPU as a user runs it, with the hooks; then each
-block family timed alone (forward + backward, CUDA events) for a per-family breakdown."""
+block family timed alone (forward + backward, CUDA events) for a per-family breakdown; with
+--compile the run is compiled, and each family is also timed as a compiled block alone."""
 
 import argparse
 import statistics
@@ -85,6 +86,7 @@ def ms(fn, n=10):
 
 
 seen = {}
+seen_compiled = {}
 for letter, block in zip(mc.layers, model.blocks, strict=True):
     if letter in seen:
         continue
@@ -97,6 +99,10 @@ for letter, block in zip(mc.layers, model.blocks, strict=True):
         out.float().sum().backward()
 
     seen[letter] = ms(fb)
+    if a.compile:
+        # The same block under torch.compile (compiled alone; its first calls compile).
+        compiled = torch.compile(block)
+        seen_compiled[letter] = ms(lambda compiled=compiled: fb(compiled))
 counts = {f: mc.layers.count(f) for f in seen}
 opt_ms = ms(lambda: st.opt.step())
 
@@ -116,5 +122,13 @@ for f in seen:
         f"family {f}: {seen[f]:.2f} ms per block x {counts[f]} = {total:.2f} ms "
         f"({total / full:.1%} of fwd+bwd)"
     )
+if seen_compiled:
+    every = sum(seen_compiled[f] * counts[f] for f in seen_compiled)
+    for f in seen_compiled:
+        total = seen_compiled[f] * counts[f]
+        print(
+            f"family {f} compiled: {seen_compiled[f]:.2f} ms per block x {counts[f]} = "
+            f"{total:.2f} ms ({total / every:.1%} of the compiled blocks' sum)"
+        )
 print(f"optimizer step (AdamW) {opt_ms:.2f} ms")
 print(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -16,6 +16,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,44 +34,93 @@ def require_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
 
-def linear_recurrence_naive(log_a_BTX: Tensor, b_BTX: Tensor) -> Tensor:
-    """Reference: h_t = exp(log_a_t) * h_{t-1} + b_t from h_{-1} = 0, one step at a time.
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a scan computes in: fp32 for fp32 and narrower, fp64 for fp64.
 
-    The decay is passed as its log (<= 0) because callers build it in log space; exp(log_a) is
-    the a of the recurrence. Computes in fp32, returns h [B, T, X] in b's dtype.
+    Decays compound over the whole sequence, so bf16/fp16 inputs are scanned in fp32; fp64
+    inputs stay fp64 (the equivalence tests compare forms at fp64 precision).
     """
-    log_a_BTX, out_dtype, b_BTX = log_a_BTX.float(), b_BTX.dtype, b_BTX.float()
-    h_BX = torch.zeros_like(b_BTX[:, 0])
-    states = []
-    for t in range(b_BTX.shape[1]):
-        h_BX = log_a_BTX[:, t].exp() * h_BX + b_BTX[:, t]
-        states.append(h_BX)
-    return torch.stack(states, dim=1).to(out_dtype)
+    return torch.promote_types(dtype, torch.float32)
 
 
 def linear_recurrence_scan(log_a_BTX: Tensor, b_BTX: Tensor, chunk_size: int) -> Tensor:
-    """Chunked parallel form of ``linear_recurrence_naive``: same values, no loop over time.
+    """h_t = exp(log_a_t) * h_{t-1} + b_t from h_{-1} = 0, for every t: returns h [B, T, X].
 
-    Within each chunk, a log-space prefix scan; then the same scan over the chunk summaries
-    (total log decay, final local state) gives the state entering each chunk, which is carried
-    in. Decays only ever combine as sums of logs <= 0, so exp() never sees a positive number:
-    nothing overflows, and strong decay underflows harmlessly to 0.
+    The decay is passed as its log (<= 0) because callers build it in log space. Computes in
+    ``compute_dtype`` and returns b's dtype. Chunked (``chunked_scan``): chunk_size sequential
+    steps, each over all ceil(T / chunk_size) chunks at once, instead of T steps.
     """
     require_positive_int("chunk_size", chunk_size)
     if log_a_BTX.shape != b_BTX.shape:
         raise ValueError(f"log_a: shape {tuple(log_a_BTX.shape)} != b {tuple(b_BTX.shape)}")
-    out_dtype = b_BTX.dtype
-    B, T, *X = b_BTX.shape
+    dtype, T = compute_dtype(b_BTX.dtype), b_BTX.shape[1]
     L = min(chunk_size, T)
+    log_a_LBKX = to_chunk_steps(log_a_BTX.to(dtype), L)
+    b_LBKX = to_chunk_steps(b_BTX.to(dtype), L)
+    h_LBKX = chunked_scan(log_a_LBKX.exp(), b_LBKX, log_a_LBKX.sum(0), _identity)
+    return from_chunk_steps(h_LBKX, T).to(b_BTX.dtype)
+
+
+def chunked_scan(
+    a_LBKX: Tensor,
+    b_LBKX: Tensor,
+    log_decay_BKX: Tensor,
+    readout: Callable[[Tensor, int], Tensor],
+) -> Tensor:
+    """The chunked form of h_t = a_t * h_{t-1} + b_t, from h = 0 before the first chunk.
+
+    Inputs are laid out by ``to_chunk_steps``: step l of every chunk k at [l, :, k].
+    ``log_decay_BKX`` is each chunk's total log decay (the sum of its log a), which the caller
+    forms from its own factors (cheaper than summing, and never an exp of a positive number).
+    Three phases, none a loop over T:
+      1. every chunk's end state from a zero start, all chunks at once (L steps);
+      2. the state entering each chunk: an exclusive log-space prefix scan over the chunks'
+         (total decay, end state) pairs (ceil(log2 K) parallel passes over 1/L of the data);
+      3. the L steps again from those true starts, handing each state to ``readout(h, l)``,
+         whose results are stacked on a new first dim (the M block contracts its [W, N]
+         states with C there, so its full states are never stacked).
+    Phase 3 reruns phase 1's steps rather than correcting local states by exp(cumsum) * start:
+    that would write three more full-size tensors, where the rerun reads the same ones again.
+    Nothing overflows: the steps multiply by decays <= 1, and phase 2 exponentiates only sums
+    of log decays <= 0 (strong decay underflows harmlessly to 0).
+    """
+    a_steps, b_steps = a_LBKX.unbind(0), b_LBKX.unbind(0)  # one stack in backward, not L
+    h_end_BKX = _steps(a_steps, b_steps, None)[-1]
+    _, h_end_BKX = _prefix_scan(log_decay_BKX, h_end_BKX, dim=1)  # true end states
+    h_start_BKX = _shift(h_end_BKX, 1, dim=1)  # chunk k starts where chunk k-1 ended
+    states = _steps(a_steps, b_steps, h_start_BKX)
+    return torch.stack([readout(h, step) for step, h in enumerate(states)])
+
+
+def _steps(a_steps: Sequence[Tensor], b_steps: Sequence[Tensor], h: Tensor | None) -> list[Tensor]:
+    """h = a_l * h + b_l for each step l in turn, all chunks at once (None: start from 0)."""
+    states = []
+    for a_BKX, b_BKX in zip(a_steps, b_steps, strict=True):
+        h = b_BKX if h is None else torch.addcmul(b_BKX, a_BKX, h)
+        states.append(h)
+    return states
+
+
+def _identity(h: Tensor, step: int) -> Tensor:
+    return h
+
+
+def to_chunk_steps(x_BTX: Tensor, L: int) -> Tensor:
+    """[B, T, *X] -> [L, B, K, *X], contiguous: position k * L + l at [l, :, k].
+
+    The end is padded with zeros to K * L positions. Zero is the identity step for everything a
+    scan takes (log decay 0 keeps the state, input 0 adds nothing, dt 0 does both), and padded
+    steps come after every real one, so they change nothing that is returned.
+    """
+    B, T, *X = x_BTX.shape
     K = math.ceil(T / L)
-    # Pad the end with identity steps (decay 1, input 0): they follow every real position.
-    log_a_BKLX = _pad_time(log_a_BTX.float(), K * L - T).reshape(B, K, L, *X)
-    b_BKLX = _pad_time(b_BTX.float(), K * L - T).reshape(B, K, L, *X)
-    cum_log_a_BKLX, h_local_BKLX = _prefix_scan(log_a_BKLX, b_BKLX, dim=2)
-    _, h_end_BKX = _prefix_scan(cum_log_a_BKLX[:, :, -1], h_local_BKLX[:, :, -1], dim=1)
-    h_start_BKX = _shift(h_end_BKX, 1, dim=1)  # chunk k starts from the end of chunk k-1
-    h_BKLX = h_local_BKLX + cum_log_a_BKLX.exp() * h_start_BKX.unsqueeze(2)
-    return h_BKLX.reshape(B, K * L, *X)[:, :T].to(out_dtype)
+    return _pad_time(x_BTX, K * L - T).reshape(B, K, L, *X).movedim(2, 0).contiguous()
+
+
+def from_chunk_steps(y_LBKX: Tensor, T: int) -> Tensor:
+    """Inverse of ``to_chunk_steps``: [L, B, K, *X] -> [B, T, *X], padding dropped."""
+    L, B, K, *X = y_LBKX.shape
+    return y_LBKX.movedim(0, 2).reshape(B, K * L, *X)[:, :T]
 
 
 def _prefix_scan(log_a: Tensor, b: Tensor, dim: int) -> tuple[Tensor, Tensor]:

@@ -3,8 +3,9 @@
 Per channel w and state n, with input-dependent step dt_t and projections B_t, C_t:
     h_t[w, n] = exp(dt_t[w] * A[w, n]) * h_{t-1}[w, n] + dt_t[w] * B_t[n] * x_t[w]
     y_t[w]    = sum_n C_t[n] * h_t[w, n] + D[w] * x_t[w]
-(Mamba-1's zero-order hold for A, Euler step for B.) The block scans in chunks with the
-log-space prefix scan of recurrent.py; ``selective_scan_naive`` is the reference it must match.
+(Mamba-1's zero-order hold for A, Euler step for B.) The block scans in chunks with
+recurrent.py's ``chunked_scan``; tests/moe_core/scan_reference.py holds the step-by-step
+reference it must match.
 
 Shape legend:
     B  batch (B_BTN, with a shape suffix, is the SSM input matrix, not the batch size)
@@ -13,6 +14,7 @@ Shape legend:
     W  inner width (expand * d_model), one SSM channel each
     N  state size per channel (d_state)
     R  rank of the dt projection (ceil(d_model / 16))
+    K  chunks along time (ceil(T / chunk_size)), L positions per chunk
 """
 
 from __future__ import annotations
@@ -25,26 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moe_core.recurrent import causal_conv1d, linear_recurrence_scan, require_positive_int
+from moe_core.recurrent import (
+    causal_conv1d,
+    chunked_scan,
+    compute_dtype,
+    from_chunk_steps,
+    require_positive_int,
+    to_chunk_steps,
+)
 
 _DEFAULT_STD = 0.02
-
-
-def selective_scan_naive(
-    x_BTW: Tensor, dt_BTW: Tensor, A_WN: Tensor, B_BTN: Tensor, C_BTN: Tensor, D_W: Tensor
-) -> Tensor:
-    """Reference scan: a Python loop over time, straight from the recurrence. Returns y_BTW.
-
-    Expects dt >= 0 and A <= 0 (so every decay is <= 1). fp32 inside, x's dtype out.
-    """
-    x, dt, A, Bm, Cm, D = (t.float() for t in (x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, D_W))
-    h_BWN = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
-    outputs = []
-    for t in range(x.shape[1]):
-        decay_BWN = torch.exp(dt[:, t, :, None] * A)
-        h_BWN = decay_BWN * h_BWN + (dt[:, t] * x[:, t])[:, :, None] * Bm[:, t, None, :]
-        outputs.append((h_BWN * Cm[:, t, None, :]).sum(-1) + D * x[:, t])
-    return torch.stack(outputs, dim=1).to(x_BTW.dtype)
 
 
 def selective_scan_chunked(
@@ -56,17 +48,31 @@ def selective_scan_chunked(
     D_W: Tensor,
     chunk_size: int,
 ) -> Tensor:
-    """Same result as ``selective_scan_naive``, scanned in parallel within chunks of time.
+    """The selective scan, chunk_size sequential steps over all chunks at once. Returns y_BTW.
 
-    Elementwise ops only (no matmul), so bf16 autocast cannot lower the scan's precision.
-    Materialises the states [B, T, W, N]; activation memory grows with log2(chunk_size).
+    Expects dt >= 0 and A <= 0 (so every decay is <= 1). Computes in ``compute_dtype`` (fp32
+    for bf16 inputs), returns x's dtype. Elementwise ops and sums only, no matmul, so neither
+    bf16 autocast nor TF32 can lower the scan's precision; and under torch.compile the readout
+    fuses with the steps. Materialises the decays and inputs [B, T, W, N] once each, where the
+    parallel prefix scan it replaced wrote 2 log2(chunk_size) such intermediates.
     """
-    x, dt, A, Bm, Cm, D = (t.float() for t in (x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, D_W))
-    log_a_BTWN = dt.unsqueeze(-1) * A  # <= 0: the scan exponentiates only sums of these
-    b_BTWN = (dt * x).unsqueeze(-1) * Bm.unsqueeze(2)
-    h_BTWN = linear_recurrence_scan(log_a_BTWN, b_BTWN, chunk_size)
-    y_BTW = (h_BTWN * Cm.unsqueeze(2)).sum(-1) + D * x
-    return y_BTW.to(x_BTW.dtype)
+    require_positive_int("chunk_size", chunk_size)
+    dtype, T = compute_dtype(x_BTW.dtype), x_BTW.shape[1]
+    L = min(chunk_size, T)
+    x, dt, A, Bm, Cm, D = (t.to(dtype) for t in (x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, D_W))
+    dt_LBKW = to_chunk_steps(dt, L)
+    # exp(dt * A), computed in place of its argument (mul's backward keeps dt and A only).
+    a_LBKWN = torch.mul(dt_LBKW.unsqueeze(-1), A).exp_()
+    b_LBKWN = to_chunk_steps(dt * x, L).unsqueeze(-1) * to_chunk_steps(Bm, L).unsqueeze(-2)
+    # A chunk's total log decay is A * (its dt summed): no [.., W, N] sum over steps needed.
+    log_decay_BKWN = dt_LBKW.sum(0).unsqueeze(-1) * A
+    C_steps = to_chunk_steps(Cm, L).unsqueeze(-2).unbind(0)  # [B, K, 1, N] per step
+
+    def readout(h_BKWN: Tensor, step: int) -> Tensor:
+        return (h_BKWN * C_steps[step]).sum(-1)  # y_t[w] = sum_n C_t[n] * h_t[w, n]
+
+    y_LBKW = chunked_scan(a_LBKWN, b_LBKWN, log_decay_BKWN, readout)
+    return (from_chunk_steps(y_LBKW, T) + D * x).to(x_BTW.dtype)
 
 
 class MambaBlock(nn.Module):
@@ -138,9 +144,10 @@ class MambaBlock(nn.Module):
     ) -> Tensor:
         """The chunked scan, recomputed in backward when training (``checkpoint_scan``).
 
-        The scan saves about 2 log2(chunk_size) fp32 [B, T, W, N] intermediates for backward,
-        25-35x the rest of the block's activations. Keeping only its small inputs and
-        recomputing costs about a third more block time (measured on an H100, eager).
+        The scan saves three fp32 [B, T, W, N] tensors for backward (the decays, the chunks'
+        local states, the states), each 32x a [B, T, W] bf16 activation at d_state 16: several
+        times the rest of the block's activations. Keeping only its small inputs and
+        recomputing costs a forward of the scan (``bench/scan_speed.py`` times both ways).
         """
         args = (x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, self.D, self.chunk_size)
         if self.checkpoint_scan and torch.is_grad_enabled():

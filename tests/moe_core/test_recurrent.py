@@ -7,12 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_core.recurrent import (
-    RecurrentBlock,
-    causal_conv1d,
-    linear_recurrence_naive,
-    linear_recurrence_scan,
-)
+from moe_core.recurrent import RecurrentBlock, causal_conv1d, linear_recurrence_scan
+from tests.moe_core.scan_reference import linear_recurrence_naive
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_core.ssm import MambaBlock, selective_scan_chunked, selective_scan_naive
+from moe_core.ssm import MambaBlock, selective_scan_chunked
+from tests.moe_core.scan_reference import selective_scan_naive
 
 
 @pytest.fixture(autouse=True)
