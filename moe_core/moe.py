@@ -90,8 +90,9 @@ class MoEBlock(nn.Module):
 
     Routing counters live in one non-persistent cumulative buffer (not in checkpoints) that
     accumulates on the device during training forwards; readers copy it (``routing_snapshot``)
-    and difference copies, or call ``read_and_reset_counters``. The forward signature stays
-    clean and nothing syncs.
+    and difference copies, or call ``read_and_reset_counters``. A reader may hand the block a
+    view of a larger buffer to keep them in (``adopt_routing_counters``). The forward
+    signature stays clean and nothing syncs.
     """
 
     def __init__(
@@ -163,6 +164,20 @@ class MoEBlock(nn.Module):
             )
         )
         self.capacity = routing.capacity
+
+    def adopt_routing_counters(self, counters_N: Tensor) -> None:
+        """Keep the counters in ``counters_N`` from now on (their current values copied in
+        first): a view of one buffer that a reader shares between every E block, so that it
+        takes all of them with one copy (``trainer_hooks.routing``)."""
+        current_N = self.routing_counters
+        if counters_N.shape != current_N.shape or counters_N.dtype != current_N.dtype:
+            raise ValueError(
+                f"routing counters of {tuple(current_N.shape)} {current_N.dtype} cannot move "
+                f"to {tuple(counters_N.shape)} {counters_N.dtype}"
+            )
+        with torch.no_grad():
+            counters_N.copy_(current_N)
+        self.routing_counters = counters_N  # a registered buffer's name: stays a buffer
 
     def routing_snapshot(self) -> Tensor:
         """The cumulative counters, copied (one kernel): readers difference two snapshots."""

@@ -30,6 +30,7 @@ from moe_core.config import ModelConfig, check_ep_size, model_plan, parse_patter
 from moe_core.loop import TrainConfig, TrainResult, setup, train
 from moe_core.parallel import Layout, make_layout
 from trainer_hooks import Recorder, SpoolSink
+from trainer_hooks.recorder import ROUTING_EVERY
 
 
 class _DefaultsShown(argparse.HelpFormatter):
@@ -127,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--routing-every",
         type=int,
-        default=1,
-        help="send routing histograms summed over this many steps",
+        default=ROUTING_EVERY,
+        help="send routing histograms summed over this many steps; 1 sends one a step, at the "
+        "cost of a copy of the counters every step (default: %(default)s)",
     )
     p.add_argument(
         "--flush-timeout",

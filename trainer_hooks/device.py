@@ -9,8 +9,9 @@ Off CUDA the tensors are handed over as they are.
 
 What each step costs the training thread is kept small (every CUDA call also gives the GIL
 away, and the sink thread may hold it when the call returns): the two events come from a
-pool that the sink thread refills once it has read them (`settle`); the loss and the routing
-counters travel in one concatenation and one pinned copy (`gather`); and the allocator's
+pool that the sink thread refills once it has read them (`settle`); so do the loss's pinned
+one-element buffers, so that the loss costs one copy a step (`loss_to_host`); the routing
+counters, read every few steps, are one pinned copy (`snapshot`); and the allocator's
 statistics, whose read alone costs more than the rest of a step's hooks, are read every
 `MEMORY_EVERY` steps: the peaks then cover every step since the previous read (the peak
 counters are reset after each read), so the largest of them is the run's peak.
@@ -24,6 +25,7 @@ from typing import Any
 READY = "_ready"
 START = "_start_event"
 POOL = "_event_pool"  # where settle returns the two events for reuse
+LOSS_POOL = "_loss_pool"  # where settle returns the loss's pinned buffer, once read
 MEMORY_EVERY = 8  # steps between reads of the allocator's statistics
 
 
@@ -35,8 +37,11 @@ class DeviceProbe:
         dev = torch.device(device) if device is not None else None
         self.cuda = bool(dev is not None and dev.type == "cuda" and torch.cuda.is_available())
         self._events: deque[Any] = deque()  # settled events, to record again
+        self._losses: deque[Any] = deque()  # read pinned loss buffers, to copy into again
         self._memory_left = 1  # steps until the next memory read: the first step reads
         self._fresh = True  # the first step resets the peaks (set-up is not a step)
+        self._streams: dict[Any, Any] = {}  # (stream id, device, type) -> its Stream
+        self._fast = _fast_record(torch) if self.cuda else None
 
     def begin(self) -> Any:
         """At step start: the start event (CUDA) or None."""
@@ -46,8 +51,31 @@ class DeviceProbe:
             self._fresh = False
             self.torch.cuda.reset_peak_memory_stats()
         ev = self._event()
-        ev.record()
+        self._record(ev)
         return ev
+
+    def _record(self, ev: Any) -> None:
+        """`ev.record()` on the current stream, without what `torch.cuda.current_stream()`
+        does in Python each call (lazy-init check, device index parsing, a new `Stream`
+        object): the current stream's id is asked of the C API every time (a `with
+        torch.cuda.stream(s)` is honoured), and the `Stream` for that id is built once."""
+        fast = self._fast
+        if fast is None:
+            ev.record()
+            return
+        get_device, get_stream, raw_record = fast
+        try:
+            key = get_stream(get_device())
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = self.torch.cuda.Stream(
+                    stream_id=key[0], device_index=key[1], device_type=key[2]
+                )
+                self._streams[key] = stream
+            raw_record(ev, stream)
+        except Exception:  # private entry points that differ in this torch: the public call
+            self._fast = None
+            ev.record()
 
     def _event(self) -> Any:
         try:
@@ -64,27 +92,41 @@ class DeviceProbe:
         host.copy_(src, non_blocking=True)
         return host
 
-    def riding_loss(self, loss: Any, like: Any) -> Any:
-        """The loss as a 1-element tensor of `like`'s dtype and device, to ride in `gather`
-        with it, or None when it cannot (not a one-element tensor on that device). Same
-        dtypes matter: CUDA's `cat` of mixed dtypes copies input by input (measured 125 us
-        of host time for 13 inputs on an H100 host, against one launch)."""
+    def loss_to_host(self, loss: Any, fields: dict[str, Any]) -> None:
+        """The step's loss into `fields`: on CUDA a 0-dim device tensor is copied (in flight)
+        into a pinned buffer from the pool, which `settle` reads and gives back; anything
+        else as `to_host` hands it over."""
         torch = self.torch
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.device != like.device:
-            return None
-        return loss.detach().reshape(1).to(like.dtype)
+        if not self.cuda or not isinstance(loss, torch.Tensor) or loss.dim() or not loss.is_cuda:
+            fields["loss"] = self.to_host(loss)
+            return
+        try:
+            host = self._losses.pop()
+        except IndexError:
+            host = None
+        if host is None or host.dtype != loss.dtype:
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss.detach() if loss.requires_grad else loss, non_blocking=True)
+        fields["loss"] = host
+        fields[LOSS_POOL] = self._losses
 
-    def gather(self, tensors: list[Any]) -> Any:
-        """One host tensor holding the 1-D `tensors` end to end (dtypes promoted): one
-        concatenation, and on CUDA one pinned copy in flight (read it once the step's end
-        event is done)."""
-        torch = self.torch
-        flat = torch.cat(tensors)
+    def snapshot(self, counters: Any, live: bool) -> Any:
+        """A host copy of `counters` as they are now in stream order: on CUDA one pinned copy
+        in flight (read it once the step's end event is done), on CPU a clone where
+        `counters` is `live` (the next forward adds to it), else `counters` itself."""
         if not self.cuda:
-            return flat
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
+            return counters.clone() if live else counters
+        host = self.torch.empty(counters.shape, dtype=counters.dtype, pin_memory=True)
+        host.copy_(counters.detach(), non_blocking=True)
         return host
+
+    def mark(self, fields: dict[str, Any]) -> None:
+        """A record that is no step (routing read at close): an event that says when the
+        copies enqueued so far landed (CUDA), and no device time."""
+        if self.cuda:
+            ev = self._event()
+            self._record(ev)
+            fields[READY] = ev
 
     def end(self, start: Any, fields: dict[str, Any]) -> None:
         """At step end: add the events, and every MEMORY_EVERY steps the memory peaks since
@@ -92,7 +134,7 @@ class DeviceProbe:
         if not self.cuda:
             return
         ev = self._event()
-        ev.record()
+        self._record(ev)
         fields[START] = start
         fields[READY] = ev
         fields[POOL] = self._events
@@ -130,14 +172,27 @@ class DeviceProbe:
         return self._memory()[2] if self.cuda else None
 
 
+def _fast_record(torch: Any) -> tuple[Any, Any, Any] | None:
+    """The C entry points behind `torch.cuda.Event.record()`, or None where this torch
+    lacks one of them (then `record()` itself is called)."""
+    C = getattr(torch, "_C", None)
+    base = getattr(C, "_CudaEventBase", None)
+    found = (
+        getattr(C, "_cuda_getDevice", None),
+        getattr(C, "_cuda_getCurrentStream", None),
+        getattr(base, "record", None),
+    )
+    return found if all(callable(f) for f in found) else None
+
+
 def is_ready(fields: dict[str, Any]) -> bool:
     ev = fields.get(READY)
     return ev is None or bool(ev.query())
 
 
 def settle(fields: dict[str, Any]) -> dict[str, Any]:
-    """Once ready: turn the events into `device_time_s` (only called after `is_ready`), and
-    give them back to their probe's pool."""
+    """Once ready: turn the events into `device_time_s` (only called after `is_ready`), read
+    the loss's pinned buffer, and give both back to their probe's pools."""
     end = fields.pop(READY, None)
     start = fields.pop(START, None)
     pool = fields.pop(POOL, None)
@@ -146,4 +201,9 @@ def settle(fields: dict[str, Any]) -> dict[str, Any]:
         if pool is not None:
             pool.append(start)
             pool.append(end)
+    losses = fields.pop(LOSS_POOL, None)
+    if losses is not None:  # the loss's pinned buffer: read it, then it may be reused
+        host = fields["loss"]
+        fields["loss"] = host.item()
+        losses.append(host)
     return fields

@@ -12,29 +12,45 @@ from trainer_hooks.emitter import Emitter, StepState
 from trainer_hooks.flops import FlopCounter
 from trainer_hooks.profiling import ProfileWindow
 from trainer_hooks.receipts import DispatchWatch, dispatch_seams, is_compiled, sdpa_probe
-from trainer_hooks.routing import ROUTING, RoutingCollector, find_sources
+from trainer_hooks.routing import BATCH_KIND, ROUTING, RoutingCollector, find_sources
 
 _OOM_NAMES = ("OutOfMemoryError",)
 POLL_EVERY = 8  # steps between looks at the dispatchers: a change is reported within 8 steps
 
 
 class Parts:
+    """The parts, and when a step's end must look at them. Most steps' ends need nothing
+    from them (on CPU: no routing read, no dispatcher poll, no probe, no profiler): the
+    recorder counts the step (`steps`) and calls `step_exit` only once `steps` reaches
+    `next_look`, so a quiet step costs a comparison."""
+
     def __init__(self, rec: Emitter, device: Any, routing_every: int, watch_compile: bool) -> None:
         self.rec = rec
         self.device = DeviceProbe(device)
         self.flops = FlopCounter()
-        # A sink that expands routing batches itself (SpoolSink) gets one per step in the
+        self.flops_by_key = self.flops.by_key  # read by the recorder at every step's end
+        # A sink that expands routing batches itself (SpoolSink) gets one per window in the
         # step record; any other gets the per-layer records (trainer_hooks.routing).
         expands = getattr(getattr(rec, "sink", None), "expands_routing", False) is True
         self.routing = RoutingCollector([], routing_every, batch=expands)
         self.dispatch = DispatchWatch([])
         self.profile: ProfileWindow | None = None
         self._sdpa_armed = False
-        self._poll_left = 1  # the first step's dispatch is reported at once
+        self.steps = 0  # steps ended (the recorder counts them)
+        self.next_look = 1  # `steps` at which step_exit must run: the first step's does
+        self.last_step: int | None = None  # the latest step ended (the recorder sets it)
+        self._counted = 0  # steps handed to the routing collector
+        self._next_poll = 1  # `steps` at which the dispatchers are looked at next
         self.compile: CompileWatch | None = None
+        self.enter_look = False
+        self._set_enter_look()
+        # what the recorder checks at every step's start: our start callback and the
+        # handler whose list must hold it (torch._dynamo.reset() empties it)
+        self.compile_callbacks: tuple[Any, Any] | None = None
         if watch_compile:
             self.compile = CompileWatch(rec.now, self._compile_span, self._recompile)
             self.compile.ensure_installed()
+            self.compile_callbacks = self.compile.start_check()
 
     # -- set-up --
 
@@ -44,73 +60,108 @@ class Parts:
         compiled = is_compiled(model)
         self.rec.observe("compile", "compiled" if compiled else "eager")
         self._sdpa_armed = not compiled  # the probe patches a Python function: eager only
+        self._set_enter_look()
+        self._counted = self.steps  # steps before watching are in no window
+        self.next_look = self.steps + 1
 
     def arm_profile(self, first_step: int, num_steps: int, trace_dir: str | None) -> None:
         self.profile = ProfileWindow(first_step, num_steps, trace_dir, self.device.cuda)
+        self.next_look = self.steps + 1
+        self._set_enter_look()
 
     # -- per step --
 
+    def _set_enter_look(self) -> None:
+        """Whether every step's start needs `step_enter` (CUDA's start event, a profiler
+        window, the SDPA probe); else only a new FLOPs key or lost compile callbacks do."""
+        self.enter_look = self.device.cuda or self.profile is not None or self._sdpa_armed
+
     def step_enter(self, h: StepState) -> None:
-        if self.compile is not None:
-            self.compile.ensure_installed()  # torch._dynamo.reset() clears callbacks
+        watch = self.compile
+        if watch is not None and not watch.installed():
+            watch.ensure_installed()  # torch._dynamo.reset() clears callbacks
         if self.profile is not None:
             self.profile.maybe_start(h.step, self.rec.now)
         if self._sdpa_armed:
             self._sdpa_armed = False
             h._probe = sdpa_probe(self.rec.observe, h.step)
             h._probe.__enter__()
-        if h.flops_key is not None and h.flops_key not in self.flops.by_key:
+            self.next_look = self.steps + 1
+            self._set_enter_look()
+        if h.flops_key is not None and h.flops_key not in self.flops_by_key:
             self.flops.enter(h.flops_key)
+            self.next_look = self.steps + 1
         if self.device.cuda:
             h._start_event = self.device.begin()
 
     def step_exit(self, h: StepState, fields: dict[str, Any]) -> None:
-        """Kept to a few branches: it runs every step, with caches cold from the step."""
+        """A step's end that has something to do (`next_look`; on CUDA every step's: its
+        events and its loss's copy). `fields` already holds the step's loss as given and
+        its FLOPs as known before this step."""
         if h._probe is not None:
             self._close_probe(h)
-        if h.flops_key is not None:
-            if self.flops.counting:
-                self.flops.exit(ok=True)
-            fields["flops"] = self.flops.by_key.get(h.flops_key)
-        if self.routing.due():
-            self._step_exit_routing(h, fields)
-        else:
-            fields["loss"] = self.device.to_host(h.loss)
-            self.device.end(h._start_event, fields)
-        self._poll_left -= 1
-        if self._poll_left <= 0:
-            self._poll_left = POLL_EVERY
+        if self.flops.counting:
+            self.flops.exit(ok=True)
+            fields["flops"] = self.flops_by_key.get(h.flops_key)
+        steps = self.steps
+        routing, device = self.routing, self.device
+        routing.count(steps - self._counted)
+        self._counted = steps
+        singles = self._read_routing(h.step, fields) if routing.is_due() else ()
+        if device.cuda:
+            device.loss_to_host(h.loss, fields)
+            device.end(h._start_event, fields)  # after the copies: its event covers them
+            for single in singles:
+                single[READY] = fields[READY]
+        for single in singles:
+            self._emit_routing(single)
+        if steps >= self._next_poll:
+            self._next_poll = steps + POLL_EVERY
             self.dispatch.poll(self.rec.observe, h.step)
         if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
             self.profile = None
+            self._set_enter_look()
+        self.next_look = self._next_look(steps)
 
-    def _step_exit_routing(self, h: StepState, fields: dict[str, Any]) -> None:
-        """A step whose end reads the routing counters. The batched layers' counters (the
-        loss in front of them, when it can ride along) become one host tensor and one batch
-        in the step's fields; other layers' records are emitted one by one, after the step's
-        end event is recorded, which covers their copies too."""
+    def _next_look(self, steps: int) -> int:
+        if self.device.cuda or self.profile is not None:
+            return steps + 1
+        look = self._next_poll
+        if self.routing.sources:
+            look = min(look, steps + self.routing.steps_to_due())
+        return look
+
+    def _read_routing(self, step: int, fields: dict[str, Any]) -> list[dict[str, Any]]:
+        """Take the routing window that ends at `step`: the batched layers' counters become
+        one host copy and one batch in `fields`; the other layers' record fields are
+        returned, to be emitted once the step's end event is recorded (it covers their
+        copies too)."""
         routing, device = self.routing, self.device
         num_steps = routing.take_window()
-        counters = routing.batched_counters()
-        loss = h.loss
-        if counters:
-            lead = device.riding_loss(loss, counters[0]) if device.cuda else None
-            if lead is None:
-                fields["loss"] = device.to_host(loss)
-                flat = device.gather(counters)
-            else:  # the sink thread sets the loss from the batch
-                flat = device.gather([lead, *counters])
-            fields[ROUTING] = routing.make_batch(h.step, flat, int(lead is not None))
-        else:
-            fields["loss"] = device.to_host(loss)
-        singles = (
-            routing.collect(h.step, device.to_host, num_steps) if routing.reads_singles else ()
-        )
-        device.end(h._start_event, fields)  # after the copies: its event covers them
+        if routing.batched_counters():
+            counters, live = routing.live_counters()
+            fields[ROUTING] = routing.make_batch(step, device.snapshot(counters, live), 0)
+        if not routing.reads_singles:
+            return []
+        return routing.collect(step, device.to_host, num_steps)
+
+    def flush_routing(self) -> None:
+        """Read the window still open (the steps since the last read), so that a run's last
+        steps are not missing from its routing records: at close."""
+        routing = self.routing
+        routing.count(self.steps - self._counted)
+        self._counted = self.steps
+        if not routing.pending or self.last_step is None:
+            return
+        fields: dict[str, Any] = {}
+        singles = self._read_routing(self.last_step, fields)
+        self.device.mark(fields)
         for single in singles:
-            if device.cuda:
+            if READY in fields:
                 single[READY] = fields[READY]
             self._emit_routing(single)
+        if ROUTING in fields:
+            self.rec.emit_keyed(BATCH_KIND, fields)
 
     def step_failed(self, h: StepState, exc: BaseException) -> None:
         self._close_probe(h)
@@ -148,6 +199,12 @@ class Parts:
         return out
 
     def close(self) -> None:
+        try:
+            self.flush_routing()
+        finally:
+            self._close_rest()
+
+    def _close_rest(self) -> None:
         if self.compile is not None:
             self.compile.uninstall()
         if self.profile is not None:

@@ -52,6 +52,11 @@ log = logging.getLogger("trainer_hooks.recorder")
 # recorder's parts).
 _IMPORTED_AT = time.time()
 _MIN_EPOCH = 946_684_800.0  # 2000-01-01, as the wire contract
+# Steps per routing window by default: each read is a copy of every E layer's counters and a
+# record per layer, a few times a step's other hook work; ten steps a window keeps a
+# dashboard's routing curves smooth over any run long enough to judge, and the counts are
+# exact whatever the window (the counters are cumulative).
+ROUTING_EVERY = 10
 
 
 class Sink(Protocol):
@@ -228,23 +233,31 @@ class SpanHandle:
         self.t0 = 0.0
 
     def __enter__(self) -> SpanHandle:
-        self.t0 = self.rec.now()
+        rec = self.rec
+        self.t0 = rec._wall0 + (time.perf_counter() - rec._mono0)  # rec.now(), inlined
         return self
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # Inlined (no emit_span call): this runs every step with the caches cold.
+        # Inlined (no emit_span call), the record built in one display: this runs every
+        # step with the caches cold.
         t = time.perf_counter()
         rec = self.rec
-        fields = rec._key.copy()
-        fields["category"] = self.category
-        fields["start"] = self.t0
-        fields["end"] = rec._wall0 + (t - rec._mono0)
-        fields["overlapped"] = self.overlapped
-        fields["step"] = self.step
         try:
-            rec.sink.emit("span", fields)
+            rec.sink.emit(
+                "span",
+                {
+                    "run_id": rec.run_id,
+                    "attempt": rec.attempt,
+                    "rank": rec.rank,
+                    "category": self.category,
+                    "start": self.t0,
+                    "end": rec._wall0 + (t - rec._mono0),
+                    "overlapped": self.overlapped,
+                    "step": self.step,
+                },
+            )
         except Exception:
             rec.errors += 1
         rec.overhead_s += time.perf_counter() - t
@@ -263,6 +276,11 @@ class Recorder:
     charge all those hours to startup: pass `attempt_start="now"` (or a time) there. A second
     recorder of an attempt (same run id, attempt and rank) in the same process keeps the
     first one's start and sends no second startup span.
+
+    `routing_every`: steps per routing window: every E layer's counters are read at the end
+    of every that many steps (default `ROUTING_EVERY`, 10), each record holding the sums
+    over its window (`num_steps`), and once more at `close` for the steps since the last
+    read; 1 reads them at every step, which costs the training thread a copy a step.
 
     `heartbeat_s`: a heartbeat every that many seconds, declaring that interval (the server
     judges a rank silent for several intervals stalled); 0 sends none.
@@ -295,7 +313,7 @@ class Recorder:
         world_size: int | None = None,
         attempt: int | None = None,
         device: Any = None,
-        routing_every: int = 1,
+        routing_every: int = ROUTING_EVERY,
         heartbeat_s: float = 10.0,
         watch_compile: bool = True,
         attempt_start: AttemptStart = None,
@@ -492,8 +510,16 @@ class Recorder:
 
     def _step_enter(self, h: StepHandle) -> None:
         t = time.perf_counter()
+        parts = self._parts
         try:  # _guard inlined: every call counts, with the caches cold
-            self._parts.step_enter(h)
+            key = h.flops_key
+            callbacks = parts.compile_callbacks  # (our start callback, dynamo's handler)
+            if (
+                parts.enter_look
+                or (key is not None and key not in parts.flops_by_key)
+                or (callbacks is not None and callbacks[0] not in callbacks[1].start_callbacks)
+            ):
+                parts.step_enter(h)
         except Exception:
             self.errors += 1
             log.debug("goodput hook error", exc_info=True)
@@ -503,18 +529,29 @@ class Recorder:
 
     def _step_exit(self, h: StepHandle, exc: BaseException | None) -> None:
         t = time.perf_counter()
-        end = self._wall0 + (t - self._mono0)
         if exc is not None:
             self._guard(self._parts.step_failed, h, exc)
             return
-        fields = self._key.copy()
-        fields["step"] = h.step
-        fields["start"] = h.t0
-        fields["end"] = end
-        fields["tokens"] = h.tokens
-        fields["hook_overhead_s"] = self.overhead_s
+        parts = self._parts
         try:
-            self._parts.step_exit(h, fields)
+            # One dict display; the parts are looked at only on the steps that need them
+            # (Parts.next_look).
+            fields = {
+                "run_id": self.run_id,
+                "attempt": self.attempt,
+                "rank": self.rank,
+                "step": h.step,
+                "start": h.t0,
+                "end": self._wall0 + (t - self._mono0),
+                "tokens": h.tokens,
+                "hook_overhead_s": self.overhead_s,
+                "loss": h.loss,
+                "flops": parts.flops_by_key.get(h.flops_key),
+            }
+            parts.last_step = h.step
+            parts.steps += 1
+            if parts.steps >= parts.next_look:
+                parts.step_exit(h, fields)
             self.sink.emit("step", fields)
         except Exception:
             self.errors += 1

@@ -16,13 +16,22 @@ through pinned copies (see device.py).
 
 Read together (batched): a snapshot source that is an `nn.Module` holding that vector as its
 buffer `routing_counters` (moe_core's E blocks) is not copied layer by layer. Every such
-layer's live buffer is concatenated in one operation per step (on CUDA one kernel and one
-pinned copy, the step's loss riding along), and the step record carries the result as one
-`RoutingBatch`, which the sink thread turns into a routing record per layer
-(`expand_batch`). That is the difference between a dozen tensor operations, pinned buffers
-and records per step on the training thread and one of each. Only a sink that says it
-expands batches (`expands_routing = True`, as `SpoolSink`) gets them; any other sink gets
-per-layer records as before.
+layer's counters are read in one operation per read (on CUDA one pinned copy), and the step
+record carries the result as one `RoutingBatch`, which the sink thread turns into a routing
+record per layer (`expand_batch`). That is the difference between a dozen tensor
+operations, pinned buffers and records per read on the training thread and one of each.
+Only a sink that says it expands batches (`expands_routing = True`, as `SpoolSink`) gets
+them; any other sink gets per-layer records as before.
+
+One buffer, no concatenation: a batched source that can keep its counters in storage it is
+handed (`adopt_routing_counters(view)`, as moe_core's E blocks) gets a view of one flat
+buffer shared by every such layer, so the read is one copy of that buffer. Who replaces a
+layer's buffer later (`model.to(...)`) only costs a concatenation at the next read, which
+packs the layers again.
+
+Every `routing_every` steps (the recorder's setting), not every step: the counters are
+cumulative, so a window of N steps holds exactly the sum of its steps, and the windows
+still open when the recorder closes are read then (`RoutingCollector.pending`).
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ BUFFER = "routing_counters"  # the batched sources' cumulative vector
 SNAPSHOT = "_snapshot"
 STATE = "_layer_state"
 ROUTING = "_routing"  # a step record's RoutingBatch, for the sink thread to expand
+BATCH_KIND = "routing_batch"  # a record that only carries a batch (read at close)
+ADOPT = "adopt_routing_counters"  # a batched source that takes a view of a shared buffer
 KEY_FIELDS = ("run_id", "attempt", "rank")
 
 
@@ -135,6 +146,8 @@ class RoutingCollector:
         self._steps = 0
         self._seen = 0  # steps counted in windows taken since the sources were set
         self._states: list[_LayerState | None] = []
+        self._flat: Any = None  # the shared buffer the packed layers' counters are views of
+        self._views: list[Any] = []
         self.sources = sources
 
     @property
@@ -166,22 +179,74 @@ class RoutingCollector:
             if batched[i] is None
         ]
         self._buffer_dicts = [b for b in batched if b is not None]
-        self._capacity_holders = [
-            _holder(m, "capacity") for (_name, m), b in zip(sources, batched, strict=True) if b
-        ]
+        self._batched_modules = [m for (_name, m), b in zip(sources, batched, strict=True) if b]
+        self._capacity_holders = [_holder(m, "capacity") for m in self._batched_modules]
         layers, end = [], 0
         for static, b in zip(statics, batched, strict=True):
             if b is not None:
                 n = b[BUFFER].numel()
                 layers.append((static, end, end + n))
                 end += n
+        self._flat, self._views = None, []
         prev = None
         if self._buffer_dicts:
-            import torch
-
-            prev = torch.cat([c.detach().reshape(-1) for c in self.batched_counters()]).cpu()
+            prev = self._pack()
+            if prev is self._flat:
+                prev = prev.clone()
+            prev = prev.cpu()
         self._plan = _Plan(layers, prev)
         self._seen = 0
+        self._steps = 0  # the baseline is now: steps counted before it are in no window
+
+    def _pack(self) -> Any:
+        """Move the batched layers' counters into one flat buffer, each layer a view of it,
+        where every layer can adopt one and all share a device and dtype; returns that
+        buffer, or else the layers' counters concatenated (a copy)."""
+        import torch
+
+        counters = [c.detach().reshape(-1) for c in self.batched_counters()]
+        flat = torch.cat(counters)
+        self._flat, self._views = None, []
+        kinds = {(c.device, c.dtype) for c in counters}
+        modules = self._batched_modules
+        if len(kinds) != 1 or not all(callable(getattr(m, ADOPT, None)) for m in modules):
+            return flat
+        views, start = [], 0
+        for m, c in zip(modules, counters, strict=True):
+            view = flat[start : start + c.numel()]
+            getattr(m, ADOPT)(view)
+            views.append(view)
+            start += c.numel()
+        self._flat, self._views = flat, views
+        return flat
+
+    def live_counters(self) -> tuple[Any, bool]:
+        """The batched layers' counters end to end, and whether that tensor is live (the
+        shared buffer itself, which the next forward adds to: copy it before then) rather
+        than a copy already. The shared buffer when every layer still holds its view
+        (a dozen identity checks); else the layers are packed again (one concatenation)."""
+        views = self._views
+        if views and all(d[BUFFER] is v for d, v in zip(self._buffer_dicts, views, strict=True)):
+            return self._flat, True
+        flat = self._pack()
+        return flat, flat is self._flat
+
+    def count(self, num_steps: int) -> None:
+        """Counts steps ended since the last count."""
+        self._steps += num_steps
+
+    def steps_to_due(self) -> int:
+        """Steps (at least 1) until a window is due, counting the steps counted so far."""
+        return max(1, self.every - self._steps)
+
+    def is_due(self) -> bool:
+        return bool(self._sources) and self._steps >= self.every
+
+    @property
+    def pending(self) -> bool:
+        """Whether steps were counted since the last window was taken (a window to read at
+        the end, so that its counts are not lost)."""
+        return bool(self._sources) and self._steps > 0
 
     def due(self) -> bool:
         """Counts a step; True when this step's end should collect (every `every` steps)."""

@@ -52,7 +52,13 @@ from pydantic import TypeAdapter
 
 from trainer_hooks.device import is_ready, settle
 from trainer_hooks.records import Record
-from trainer_hooks.routing import ROUTING, batch_size, expand_batch, finish_routing_fields
+from trainer_hooks.routing import (
+    BATCH_KIND,
+    ROUTING,
+    batch_size,
+    expand_batch,
+    finish_routing_fields,
+)
 from trainer_hooks.spool import (
     HEADER_SIZE,
     REJECTED_DIR,
@@ -295,7 +301,8 @@ class SpoolSink:
 
     A step record may carry its routing batch (`trainer_hooks.routing`): its sink thread
     writes the step's routing records right after the step's, one per layer, and counts
-    them as records (spooled, dropped) like any other."""
+    them as records (spooled, dropped) like any other. A `routing_batch` record (the
+    windows read at close) stands for its routing records only."""
 
     expands_routing = True  # the recorder hands this sink one routing batch per step
 
@@ -346,7 +353,7 @@ class SpoolSink:
         """Hot path: O(1), no I/O, no lock beyond the deque's own. Past `max_pending` queued
         records a record is dropped (counted), but never a control record (rare by nature)."""
         if len(self._queue) >= self._max_pending and kind not in CONTROL_KINDS:
-            self.stats.records_dropped += 1 + batch_size(fields)
+            self.stats.records_dropped += int(kind != BATCH_KIND) + batch_size(fields)
             return
         self._queue.append((kind, fields))
         self._emitted += 1
@@ -441,7 +448,7 @@ class SpoolSink:
                     break
                 self._queue.popleft()  # never landed: lost, and counted
                 taken += 1
-                self.stats.records_dropped += 1 + batch_size(fields)
+                self.stats.records_dropped += int(kind != BATCH_KIND) + batch_size(fields)
                 continue
             self._queue.popleft()
             taken += 1
@@ -449,12 +456,12 @@ class SpoolSink:
                 self._ends.append(fields)
                 continue
             time.sleep(0)  # hand the GIL to the training thread between records
-            lost = 1 + batch_size(fields)
+            lost = int(kind != BATCH_KIND) + batch_size(fields)
             try:
                 settle(fields)
                 if kind == "routing":
                     finish_routing_fields(fields)
-                records = [(kind, fields)]
+                records = [] if kind == BATCH_KIND else [(kind, fields)]
                 if ROUTING in fields:  # a step's routing batch: a record per layer after it
                     records += [("routing", r) for r in expand_batch(fields)]
             except Exception as exc:

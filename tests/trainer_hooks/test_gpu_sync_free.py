@@ -3,7 +3,8 @@
 `torch.cuda.set_sync_debug_mode("error")` turns any synchronizing call (an `.item()`, a
 blocking copy, a `synchronize()`) on any thread into an exception; the hooks' own errors are
 counted, so the test also checks that the recorder counted none and that the step records
-carry device times, losses and routing read through pinned copies.
+carry device times, losses and routing (every `ROUTING_EVERY` steps) read through pinned
+copies.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def test_fifty_steps_with_hooks_never_sync_the_device(tmp_path: Path) -> None:
     from moe_core.loop import TrainConfig, setup, train
     from trainer_hooks import Recorder, SpoolSink
     from trainer_hooks.device import MEMORY_EVERY
+    from trainer_hooks.recorder import ROUTING_EVERY
     from trainer_hooks.spool import Spool
 
     model_cfg = ModelConfig(
@@ -70,5 +72,11 @@ def test_fifty_steps_with_hooks_never_sync_the_device(tmp_path: Path) -> None:
     # the allocator's peaks every MEMORY_EVERY steps, each covering the steps since the last
     read = [r["step"] for r in steps if r.get("mem_allocated_peak", 0) > 0]
     assert read == list(range(0, STEPS, MEMORY_EVERY))
+    # the loss copied through the pooled pinned buffers is the loss the step returned
+    assert steps[-1]["loss"] == pytest.approx(float(result.final_loss), rel=1e-6)
+    # routing every ROUTING_EVERY steps: each record the sums over its window
+    every = ROUTING_EVERY
     routing = [r for r in records if r["kind"] == "routing"]
-    assert len(routing) == 2 * STEPS and all(r["num_tokens"] == 8 * 256 for r in routing)
+    assert len(routing) == 2 * STEPS // every
+    assert all(r["num_steps"] == every and r["num_tokens"] == every * 8 * 256 for r in routing)
+    assert sorted({r["step"] for r in routing}) == list(range(every - 1, STEPS, every))
