@@ -53,8 +53,10 @@ def column_labels(columns: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _per_bucket(view: Mapping[str, Any]) -> str:
+    """What a column holds: one record (a routing window of the hooks' `routing_every`
+    steps, one step or several) or a bucket of step numbers summing records."""
     width = int(view.get("width", 1))
-    return "per step" if width <= 1 else f"per bucket of {width:,} steps"
+    return "per record" if width <= 1 else f"per bucket of {width:,} steps"
 
 
 def row_labels(view: Mapping[str, Any]) -> list[str]:

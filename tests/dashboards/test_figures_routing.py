@@ -69,6 +69,15 @@ def test_the_heatmap_has_a_trace_per_attempt_the_null_slot_row_and_dead_marks() 
     assert "per bucket of 64 steps" in f.layout.title.text
 
 
+def test_unbucketed_columns_are_records_not_steps() -> None:
+    """A record can sum a window of several steps (routing_every): an unbucketed column
+    is called a record, never a step."""
+    view = {"layer": 0, "width": 1, "rows": [{"label": "expert 0", "z": [5], "dead": False}]}
+    view["columns"] = [column(0, 9, 9)]
+    f = fig.tokens_heatmap(view)
+    assert "(per record)" in f.layout.title.text and "per step" not in f.layout.title.text
+
+
 def test_column_labels_of_one_attempt_per_step() -> None:
     cols = [column(0, 3, 3), column(0, 4, 4)]
     assert fig.column_labels(cols) == ["3", "4"]
