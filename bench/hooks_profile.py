@@ -40,7 +40,8 @@ WRAPPED = [
     ("device", "begin"),
     ("device", "end"),
     ("device", "to_host"),
-    ("device", "gather"),
+    ("device", "loss_to_host"),
+    ("device", "snapshot"),
     ("device", "_memory"),
     ("routing", "collect"),
     ("routing", "make_batch"),
@@ -96,7 +97,7 @@ class Timed:
 REPEATABLE = {
     "device.begin",
     "device.to_host",
-    "device.gather",
+    "device.snapshot",
     "device._memory",
     "routing.collect",
     "routing.make_batch",

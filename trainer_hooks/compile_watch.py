@@ -69,11 +69,6 @@ class CompileWatch:
         if self._end_cb not in handler.end_callbacks:
             handler.register_end_callback(self._end_cb)
 
-    def start_check(self) -> tuple[Any, Any] | None:
-        """(our start callback, the handler whose `start_callbacks` must hold it), for a
-        check inlined where it runs every step; None when there is nothing to watch."""
-        return None if self._handler is None else (self._start_cb, self._handler)
-
     def installed(self) -> bool:
         """Whether the start callback is still registered (a list scan that finds ours first
         in the usual case): the per-step check; `ensure_installed` repairs."""

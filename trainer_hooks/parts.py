@@ -44,13 +44,9 @@ class Parts:
         self.compile: CompileWatch | None = None
         self.enter_look = False
         self._set_enter_look()
-        # what the recorder checks at every step's start: our start callback and the
-        # handler whose list must hold it (torch._dynamo.reset() empties it)
-        self.compile_callbacks: tuple[Any, Any] | None = None
         if watch_compile:
             self.compile = CompileWatch(rec.now, self._compile_span, self._recompile)
             self.compile.ensure_installed()
-            self.compile_callbacks = self.compile.start_check()
 
     # -- set-up --
 
@@ -75,6 +71,17 @@ class Parts:
         """Whether every step's start needs `step_enter` (CUDA's start event, a profiler
         window, the SDPA probe); else only a new FLOPs key or lost compile callbacks do."""
         self.enter_look = self.device.cuda or self.profile is not None or self._sdpa_armed
+
+    def enter_due(self, flops_key: Any) -> bool:
+        """Whether a step's start has work here (`step_enter`): on CUDA or in a profile
+        window always, else a new FLOPs shape or a compile callback that
+        torch._dynamo.reset() removed; most CPU steps have none."""
+        watch = self.compile
+        return (
+            self.enter_look
+            or (flops_key is not None and flops_key not in self.flops_by_key)
+            or (watch is not None and not watch.installed())
+        )
 
     def step_enter(self, h: StepState) -> None:
         watch = self.compile

@@ -512,13 +512,7 @@ class Recorder:
         t = time.perf_counter()
         parts = self._parts
         try:  # _guard inlined: every call counts, with the caches cold
-            key = h.flops_key
-            callbacks = parts.compile_callbacks  # (our start callback, dynamo's handler)
-            if (
-                parts.enter_look
-                or (key is not None and key not in parts.flops_by_key)
-                or (callbacks is not None and callbacks[0] not in callbacks[1].start_callbacks)
-            ):
+            if parts.enter_due(h.flops_key):
                 parts.step_enter(h)
         except Exception:
             self.errors += 1

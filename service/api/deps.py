@@ -32,6 +32,14 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 RunIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="the run's id")]
 RunIdQuery = Annotated[str, Query(pattern=ID_PATTERN, description="the run's id")]
+CompareSide = Annotated[  # /compare's sides, the API's and the page's
+    str,
+    Query(
+        min_length=1,
+        max_length=4200,
+        description="a run id, or replicates' ids comma-separated; with `ablation`, a cell",
+    ),
+]
 
 
 async def json_body(request: Request) -> bytes:

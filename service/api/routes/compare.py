@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from service.api.deps import SessionDep
+from service.api.deps import CompareSide, SessionDep
 from service.api.errors import RUN_ERRORS, error_response, errors
 from service.schemas import CompareRead, CompareRefusal
 from service.services import compare
@@ -26,22 +26,13 @@ _COMPARE_ERRORS: dict[int | str, dict[str, Any]] = {
     ),
 }
 
-Side = Annotated[
-    str,
-    Query(
-        min_length=1,
-        max_length=4200,
-        description="a run id, or replicates' ids comma-separated; with `ablation`, a cell",
-    ),
-]
-
 
 @router.get("/compare", response_model=CompareRead, responses=_COMPARE_ERRORS)
 def compare_runs(
     session: SessionDep,
     request: Request,
-    baseline: Side,
-    candidate: Side,
+    baseline: CompareSide,
+    candidate: CompareSide,
     knob: Annotated[
         list[str],
         Query(max_length=64, description="a knob (GET /api/v1/knobs) or receipt field"),

@@ -15,7 +15,7 @@ from dashboards.figures import compare as figures
 from dashboards.figures import compare_tables as tables
 from dashboards.figures.common import empty
 from service.api import pagekit
-from service.api.deps import SessionDep
+from service.api.deps import CompareSide, SessionDep
 from service.calc.knobs import KNOBS
 from service.schemas import AblationRead, RunRead
 from service.services import ablations, compare, receipts, runs
@@ -48,14 +48,6 @@ MaybeSide = Annotated[
         max_length=4200,
         description="a run id, or replicates' ids comma-separated; with `ablation`, a cell; "
         "empty: pick one",
-    ),
-]
-Side = Annotated[
-    str,
-    Query(
-        min_length=1,
-        max_length=4200,
-        description="a run id, or replicates' ids comma-separated; with `ablation`, a cell",
     ),
 ]
 Ablation = Annotated[
@@ -305,8 +297,8 @@ def _refusal(
 def compare_data(
     request: Request,
     session: SessionDep,
-    baseline: Side,
-    candidate: Side,
+    baseline: CompareSide,
+    candidate: CompareSide,
     ablation: Ablation = None,
     knob: Knobs = [],  # noqa: B006 (FastAPI copies it)
     allow_lane_mismatch: bool = False,
