@@ -25,3 +25,6 @@ timeout 170 python3 bench/gpu_model_breakdown.py --steps 20 --compile --spool /t
 echo "breakdown compile rc=$?"; grep -E "^(params|family|full|optimizer|peak|train)" $OUT/breakdown_compile.log
 timeout 20 python3 bench/spool_summary.py /tmp/spool_compile 5 "$DEV" > $OUT/summary_compile.log 2>&1
 echo "summary compile rc=$?"; head -6 $OUT/summary_compile.log
+# 4. Both runs' spools (without the profiler's traces), to replay into a service elsewhere
+#    for the dashboards' screenshots (`goodput spool replay`).
+tar czf $OUT/spools.tgz --exclude=traces -C /tmp spool_eager spool_compile; ls -la $OUT
