@@ -2,8 +2,11 @@
 
 `torch.utils.flop_counter.FlopCounterMode` counts the matmuls a real step executes, so an MoE
 step counts the routed experts its tokens actually visited (active parameters), not all of
-them. Peaks are dense bf16 tensor-core rates from the vendors' datasheets; a device missing
-from the table gets None, never a guess.
+them. The counted step runs eager (`torch.compiler.set_stance("force_eager")`): dynamo marks
+every frame it first meets under a dispatch mode such as FlopCounterMode as skipped, for good,
+so a compiled model counted that way would never compile. Eager and compiled steps run the same
+matmuls, so the count is the same. Peaks are dense bf16 tensor-core rates from the vendors'
+datasheets; a device missing from the table gets None, never a guess.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class FlopCounter:
     def __init__(self) -> None:
         self.by_key: dict[Any, int] = {}
         self._mode: Any = None
+        self._eager: Any = None
         self._key: Any = None
 
     @property
@@ -48,6 +52,9 @@ class FlopCounter:
             return
         from torch.utils.flop_counter import FlopCounterMode
 
+        self._eager = _force_eager()
+        if self._eager is not None:
+            self._eager.__enter__()
         self._mode = FlopCounterMode(display=False)
         self._key = key
         self._mode.__enter__()
@@ -56,9 +63,23 @@ class FlopCounter:
         if self._mode is None:
             return
         mode, self._mode = self._mode, None
-        mode.__exit__(None, None, None)
+        eager, self._eager = self._eager, None
+        try:
+            mode.__exit__(None, None, None)
+        finally:
+            if eager is not None:
+                eager.__exit__(None, None, None)
         if ok:
             self.by_key[self._key] = int(mode.get_total_flops())
 
     def flops(self, key: Any) -> int | None:
         return self.by_key.get(key)
+
+
+def _force_eager() -> Any | None:
+    """A context that runs torch.compile'd code eagerly, untouched by dynamo (None where torch
+    has no `set_stance`, before 2.6)."""
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else None

@@ -128,6 +128,30 @@ def test_flops_are_counted_once_per_shape_key() -> None:
     assert flops == [2 * 4 * 8 * 16, 2 * 4 * 8 * 16, 2 * 6 * 8 * 16]
 
 
+def test_a_compiled_model_whose_flops_are_counted_still_compiles() -> None:
+    # Dynamo skips for good a frame it first meets under a dispatch mode such as
+    # FlopCounterMode: counting the first step that way left compiled models eager forever.
+    graphs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"))
+        return gm.forward
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    compiled = torch.compile(model, backend=backend)
+    rec, sink = recorder()
+    rec.watch(compiled)
+    for step in range(3):
+        with rec.step(step, flops_key=(5,)):
+            compiled(torch.randn(5, 8))
+    rec.close()
+    assert graphs, "the model never reached dynamo's backend: it ran eager"
+    assert [s["flops"] for s in sink.of("step")] == [2 * 5 * (8 * 16 + 16 * 4)] * 3
+    assert ("compile", "compiled", None) in {
+        (o["seam"], o["observed"], o.get("requested")) for o in sink.of("observation")
+    }
+
+
 def test_profile_window_sends_a_summary_and_counts_as_profiling(tmp_path: Path) -> None:
     rec, sink = recorder()
     rec.profile(1, 2, trace_dir=str(tmp_path))
