@@ -210,8 +210,9 @@ def bench_block(
         bench_compiled(args, block, x, timer, letter, shape, chunk)
 
 
-def profile_new(block: nn.Module, x: Tensor, timer: Timer) -> None:
-    """The new scan's block, one forward + backward under torch.profiler: its top ops."""
+def profile_new(block: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, timer: Timer) -> None:
+    """The new scan's block (compiled too), one forward + backward under torch.profiler: its
+    top ops."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     sort_by = "self_cpu_time_total"
     if x.device.type == "cuda":
@@ -249,6 +250,8 @@ def bench_compiled(
         f"compiled_new_ms={ms:.2f} compile_s={compile_s:.1f}",
         flush=True,
     )
+    if args.profile:
+        profile_new(compiled, x, timer)
 
 
 def parse() -> argparse.Namespace:
