@@ -19,13 +19,14 @@ rank): no other ingest can store a key between the probe and the insert.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from sqlalchemy import Dialect, Table
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 PROBE_CHUNK = 400  # keys per probe
@@ -61,6 +62,65 @@ def _probe_sql(
     name = dialect.identifier_preparer.format_table(table)
     selected = ", ".join(_quoted(dialect, [probe, *columns]))
     return f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
+
+
+# An upsert's statement, built for a dialect's INSERT (postgresql.insert or sqlite.insert).
+UpsertBuilder = Callable[[Callable[[Table], Any]], Any]
+
+
+class _Compiled:
+    """An upsert compiled once for a dialect: its SQL and how a row (a tuple in the order of
+    the columns it was compiled for) becomes the driver's parameters."""
+
+    def __init__(self, dialect: Dialect, build: UpsertBuilder, columns: tuple[str, ...]) -> None:
+        stmt = build(postgresql.insert if dialect.name == "postgresql" else sqlite.insert)
+        compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
+        binds = compiled.positiontup or list(compiled.binds)
+        assert sorted(binds) == sorted(columns), f"an upsert binds {binds}, not {columns}"
+        self.sql = compiled.string
+        table = stmt.table
+        processors = [
+            table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns
+        ]
+        self.convert = [(i, f) for i, f in enumerate(processors) if f is not None]
+        self.columns = columns
+        self.order = (
+            itemgetter(*(columns.index(b) for b in compiled.positiontup))
+            if compiled.positiontup is not None
+            else None
+        )
+
+    def params(self, row: Sequence[Any]) -> Any:
+        if self.convert:
+            row = list(row)
+            for i, f in self.convert:
+                row[i] = f(row[i])
+        if self.order is not None:
+            return self.order(row)
+        return dict(zip(self.columns, row, strict=True))
+
+
+@lru_cache(maxsize=64)
+def _compiled(dialect: Dialect, build: UpsertBuilder, columns: tuple[str, ...]) -> _Compiled:
+    return _Compiled(dialect, build, columns)
+
+
+def upsert_rows(
+    session: Session, build: UpsertBuilder, columns: tuple[str, ...], rows: Sequence[Any]
+) -> None:
+    """Run an INSERT ... ON CONFLICT DO UPDATE for `rows` (tuples in the order of `columns`,
+    one row a key): `build` makes the statement from the dialect's INSERT; it is compiled
+    once per dialect and its SQL then goes to the driver as it is (SQLAlchemy cannot cache
+    the compiled form of an ON CONFLICT statement, and compiling one took more of a batch's
+    time than running it). The columns' bind processors still apply."""
+    if not rows:
+        return
+    conn = session.connection()
+    c = _compiled(conn.dialect, build, columns)
+    if len(rows) == 1:
+        conn.exec_driver_sql(c.sql, c.params(rows[0]))
+    else:
+        conn.exec_driver_sql(c.sql, [c.params(r) for r in rows])
 
 
 class AlreadyStored(RuntimeError):

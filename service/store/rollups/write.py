@@ -32,12 +32,13 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Protocol, TypeVar, cast, overload
 
 from sqlalchemy import (
     ColumnElement,
     Row,
+    Table,
     and_,
     bindparam,
     case,
@@ -48,16 +49,15 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import SQLCoreOperations
 
 from service.calc.goodput import SpanIn, SpanIndex, credited
+from service.store import bulk
 from service.store.models import (
     MICRO_BLOCK,
     ROLLUP_LEVELS,
     SPAN_BUCKET_S,
-    Base,
     RoutingBlock,
     RoutingRow,
     Run,
@@ -176,11 +176,6 @@ def _merged(
     out |= {c: _least(getattr(new, c), getattr(old, c)) for c in lows}
     out |= {c: _greatest(getattr(new, c), getattr(old, c)) for c in highs}
     return out
-
-
-def _insert(session: Session, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
-    ins = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    return ins(table_of(model))
 
 
 def lock_runs(
@@ -341,7 +336,8 @@ class _StepAcc:
             self.loss_high, self.loss_high_step = high, high_at
 
 
-_STEP_ACC_FIELDS = _StepAcc.__dataclass_fields__.keys()
+_STEP_ACC_FIELDS = tuple(_StepAcc.__dataclass_fields__)
+_step_acc_values = attrgetter(*_STEP_ACC_FIELDS)
 _A = TypeVar("_A", _StepAcc, "_Spikes")
 
 
@@ -365,6 +361,7 @@ def _levels_up(
 
 
 _STEP_BLOCK_KEY = ("run_id", "rank", "level", "block", "attempt")
+_STEP_BLOCK_COLUMNS = (*_STEP_BLOCK_KEY, *_STEP_ACC_FIELDS)
 
 
 def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[float]) -> None:
@@ -387,12 +384,14 @@ def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[flo
         have = fine.get(at)
         fine[at] = copy.copy(acc) if have is None else have.merge(acc)
     blocks = _levels_up(fine, _StepAcc.merge)
-    rows = [
-        dict(zip(_STEP_BLOCK_KEY, k, strict=True)) | {f: getattr(a, f) for f in _STEP_ACC_FIELDS}
-        for k, a in blocks.items()
-    ]
-    stmt = _insert(session, StepBlock)
-    new, old = stmt.excluded, StepBlock
+    rows = [(*k, *_step_acc_values(a)) for k, a in blocks.items()]
+    bulk.upsert_rows(session, _step_blocks_upsert, _STEP_BLOCK_COLUMNS, rows)
+
+
+def _step_blocks_upsert(insert: Callable[[Table], Any]) -> Any:
+    """step_blocks' upsert: a block's figures folded into the stored ones."""
+    stmt = insert(table_of(StepBlock))
+    new, old = stmt.excluded, table_of(StepBlock).c
     fast = lower_first(new.fast_s, new.fast_step, old.fast_s, old.fast_step)
     slow = higher_first(new.slow_s, new.slow_step, old.slow_s, old.slow_step)
     # A block's loss extremes are NULL until one of its steps has a loss.
@@ -410,7 +409,7 @@ def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[flo
             higher_first(new.loss_high, new.loss_high_step, old.loss_high, old.loss_high_step),
         ),
     )
-    upsert = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=list(_STEP_BLOCK_KEY),
         set_={
             **_merged(new, old, _STEP_SUMS, ("first_start",), ("last_end",)),
@@ -428,31 +427,29 @@ def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[flo
             "loss_high_step": _pick(loss_high, new.loss_high_step, old.loss_high_step),
         },
     )
-    session.execute(upsert, rows)
 
 
 _STEP_SUMS = ("n", "busy_s", "blocked_s", "tokens", "hook_s")  # summed per block of steps
 _MICRO_KEY = ("run_id", "rank", "attempt", "micro")
 _MICRO_FIGURES = ("n", "busy_s", "blocked_s", "tokens", "hook_s", "first_start", "last_end")
+_micro_values = attrgetter(*_MICRO_FIGURES)
 
 
 def _add_micro_blocks(session: Session, micro: dict[tuple[Any, ...], _StepAcc]) -> None:
     """Fold newly inserted steps, summed per (run, rank, attempt, micro block), into
     step_micro_blocks."""
-    rows = [
-        {
-            **dict(zip(_MICRO_KEY, k, strict=True)),
-            **{f: getattr(a, f) for f in _MICRO_FIGURES},
-        }
-        for k, a in micro.items()
-    ]
-    stmt = _insert(session, StepMicroBlock)
-    new, old = stmt.excluded, StepMicroBlock
-    upsert = stmt.on_conflict_do_update(
+    rows = [(*k, *_micro_values(a)) for k, a in micro.items()]
+    bulk.upsert_rows(session, _micro_blocks_upsert, (*_MICRO_KEY, *_MICRO_FIGURES), rows)
+
+
+def _micro_blocks_upsert(insert: Callable[[Table], Any]) -> Any:
+    stmt = insert(table_of(StepMicroBlock))
+    return stmt.on_conflict_do_update(
         index_elements=list(_MICRO_KEY),
-        set_=_merged(new, old, _STEP_SUMS, ("first_start",), ("last_end",)),
+        set_=_merged(
+            stmt.excluded, table_of(StepMicroBlock).c, _STEP_SUMS, ("first_start",), ("last_end",)
+        ),
     )
-    session.execute(upsert, rows)
 
 
 _SPAN_TOTAL_KEY = ("run_id", "rank", "attempt", "category", "overlapped")
@@ -500,23 +497,23 @@ def add_spans(
                 a[2] = start
             if end > a[3]:
                 a[3] = end
-    rows = [
-        {
-            **dict(zip(_SPAN_TOTAL_KEY, k, strict=True)),
-            **dict(zip(_SPAN_TOTAL_FIGURES, a, strict=True)),
-        }
-        for k, a in acc.items()
-    ]
     _add_span_buckets(session, buckets)
-    stmt = _insert(session, SpanTotal)
-    new, old = stmt.excluded, SpanTotal
-    upsert = stmt.on_conflict_do_update(
+    rows = [(*k, *a) for k, a in acc.items()]
+    bulk.upsert_rows(session, _span_totals_upsert, (*_SPAN_TOTAL_KEY, *_SPAN_TOTAL_FIGURES), rows)
+
+
+def _span_totals_upsert(insert: Callable[[Table], Any]) -> Any:
+    stmt = insert(table_of(SpanTotal))
+    return stmt.on_conflict_do_update(
         index_elements=list(_SPAN_TOTAL_KEY),
         set_=_merged(
-            new, old, ("n", "total_s", "correction_s"), ("first_start",), ("longest_s", "last_end")
+            stmt.excluded,
+            table_of(SpanTotal).c,
+            ("n", "total_s", "correction_s"),
+            ("first_start",),
+            ("longest_s", "last_end"),
         ),
     )
-    session.execute(upsert, rows)
 
 
 _SPAN_BUCKET_KEY = ("run_id", "rank", "attempt", "category", "bucket")
@@ -529,20 +526,20 @@ def _add_span_buckets(session: Session, buckets: dict[tuple[Any, ...], list[Any]
     it: the readers take the clashing spans out themselves)."""
     if not buckets:
         return
-    rows = [
-        {
-            **dict(zip(_SPAN_BUCKET_KEY, k, strict=True)),
-            **dict(zip(_SPAN_BUCKET_FIGURES, a, strict=True)),
-        }
-        for k, a in buckets.items()
-    ]
-    stmt = _insert(session, SpanBucket)
-    new, old = stmt.excluded, SpanBucket
-    upsert = stmt.on_conflict_do_update(
-        index_elements=list(_SPAN_BUCKET_KEY),
-        set_=_merged(new, old, ("n", "total_s"), ("first_start",), ("last_end",)),
+    rows = [(*k, *a) for k, a in buckets.items()]
+    bulk.upsert_rows(
+        session, _span_buckets_upsert, (*_SPAN_BUCKET_KEY, *_SPAN_BUCKET_FIGURES), rows
     )
-    session.execute(upsert, rows)
+
+
+def _span_buckets_upsert(insert: Callable[[Table], Any]) -> Any:
+    stmt = insert(table_of(SpanBucket))
+    return stmt.on_conflict_do_update(
+        index_elements=list(_SPAN_BUCKET_KEY),
+        set_=_merged(
+            stmt.excluded, table_of(SpanBucket).c, ("n", "total_s"), ("first_start",), ("last_end",)
+        ),
+    )
 
 
 def flag_clashes(
@@ -791,23 +788,31 @@ def add_routing(session: Session, rows: Sequence[RoutingLike]) -> None:
         if v >= have.high and higher_first(v, step, have.high, have.high_step):
             have.high, have.high_step, have.high_point = v, step, tuple(r[_R_POINT])
     acc = _levels_up(fine, _Spikes.merge)
-    values = []
-    for k, a in acc.items():
-        row = dict(zip(_ROUTING_BLOCK_KEY, k, strict=True))
-        row.update(n=a.n, low=a.low, low_step=a.low_step, high=a.high, high_step=a.high_step)
-        row.update({f"low_{f}": v for f, v in zip(POINT_FIELDS, a.low_point, strict=True)})
-        row.update({f"high_{f}": v for f, v in zip(POINT_FIELDS, a.high_point, strict=True)})
-        values.append(row)
-    stmt = _insert(session, RoutingBlock)
-    new, old = stmt.excluded, RoutingBlock
+    values = [
+        (*k, a.n, a.low, a.low_step, a.high, a.high_step, *a.low_point, *a.high_point)
+        for k, a in acc.items()
+    ]
+    bulk.upsert_rows(session, _routing_blocks_upsert, _ROUTING_BLOCK_COLUMNS, values)
+
+
+_ROUTING_BLOCK_COLUMNS = (
+    *_ROUTING_BLOCK_KEY,
+    *("n", "low", "low_step", "high", "high_step"),
+    *(f"low_{f}" for f in POINT_FIELDS),
+    *(f"high_{f}" for f in POINT_FIELDS),
+)
+
+
+def _routing_blocks_upsert(insert: Callable[[Table], Any]) -> Any:
+    stmt = insert(table_of(RoutingBlock))
+    new, old = stmt.excluded, table_of(RoutingBlock).c
     low = lower_first(new.low, new.low_step, old.low, old.low_step)
     high = higher_first(new.high, new.high_step, old.high, old.high_step)
     set_: dict[str, ColumnElement[Any]] = {"n": old.n + new.n}
     for side, wins in (("low", low), ("high", high)):
         for col in (side, f"{side}_step", *(f"{side}_{f}" for f in POINT_FIELDS)):
-            set_[col] = _pick(wins, new[col], getattr(old, col))
-    upsert = stmt.on_conflict_do_update(index_elements=list(_ROUTING_BLOCK_KEY), set_=set_)
-    session.execute(upsert, values)
+            set_[col] = _pick(wins, new[col], old[col])
+    return stmt.on_conflict_do_update(index_elements=list(_ROUTING_BLOCK_KEY), set_=set_)
 
 
 # -- rebuilding (migration 0004 fills the rollups of rows stored before it) --
