@@ -42,6 +42,12 @@ class Parts:
         self._counted = 0  # steps handed to the routing collector
         self._next_poll = 1  # `steps` at which the dispatchers are looked at next
         self.compile: CompileWatch | None = None
+        # perf_counter where a span the hooks emit began or ended inside the current hook
+        # call (the profiling window's): the recorder charges the call's time on the span's
+        # side to the span alone, so no second is charged twice.
+        self.span_began_pc: float | None = None
+        self.span_ended_pc: float | None = None
+        self.in_profile = False  # inside the window, the hooks' time is the span's
         self.enter_look = False
         self._set_enter_look()
         if watch_compile:
@@ -89,6 +95,8 @@ class Parts:
             watch.ensure_installed()  # torch._dynamo.reset() clears callbacks
         if self.profile is not None:
             self.profile.maybe_start(h.step, self.rec.now)
+            self.span_began_pc, self.profile.began_pc = self.profile.began_pc, None
+            self.in_profile = self.in_profile or self.span_began_pc is not None
         if self._sdpa_armed:
             self._sdpa_armed = False
             h._probe = sdpa_probe(self.rec.observe, h.step)
@@ -126,6 +134,8 @@ class Parts:
             self._next_poll = steps + POLL_EVERY
             self.dispatch.poll(self.rec.observe, h.step)
         if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
+            self.span_ended_pc = self.profile.ended_pc
+            self.in_profile = False
             self.profile = None
             self._set_enter_look()
         self.next_look = self._next_look(steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,11 @@ class ProfileWindow:
         self.cuda = cuda
         self._prof: Any = None
         self._t0 = 0.0
+        # perf_counter at the span's start and end, for the recorder: the hooks' own time
+        # inside the span (the profiler's start, its stop, the trace's export) is charged to
+        # the span, so the recorder leaves it out of its measured overhead.
+        self.began_pc: float | None = None
+        self.ended_pc: float | None = None
 
     def maybe_start(self, step: int, clock: Callable[[], float]) -> None:
         if step != self.first or self._prof is not None:
@@ -38,6 +44,7 @@ class ProfileWindow:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.began_pc = time.perf_counter()
         self._t0 = clock()
         self._prof = profile(activities=acts, record_shapes=False)
         self._prof.__enter__()
@@ -62,7 +69,9 @@ class ProfileWindow:
                 "top_kernels": top_kernels(prof, self.cuda),
             },
         )
-        rec.emit_span("profiling", self._t0, rec.now(), step=self.first)
+        end = rec.now()
+        self.ended_pc = time.perf_counter()
+        rec.emit_span("profiling", self._t0, end, step=self.first)
         return True
 
     def abandon(self) -> None:

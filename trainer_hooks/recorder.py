@@ -260,7 +260,8 @@ class SpanHandle:
             )
         except Exception:
             rec.errors += 1
-        rec.overhead_s += time.perf_counter() - t
+        if not rec._parts.in_profile:  # in a profiling window the span charges it
+            rec.overhead_s += time.perf_counter() - t
 
 
 class Recorder:
@@ -518,7 +519,12 @@ class Recorder:
             self.errors += 1
             log.debug("goodput hook error", exc_info=True)
         t1 = time.perf_counter()
-        self.overhead_s += t1 - t
+        began = parts.span_began_pc
+        if began is not None:  # a profiling window began: the rest of this call is its
+            self.overhead_s += began - t
+            parts.span_began_pc = None
+        elif not parts.in_profile:
+            self.overhead_s += t1 - t
         h.t0 = self._wall0 + (t1 - self._mono0)
 
     def _step_exit(self, h: StepHandle, exc: BaseException | None) -> None:
@@ -549,7 +555,12 @@ class Recorder:
             self.sink.emit("step", fields)
         except Exception:
             self.errors += 1
-        self.overhead_s = time.perf_counter() - t
+        ended = parts.span_ended_pc
+        if ended is not None:  # a profiling window ended: this call up to then is its
+            self.overhead_s = time.perf_counter() - ended
+            parts.span_ended_pc = None
+        else:
+            self.overhead_s = 0.0 if parts.in_profile else time.perf_counter() - t
 
     def _safe_emit(self, kind: str, fields: dict[str, Any]) -> None:
         try:

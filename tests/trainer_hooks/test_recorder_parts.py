@@ -169,6 +169,43 @@ def test_profile_window_sends_a_summary_and_counts_as_profiling(tmp_path: Path) 
     assert span["start"] <= steps[1]["start"] and span["end"] >= steps[2]["end"]
 
 
+def test_the_profilers_start_and_export_are_charged_to_its_span_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The window's start and its stop (trace export, summary) run inside the hooks' calls and
+    # inside the profiling span; counted in hook_overhead_s as well, `other` went negative.
+    import trainer_hooks.profiling as profiling
+
+    summarise = profiling.top_kernels
+
+    def slow_summary(*args: Any, **kw: Any) -> Any:
+        time.sleep(0.3)
+        return summarise(*args, **kw)
+
+    monkeypatch.setattr(profiling, "top_kernels", slow_summary)
+    rec, sink = recorder()
+    rec.profile(1, 2, trace_dir=str(tmp_path))
+    for step in range(5):
+        with rec.step(step):
+            time.sleep(0.01)
+    rec.close()
+    [span] = [s for s in sink.of("span") if s["category"] == "profiling"]
+    assert span["end"] - span["start"] >= 0.3
+    overheads = {s["step"]: s["hook_overhead_s"] for s in sink.of("step")}
+    assert max(overheads.values()) < 0.1, overheads
+    # Charged once: the steps, the span's seconds outside them and the hooks' own time fit in
+    # the wall time the steps and the span cover.
+    steps = sorted(sink.of("step"), key=lambda s: s["step"])
+    covered = steps[-1]["end"] - steps[0]["start"]
+    inside_steps = sum(s["end"] - s["start"] for s in steps)
+    in_span_between = sum(
+        max(0.0, min(b["start"], span["end"]) - max(a["end"], span["start"]))
+        for a, b in zip(steps, steps[1:], strict=False)
+    )
+    hooks = sum(overheads[s] for s in (1, 2, 3, 4))
+    assert inside_steps + in_span_between + hooks <= covered + 1e-9
+
+
 def test_out_of_memory_is_recorded_before_it_propagates() -> None:
     rec, sink = recorder()
     with pytest.raises(torch.OutOfMemoryError), rec.step(0):
