@@ -11,6 +11,7 @@ import torch
 
 from moe_core.config import ModelConfig, model_plan
 from moe_core.loop import TrainConfig, setup, train
+from moe_core.train import runtime_policy
 from trainer_hooks import Recorder, SpoolSink
 
 p = argparse.ArgumentParser()
@@ -50,12 +51,14 @@ print(
     a.compile,
     flush=True,
 )
+# As `goodput train` builds it: the environment collected (the device's name gives MFU its
+# peak) and the runtime policy, so the run's receipt is complete.
 rec = Recorder(
-    run_name="part2",
+    run_name="part2-compiled" if a.compile else "part2-eager",
     sink=SpoolSink(a.spool, None),
     device="cuda",
-    environment={},
     model_plan=model_plan(mc),
+    runtime_policy=runtime_policy(mc, cfg, 1),
     heartbeat_s=0,
 )
 rec.watch(st.raw_model)

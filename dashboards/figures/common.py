@@ -4,6 +4,7 @@ their boundaries marked, and the x axis (step or wall clock)."""
 from __future__ import annotations
 
 import html
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -36,8 +37,12 @@ XAxis = Literal["step", "time"]
 X_AXES: tuple[XAxis, ...] = ("step", "time")
 
 
-def empty(title: str, note: str) -> go.Figure:
-    """A figure with no data that says why (and, where it helps, what to do)."""
+def empty(title: str, note: str, wrap: int | None = None) -> go.Figure:
+    """A figure with no data that says why (and, where it helps, what to do). Plotly never
+    wraps an annotation: `wrap` breaks the note into lines of at most that many characters
+    (at spaces; the note is already HTML-escaped, and an entity holds no space)."""
+    if wrap is not None:
+        note = "<br>".join(textwrap.wrap(note, wrap))
     fig = go.Figure()
     fig.update_layout(
         title=title,

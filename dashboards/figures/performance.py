@@ -6,7 +6,6 @@ as zeros."""
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from html import escape
 from typing import Any, NamedTuple
@@ -39,7 +38,7 @@ MARGIN = {"b": 100}
 
 def empty(title: str, note: str) -> go.Figure:
     """common.empty, its note wrapped to fit half a page's width."""
-    return _empty(title, "<br>".join(textwrap.wrap(note, 60)))
+    return _empty(title, note, wrap=60)
 
 
 def _series(
@@ -210,7 +209,11 @@ def grid_x(grid: Mapping[str, Any], bucket: int) -> Any:
 def memory(
     grid: Mapping[str, Any], rank: int, ends: Ends = None, device: str | None = None
 ) -> go.Figure:
-    """The rank's peak allocated memory per bucket (the largest step's), per attempt."""
+    """The rank's peak allocated memory per bucket (the largest step's), per attempt.
+
+    The hooks read the peak every few steps (each read covers the steps since the last), so
+    steps without a read are left out rather than drawn as gaps: lines join the reads, and
+    markers show a read with no neighbour."""
     title = f"Peak memory (rank {rank})"
     cells = [c for c in grid.get("cells", []) if c["rank"] == rank]
     if not cells:
@@ -228,14 +231,17 @@ def memory(
                 "attempt": c["attempt"],
                 "step": c["first_step"],
                 "start": c["first_start"],
-                "mem": None if c.get("mem_peak") is None else c["mem_peak"] / GIB,
+                "mem": c["mem_peak"] / GIB,
             }
             for c in cells
+            if c.get("mem_peak") is not None
         ),
         key=lambda p: (p["attempt"], p["start"] if axis == "time" else p["step"]),
     )
     fig = go.Figure()
-    bounds = attempt_traces(fig, points, lambda p: p["mem"], "peak allocated", axis)
+    bounds = attempt_traces(
+        fig, points, lambda p: p["mem"], "peak allocated", axis, mode="lines+markers"
+    )
     mark_boundaries(fig, bounds, ends)
     frame(fig, title, "GiB", axis, [x_of(p, axis) for p in points], [p["mem"] for p in points])
     return fig

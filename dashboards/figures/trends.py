@@ -91,7 +91,8 @@ def trend(
     names the run, a click opens it (customdata: the run's goodput page)."""
     pts = points(runs, value, base)
     if not pts:
-        return empty(title, none if runs else "no runs match")
+        # A third of the page wide: short lines, or the note runs off both sides.
+        return empty(title, none if runs else "no runs match", wrap=36)
     fig = go.Figure(
         go.Scatter(
             x=[p.x for p in pts],
@@ -162,7 +163,7 @@ def badput_mix(runs: Sequence[Mapping[str, Any]], base: str = "") -> go.Figure:
     title = "Where the time went"
     timed, categories = mix_rows(runs)
     if not timed:
-        return empty(title, "no run has recorded time yet" if runs else "no runs match")
+        return empty(title, "no run has recorded time yet" if runs else "no runs match", wrap=36)
     xs = [wall(r["created_at"]) for r in timed]
     names = [html.escape(r["name"]) for r in timed]
     hrefs = [run_href(base, r["run_id"]) for r in timed]

@@ -177,6 +177,11 @@ def test_peak_memory_per_attempt_in_gib_and_its_absence() -> None:
         "peak allocated · attempt 1",
     ]
     assert list(fig.data[0].y) == [2.0, 4.0, 6.0] and list(fig.data[0].x) == [0, 10, 20]
+    # Read every few steps: the steps between reads are left out, a lone read is a marker.
+    sparse = [cell(0, 0, b, 1, 1.0, mem_peak=None if b % 8 else 2**30 * (b + 1)) for b in range(12)]
+    [trace] = figures.memory(grid(sparse), 0).data
+    assert list(trace.x) == [0, 80] and list(trace.y) == [1.0, 9.0]
+    assert "markers" in trace.mode
     none = figures.memory(grid([cell(0, 0, 0, 1, 1.0, mem_peak=None)]), 0, None, "cpu")
     assert len(none.data) == 0 and "no peak memory" in none.layout.annotations[0].text
     assert "no steps" in figures.memory(grid([]), 0).layout.annotations[0].text

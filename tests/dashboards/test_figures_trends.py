@@ -69,6 +69,9 @@ def test_runs_without_the_figure_are_left_out_and_none_says_why() -> None:
     assert list(fig.data[0].y) == [50.0]
     none = trends.trend_figures([row("a", T0, mfu=None)])["mfu"]
     assert none.data == () and "peak_flops_per_s" in none.layout.annotations[0].text
+    # A third of the page wide, the note is wrapped (Plotly does not wrap annotations).
+    lines = none.layout.annotations[0].text.split("<br>")
+    assert len(lines) > 1 and max(len(line) for line in lines) <= 36
 
 
 def test_every_chart_of_no_runs_says_no_runs_match() -> None:
