@@ -8,6 +8,7 @@ import math
 import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
 from operator import attrgetter, itemgetter
 from typing import Any, NoReturn, cast
 
@@ -509,10 +510,11 @@ def _store_per_step(
     if not any(pairs.values()):
         return 0
     batch = {kind: [r for _, r in p] for kind, p in pairs.items()}
-    if not _overlapping_steps(session, pairs["step"]):
+    reads = _rank_reads(session, batch["step"], batch["span"])
+    if not _overlapping_steps(reads, pairs["step"]):
         try:  # a key sent twice in the batch is taken by the time its second row is inserted
             with session.begin_nested():
-                return _store_new(session, batch["step"], batch["span"], batch["routing"])
+                return _store_new(reads, batch["step"], batch["span"], batch["routing"])
         except bulk.AlreadyStored:
             pass
     index = {id(r): i for p in pairs.values() for i, r in p}
@@ -525,11 +527,36 @@ def _store_per_step(
                 problems.compare(index[id(rec)], rec, dict(zip(fields, held, strict=True)))
             else:
                 problems.compare(index[id(rec)], rec, {f: getattr(held, f) for f in fields})
-    problems.errors += _overlapping_steps(session, [(index[id(r)], r) for r in new["step"]])
-    return _store_new(session, new["step"], new["span"], new["routing"])
+    reads = _rank_reads(session, new["step"], new["span"])  # what was read before may be gone
+    problems.errors += _overlapping_steps(reads, [(index[id(r)], r) for r in new["step"]])
+    return _store_new(reads, new["step"], new["span"], new["routing"])
 
 
-def _overlapping_steps(session: Session, steps: list[tuple[int, Any]]) -> list[dict[str, Any]]:
+def _rank_reads(session: Session, steps: list[Any], spans: list[Any]) -> rollup_common.RankReads:
+    """The batch's reads of its ranks' stored steps and spans (rollup_common.RankReads), each
+    rank's range the time its steps and blocking spans cover: its new steps are checked
+    against the stored steps and measured against the stored spans, its new spans checked
+    against both, in one read of each."""
+    reads = rollup_common.RankReads(session)
+    ranges: dict[tuple[str, int], list[float]] = {}
+    for r in chain(steps, (s for s in spans if not s.overlapped)):
+        k = (r.run_id, r.rank)
+        have = ranges.get(k)
+        if have is None:
+            ranges[k] = [r.start, r.end]
+        else:
+            if r.start < have[0]:
+                have[0] = r.start
+            if r.end > have[1]:
+                have[1] = r.end
+    for (run_id, rank), (lo, hi) in ranges.items():
+        reads.hold(run_id, rank, lo, hi)
+    return reads
+
+
+def _overlapping_steps(
+    reads: rollup_common.RankReads, steps: list[tuple[int, Any]]
+) -> list[dict[str, Any]]:
     """An error for each step that shares more than a float ulp of time with another step of
     its rank (of any attempt: a rank runs one step at a time), stored or in `steps`. Per
     rank, one indexed read of the fine step blocks reaching into the steps' time range (none
@@ -546,12 +573,12 @@ def _overlapping_steps(session: Session, steps: list[tuple[int, Any]]) -> list[d
         starts, ends = list(map(_START, recs)), list(map(_END, recs))
         if all(map(operator.le, ends[:-1], starts[1:])):  # in order, one after the other
             lo, hi = starts[0], ends[-1]  # as a streaming client sends them: no sweep
-            stored = _stored_steps_near(session, run_id, rank, lo, hi)
+            stored = _stored_steps_near(reads, run_id, rank, lo, hi)
             if not stored:
                 continue
         else:
             lo, hi = min(starts), max(ends)
-            stored = _stored_steps_near(session, run_id, rank, lo, hi)
+            stored = _stored_steps_near(reads, run_id, rank, lo, hi)
         items = [(r.start, r.end, r.attempt, r.step, i) for i, r in pairs]
         items += [(*s, -1) for s in stored]
         if len(items) < 2:
@@ -584,22 +611,25 @@ def _overlapping_steps(session: Session, steps: list[tuple[int, Any]]) -> list[d
 
 
 def _stored_steps_near(
-    session: Session, run_id: str, rank: int, lo: float, hi: float
+    reads: rollup_common.RankReads, run_id: str, rank: int, lo: float, hi: float
 ) -> list[tuple[float, float, int, int]]:
     """(start, end, attempt, step) of the rank's stored steps that overlap (lo, hi)."""
-    rows = rollup_write.steps_overlapping(session, run_id, rank, lo, hi)
+    rows = rollup_write.steps_overlapping(reads, run_id, rank, lo, hi)
     return [(r.start, r.end, r.attempt, r.step) for r in rows]
 
 
-def _store_new(session: Session, steps: list[Any], spans: list[Any], routing: list[Any]) -> int:
+def _store_new(
+    reads: rollup_common.RankReads, steps: list[Any], spans: list[Any], routing: list[Any]
+) -> int:
     """Store records whose keys are not stored yet, and their rollups. Every read of stored
     rows runs before this batch's rows are written, so each pair of a step and a blocking
     span is measured once: new steps against stored and new spans, new spans against stored
     steps."""
+    session = reads.session
     step_rows = [_STEP_ROW(r) for r in steps]
-    blocked = rollup_write.blocked_of(session, step_rows, spans)
-    rollup_write.block_stored_steps(session, spans)
-    clashes, charged = rollup_write.flag_clashes(session, spans)
+    blocked = rollup_write.blocked_of(session, step_rows, spans, reads)
+    rollup_write.block_stored_steps(session, spans, reads)
+    clashes, charged = rollup_write.flag_clashes(session, spans, reads)
     span_rows = [(*_SPAN_ROW(r), f, c) for r, f, c in zip(spans, clashes, charged, strict=True)]
     bulk.insert_rows(session, _table(Span), rollup_common.SPAN_COLUMNS, span_rows)
     rollup_write.add_spans(session, spans, charged)

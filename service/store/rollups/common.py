@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, select
+from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import TypedReturnsRows
 
@@ -103,9 +103,11 @@ def table_of(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
-def core_rows(session: Session, stmt: TypedReturnsRows[_R]) -> CursorResult[_R]:
+def core_rows(
+    session: Session, stmt: TypedReturnsRows[_R], params: dict[str, Any] | None = None
+) -> CursorResult[_R]:
     """Run a read on the session's connection: Core rows, without the ORM's per-row work."""
-    return session.connection().execute(stmt)
+    return session.connection().execute(stmt, params)
 
 
 def grouped(items: Iterable[_T], key: Callable[[_T], _K]) -> dict[_K, list[_T]]:
@@ -164,32 +166,139 @@ class Blocking(NamedTuple):
     charged_s: float | None
 
 
-_BLOCKING_COLUMNS = tuple(getattr(Span, f) for f in Blocking._fields)
+_SPAN_TOTALS = table_of(SpanTotal).c
+_SPANS = table_of(Span).c
+# Built once (statements with parameters): building a statement cost about as much as
+# running it, and these run a few times a batch.
+_BLOCKING_TOTALS = select(
+    _SPAN_TOTALS.attempt, _SPAN_TOTALS.category, _SPAN_TOTALS.longest_s
+).where(
+    _SPAN_TOTALS.run_id == bindparam("run_id"),
+    _SPAN_TOTALS.rank == bindparam("rank"),
+    _SPAN_TOTALS.overlapped.is_(False),
+)
+_BLOCKING = select(*(_SPANS[f] for f in Blocking._fields)).where(
+    _SPANS.run_id == bindparam("run_id"),
+    _SPANS.attempt.in_(bindparam("attempts", expanding=True)),
+    _SPANS.rank == bindparam("rank"),
+    _SPANS.category.in_(bindparam("categories", expanding=True)),
+    _SPANS.start >= bindparam("since"),
+    _SPANS.start < bindparam("hi"),
+    _SPANS.end > bindparam("lo"),
+    _SPANS.overlapped.is_(False),
+)
+
+
+def _lookback(session: Session, run_id: str, rank: int) -> tuple[float, dict[str, Any]] | None:
+    """The longest blocking span of the rank and the filters that find its blocking spans
+    (their attempts and categories), from span_totals; None if it has none."""
+    totals = core_rows(session, _BLOCKING_TOTALS, {"run_id": run_id, "rank": rank}).all()
+    if not totals:
+        return None
+    return max(t.longest_s for t in totals), {
+        "run_id": run_id,
+        "rank": rank,
+        "attempts": sorted({t.attempt for t in totals}),
+        "categories": sorted({t.category for t in totals}),
+    }
+
+
+def _blocking_since(lo: float, longest: float) -> float:
+    """The earliest start of a span that can reach past `lo`."""
+    return lo - longest - ROUNDING_SLACK_S
+
+
+def _read_blocking(session: Session, run_id: str, rank: int, lo: float, hi: float) -> _Held | None:
+    """stored_blocking's spans with the range read and the longest span; None if the rank
+    has no blocking span."""
+    found = _lookback(session, run_id, rank)
+    if found is None:
+        return None
+    longest, where = found
+    params = {**where, "since": _blocking_since(lo, longest), "lo": lo, "hi": hi}
+    spans = [Blocking._make(row) for row in core_rows(session, _BLOCKING, params)]
+    return _Held(lo, hi, longest, spans)
 
 
 def stored_blocking(
     session: Session, run_id: str, rank: int, lo: float, hi: float
 ) -> list[Blocking]:
     """Blocking spans of the rank that overlap [lo, hi], through the spans' primary key."""
-    totals = session.execute(
-        select(SpanTotal.attempt, SpanTotal.category, SpanTotal.longest_s).where(
-            SpanTotal.run_id == run_id, SpanTotal.rank == rank, SpanTotal.overlapped.is_(False)
-        )
-    ).all()
-    if not totals:
-        return []
-    longest = max(t.longest_s for t in totals)
-    stmt = select(*_BLOCKING_COLUMNS).where(
-        Span.run_id == run_id,
-        Span.attempt.in_(sorted({t.attempt for t in totals})),
-        Span.rank == rank,
-        Span.category.in_(sorted({t.category for t in totals})),
-        Span.start >= lo - longest - ROUNDING_SLACK_S,
-        Span.start < hi,
-        Span.end > lo,
-        Span.overlapped.is_(False),
-    )
-    return [Blocking._make(row) for row in core_rows(session, stmt)]
+    held = _read_blocking(session, run_id, rank, lo, hi)
+    return [] if held is None else held.spans
+
+
+class _Held(NamedTuple):
+    lo: float
+    hi: float
+    longest: float
+    spans: list[Blocking]
+
+
+_FINE_BLOCKS = table_of(StepBlock).c
+_STEP_BLOCKS_MEETING = select(
+    _FINE_BLOCKS.attempt, _FINE_BLOCKS.block, _FINE_BLOCKS.first_start, _FINE_BLOCKS.last_end
+).where(
+    _FINE_BLOCKS.run_id == bindparam("run_id"),
+    _FINE_BLOCKS.rank == bindparam("rank"),
+    _FINE_BLOCKS.level == FINE,
+    _FINE_BLOCKS.last_end > bindparam("lo"),
+    _FINE_BLOCKS.first_start < bindparam("hi"),
+)
+
+
+class RankReads:
+    """What an ingest reads of its ranks' stored rows before it writes any: the blocking
+    spans and the fine step blocks that overlap a time range. `hold(run, rank, lo, hi)`
+    names a rank's whole range for the batch; the first read inside it reads the whole
+    range once, and every later read inside it is answered from memory with the query's
+    own filters, so exactly as the query would answer. A read outside a held range goes to
+    the database. Valid only while the batch has written none of those rows."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._ranges: dict[tuple[str, int], tuple[float, float]] = {}
+        self._spans: dict[tuple[str, int], _Held | None] = {}
+        self._blocks: dict[tuple[str, int], list[Any]] = {}
+
+    def hold(self, run_id: str, rank: int, lo: float, hi: float) -> None:
+        key = (run_id, rank)
+        if key in self._ranges:
+            a, b = self._ranges[key]
+            lo, hi = min(a, lo), max(b, hi)
+        self._ranges[key] = (lo, hi)
+        self._spans.pop(key, None)
+        self._blocks.pop(key, None)
+
+    def _held(self, key: tuple[str, int], lo: float, hi: float) -> tuple[float, float] | None:
+        r = self._ranges.get(key)
+        return r if r is not None and r[0] <= lo and hi <= r[1] else None
+
+    def blocking(self, run_id: str, rank: int, lo: float, hi: float) -> list[Blocking]:
+        """stored_blocking(session, run_id, rank, lo, hi)."""
+        key = (run_id, rank)
+        r = self._held(key, lo, hi)
+        if r is None:
+            return stored_blocking(self.session, run_id, rank, lo, hi)
+        if key not in self._spans:
+            self._spans[key] = _read_blocking(self.session, run_id, rank, *r)
+        held = self._spans[key]
+        if held is None:
+            return []
+        since = _blocking_since(lo, held.longest)
+        return [s for s in held.spans if since <= s.start < hi and s.end > lo]
+
+    def step_blocks(self, run_id: str, rank: int, lo: float, hi: float) -> list[Any]:
+        """(attempt, block) of the rank's fine step blocks whose time meets (lo, hi)."""
+        key = (run_id, rank)
+        r = self._held(key, lo, hi)
+        if r is None:
+            params = {"run_id": run_id, "rank": rank, "lo": lo, "hi": hi}
+            return list(core_rows(self.session, _STEP_BLOCKS_MEETING, params))
+        if key not in self._blocks:
+            params = {"run_id": run_id, "rank": rank, "lo": r[0], "hi": r[1]}
+            self._blocks[key] = list(core_rows(self.session, _STEP_BLOCKS_MEETING, params))
+        return [b for b in self._blocks[key] if b.last_end > lo and b.first_start < hi]
 
 
 def stored_blocking_spans(

@@ -77,11 +77,10 @@ from service.store.rollups.common import (
     STEP_COLUMNS,
     STEP_INPUT,
     Blocking,
+    RankReads,
     consecutive,
     core_rows,
     grouped,
-    stored_blocking,
-    stored_blocking_spans,
     table_of,
 )
 
@@ -221,18 +220,25 @@ def _lock_key(run_id: str) -> int:
 
 
 def blocked_of(
-    session: Session, steps: Sequence[StepLike], spans: Sequence[SpanLike]
+    session: Session,
+    steps: Sequence[StepLike],
+    spans: Sequence[SpanLike],
+    reads: RankReads | None = None,
 ) -> list[float]:
     """`blocked_s` of each step about to be inserted (rows laid out as STEP_COLUMNS): its
     overlap with the blocking spans already stored on its rank and with `spans`, the new span
-    records of this batch, not yet stored."""
+    records of this batch, not yet stored. `reads`: the batch's reads of stored rows."""
+    reads = reads or RankReads(session)
     out = [0.0] * len(steps)
     new = grouped((s for s in spans if not s.overlapped), lambda s: (s.run_id, s.rank))
     by_rank = grouped(range(len(steps)), lambda i: (steps[i][_RUN_ID], steps[i][_RANK]))
     for (run_id, rank), mine in by_rank.items():
         lo = min(steps[i][_START] for i in mine)
         hi = max(steps[i][_END] for i in mine)
-        found = stored_blocking_spans(session, run_id, rank, lo, hi)
+        found = [
+            SpanIn(s.attempt, rank, s.category, s.start, s.end, False)
+            for s in reads.blocking(run_id, rank, lo, hi)
+        ]
         found += [
             SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False)
             for s in new.get((run_id, rank), [])
@@ -543,12 +549,14 @@ def _span_buckets_upsert(insert: Callable[[Table], Any]) -> Any:
 
 
 def flag_clashes(
-    session: Session, spans: Sequence[SpanLike]
+    session: Session, spans: Sequence[SpanLike], reads: RankReads | None = None
 ) -> tuple[list[bool], list[float | None]]:
     """Whether each new span (records not yet stored) shares time with another blocking span
     of its rank, stored or new, and the seconds charged to it if so. The stored spans it
     shares time with are flagged and charged anew here, and their span_totals' correction
-    moved: span_totals alone give each category's seconds charged by precedence."""
+    moved: span_totals alone give each category's seconds charged by precedence. `reads`:
+    the batch's reads of stored rows (a rank's are not read again once it is charged)."""
+    reads = reads or RankReads(session)
     flags: list[bool] = [False] * len(spans)
     charged: list[float | None] = [None] * len(spans)
     mine = [i for i, s in enumerate(spans) if not s.overlapped]
@@ -556,7 +564,7 @@ def flag_clashes(
         new = sorted(idx, key=lambda i: spans[i].start)
         lo, hi = spans[new[0]].start, max(spans[i].end for i in new)
         hit: list[Blocking] = []
-        for s in stored_blocking(session, run_id, rank, lo, hi):
+        for s in reads.blocking(run_id, rank, lo, hi):
             clash = [i for i in new if spans[i].start < s.end and s.start < spans[i].end]
             for i in clash:
                 flags[i] = True
@@ -573,7 +581,7 @@ def flag_clashes(
             continue
         a = min([spans[i].start for i in clashing] + [s.start for s in hit])
         b = max([spans[i].end for i in clashing] + [s.end for s in hit])
-        stored = stored_blocking(session, run_id, rank, a, b)
+        stored = reads.blocking(run_id, rank, a, b)
         every = [SpanIn(s.attempt, rank, s.category, s.start, s.end, False) for s in stored]
         every += [
             SpanIn(spans[i].attempt, rank, spans[i].category, spans[i].start, spans[i].end, False)
@@ -635,31 +643,27 @@ def _recharge(
     )
 
 
-def block_stored_steps(session: Session, spans: Sequence[SpanLike]) -> None:
+def block_stored_steps(
+    session: Session, spans: Sequence[SpanLike], reads: RankReads | None = None
+) -> None:
     """Measure again the blocked time of the stored steps that new blocking spans (records
     not yet stored) touch: the union of every blocking span of the rank inside the step,
     stored or new. Their step_blocks move by the same amounts. Run before this batch's steps
     are inserted, which `blocked_of` measures against these spans instead."""
+    reads = reads or RankReads(session)
     blocking = [s for s in spans if not s.overlapped]
     for (run_id, rank), mine in grouped(blocking, lambda s: (s.run_id, s.rank)).items():
-        _block_stored_steps(session, run_id, rank, mine)
+        _block_stored_steps(reads, run_id, rank, mine)
 
 
 def steps_overlapping(
-    session: Session, run_id: str, rank: int, lo: float, hi: float, *extra: _SQL
+    reads: RankReads, run_id: str, rank: int, lo: float, hi: float, *extra: _SQL
 ) -> list[Row[Any]]:
     """The rank's stored steps (any attempt) that overlap (lo, hi), as rows of attempt,
     step, start, end and the `extra` columns: found through the fine blocks whose time span
     meets the interval (ix_step_blocks_last_end), then by key, a run of blocks at a time."""
-    candidates = session.execute(
-        select(StepBlock.attempt, StepBlock.block).where(
-            StepBlock.run_id == run_id,
-            StepBlock.rank == rank,
-            StepBlock.level == FINE,
-            StepBlock.last_end > lo,
-            StepBlock.first_start < hi,
-        )
-    ).all()
+    session = reads.session
+    candidates = reads.step_blocks(run_id, rank, lo, hi)
     out: list[Row[Any]] = []
     for attempt, blocks in grouped(candidates, lambda c: c.attempt).items():
         for first, last in consecutive(sorted(c.block for c in blocks)):
@@ -675,9 +679,10 @@ def steps_overlapping(
     return out
 
 
-def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[_S]) -> None:
+def _block_stored_steps(reads: RankReads, run_id: str, rank: int, spans: list[_S]) -> None:
+    session = reads.session
     lo, hi = min(s.start for s in spans), max(s.end for s in spans)
-    rows = steps_overlapping(session, run_id, rank, lo, hi, Step.blocked_s)
+    rows = steps_overlapping(reads, run_id, rank, lo, hi, Step.blocked_s)
     if not rows:
         return
     new = [SpanIn(s.attempt, s.rank, s.category, s.start, s.end, False) for s in spans]
@@ -686,7 +691,11 @@ def _block_stored_steps(session: Session, run_id: str, rank: int, spans: list[_S
     if not touched:
         return
     reach = (min(r.start for r in touched), max(r.end for r in touched))
-    index = SpanIndex(stored_blocking_spans(session, run_id, rank, *reach) + new)
+    stored = [
+        SpanIn(s.attempt, rank, s.category, s.start, s.end, False)
+        for s in reads.blocking(run_id, rank, *reach)
+    ]
+    index = SpanIndex(stored + new)
     blocked = index.overlaps([(r.start, r.end) for r in touched])
     added = [  # attempt, step, the seconds added
         (r.attempt, r.step, x - r.blocked_s)
