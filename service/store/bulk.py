@@ -2,9 +2,10 @@
 store, so callers pass a Session and nothing here commits.
 
 A batch of 10,000 records spends most of its time in per-row work, so these rows go to the
-driver as plain values, a few hundred rows per INSERT (multi-row VALUES, in SQL built once
-per table, dialect and row count), without SQLAlchemy's per-row parameter processing (the
-one typed column among them, the packed routing histograms, is packed by the caller).
+driver as plain values, without SQLAlchemy's per-row parameter processing (the one typed
+column among them, the packed routing histograms, is packed by the caller): on SQLite a few
+hundred rows per INSERT (multi-row VALUES, in SQL built once per table, dialect and row
+count), on PostgreSQL a one-row INSERT in one executemany (insert_rows says why).
 
 Every insert says ON CONFLICT DO NOTHING and checks its row count: a row whose key was taken
 raises AlreadyStored, so a caller that stored a batch as all new rolls it back
@@ -136,12 +137,20 @@ def insert_rows(
     if not rows:
         return
     conn = session.connection()
-    per = max(1, min(INSERT_ROWS, MAX_PARAMETERS // len(columns)))
-    done = 0
-    for i in range(0, len(rows), per):
-        part = rows[i : i + per]
-        sql = _insert_sql(conn.dialect, table, columns, len(part))
-        done += conn.exec_driver_sql(sql, tuple(chain.from_iterable(part))).rowcount
+    if conn.dialect.name == "postgresql":
+        # One row a statement, all in one executemany, which psycopg sends as one pipeline:
+        # psycopg parses a statement's placeholders in Python whenever it binds more than 50
+        # parameters (it caches only smaller ones), and that parse cost more than the rest
+        # of the insert (10 routing rows: ~0.57 -> ~0.37 ms of CPU; 200: ~15 -> ~4.9 ms).
+        sql = _insert_sql(conn.dialect, table, columns, 1)
+        done = conn.exec_driver_sql(sql, rows).rowcount  # psycopg sums the statements'
+    else:
+        per = max(1, min(INSERT_ROWS, MAX_PARAMETERS // len(columns)))
+        done = 0
+        for i in range(0, len(rows), per):
+            part = rows[i : i + per]
+            sql = _insert_sql(conn.dialect, table, columns, len(part))
+            done += conn.exec_driver_sql(sql, tuple(chain.from_iterable(part))).rowcount
     if done != len(rows):
         raise AlreadyStored(f"{table.name}: {len(rows) - done} of {len(rows)} rows were stored")
 

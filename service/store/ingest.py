@@ -447,6 +447,11 @@ def _store_runs(
 _TIME_FIELDS = ("start", "time", "end")  # a record's earliest time, by kind (routing: none)
 
 
+_RUNS_STORED = select(rollup_common.table_of(Run).c.run_id).where(
+    rollup_common.table_of(Run).c.run_id.in_(bindparam("ids", expanding=True))
+)
+
+
 def _placeholder_runs(
     session: Session, records: Sequence[Record], wanted: set[str], now: float
 ) -> None:
@@ -455,7 +460,8 @@ def _placeholder_runs(
     batch (else now), empty receipt parts."""
     if not wanted:
         return
-    missing = wanted - set(session.scalars(select(Run.run_id).where(Run.run_id.in_(wanted))))
+    stored = session.connection().execute(_RUNS_STORED, {"ids": sorted(wanted)}).scalars()
+    missing = wanted - set(stored)
     if not missing:
         return
     earliest: dict[str, float] = {}
@@ -952,6 +958,15 @@ _AT_END = {
 }
 
 
+_ATTEMPTS = _table(Attempt).c
+_ATTEMPT_ENDS = select(_ATTEMPTS.run_id, _ATTEMPTS.attempt, _ATTEMPTS.rank, _ATTEMPTS.end).where(
+    tuple_(_ATTEMPTS.run_id, _ATTEMPTS.attempt, _ATTEMPTS.rank).in_(
+        bindparam("keys", expanding=True)
+    ),
+    _ATTEMPTS.end.is_not(None),
+)
+
+
 def _after_attempt_end(
     session: Session, by_kind: dict[str, list[tuple[int, Any]]], problems: _Problems
 ) -> None:
@@ -963,17 +978,12 @@ def _after_attempt_end(
         keys.update(map(_ATTEMPT_KEY, map(_SECOND, by_kind.get(kind, ()))))
     if not keys:
         return
-    table = _table(Attempt)
     ordered = sorted(keys)
     ends: dict[_AttemptKey, float] = {}
+    conn = session.connection()
     for j in range(0, len(ordered), _KEYS_PER_QUERY):
-        stmt = select(table.c.run_id, table.c.attempt, table.c.rank, table.c.end).where(
-            tuple_(table.c.run_id, table.c.attempt, table.c.rank).in_(
-                ordered[j : j + _KEYS_PER_QUERY]
-            ),
-            table.c.end.is_not(None),
-        )
-        ends.update(((r, a, k), e) for r, a, k, e in session.execute(stmt))
+        found = conn.execute(_ATTEMPT_ENDS, {"keys": ordered[j : j + _KEYS_PER_QUERY]})
+        ends.update(((r, a, k), e) for r, a, k, e in found)
     for _, rec in by_kind.get("attempt_end", ()):
         ends.setdefault(_ATTEMPT_KEY(rec), rec.end)
     if not ends:

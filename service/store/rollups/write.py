@@ -32,6 +32,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from operator import attrgetter, itemgetter
 from typing import Any, Protocol, TypeVar, cast, overload
 
@@ -39,6 +40,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     Table,
+    TextClause,
     and_,
     bindparam,
     case,
@@ -196,20 +198,36 @@ def lock_runs(
     ids = sorted(set(run_ids))
     if not ids:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
         exclusive = ranks is None
         keys = {(_lock_key(r), -1) for r in ids}
         keys |= {(_lock_key(r), rank) for r, rank in (ranks or ())}
-        for key, sub in sorted(keys):
-            run_level_shared = sub == -1 and not exclusive
-            fn = "pg_advisory_xact_lock_shared" if run_level_shared else "pg_advisory_xact_lock"
-            session.execute(text(f"SELECT {fn}(:k, :r)"), {"k": key, "r": sub})
+        ordered = sorted(keys)
+        shared = tuple(sub == -1 and not exclusive for _, sub in ordered)
+        params: dict[str, int] = {}
+        for i, (key, sub) in enumerate(ordered):
+            params[f"k{i}"], params[f"r{i}"] = key, sub
+        conn.execute(_locks_statement(shared), params)  # one statement, the locks in order
     else:
-        session.execute(
-            update(table_of(Run))
-            .where(table_of(Run).c.run_id.in_(ids))
-            .values(ingested_at=Run.ingested_at)
-        )
+        conn.execute(_TOUCH_RUNS, {"ids": ids})
+
+
+_TOUCH_RUNS = (
+    update(table_of(Run))
+    .where(table_of(Run).c.run_id.in_(bindparam("ids", expanding=True)))
+    .values(ingested_at=table_of(Run).c.ingested_at)
+)
+
+
+@lru_cache(maxsize=256)
+def _locks_statement(shared: tuple[bool, ...]) -> TextClause:
+    """One SELECT taking advisory locks (:k0, :r0), (:k1, :r1), ... in that order (a target
+    list is evaluated left to right), each shared or not as `shared` says."""
+    calls = [
+        f"pg_advisory_xact_lock{'_shared' if s else ''}(:k{i}, :r{i})" for i, s in enumerate(shared)
+    ]
+    return text("SELECT " + ", ".join(calls))
 
 
 def _lock_key(run_id: str) -> int:
