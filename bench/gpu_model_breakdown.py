@@ -23,6 +23,9 @@ p.add_argument("--steps", type=int, default=30)
 p.add_argument("--compile", action="store_true")
 p.add_argument("--spool", default="/tmp/spool")
 p.add_argument("--pattern", default="AEMEAEMEAEMR")
+p.add_argument(
+    "--no-families", action="store_true", help="the run only: no per-family timing after it"
+)
 a = p.parse_args()
 d = a.d_model
 mc = ModelConfig(
@@ -68,6 +71,9 @@ train(mc, cfg, st, rec)
 torch.cuda.synchronize()
 print(f"train wall {time.time() - t0:.1f} s", flush=True)
 print("close", rec.close(flush_timeout_s=30))
+if a.no_families:
+    print(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    raise SystemExit(0)
 # per family: one block of each letter alone, forward + backward under bf16 autocast
 model = st.raw_model
 x0 = torch.randn(a.batch_size, a.seq_len, d, device="cuda")
