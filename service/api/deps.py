@@ -21,9 +21,10 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+async def get_sessionmaker(request: Request) -> sessionmaker[Session]:
     """For routes whose service opens its unit of work itself and commits it before they
-    answer, as ingest does."""
+    answer, as ingest does. Async, so that FastAPI does not send it to the thread pool (a
+    sync dependency is one more trip there and back per request)."""
     factory: sessionmaker[Session] = request.app.state.sessionmaker
     return factory
 

@@ -264,11 +264,13 @@ def ingest(session: Session, records: Sequence[Record]) -> IngestResult:
     now = time.time()
     problems = _Problems()
     _future_dates(by_kind, now, problems)
+    ends = _stored_ends(session, by_kind)
     run_records = by_kind.get("run", [])
     inserted = _store_runs(session, run_records, now, problems)
-    _placeholder_runs(session, records, run_ids - {r.run_id for _, r in run_records}, now)
+    known = {r.run_id for _, r in run_records} | {k[0] for k in ends}  # stored, or now
+    _placeholder_runs(session, records, run_ids - known, now)
     inserted += _start_attempts(session, by_kind.get("attempt_start", []), problems)
-    _after_attempt_end(session, by_kind, problems)
+    _after_attempt_end(by_kind, ends, problems)
     for kind, model in _TABLES.items():
         inserted += _store_rows(session, kind, model, by_kind.get(kind, []), problems)
     inserted += _store_per_step(session, by_kind, problems)
@@ -962,28 +964,38 @@ _ATTEMPTS = _table(Attempt).c
 _ATTEMPT_ENDS = select(_ATTEMPTS.run_id, _ATTEMPTS.attempt, _ATTEMPTS.rank, _ATTEMPTS.end).where(
     tuple_(_ATTEMPTS.run_id, _ATTEMPTS.attempt, _ATTEMPTS.rank).in_(
         bindparam("keys", expanding=True)
-    ),
-    _ATTEMPTS.end.is_not(None),
+    )
 )
 
 
-def _after_attempt_end(
-    session: Session, by_kind: dict[str, list[tuple[int, Any]]], problems: _Problems
-) -> None:
-    """An error for each step, span, checkpoint or heartbeat later than its attempt rank's
-    end: the one stored, else the batch's attempt_end. One read of the batch's attempt
-    ranks (a few hundred a query) whatever their records."""
+def _stored_ends(
+    session: Session, by_kind: dict[str, list[tuple[int, Any]]]
+) -> dict[_AttemptKey, float | None]:
+    """The stored attempt rows of the batch's steps, spans, checkpoints, heartbeats and
+    metrics: each one's end (None while it has none). One read of the batch's attempt ranks
+    (a few hundred a query) whatever their records, before the batch writes attempts (which
+    sets no end before _after_attempt_end reads these); an attempt row found also says its
+    run is stored."""
     keys: set[_AttemptKey] = set()
     for kind in _AT_END:
         keys.update(map(_ATTEMPT_KEY, map(_SECOND, by_kind.get(kind, ()))))
-    if not keys:
-        return
     ordered = sorted(keys)
-    ends: dict[_AttemptKey, float] = {}
+    ends: dict[_AttemptKey, float | None] = {}
     conn = session.connection()
     for j in range(0, len(ordered), _KEYS_PER_QUERY):
         found = conn.execute(_ATTEMPT_ENDS, {"keys": ordered[j : j + _KEYS_PER_QUERY]})
         ends.update(((r, a, k), e) for r, a, k, e in found)
+    return ends
+
+
+def _after_attempt_end(
+    by_kind: dict[str, list[tuple[int, Any]]],
+    stored: dict[_AttemptKey, float | None],
+    problems: _Problems,
+) -> None:
+    """An error for each step, span, checkpoint or heartbeat later than its attempt rank's
+    end: the one stored (`stored`: _stored_ends), else the batch's attempt_end."""
+    ends = {k: e for k, e in stored.items() if e is not None}
     for _, rec in by_kind.get("attempt_end", ()):
         ends.setdefault(_ATTEMPT_KEY(rec), rec.end)
     if not ends:
