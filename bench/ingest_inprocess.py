@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest_inprocess.py            # the 20,000-step workload, 3 rounds
     .venv/bin/python bench/ingest_inprocess.py --quick    # the smoke test's run
+    .venv/bin/python bench/ingest_inprocess.py --load-batches [--code DIR] [--profile N]
 
 The workload and its request bodies are bench/ingest.py's (part 1). Each round stores them
 into a fresh SQLite file the way `POST /api/v1/ingest` does (`parse_batch`: pydantic-core
@@ -10,6 +11,18 @@ the two parts. Rounds alternate between the cyclic garbage collector left runnin
 thresholds) and paused for each batch as the server pauses it (`service.services.gc_pause`), each
 after `gc.freeze()` as the server does; the best round of each is printed, and the last line
 is `ingest_inprocess: collector_steps_per_s=<x> paused_steps_per_s=<y> ratio=<y/x>`.
+
+`--load-batches` times instead the whole server path of bench/load.py's batches (5 steps,
+their 5 data-stall spans and 10 routing records; the first also the run, the attempt start
+and the startup span), on SQLite and on PostgreSQL (`--pg-url`, dropped and created again):
+each request is one ASGI call of the app (middleware, body, dependencies, the route in the
+thread pool, validation, the store, the commit, the answer; not the HTTP parse), `--ranks`
+ranks of as many runs posting in turn, `--batches` each. Per db it prints the mean and median
+wall ms and the mean CPU ms (this process, all threads) per batch after `--warmup` rounds,
+and `ingest_inprocess_load: db=<db> ... cpu_ms_per_batch=<x>`. `--code DIR` measures the
+service in DIR (another checkout: `git worktree add /tmp/before <sha>`), the bodies being
+this checkout's; `--profile N` prints cProfile's N costliest functions (by own time, with
+their callers' totals) of the first db, its timer the CPU clock.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,11 +38,25 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+
+def _code_root(argv: list[str]) -> Path:
+    """The checkout whose service is measured: `--code DIR`, else this one."""
+    for i, a in enumerate(argv):
+        if a == "--code" and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if a.startswith("--code="):
+            return Path(a.split("=", 1)[1]).resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+CODE = _code_root(sys.argv)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(CODE))  # first: the benches imported below put this checkout first
+os.environ["PYTHONPATH"] = os.pathsep.join(  # `goodput db upgrade` runs CODE's migrations
+    [str(CODE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 
-from ingest import Workload, our_batches, seeded_id  # noqa: E402
-
+import service  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.services import gc_pause  # noqa: E402
 from service.services.ingest import parse_batch  # noqa: E402
@@ -81,12 +109,135 @@ def one_round(bodies: list[bytes], steps: int, pause: bool) -> Round:
     return Round(steps, validate, store)
 
 
+async def _asgi_post(app: Any, body: bytes) -> int:
+    """POST /api/v1/ingest as one ASGI call of the app; the answer's status."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/ingest",
+        "raw_path": b"/api/v1/ingest",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    status = [0]
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+async def _drive(
+    app: Any, rounds: list[list[bytes]], warmup: int, prof: Any
+) -> tuple[list[float], list[float]]:
+    """Post every round's bodies in turn; (wall, CPU) seconds of each after `warmup` rounds."""
+    wall: list[float] = []
+    cpu: list[float] = []
+    for k, bodies in enumerate(rounds):
+        timed = k >= warmup
+        if timed and prof is not None:
+            prof.enable()
+        for body in bodies:
+            w, c = time.perf_counter(), time.process_time()
+            status = await _asgi_post(app, body)
+            if timed:
+                wall.append(time.perf_counter() - w)
+                cpu.append(time.process_time() - c)
+            assert status == 200, f"round {k}: status {status}"
+        if prof is not None:
+            prof.disable()
+    return wall, cpu
+
+
+def load_batches(args: argparse.Namespace) -> None:
+    """--load-batches: bench/load.py's batches through the whole app, per batch."""
+    import asyncio
+    import cProfile
+    import pstats
+    import statistics
+
+    from load import Records, fresh_postgres
+
+    sys.path.insert(0, str(CODE))  # load.py put this checkout first
+
+    t0 = time.time() - 3600.0
+    ranks = [Records(f"inproc-{i:04d}", 0, 1, t0, args.seed) for i in range(args.ranks)]
+    rounds = [[r.batch(k) for r in ranks] for k in range(args.batches)]
+    for n_db, db in enumerate(args.dbs.split(",")):
+        prof = cProfile.Profile(time.process_time) if args.profile_n and n_db == 0 else None
+        with tempfile.TemporaryDirectory(prefix="ingest-inprocess-") as tmp:
+            if db == "postgresql":
+                fresh_postgres(args.pg_url)
+                url = args.pg_url
+            else:
+                url = f"sqlite:///{tmp}/goodput.db"
+            app = create_app(Settings(database_url=url))
+            try:
+                wall, cpu = asyncio.run(_drive(app, rounds, args.warmup, prof))
+            finally:
+                app.state.engine.dispose()
+        n = len(wall)
+        figures = (
+            f"db={db} batches={n} wall_ms_mean={1000 * sum(wall) / n:.2f} "
+            f"wall_ms_median={1000 * statistics.median(wall):.2f} "
+            f"cpu_ms_per_batch={1000 * sum(cpu) / n:.2f}"
+        )
+        print(f"ingest_inprocess_load: {figures}", flush=True)
+        if prof is not None:
+            print(f"# cProfile of db={db} (CPU clock; its overhead inflates every figure)")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile_n)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=3, help="per GC setting")
     p.add_argument("--quick", action="store_true", help="500 steps, one round each")
+    p.add_argument("--load-batches", action="store_true", help="bench/load.py's batches")
+    p.add_argument("--code", default=str(CODE), help="the checkout whose service is measured")
+    p.add_argument("--dbs", default="sqlite,postgresql", help="with --load-batches")
+    p.add_argument("--ranks", type=int, default=16, help="with --load-batches")
+    p.add_argument("--batches", type=int, default=25, help="per rank, with --load-batches")
+    p.add_argument("--warmup", type=int, default=5, help="rounds untimed, with --load-batches")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/inprocbench")
+    p.add_argument("--profile", dest="profile_n", type=int, default=0, metavar="N")
     args = p.parse_args(argv)
+    if args.load_batches:
+        head = subprocess.run(
+            ["git", "-C", str(CODE), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+        )
+        print(f"# command: bench/ingest_inprocess.py {' '.join(argv or sys.argv[1:])}")
+        where = Path(service.__file__).parent.parent
+        load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(
+            f"# service from {where} (git HEAD {head.stdout.strip() or 'unknown'}); Python "
+            f"{sys.version.split()[0]}; {os.cpu_count()} cores, load average {load_avg}",
+            flush=True,
+        )
+        load_batches(args)
+        return
+    from ingest import Workload, our_batches, seeded_id
+
     if args.quick:
         args.steps, args.rounds = 500, 1
     w = Workload(steps=args.steps, layers=(1,), checkpoint_every=100)
