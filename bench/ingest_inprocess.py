@@ -22,7 +22,8 @@ wall ms and the mean CPU ms (this process, all threads) per batch after `--warmu
 and `ingest_inprocess_load: db=<db> ... cpu_ms_per_batch=<x>`. `--code DIR` measures the
 service in DIR (another checkout: `git worktree add /tmp/before <sha>`), the bodies being
 this checkout's; `--profile N` prints cProfile's N costliest functions (by own time, with
-their callers' totals) of the first db, its timer the CPU clock.
+their callers' totals) of the first db, its timer the CPU clock; `--sections` the CPU
+time of the path's functions (SECTIONS, inclusive) and the statements, per batch.
 """
 
 from __future__ import annotations
@@ -144,14 +145,91 @@ async def _asgi_post(app: Any, body: bytes) -> int:
     return status[0]
 
 
+# --sections: the functions of a batch's path timed (inclusive CPU time of their thread);
+# those a checkout lacks are skipped.
+SECTIONS = {
+    "service.services.ingest": ("ingest", "parse_batch", "store_body"),
+    "service.store.ingest": (
+        *("ingest", "_store_runs", "_placeholder_runs", "_start_attempts", "_stored_ends"),
+        *("_after_attempt_end", "_store_rows", "_store_per_step", "_overlapping_steps"),
+        *("_store_new", "_routing_row", "_end_attempts", "_heartbeats"),
+    ),
+    "service.store.rollups.write": (
+        *("lock_runs", "blocked_of", "block_stored_steps", "flag_clashes", "add_steps"),
+        *("_add_micro_blocks", "add_spans", "_add_span_buckets", "add_routing"),
+    ),
+    "service.store.bulk": ("insert_rows", "upsert_rows", "probe_new"),
+}
+
+
+class Sections:
+    """Inclusive CPU seconds and calls of SECTIONS, and statements by their first words."""
+
+    def __init__(self) -> None:
+        import collections
+        import functools
+        import importlib
+
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        self.on = False
+        self.cpu: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.statements: collections.Counter[str] = collections.Counter()
+        for name, functions in SECTIONS.items():
+            module = importlib.import_module(name)
+            for fn in functions:
+                if hasattr(module, fn):
+                    key = f"{name.removeprefix('service.')}.{fn}"
+                    orig = getattr(module, fn)
+                    setattr(module, fn, functools.wraps(orig)(self._timed(key, orig)))
+
+        @event.listens_for(Engine, "before_cursor_execute")
+        def _count(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+            if self.on:
+                words = statement.split()
+                verb = words[0] if words else "?"
+                where = {"INSERT": 2, "UPDATE": 1, "SELECT": -1}.get(verb)
+                table = ""
+                if verb == "SELECT" and "FROM" in words:
+                    table = words[words.index("FROM") + 1]
+                elif where is not None and where > 0 and len(words) > where:
+                    table = words[where]
+                self.statements[f"{verb} {table}".strip()] += 1
+
+    def _timed(self, key: str, orig: Any) -> Any:
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return orig(*a, **k)
+            finally:
+                if self.on:
+                    self.cpu[key] += time.thread_time() - t
+                    self.calls[key] += 1
+
+        return timed
+
+    def report(self, batches: int) -> None:
+        for key, sec in sorted(self.cpu.items(), key=lambda kv: -kv[1]):
+            calls = self.calls[key] / batches
+            print(f"#   {1000 * sec / batches:7.3f} ms  {calls:5.1f} calls  {key}")
+        total = sum(self.statements.values()) / batches
+        print(f"#   statements per batch: {total:.2f}")
+        for what, n in self.statements.most_common():
+            print(f"#   {n / batches:7.2f}  {what}")
+
+
 async def _drive(
-    app: Any, rounds: list[list[bytes]], warmup: int, prof: Any
+    app: Any, rounds: list[list[bytes]], warmup: int, prof: Any, sections: Sections | None
 ) -> tuple[list[float], list[float]]:
     """Post every round's bodies in turn; (wall, CPU) seconds of each after `warmup` rounds."""
     wall: list[float] = []
     cpu: list[float] = []
     for k, bodies in enumerate(rounds):
         timed = k >= warmup
+        if sections is not None:
+            sections.on = timed
         if timed and prof is not None:
             prof.enable()
         for body in bodies:
@@ -180,6 +258,7 @@ def load_batches(args: argparse.Namespace) -> None:
     t0 = time.time() - 3600.0
     ranks = [Records(f"inproc-{i:04d}", 0, 1, t0, args.seed) for i in range(args.ranks)]
     rounds = [[r.batch(k) for r in ranks] for k in range(args.batches)]
+    sections = Sections() if args.sections else None
     for n_db, db in enumerate(args.dbs.split(",")):
         prof = cProfile.Profile(time.process_time) if args.profile_n and n_db == 0 else None
         with tempfile.TemporaryDirectory(prefix="ingest-inprocess-") as tmp:
@@ -190,7 +269,7 @@ def load_batches(args: argparse.Namespace) -> None:
                 url = f"sqlite:///{tmp}/goodput.db"
             app = create_app(Settings(database_url=url))
             try:
-                wall, cpu = asyncio.run(_drive(app, rounds, args.warmup, prof))
+                wall, cpu = asyncio.run(_drive(app, rounds, args.warmup, prof, sections))
             finally:
                 app.state.engine.dispose()
         n = len(wall)
@@ -200,6 +279,13 @@ def load_batches(args: argparse.Namespace) -> None:
             f"cpu_ms_per_batch={1000 * sum(cpu) / n:.2f}"
         )
         print(f"ingest_inprocess_load: {figures}", flush=True)
+        if sections is not None:
+            print(f"# db={db}: where a batch's CPU goes, per batch (inclusive; timers add some)")
+            sections.report(n)
+            sections.on = False
+            sections.cpu.clear()
+            sections.calls.clear()
+            sections.statements.clear()
         if prof is not None:
             print(f"# cProfile of db={db} (CPU clock; its overhead inflates every figure)")
             pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile_n)
@@ -219,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/inprocbench")
     p.add_argument("--profile", dest="profile_n", type=int, default=0, metavar="N")
+    p.add_argument("--sections", action="store_true", help="CPU per function and statements")
     args = p.parse_args(argv)
     if args.load_batches:
         head = subprocess.run(
