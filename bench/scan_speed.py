@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from moe_core import recurrent, ssm
+from moe_core import recurrent, scan_fused, ssm
 from moe_core.recurrent import RecurrentBlock
 from moe_core.ssm import MambaBlock
 
@@ -141,6 +141,8 @@ def build(letter: str, d_model: int, chunk: int, device: torch.device) -> nn.Mod
         if letter == "M"
         else RecurrentBlock(d_model, chunk_size=chunk)
     )
+    if letter == "M":
+        block.fused_scan = False  # "old" and "new" are the chunked scans; "fused" is timed apart
     return block.to(device)
 
 
@@ -177,9 +179,18 @@ def bench_block(
         finally:
             block.checkpoint_scan = True
 
+    def fused() -> None:
+        block.fused_scan = True
+        try:
+            timer.step(block, x)
+        finally:
+            block.fused_scan = False
+
     variants: dict[str, Callable[[], None]] = {"old": old, "new": new}
     if letter == "M":
         variants["new_nockpt"] = new_no_checkpoint  # the scan's states kept, not recomputed
+        if scan_fused.available(x):
+            variants["fused"] = fused  # the Triton scan (moe_core/scan_fused.py)
     times: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, float] = {}
     for name, fn in variants.items():
@@ -198,6 +209,14 @@ def bench_block(
     figures += f" ratio={ms['old'] / ms['new']:.2f}"
     if "new_nockpt" in ms:
         figures += f" ratio_nockpt={ms['old'] / ms['new_nockpt']:.2f}"
+    if "fused" in ms:
+        figures += f" new_over_fused={ms['new'] / ms['fused']:.2f}"
+        with torch.no_grad(), timer.autocast():
+            chunked = block(x)[0].float()
+            block.fused_scan = True
+            at_once = block(x)[0].float()
+            block.fused_scan = False
+        figures += f" fused_abs_diff={float((chunked - at_once).abs().max()):.2e}"
     memory = "".join(f" {name}_peak_gib={peak:.2f}" for name, peak in peaks.items())
     print(
         f"scan_speed: block={letter} shape={batch}x{seq}x{d_model} chunk={chunk} {figures} "

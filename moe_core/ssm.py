@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moe_core import scan_fused
 from moe_core.recurrent import (
     causal_conv1d,
     chunked_scan,
@@ -106,6 +107,9 @@ class MambaBlock(nn.Module):
         self.d_state, self.chunk_size = d_state, chunk_size
         self.dt_min, self.dt_max = dt_min, dt_max
         self.checkpoint_scan = checkpoint_scan
+        # On CUDA with Triton the scan runs fused (scan_fused.py): states stay on chip, and
+        # the backward recomputes them from a few saved ones, so no checkpoint is needed.
+        self.fused_scan = True
         self.dt_rank = math.ceil(d_model / 16)  # Mamba's default low rank for dt
         self.norm = nn.RMSNorm(d_model, eps=1e-6)
         self.in_proj = nn.Linear(d_model, 2 * width, bias=False)  # x branch and gate z
@@ -142,13 +146,16 @@ class MambaBlock(nn.Module):
     def _scan(
         self, x_BTW: Tensor, dt_BTW: Tensor, A_WN: Tensor, B_BTN: Tensor, C_BTN: Tensor
     ) -> Tensor:
-        """The chunked scan, recomputed in backward when training (``checkpoint_scan``).
+        """The fused scan where it can run (CUDA with Triton, ``fused_scan``), else the chunked
+        scan, recomputed in backward when training (``checkpoint_scan``).
 
         The scan saves three fp32 [B, T, W, N] tensors for backward (the decays, the chunks'
         local states, the states), each 32x a [B, T, W] bf16 activation at d_state 16: several
         times the rest of the block's activations. Keeping only its small inputs and
         recomputing costs a forward of the scan (``bench/scan_speed.py`` times both ways).
         """
+        if self.fused_scan and scan_fused.available(x_BTW):
+            return scan_fused.selective_scan_fused(x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, self.D)
         args = (x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, self.D, self.chunk_size)
         if self.checkpoint_scan and torch.is_grad_enabled():
             return checkpoint(selective_scan_chunked, *args, use_reentrant=False)
