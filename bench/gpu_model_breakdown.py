@@ -64,7 +64,7 @@ rec = Recorder(
     runtime_policy=runtime_policy(mc, cfg, 1),
     heartbeat_s=0,
 )
-rec.watch(st.raw_model)
+rec.watch(st.model)
 rec.profile(a.steps - 6, 2, trace_dir=a.spool + "/traces")
 t0 = time.time()
 train(mc, cfg, st, rec)

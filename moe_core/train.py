@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with rec.span("startup"):
             state = setup(model_cfg, cfg, run_id, resume, _ddp_wrapper(cfg, layout), layout)
-        rec.watch(state.raw_model)
+        rec.watch(state.model)  # what the loop calls: compiled or DDP-wrapped, as it runs
         result = _run_with_progress(model_cfg, cfg, state, rec, show=not args.no_progress)
     except BaseException as exc:
         rec.close(

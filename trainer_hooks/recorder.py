@@ -401,7 +401,9 @@ class Recorder:
         return SpanHandle(self, category, overlapped, step)
 
     def watch(self, model: Any) -> None:
-        """Find the model's MoE counters and dispatchers; probe SDPA on the next eager step."""
+        """Find the model's MoE counters and dispatchers; probe SDPA on the next eager step.
+        Pass the model the loop calls (the torch.compile'd or DDP-wrapped one): the receipt's
+        `compile` seam is observed from it."""
         self._guard(self._parts.watch, model)
 
     def checkpoint_committed(self, step: int, ok: bool = True) -> None:
