@@ -16,6 +16,8 @@ y_t = C_t . h_t + D x_t, computed in fp32 whatever the inputs' dtype. It is expo
 opaque call. Without Triton or CUDA, ``available`` is False and the M block keeps the chunked
 scan; tests/moe_core/test_scan_fused.py checks both against the step-by-step reference
 (on the CPU through Triton's interpreter, TRITON_INTERPRET=1, where Triton is installed).
+The number of chunks is a compile-time constant of the kernels (the interpreter needs loop
+bounds it can read): each new sequence length compiles them once more.
 """
 
 from __future__ import annotations
