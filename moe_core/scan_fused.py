@@ -40,9 +40,23 @@ BLOCK_W = 32  # channels per program
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(x: Tensor) -> bool:
-    """Whether the fused scan can run on x's device (CUDA with Triton, or the interpreter)."""
+def fits(batch: int, length: int, width: int, d_state: int) -> bool:
+    """Whether every flat offset the kernels compute fits in int32 (they index with it)."""
+    chunks = -(-length // CHUNK)
+    largest = max(
+        batch * length * width,  # x, dt, y and their gradients
+        batch * length * -(-width // BLOCK_W) * d_state,  # the per-block sums for dB, dC
+        batch * (chunks + CHUNK) * width * d_state,  # saved states, the backward's scratch
+    )
+    return largest < 2**31
+
+
+def available(x: Tensor, d_state: int = 16) -> bool:
+    """Whether the fused scan can run on x's device (CUDA with Triton, or the interpreter)
+    at x's size, [B, T, W] with `d_state` states a channel."""
     if triton is None or x.dtype == torch.float64:  # fp64 stays fp64 in the chunked scan
+        return False
+    if x.dim() == 3 and not fits(*x.shape, d_state):
         return False
     if os.environ.get("GOODPUT_FUSED_SCAN") == "0":  # the way back to the chunked scan
         return False

@@ -154,7 +154,7 @@ class MambaBlock(nn.Module):
         times the rest of the block's activations. Keeping only its small inputs and
         recomputing costs a forward of the scan (``bench/scan_speed.py`` times both ways).
         """
-        if self.fused_scan and scan_fused.available(x_BTW):
+        if self.fused_scan and scan_fused.available(x_BTW, self.d_state):
             return scan_fused.selective_scan_fused(x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, self.D)
         args = (x_BTW, dt_BTW, A_WN, B_BTN, C_BTN, self.D, self.chunk_size)
         if self.checkpoint_scan and torch.is_grad_enabled():

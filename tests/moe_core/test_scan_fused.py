@@ -14,7 +14,7 @@ from tests.moe_core.scan_reference import selective_scan_naive
 from tests.moe_core.test_scan_equivalence import _selective_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
+needs_triton = pytest.mark.skipif(
     not scan_fused.available(torch.empty(0, device=DEVICE)),
     reason="needs Triton on CUDA, or TRITON_INTERPRET=1 with Triton on the CPU",
 )
@@ -46,6 +46,7 @@ def _outputs_and_grads(scan, inputs, weights):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
+@needs_triton
 @pytest.mark.parametrize(("batch", "length", "width", "d_state", "chunk", "block_w"), CASES)
 def test_fused_scan_matches_the_reference(
     monkeypatch: pytest.MonkeyPatch,
@@ -72,6 +73,7 @@ def test_fused_scan_matches_the_reference(
         _close(grad, grad_ref)
 
 
+@needs_triton
 def test_the_m_block_runs_the_fused_scan_and_equals_the_chunked_one() -> None:
     torch.manual_seed(0)
     block = MambaBlock(16, chunk_size=8).to(DEVICE)
@@ -89,3 +91,10 @@ def test_the_m_block_runs_the_fused_scan_and_equals_the_chunked_one() -> None:
     torch.testing.assert_close(y_fused, y_chunked, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_fused, g_chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sizes_whose_offsets_overflow_int32_keep_the_chunked_scan() -> None:
+    assert scan_fused.fits(8, 2048, 2048, 16)  # the model: 8 x 2048 x (2 x 1024)
+    assert not scan_fused.fits(64, 8192, 8192, 16)  # x alone has 2^32 elements
+    assert not scan_fused.fits(4, 2**16, 2**12, 64)  # the per-block sums overflow, x does not
+    assert scan_fused.fits(4, 2**16, 2**12, 1)
