@@ -172,19 +172,21 @@ def bench_block(
         with old_scans():
             timer.step(block, x)
 
-    def new_no_checkpoint() -> None:
-        block.checkpoint_scan = False
-        try:
-            timer.step(block, x)
-        finally:
-            block.checkpoint_scan = True
+    def with_block(attr: str, value: bool) -> Callable[[], None]:
+        """A step of the new block with one of its switches turned, then turned back."""
 
-    def fused() -> None:
-        block.fused_scan = True
-        try:
-            timer.step(block, x)
-        finally:
-            block.fused_scan = False
+        def step() -> None:
+            saved = getattr(block, attr)
+            setattr(block, attr, value)
+            try:
+                timer.step(block, x)
+            finally:
+                setattr(block, attr, saved)
+
+        return step
+
+    new_no_checkpoint = with_block("checkpoint_scan", False)
+    fused = with_block("fused_scan", True)
 
     variants: dict[str, Callable[[], None]] = {"old": old, "new": new}
     if letter == "M":

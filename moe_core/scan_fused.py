@@ -38,6 +38,7 @@ except ImportError:  # the CPU wheels ship no Triton: the chunked scan serves
 CHUNK = 64  # steps between saved states: the backward's scratch holds CHUNK states
 BLOCK_W = 32  # channels per program
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = os.environ.get("GOODPUT_FUSED_SCAN") != "0"  # "0": the chunked scan everywhere
 
 
 def fits(batch: int, length: int, width: int, d_state: int) -> bool:
@@ -58,7 +59,7 @@ def available(x: Tensor, d_state: int = 16) -> bool:
         return False
     if x.dim() == 3 and not fits(*x.shape, d_state):
         return False
-    if os.environ.get("GOODPUT_FUSED_SCAN") == "0":  # the way back to the chunked scan
+    if not ENABLED:
         return False
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 

@@ -94,9 +94,9 @@ class Parts:
         if watch is not None and not watch.installed():
             watch.ensure_installed()  # torch._dynamo.reset() clears callbacks
         if self.profile is not None:
-            self.profile.maybe_start(h.step, self.rec.now)
-            self.span_began_pc, self.profile.began_pc = self.profile.began_pc, None
-            self.in_profile = self.in_profile or self.span_began_pc is not None
+            self.span_began_pc = self.profile.maybe_start(h.step, self.rec.now)
+            if self.span_began_pc is not None:
+                self.in_profile = True
         if self._sdpa_armed:
             self._sdpa_armed = False
             h._probe = sdpa_probe(self.rec.observe, h.step)
@@ -133,8 +133,9 @@ class Parts:
         if steps >= self._next_poll:
             self._next_poll = steps + POLL_EVERY
             self.dispatch.poll(self.rec.observe, h.step)
-        if self.profile is not None and self.profile.maybe_stop(h.step, self.rec):
-            self.span_ended_pc = self.profile.ended_pc
+        ended = None if self.profile is None else self.profile.maybe_stop(h.step, self.rec)
+        if ended is not None:
+            self.span_ended_pc = ended
             self.in_profile = False
             self.profile = None
             self._set_enter_look()

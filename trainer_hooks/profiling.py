@@ -32,27 +32,27 @@ class ProfileWindow:
         self.cuda = cuda
         self._prof: Any = None
         self._t0 = 0.0
-        # perf_counter at the span's start and end, for the recorder: the hooks' own time
-        # inside the span (the profiler's start, its stop, the trace's export) is charged to
-        # the span, so the recorder leaves it out of its measured overhead.
-        self.began_pc: float | None = None
-        self.ended_pc: float | None = None
 
-    def maybe_start(self, step: int, clock: Callable[[], float]) -> None:
+    def maybe_start(self, step: int, clock: Callable[[], float]) -> float | None:
+        """At the window's first step: start. Returns perf_counter at the span's start (the
+        hooks' time after it is the span's, not their overhead), else None."""
         if step != self.first or self._prof is not None:
-            return
+            return None
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        self.began_pc = time.perf_counter()
+        began = time.perf_counter()
         self._t0 = clock()
         self._prof = profile(activities=acts, record_shapes=False)
         self._prof.__enter__()
+        return began
 
-    def maybe_stop(self, step: int, rec: Emitter) -> bool:
-        """At the end of the window's last step: stop, export, summarise. True when done."""
+    def maybe_stop(self, step: int, rec: Emitter) -> float | None:
+        """At the end of the window's last step: stop, export, summarise. Returns
+        perf_counter at the span's end once done (the hooks' time before it is the span's),
+        else None."""
         if self._prof is None or step < self.last:
-            return False
+            return None
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)  # waits for the device: this is profiling time
         os.makedirs(self.trace_dir, exist_ok=True)
@@ -70,9 +70,9 @@ class ProfileWindow:
             },
         )
         end = rec.now()
-        self.ended_pc = time.perf_counter()
+        ended = time.perf_counter()
         rec.emit_span("profiling", self._t0, end, step=self.first)
-        return True
+        return ended
 
     def abandon(self) -> None:
         if self._prof is not None:

@@ -11,7 +11,7 @@ import torch
 from moe_core import loop
 from moe_core.config import ModelConfig, model_plan
 from moe_core.loop import TrainConfig, setup, train
-from tests.trainer_hooks.test_recorder_parts import ListSink
+from tests.trainer_hooks.list_sink import ListSink
 from trainer_hooks import Recorder
 
 

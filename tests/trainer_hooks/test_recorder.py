@@ -9,23 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import LiveServer, free_port
+from tests.trainer_hooks.list_sink import ListSink
 from trainer_hooks import Recorder, SpoolSink, replay
 from trainer_hooks.spool import Spool
 
 SLEEP_STALL = 0.05
 SLEEP_STEP = 0.03
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
-        self.closed = False
-
-    def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        self.records.append((kind, dict(fields)))
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        self.closed = True
 
 
 class ExplodingSink(ListSink):

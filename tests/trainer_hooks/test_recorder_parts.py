@@ -12,23 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.trainer_hooks.list_sink import ListSink
 from trainer_hooks import Recorder
 from trainer_hooks.routing import finish_routing_fields
 from trainer_hooks.sink import to_payload
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        self.records.append((kind, dict(fields)))
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        pass
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for k, f in self.records if k == kind]
 
 
 def recorder(**kw: Any) -> tuple[Recorder, ListSink]:

@@ -16,25 +16,14 @@ import pytest
 
 import trainer_hooks
 from tests.conftest import LiveServer
+from tests.trainer_hooks.list_sink import ListSink as BaseListSink
 from trainer_hooks import Recorder, SpoolSink
 from trainer_hooks import recorder as recorder_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        self.records.append((kind, dict(fields)))
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        pass
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for k, f in self.records if k == kind]
-
+class ListSink(BaseListSink):
     def startups(self) -> list[dict[str, Any]]:
         return [s for s in self.of("span") if s["category"] == "startup"]
 

@@ -16,6 +16,7 @@ import torch
 from moe_core.config import ModelConfig
 from moe_core.model import build_model
 from moe_core.moe import unpack_counters
+from tests.trainer_hooks.list_sink import ListSink
 from trainer_hooks import Recorder, SpoolSink
 from trainer_hooks.recorder import ROUTING_EVERY
 from trainer_hooks.routing import finish_routing_fields
@@ -33,19 +34,6 @@ def spooled(directory: Path, kind: str) -> list[dict[str, Any]]:
         for r in map(json.loads, seg.read(0, 100_000).payloads)
         if r["kind"] == kind
     ]
-
-
-class ListSink:
-    """Takes records as they come (no batches: the layers are read one by one)."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        self.records.append((kind, dict(fields)))
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        pass
 
 
 def blocks_of(model: torch.nn.Module) -> list[Any]:
