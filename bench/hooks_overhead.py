@@ -11,10 +11,11 @@ Two figures:
   sink's background thread is excluded, as it runs beside training.
 - ratio: median step wall time with hooks on over hooks off (the GPU target is <= 1.01).
 
-The recorder reads routing every `routing_every` steps, its default (10) unless
-`--routing-every` says otherwise (1: every step, the cost the default avoids). The median
-step is then one without a read; the mean host time, also printed, spreads the reads over
-the steps.
+The recorder reads routing every `routing_every` steps and, on CUDA, touches the device on one
+step in `device_every` (events, the losses' copy, the allocator's peaks), their defaults (10)
+unless `--routing-every` / `--device-every` say otherwise (1: every step, the cost the
+defaults avoid). The median step is then a quiet one; the mean host time, also printed,
+spreads the device steps over the steps.
 
 Blocks of steps alternate on/off so drift (clocks, caches, other load) hits both alike. The
 last line is `hooks_overhead: us_per_step=<x> ratio=<y>`.
@@ -58,6 +59,12 @@ def parse() -> argparse.Namespace:
         type=int,
         default=None,
         help="the recorder's routing_every (default: the recorder's own default)",
+    )
+    p.add_argument(
+        "--device-every",
+        type=int,
+        default=None,
+        help="the recorder's device_every (default: the recorder's own default)",
     )
     p.add_argument(
         "--drain",
@@ -138,6 +145,8 @@ def main() -> None:
     batches = st.corpus.batches("train", args.batch_size, args.seq_len, seed=0)
     spool = tempfile.mkdtemp(prefix="hooks-bench-")
     every = {} if args.routing_every is None else {"routing_every": args.routing_every}
+    if args.device_every is not None:
+        every["device_every"] = args.device_every
     rec = Recorder(
         run_name="hooks-overhead",
         sink=SpoolSink(spool, None),

@@ -30,6 +30,7 @@ from moe_core.config import ModelConfig, check_ep_size, model_plan, parse_patter
 from moe_core.loop import TrainConfig, TrainResult, setup, train
 from moe_core.parallel import Layout, make_layout
 from trainer_hooks import Recorder, SpoolSink
+from trainer_hooks.device import DEVICE_EVERY
 from trainer_hooks.recorder import ROUTING_EVERY
 
 
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cost of a copy of the counters every step (default: %(default)s)",
     )
     p.add_argument(
+        "--device-every",
+        type=int,
+        default=DEVICE_EVERY,
+        help="CUDA: time one step in this many with CUDA events and read the losses of the "
+        "steps between in one copy; 1 times every step (default: %(default)s)",
+    )
+    p.add_argument(
         "--flush-timeout",
         type=float,
         default=10.0,
@@ -175,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    if args.depth < 1:
-        raise ValueError(f"depth must be >= 1, got {args.depth}")
+    for name in ("depth", "routing_every", "device_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
     pattern = args.pattern if args.depth == 1 else "".join(parse_pattern(args.pattern)) * args.depth
     model_cfg = ModelConfig(
         pattern=pattern,
@@ -343,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         device=cfg.device,
         routing_every=args.routing_every,
+        device_every=args.device_every,
         tags=args.tag,
         ablation=args.ablation,
         cell=args.cell,

@@ -72,7 +72,10 @@ class StepPoint(BaseModel):
     tokens: int
     start: float
     tokens_per_s: float | None = Field(description="tokens / step wall time")
-    device_time_s: float | None = Field(description="CUDA-event time of the step")
+    device_time_s: float | None = Field(
+        description="CUDA-event time of the step; the hooks time one step in `device_every`"
+        " (10 by default) and leave it absent on the others"
+    )
     tflops_per_s: float | None = Field(description="model FLOPs / step wall time, in TFLOP/s")
     mfu: float | None = Field(
         description="model FLOPs utilisation against the device's bf16 peak; null when the "

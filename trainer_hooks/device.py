@@ -1,52 +1,134 @@
-"""Device facts per step without synchronizing the device.
+"""Device facts per step without synchronizing the device, and without a CUDA call on most
+steps.
 
-On CUDA a step is bracketed by two events; tensors the record needs (loss, routing counters)
-are copied into pinned host memory with `non_blocking=True` before the end event, so the sink
-thread can read them, and the events' elapsed time, once `end.query()` says the step is done:
-no `.item()`, no `synchronize()`, ever, on the training thread. Pinned buffers come from
-PyTorch's caching host allocator, which reuses a block only after its copy completed.
-Off CUDA the tensors are handed over as they are.
+Every CUDA call costs the training thread tens of microseconds on a busy host, the first one
+after a step most (on the lent H100, 70-80 us for an event record or a one-element copy right
+after a step of 12 E layers, 5-10 us in a tight loop: `bench/hooks_step_ops.py`). So the
+hooks touch the device on one step in `every` (`DEVICE_EVERY`, 10), at least once a second
+(`MAX_DEFER_S`), and on the first step: a *device step*. The steps between are *quiet*:
+their loss is held on the device, as the tensor the loop returned (detached: no autograd
+graph is kept), and nothing else is asked of the device.
 
-What each step costs the training thread is kept small (every CUDA call also gives the GIL
-away, and the sink thread may hold it when the call returns): the two events come from a
-pool that the sink thread refills once it has read them (`settle`); so do the loss's pinned
-one-element buffers, so that the loss costs one copy a step (`loss_to_host`); the routing
-counters, read every few steps, are one pinned copy (`snapshot`); and the allocator's
-statistics, whose read alone costs more than the rest of a step's hooks, are read every
-`MEMORY_EVERY` steps: the peaks then cover every step since the previous read (the peak
-counters are reset after each read), so the largest of them is the run's peak.
+A device step:
+- is bracketed by two CUDA events (its `device_time_s`; quiet steps have none);
+- closes the loss window: the held losses are stacked (one kernel) and copied into pinned host
+  memory (one copy, `non_blocking`), then the step's end event is recorded after the copies
+  (and after the routing counters' copy, `snapshot`), so that event says when they landed;
+- reads the allocator's peaks since the previous device step (then resets them), so the
+  largest read is the run's peak.
+
+The sink's thread reads a window's values once its event is done (`LossWindow.query`,
+`settle`): no `.item()`, no `synchronize()`, ever, on the training thread. The step records of
+a window wait in the sink's queue until then, at most `every` steps or about a second; the
+window is also closed at a checkpoint's commit, at a failed step and at close.
+
+Holding the loop's own loss tensor is safe while the loop makes a new one each step (eager,
+torch.compile). A loop that writes one tensor again (CUDA graphs, whose outputs are static; an
+accumulator zeroed each step) would overwrite a held value. The first window therefore copies
+each loss (one small kernel a step) while it watches the losses' addresses; a loop whose
+losses share an address keeps copying for the rest of the run. A loop that starts reusing one
+later is caught at the second step that reuses it: the one value already overwritten is
+reported as missing (`loss` absent, the attempt's `losses_unread` counter, a warning), the
+other held losses are copied at once, and from then on every loss is copied. A held output
+that CUDA graph trees invalidated raises when read: counted the same way, never read wrong.
+
+Pinned buffers come from PyTorch's caching host allocator, which reuses a block only after its
+copy completed. Off CUDA the tensors are handed over as they are.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from typing import Any
 
-READY = "_ready"
-START = "_start_event"
+log = logging.getLogger("trainer_hooks.device")
+
+READY = "_ready"  # what says the record's copies landed: a LossWindow (CUDA) or an event
+START = "_start_event"  # a device step's start and end events, for its device time
+END = "_end_event"
 POOL = "_event_pool"  # where settle returns the two events for reuse
-LOSS_POOL = "_loss_pool"  # where settle returns the loss's pinned buffer, once read
-MEMORY_EVERY = 8  # steps between reads of the allocator's statistics
+LOSS_AT = "_loss_at"  # the step's index in its LossWindow (READY)
+DEVICE_EVERY = 10  # steps per device step (the recorder's `device_every`)
+MAX_DEFER_S = 1.0  # and at least one device step a second: records never wait longer
+
+# how the losses of a window are held: copied while the first window watches their addresses,
+# then the loop's own tensors, or copied for good once the loop was seen writing one again
+PROBE, REFERENCE, COPY = "probe", "reference", "copy"
+
+
+class LossWindow:
+    """The losses of consecutive steps, held on the device until one copy reads them all.
+
+    Filled on the training thread (`DeviceProbe.hold_loss`), closed by `DeviceProbe.flush`
+    (the copy, then the event recorded after it), read on the sink's thread (`value`) once
+    `query()` says the copy landed."""
+
+    __slots__ = ("held", "addresses", "lost", "event", "_host", "_kept", "_singles", "_values")
+
+    def __init__(self) -> None:
+        self.held: list[Any] = []  # per step: a device tensor, or None for a value lost
+        self.addresses: dict[int, int] = {}  # data_ptr -> the latest index held there
+        self.lost = 0  # values the loop overwrote before they were read
+        self.event: Any = None  # recorded after the copy: set once the window is closed
+        self._host: Any = None  # the stacked copy in pinned memory, and the indices it holds
+        self._kept: list[int] = []
+        self._singles: dict[int, Any] = {}  # index -> a host copy made alone (the slow path)
+        self._values: list[Any] | None = None
+
+    def query(self) -> bool:
+        ev = self.event
+        return ev is not None and bool(ev.query())
+
+    def value(self, index: int) -> Any:
+        """A step's loss (sink thread, after `query`): a float, a host tensor the sink reads,
+        or None for a value lost."""
+        if self._values is None:
+            values: list[Any] = [None] * len(self.held)
+            if self._host is not None:
+                for i, v in zip(self._kept, self._host.tolist(), strict=True):
+                    values[i] = v
+            for i, host in self._singles.items():
+                values[i] = host
+            self._values = values
+        return self._values[index]
 
 
 class DeviceProbe:
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, every: int = DEVICE_EVERY) -> None:
         import torch  # here, not at module level: the sink imports this module without torch
 
+        if every < 1:
+            raise ValueError(f"device_every must be >= 1, got {every}")
         self.torch = torch
         dev = torch.device(device) if device is not None else None
         self.cuda = bool(dev is not None and dev.type == "cuda" and torch.cuda.is_available())
+        self.every = every
+        self.pin = self.cuda  # host copies in pinned memory (tests on CPU turn it off)
+        self.since = 0  # steps ended since the last device step
+        self.flush_by = 0.0  # perf_counter time from which the next step is a device step
+        self.mode = PROBE
+        self.losses_unread = 0
+        self._window = LossWindow()
+        self._probe_left = every  # losses the first window watches before holding any
+        self._probe_refs: list[Any] = []  # those losses as the loop gave them, and where
+        self._probe_addresses: set[int] = set()
         self._events: deque[Any] = deque()  # settled events, to record again
-        self._losses: deque[Any] = deque()  # read pinned loss buffers, to copy into again
-        self._memory_left = 1  # steps until the next memory read: the first step reads
         self._fresh = True  # the first step resets the peaks (set-up is not a step)
         self._streams: dict[Any, Any] = {}  # (stream id, device, type) -> its Stream
         self._fast = _fast_record(torch) if self.cuda else None
 
+    def is_device_tensor(self, value: Any) -> bool:
+        return isinstance(value, self.torch.Tensor) and value.is_cuda
+
+    def due(self, now_pc: float) -> bool:
+        """Whether a step starting at perf_counter time `now_pc` is a device step by count
+        or by time (the parts add routing reads)."""
+        return self.since + 1 >= self.every or now_pc >= self.flush_by
+
     def begin(self) -> Any:
-        """At step start: the start event (CUDA) or None."""
-        if not self.cuda:
-            return None
+        """At a device step's start: its start event."""
         if self._fresh:
             self._fresh = False
             self.torch.cuda.reset_peak_memory_stats()
@@ -84,69 +166,134 @@ class DeviceProbe:
             return self.torch.cuda.Event(enable_timing=True)
 
     def to_host(self, value: Any) -> Any:
-        """A device tensor becomes a pinned host copy in flight; anything else passes."""
-        if not self.cuda or not isinstance(value, self.torch.Tensor) or not value.is_cuda:
+        """A device tensor becomes a host copy in flight (pinned on CUDA); anything else
+        passes."""
+        if not self.is_device_tensor(value):
             return value
         src = value.detach()
-        host = self.torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        host = self.torch.empty(src.shape, dtype=src.dtype, pin_memory=self.pin)
         host.copy_(src, non_blocking=True)
         return host
 
-    def loss_to_host(self, loss: Any, fields: dict[str, Any]) -> None:
-        """The step's loss into `fields`: on CUDA a 0-dim device tensor is copied (in flight)
-        into a pinned buffer from the pool, which `settle` reads and gives back; anything
-        else as `to_host` hands it over."""
-        torch = self.torch
-        if not self.cuda or not isinstance(loss, torch.Tensor) or loss.dim() or not loss.is_cuda:
-            fields["loss"] = self.to_host(loss)
-            return
-        try:
-            host = self._losses.pop()
-        except IndexError:
-            host = None
-        if host is None or host.dtype != loss.dtype:
-            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
-        host.copy_(loss.detach() if loss.requires_grad else loss, non_blocking=True)
-        fields["loss"] = host
-        fields[LOSS_POOL] = self._losses
-
     def snapshot(self, counters: Any, live: bool) -> Any:
         """A host copy of `counters` as they are now in stream order: on CUDA one pinned copy
-        in flight (read it once the step's end event is done), on CPU a clone where
-        `counters` is `live` (the next forward adds to it), else `counters` itself."""
+        in flight (read it once the step's window is done), on CPU a clone where `counters`
+        is `live` (the next forward adds to it), else `counters` itself."""
         if not self.cuda:
             return counters.clone() if live else counters
-        host = self.torch.empty(counters.shape, dtype=counters.dtype, pin_memory=True)
+        host = self.torch.empty(counters.shape, dtype=counters.dtype, pin_memory=self.pin)
         host.copy_(counters.detach(), non_blocking=True)
         return host
 
-    def mark(self, fields: dict[str, Any]) -> None:
-        """A record that is no step (routing read at close): an event that says when the
-        copies enqueued so far landed (CUDA), and no device time."""
-        if self.cuda:
-            ev = self._event()
-            self._record(ev)
-            fields[READY] = ev
+    def hold_loss(self, loss: Any, fields: dict[str, Any]) -> None:
+        """A step's loss into its record (CUDA): a device tensor is held in the open window
+        (no CUDA call, after the first window) and read at the next device step; anything
+        else is handed over as it is."""
+        self.since += 1
+        w = self._window
+        fields[READY] = w
+        if not self.is_device_tensor(loss):
+            fields["loss"] = loss
+            return
+        t = loss.detach()
+        index = len(w.held)
+        fields[LOSS_AT] = index
+        if self.mode == COPY:
+            w.held.append(t.clone())
+            return
+        address = t.data_ptr()
+        if self.mode == PROBE:  # a copy, and the loop's tensor kept to hold its address:
+            if address in self._probe_addresses:  # while kept, a repeat means a reused one
+                self._written_again(w, -1)
+            else:
+                self._probe_addresses.add(address)
+                self._probe_refs.append(t)
+                self._probe_left -= 1
+            w.held.append(t.clone())
+            return
+        earlier = w.addresses.get(address)
+        if earlier is not None:
+            self._written_again(w, earlier)
+            w.held.append(t.clone())
+            return
+        w.addresses[address] = index
+        w.held.append(t)
 
-    def end(self, start: Any, fields: dict[str, Any]) -> None:
-        """At step end: add the events, and every MEMORY_EVERY steps the memory peaks since
-        the previous read, to a record's fields."""
-        if not self.cuda:
+    def _written_again(self, w: LossWindow, earlier: int) -> None:
+        """The loop handed over a tensor it had handed over at index `earlier` of this
+        window: it reuses its loss tensor. From now on each loss is copied; the others held
+        by reference are copied now, before the loop writes them again."""
+        if self.mode == REFERENCE:
+            w.held[earlier] = None  # overwritten in stream order before it was read
+            w.lost += 1
+            self.losses_unread += 1
+            log.warning(
+                "goodput: the training loop wrote its loss tensor again before the hooks "
+                "read it (CUDA graphs or a reused buffer); one step's loss is missing, and "
+                "from now on each loss is copied (one small kernel a step)"
+            )
+            w.held = [t if t is None else t.clone() for t in w.held]
+        self.mode = COPY
+        w.addresses.clear()
+        self._end_probe()
+
+    def _end_probe(self) -> None:
+        self._probe_refs.clear()
+        self._probe_addresses.clear()
+
+    def flush(self, start: Any, fields: dict[str, Any]) -> None:
+        """At a device step's end, after the routing counters' copy and `hold_loss`: close
+        the loss window (the record's READY), and add to the record its events (when it has
+        a start event: its device time) and the allocator's peaks since the previous read."""
+        window = self.close_window()
+        fields[READY] = window
+        if start is None:
             return
-        ev = self._event()
-        self._record(ev)
         fields[START] = start
-        fields[READY] = ev
+        fields[END] = window.event
         fields[POOL] = self._events
-        self._memory_left -= 1
-        if self._memory_left > 0:
-            return
-        self._memory_left = MEMORY_EVERY
         allocated, reserved, retries = self._memory()
         self.torch.cuda.reset_peak_memory_stats()
         fields["mem_allocated_peak"] = allocated
         fields["mem_reserved_peak"] = reserved
         fields["alloc_retries"] = retries
+
+    def close_window(self) -> Any:
+        """Copy the open window's losses to the host (one stack, one copy), record the event
+        that says they (and every copy enqueued before) landed, open a new window; returns
+        the closed window. At device steps, and where records must not wait (a checkpoint's
+        commit, a failed step, close)."""
+        w = self._window
+        self._window = LossWindow()
+        self.since = 0
+        self.flush_by = time.perf_counter() + MAX_DEFER_S
+        if w.held:
+            self._copy_out(w)
+        if self.mode == PROBE and self._probe_left <= 0:  # `every` losses, each a new tensor
+            self.mode = REFERENCE
+            self._end_probe()
+        ev = self._event()
+        self._record(ev)
+        w.event = ev
+        return w
+
+    def _copy_out(self, w: LossWindow) -> None:
+        torch = self.torch
+        kept = [i for i, t in enumerate(w.held) if t is not None]
+        try:
+            flat = torch.stack([w.held[i] for i in kept])
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=self.pin)
+            host.copy_(flat, non_blocking=True)
+            w._host, w._kept = host, kept
+        except Exception:  # shapes that do not stack, or a tensor that can no longer be read
+            for i in kept:
+                try:
+                    w._singles[i] = self.to_host(w.held[i])
+                except Exception:  # e.g. an output CUDA graph trees invalidated: lost, said
+                    w.lost += 1
+                    self.losses_unread += 1
+                    log.warning("goodput: a held loss could not be read", exc_info=True)
+        w.held = [None] * len(w.held)  # the loop's tensors are free again; only the count stays
 
     def _memory(self) -> tuple[int, int, int]:
         """Peaks and allocator retries from one read of the allocator's stats. The public
@@ -191,19 +338,18 @@ def is_ready(fields: dict[str, Any]) -> bool:
 
 
 def settle(fields: dict[str, Any]) -> dict[str, Any]:
-    """Once ready: turn the events into `device_time_s` (only called after `is_ready`), read
-    the loss's pinned buffer, and give both back to their probe's pools."""
-    end = fields.pop(READY, None)
+    """Once ready (only called after `is_ready`): a device step's events become its
+    `device_time_s` and go back to their probe's pool; a held loss becomes its value."""
+    ready = fields.pop(READY, None)
     start = fields.pop(START, None)
+    end = fields.pop(END, None)
     pool = fields.pop(POOL, None)
     if end is not None and start is not None:
         fields["device_time_s"] = start.elapsed_time(end) / 1000.0
         if pool is not None:
             pool.append(start)
             pool.append(end)
-    losses = fields.pop(LOSS_POOL, None)
-    if losses is not None:  # the loss's pinned buffer: read it, then it may be reused
-        host = fields["loss"]
-        fields["loss"] = host.item()
-        losses.append(host)
+    at = fields.pop(LOSS_AT, None)
+    if at is not None:
+        fields["loss"] = ready.value(at)
     return fields

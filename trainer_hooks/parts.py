@@ -7,7 +7,7 @@ import contextlib
 from typing import Any
 
 from trainer_hooks.compile_watch import CompileWatch
-from trainer_hooks.device import READY, DeviceProbe
+from trainer_hooks.device import DEVICE_EVERY, READY, DeviceProbe
 from trainer_hooks.emitter import Emitter, StepState
 from trainer_hooks.flops import FlopCounter
 from trainer_hooks.profiling import ProfileWindow
@@ -24,9 +24,16 @@ class Parts:
     recorder counts the step (`steps`) and calls `step_exit` only once `steps` reaches
     `next_look`, so a quiet step costs a comparison."""
 
-    def __init__(self, rec: Emitter, device: Any, routing_every: int, watch_compile: bool) -> None:
+    def __init__(
+        self,
+        rec: Emitter,
+        device: Any,
+        routing_every: int,
+        watch_compile: bool,
+        device_every: int = DEVICE_EVERY,
+    ) -> None:
         self.rec = rec
-        self.device = DeviceProbe(device)
+        self.device = DeviceProbe(device, device_every)
         self.flops = FlopCounter()
         self.flops_by_key = self.flops.by_key  # read by the recorder at every step's end
         # A sink that expands routing batches itself (SpoolSink) gets one per window in the
@@ -49,6 +56,8 @@ class Parts:
         self.span_ended_pc: float | None = None
         self.in_profile = False  # inside the window, the hooks' time is the span's
         self.enter_look = False
+        self.device_next = False  # whether the next step is a device step by its routing read
+        self._device_step = False  # whether the step under way is one (enter_due said so)
         self._set_enter_look()
         if watch_compile:
             self.compile = CompileWatch(rec.now, self._compile_span, self._recompile)
@@ -74,17 +83,21 @@ class Parts:
     # -- per step --
 
     def _set_enter_look(self) -> None:
-        """Whether every step's start needs `step_enter` (CUDA's start event, a profiler
-        window, the SDPA probe); else only a new FLOPs key or lost compile callbacks do."""
-        self.enter_look = self.device.cuda or self.profile is not None or self._sdpa_armed
+        """Whether every step's start needs `step_enter` (a profiler window, the SDPA probe);
+        else only a device step, a new FLOPs key or lost compile callbacks do."""
+        self.enter_look = self.profile is not None or self._sdpa_armed
 
-    def enter_due(self, flops_key: Any) -> bool:
-        """Whether a step's start has work here (`step_enter`): on CUDA or in a profile
-        window always, else a new FLOPs shape or a compile callback that
-        torch._dynamo.reset() removed; most CPU steps have none."""
+    def enter_due(self, flops_key: Any, now_pc: float) -> bool:
+        """Whether a step starting at perf_counter time `now_pc` has work here
+        (`step_enter`): a device step (CUDA: its start event), a profile window, a new FLOPs
+        shape or a compile callback that torch._dynamo.reset() removed; most steps have
+        none."""
+        device = self.device
+        self._device_step = device.cuda and (self.device_next or device.due(now_pc))
         watch = self.compile
         return (
-            self.enter_look
+            self._device_step
+            or self.enter_look
             or (flops_key is not None and flops_key not in self.flops_by_key)
             or (watch is not None and not watch.installed())
         )
@@ -106,13 +119,13 @@ class Parts:
         if h.flops_key is not None and h.flops_key not in self.flops_by_key:
             self.flops.enter(h.flops_key)
             self.next_look = self.steps + 1
-        if self.device.cuda:
+        if self._device_step:
             h._start_event = self.device.begin()
 
     def step_exit(self, h: StepState, fields: dict[str, Any]) -> None:
         """A step's end that has something to do (`next_look`; on CUDA every step's: its
-        events and its loss's copy). `fields` already holds the step's loss as given and
-        its FLOPs as known before this step."""
+        loss is held, and a device step's copies and events are made). `fields` already
+        holds the step's loss as given and its FLOPs as known before this step."""
         if h._probe is not None:
             self._close_probe(h)
         if self.flops.counting:
@@ -122,12 +135,17 @@ class Parts:
         routing, device = self.routing, self.device
         routing.count(steps - self._counted)
         self._counted = steps
-        singles = self._read_routing(h.step, fields) if routing.is_due() else ()
+        due = routing.is_due()
+        singles = self._read_routing(h.step, fields) if due else ()
         if device.cuda:
-            device.loss_to_host(h.loss, fields)
-            device.end(h._start_event, fields)  # after the copies: its event covers them
+            device.hold_loss(h.loss, fields)
+            start = h._start_event
+            if start is not None or due:  # a device step (or a routing read to mark)
+                h._start_event = None
+                device.flush(start, fields)  # after the copies: its event covers them
             for single in singles:
                 single[READY] = fields[READY]
+            self.device_next = bool(routing.sources) and routing.steps_to_due() <= 1
         for single in singles:
             self._emit_routing(single)
         if steps >= self._next_poll:
@@ -173,16 +191,26 @@ class Parts:
             return
         fields: dict[str, Any] = {}
         singles = self._read_routing(self.last_step, fields)
-        self.device.mark(fields)
-        for single in singles:
-            if READY in fields:
+        if self.device.cuda:  # an event after the copies says when they landed
+            fields[READY] = self.device.close_window()
+            for single in singles:
                 single[READY] = fields[READY]
+        for single in singles:
             self._emit_routing(single)
         if ROUTING in fields:
             self.rec.emit_keyed(BATCH_KIND, fields)
 
+    def close_window(self) -> None:
+        """CUDA: read the losses held so far (one copy), so that the step records waiting
+        for them can be written: before a checkpoint's commit is flushed, after a failed
+        step, at close."""
+        if self.device.cuda:
+            self.device.close_window()
+
     def step_failed(self, h: StepState, exc: BaseException) -> None:
         self._close_probe(h)
+        h._start_event = None  # a failed step has no device time
+        self.close_window()
         self.flops.exit(ok=False)
         if type(exc).__name__ in _OOM_NAMES:
             self.rec.counters["ooms"] += 1
@@ -214,11 +242,14 @@ class Parts:
         retries = self.device.alloc_retries()
         if retries is not None:
             out["alloc_retries"] = retries
+        if self.device.cuda:
+            out["losses_unread"] = self.device.losses_unread
         return out
 
     def close(self) -> None:
         try:
             self.flush_routing()
+            self.close_window()
         finally:
             self._close_rest()
 

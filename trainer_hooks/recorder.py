@@ -39,6 +39,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from trainer_hooks.device import DEVICE_EVERY
 from trainer_hooks.environment import collect_environment
 
 if TYPE_CHECKING:
@@ -283,6 +284,12 @@ class Recorder:
     over its window (`num_steps`), and once more at `close` for the steps since the last
     read; 1 reads them at every step, which costs the training thread a copy a step.
 
+    `device_every` (CUDA): the hooks touch the device on one step in that many (default
+    `DEVICE_EVERY`, 10), at least once a second, and on the first step: those steps carry
+    `device_time_s` (two CUDA events) and the allocator's peaks since the last such step, and
+    read the losses of the steps since in one copy; the other steps make no CUDA call
+    (`trainer_hooks.device`). 1 brackets every step with events, as a profiler would.
+
     `heartbeat_s`: a heartbeat every that many seconds, declaring that interval (the server
     judges a rank silent for several intervals stalled); 0 sends none.
 
@@ -315,6 +322,7 @@ class Recorder:
         attempt: int | None = None,
         device: Any = None,
         routing_every: int = ROUTING_EVERY,
+        device_every: int = DEVICE_EVERY,
         heartbeat_s: float = 10.0,
         watch_compile: bool = True,
         attempt_start: AttemptStart = None,
@@ -350,7 +358,7 @@ class Recorder:
         # the attempt's start and before the recorder is ready: inside the startup span.
         from trainer_hooks.parts import Parts
 
-        self._parts: Parts = Parts(self, device, routing_every, watch_compile)
+        self._parts: Parts = Parts(self, device, routing_every, watch_compile, device_every)
         env = collect_environment() if environment is None else environment
         plan = {
             **(model_plan or {}),
@@ -411,6 +419,7 @@ class Recorder:
         record is flushed to the spool before this returns (bounded wait): a crash right
         after a checkpoint must not lose the commit that tells which steps it saved."""
         self._safe_emit("checkpoint", {**self._key, "step": step, "time": self.now(), "ok": ok})
+        self._guard(self._parts.close_window)  # the steps before it wait for their losses
         flush = getattr(self.sink, "flush", None)
         if flush is not None:
             self._guard(flush)
@@ -515,7 +524,7 @@ class Recorder:
         t = time.perf_counter()
         parts = self._parts
         try:  # _guard inlined: every call counts, with the caches cold
-            if parts.enter_due(h.flops_key):
+            if parts.enter_due(h.flops_key, t):
                 parts.step_enter(h)
         except Exception:
             self.errors += 1

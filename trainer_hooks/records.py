@@ -349,7 +349,11 @@ class StepRecord(_RankScoped):
         0, description="tokens of the step on this rank; at most 2^32, so that sums stay exact"
     )
     loss: Finite | None = None
-    device_time_s: Seconds | None = Field(None, description="CUDA-event time of the step")
+    device_time_s: Seconds | None = Field(
+        None,
+        description="CUDA-event time of the step; the hooks time one step in `device_every`"
+        " (10 by default) and leave it absent on the others",
+    )
     hook_overhead_s: Seconds | None = Field(None, description="the hooks' own host time")
     flops: Count | None = Field(None, description="model FLOPs of the step (counted once)")
     mem_allocated_peak: Count | None = Field(

@@ -181,7 +181,9 @@ def mfu(
 def device_vs_host(
     points: Sequence[Point], axis: XAxis = "step", ends: Ends = None, device: str | None = None
 ) -> go.Figure:
-    """The step's device time (CUDA events) beside its wall time on the host."""
+    """The step's device time (CUDA events) beside its wall time on the host. The hooks time
+    one step in `device_every` (10 by default) on the device: the device line joins those
+    steps, a marker on each, and leaves the others out rather than drawing them as zero."""
     title = "Device vs host time"
     if not points:
         return empty(title, "no steps recorded yet")
@@ -190,7 +192,10 @@ def device_vs_host(
         return empty(title, f"no device time: it is measured with CUDA events, and {where}")
     fig = go.Figure()
     bounds = attempt_traces(fig, points, _ms("step_time_s"), "host (wall)", axis)
-    attempt_traces(fig, points, _ms("device_time_s"), "device", axis, dash="dot")
+    timed = [p for p in points if p.get("device_time_s") is not None]
+    attempt_traces(
+        fig, timed, _ms("device_time_s"), "device", axis, mode="lines+markers", dash="dot"
+    )
     mark_boundaries(fig, bounds, ends)
     ys = [_ms(k)(p) for p in points for k in ("step_time_s", "device_time_s")]
     frame(fig, title, "ms", axis, [x_of(p, axis) for p in points], ys)

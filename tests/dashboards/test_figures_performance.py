@@ -227,3 +227,17 @@ def test_a_series_spans_its_data_and_leaves_room_for_the_labels_above() -> None:
     fig = figures.tokens_per_s(two_attempts(), "step", ENDS)
     assert list(fig.layout.xaxis.range) == [0, 7]
     assert list(fig.layout.yaxis.range) == pytest.approx([0, 1.18 * 1024.0])
+
+
+def test_device_time_of_every_few_steps_is_joined_with_markers_not_drawn_as_gaps() -> None:
+    """The hooks time one step in `device_every` on the device: the device line holds those
+    steps alone (a line broken at every other step would draw nothing), each with a marker."""
+    points = [point(s, 0, device_time_s=0.45 if s % 3 == 0 else None) for s in range(7)] + [
+        point(s, 1, device_time_s=0.4 if s == 5 else None) for s in range(4, 8)
+    ]
+    fig = figures.device_vs_host(points, "step", ENDS, "NVIDIA H100")
+    device = [t for t in fig.data if t.name.startswith("device")]
+    assert [list(t.x) for t in device] == [[0, 3, 6], [5]]
+    assert [list(t.y) for t in device] == [[450.0] * 3, [400.0]]
+    assert all("markers" in t.mode for t in device)
+    assert len(fig.data[0].x) == 7  # the host line keeps every step

@@ -305,3 +305,13 @@ def test_goodput_train_compile_compiles_and_its_receipt_says_so(
     seams = {(r["seam"], r["observed"]) for r in records if r["kind"] == "observation"}
     assert ("compile", "compiled") in seams
     assert any(r["kind"] == "span" and r["category"] == "compile" for r in records)
+
+
+@pytest.mark.parametrize("flag", ["--routing-every", "--device-every", "--depth"])
+def test_a_cadence_below_one_is_one_line_naming_the_flag(flag: str) -> None:
+    from moe_core.train import build_parser, configs
+
+    args = build_parser().parse_args([flag, "0"])
+    name = flag[2:].replace("-", "_")
+    with pytest.raises(ValueError, match=f"^{name} must be >= 1, got 0$"):
+        configs(args)

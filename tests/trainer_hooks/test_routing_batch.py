@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ from moe_core.config import ModelConfig
 from moe_core.model import build_model
 from moe_core.moe import unpack_counters
 from trainer_hooks import Recorder, SpoolSink
-from trainer_hooks.device import MEMORY_EVERY, POOL, READY, START, DeviceProbe, settle
 from trainer_hooks.routing import ROUTING, RoutingCollector, expand_batch
 from trainer_hooks.spool import Spool
 
@@ -152,53 +150,3 @@ def test_a_full_queue_counts_a_steps_routing_records_as_dropped(tmp_path: Path) 
     # the sink thread may take the first step before the second comes (then it takes the
     # second too): each step lost counts as itself and its two layers' records
     assert stats.records_dropped in (3, 6) and stats.records_dropped + stats.records_spooled == 9
-
-
-class FakeEvent:
-    made = 0
-
-    def __init__(self, enable_timing: bool = False) -> None:
-        FakeEvent.made += 1
-        self.recorded = 0
-
-    def record(self) -> None:
-        self.recorded += 1
-
-    def elapsed_time(self, other: FakeEvent) -> float:
-        return 2.0
-
-
-def test_events_are_reused_once_settled_and_memory_is_read_every_few_steps() -> None:
-    FakeEvent.made = 0
-    resets, reads = [], []
-    peak = {"peak": 0}
-
-    def memory_stats(device: int) -> dict[str, Any]:
-        reads.append(device)
-        return {
-            "allocated_bytes": {"all": peak},
-            "reserved_bytes": {"all": {"peak": 2 * peak["peak"]}},
-            "num_alloc_retries": 0,
-        }
-
-    cuda = SimpleNamespace(
-        Event=FakeEvent,
-        reset_peak_memory_stats=lambda: resets.append(1),
-        current_device=lambda: 0,
-    )
-    probe = DeviceProbe("cpu")
-    probe.cuda = True
-    probe.torch = SimpleNamespace(cuda=cuda, _C=SimpleNamespace(_cuda_memoryStats=memory_stats))
-    records = []
-    for step in range(2 * MEMORY_EVERY + 1):
-        peak["peak"] = 100 + step
-        fields: dict[str, Any] = {}
-        probe.end(probe.begin(), fields)
-        assert fields[POOL] is probe._events and fields[START] is not fields[READY]
-        records.append(settle(fields))
-    assert FakeEvent.made == 2  # each step's two events went back to the pool and came again
-    assert all(r["device_time_s"] == 0.002 for r in records)
-    read = [i for i, r in enumerate(records) if "mem_allocated_peak" in r]
-    assert read == [0, MEMORY_EVERY, 2 * MEMORY_EVERY] and len(reads) == 3
-    assert [records[i]["mem_allocated_peak"] for i in read] == [100 + i for i in read]
-    assert len(resets) == 1 + 3  # at the first step, then after every read
