@@ -6,8 +6,10 @@ after a step most (on the lent H100, 70-80 us for an event record or a one-eleme
 after a step of 12 E layers, 5-10 us in a tight loop: `bench/hooks_step_ops.py`). So the
 hooks touch the device on one step in `every` (`DEVICE_EVERY`, 10), at least once a second
 (`MAX_DEFER_S`), and on the first step: a *device step*. The steps between are *quiet*:
-their loss is held on the device, as the tensor the loop returned (detached: no autograd
-graph is kept), and nothing else is asked of the device.
+their loss is held on the device, as the tensor the loop returned, and nothing else is asked
+of the device or of torch (not even a `detach()`, which alone costs 10-15 us right after a
+step there). What such a tensor keeps alive is small: after `backward()` its autograd graph
+holds no saved activations, and it is released at the next device step.
 
 A device step:
 - is bracketed by two CUDA events (its `device_time_s`; quiet steps have none);
@@ -195,29 +197,28 @@ class DeviceProbe:
         if not self.is_device_tensor(loss):
             fields["loss"] = loss
             return
-        t = loss.detach()
         index = len(w.held)
         fields[LOSS_AT] = index
         if self.mode == COPY:
-            w.held.append(t.clone())
+            w.held.append(loss.detach().clone())
             return
-        address = t.data_ptr()
+        address = loss.data_ptr()
         if self.mode == PROBE:  # a copy, and the loop's tensor kept to hold its address:
             if address in self._probe_addresses:  # while kept, a repeat means a reused one
                 self._written_again(w, -1)
             else:
                 self._probe_addresses.add(address)
-                self._probe_refs.append(t)
+                self._probe_refs.append(loss.detach())
                 self._probe_left -= 1
-            w.held.append(t.clone())
+            w.held.append(loss.detach().clone())
             return
         earlier = w.addresses.get(address)
         if earlier is not None:
             self._written_again(w, earlier)
-            w.held.append(t.clone())
+            w.held.append(loss.detach().clone())
             return
         w.addresses[address] = index
-        w.held.append(t)
+        w.held.append(loss)  # as given: no torch call here (see the module's docstring)
 
     def _written_again(self, w: LossWindow, earlier: int) -> None:
         """The loop handed over a tensor it had handed over at index `earlier` of this
@@ -232,7 +233,7 @@ class DeviceProbe:
                 "read it (CUDA graphs or a reused buffer); one step's loss is missing, and "
                 "from now on each loss is copied (one small kernel a step)"
             )
-            w.held = [t if t is None else t.clone() for t in w.held]
+            w.held = [t if t is None else t.detach().clone() for t in w.held]
         self.mode = COPY
         w.addresses.clear()
         self._end_probe()
@@ -281,7 +282,8 @@ class DeviceProbe:
         torch = self.torch
         kept = [i for i, t in enumerate(w.held) if t is not None]
         try:
-            flat = torch.stack([w.held[i] for i in kept])
+            with torch.no_grad():  # the loop's own tensors, held with their autograd graph
+                flat = torch.stack([w.held[i] for i in kept])
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=self.pin)
             host.copy_(flat, non_blocking=True)
             w._host, w._kept = host, kept

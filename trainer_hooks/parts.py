@@ -34,6 +34,7 @@ class Parts:
     ) -> None:
         self.rec = rec
         self.device = DeviceProbe(device, device_every)
+        self.holds_losses = self.device.cuda  # a quiet step's end still holds its loss
         self.flops = FlopCounter()
         self.flops_by_key = self.flops.by_key  # read by the recorder at every step's end
         # A sink that expands routing batches itself (SpoolSink) gets one per window in the
@@ -56,8 +57,10 @@ class Parts:
         self.span_ended_pc: float | None = None
         self.in_profile = False  # inside the window, the hooks' time is the span's
         self.enter_look = False
-        self.device_next = False  # whether the next step is a device step by its routing read
-        self._device_step = False  # whether the step under way is one (enter_due said so)
+        # CUDA: `steps` at which a step is a device step by count (device_every, a routing
+        # read), and whether the step under way is one (enter_due said so)
+        self.device_at = 1
+        self._device_step = False
         self._set_enter_look()
         if watch_compile:
             self.compile = CompileWatch(rec.now, self._compile_span, self._recompile)
@@ -93,7 +96,9 @@ class Parts:
         shape or a compile callback that torch._dynamo.reset() removed; most steps have
         none."""
         device = self.device
-        self._device_step = device.cuda and (self.device_next or device.due(now_pc))
+        self._device_step = device.cuda and (
+            self.steps + 1 >= self.device_at or now_pc >= device.flush_by
+        )
         watch = self.compile
         return (
             self._device_step
@@ -145,7 +150,6 @@ class Parts:
                 device.flush(start, fields)  # after the copies: its event covers them
             for single in singles:
                 single[READY] = fields[READY]
-            self.device_next = bool(routing.sources) and routing.steps_to_due() <= 1
         for single in singles:
             self._emit_routing(single)
         if steps >= self._next_poll:
@@ -160,12 +164,18 @@ class Parts:
         self.next_look = self._next_look(steps)
 
     def _next_look(self, steps: int) -> int:
-        if self.device.cuda or self.profile is not None:
+        """The next step whose end needs `step_exit` (a device step's end needs it too: the
+        recorder also calls it where the step has a start event), and on CUDA the next
+        device step by count."""
+        device = self.device
+        routing_at = steps + self.routing.steps_to_due() if self.routing.sources else None
+        if device.cuda:
+            at = steps + max(1, device.every - device.since)
+            self.device_at = at if routing_at is None else min(at, routing_at)
+        if self.profile is not None:
             return steps + 1
         look = self._next_poll
-        if self.routing.sources:
-            look = min(look, steps + self.routing.steps_to_due())
-        return look
+        return look if routing_at is None else min(look, routing_at)
 
     def _read_routing(self, step: int, fields: dict[str, Any]) -> list[dict[str, Any]]:
         """Take the routing window that ends at `step`: the batched layers' counters become

@@ -561,8 +561,10 @@ class Recorder:
             }
             parts.last_step = h.step
             parts.steps += 1
-            if parts.steps >= parts.next_look:
+            if parts.steps >= parts.next_look or h._start_event is not None:
                 parts.step_exit(h, fields)
+            elif parts.holds_losses:  # a quiet step on CUDA: its loss waits on the device
+                parts.device.hold_loss(h.loss, fields)
             self.sink.emit("step", fields)
         except Exception:
             self.errors += 1

@@ -111,7 +111,7 @@ def recorder(tmp_path: Path, **kw: Any) -> tuple[Recorder, FakeTorch]:
         **kw,
     )
     fake = fake_cuda(rec._parts.device)
-    rec._parts._set_enter_look()
+    rec._parts.holds_losses = True
     return rec, fake
 
 
@@ -170,8 +170,7 @@ def test_quiet_steps_hold_the_loops_tensor_without_a_copy(tmp_path: Path) -> Non
         with rec.step(11 + i) as s:
             s.loss = loss
     held = probe._window.held
-    assert [t.data_ptr() for t in held] == [t.data_ptr() for t in losses]  # no copy made
-    assert not any(t.requires_grad for t in held)  # detached: no autograd graph is kept
+    assert all(a is b for a, b in zip(held, losses, strict=True))  # no copy, no detach
     rec.close()
     assert [r["loss"] for r in spooled(tmp_path, "step")[11:]] == pytest.approx(
         [float(t) for t in losses]
@@ -322,3 +321,38 @@ def test_settle_reads_a_window_once_its_event_is_done() -> None:
 def test_device_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="device_every must be >= 1"):
         DeviceProbe("cpu", every=0)
+
+
+def test_routing_reads_are_device_steps_and_quiet_steps_skip_the_parts(tmp_path: Path) -> None:
+    """With routing read every 3 steps and device_every 10: the device steps are the first
+    and each routing read's (the read's copy needs the window's event); the other steps'
+    ends never reach the parts' step_exit, and every routing window sums its steps."""
+    from moe_core.config import ModelConfig
+    from moe_core.model import build_model
+
+    cfg = ModelConfig(pattern="EAE", d_model=16, n_heads=2, seq_len=8, num_experts=5, top_k=2)
+    model = build_model(cfg, seed=0).train()
+    rec, _ = recorder(tmp_path, device_every=10, routing_every=3)
+    rec.watch(model)
+    parts = rec._parts
+    exits = []
+    step_exit = parts.step_exit
+
+    def counted(h: Any, fields: dict[str, Any]) -> None:
+        exits.append(h.step)
+        step_exit(h, fields)
+
+    parts.step_exit = counted  # type: ignore[method-assign]
+    for step in range(10):
+        x = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+        with rec.step(step, tokens=x.numel()) as s:
+            logits, aux = model(x)
+            s.loss = logits.float().mean() + aux
+    rec.close()
+    steps = spooled(tmp_path, "step")
+    assert [r["step"] for r in steps if "device_time_s" in r] == [0, 2, 5, 8]
+    assert exits == [0, 2, 5, 8]  # besides the device steps' ends, none (no poll due yet)
+    assert all(isinstance(r["loss"], float) for r in steps)
+    routing = spooled(tmp_path, "routing")
+    assert sorted({r["step"] for r in routing}) == [2, 5, 8, 9]  # 9: the window read at close
+    assert sum(r["num_steps"] for r in routing if r["layer"] == 0) == 10
