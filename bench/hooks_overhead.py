@@ -67,6 +67,13 @@ def parse() -> argparse.Namespace:
         help="the recorder's device_every (default: the recorder's own default)",
     )
     p.add_argument(
+        "--sink-interval",
+        type=float,
+        default=0.1,
+        help="seconds between the sink thread's passes (its flush_interval_s); a long one "
+        "keeps it asleep until close, to tell its share of the step-time ratio",
+    )
+    p.add_argument(
         "--drain",
         action="store_true",
         help="CUDA: empty the launch queue before each step (outside the timed "
@@ -149,7 +156,7 @@ def main() -> None:
         every["device_every"] = args.device_every
     rec = Recorder(
         run_name="hooks-overhead",
-        sink=SpoolSink(spool, None),
+        sink=SpoolSink(spool, None, flush_interval_s=args.sink_interval),
         device=device,
         environment={},
         **every,
