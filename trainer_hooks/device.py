@@ -67,21 +67,34 @@ class LossWindow:
     (the copy, then the event recorded after it), read on the sink's thread (`value`) once
     `query()` says the copy landed."""
 
-    __slots__ = ("held", "addresses", "lost", "event", "_host", "_kept", "_singles", "_values")
+    __slots__ = (
+        "held",
+        "addresses",
+        "lost",
+        "event",
+        "_landed",
+        "_host",
+        "_kept",
+        "_singles",
+        "_values",
+    )
 
     def __init__(self) -> None:
         self.held: list[Any] = []  # per step: a device tensor, or None for a value lost
         self.addresses: dict[int, int] = {}  # data_ptr -> the latest index held there
         self.lost = 0  # values the loop overwrote before they were read
         self.event: Any = None  # recorded after the copy: set once the window is closed
+        self._landed = False  # the event was seen done: its records ask no CUDA query more
         self._host: Any = None  # the stacked copy in pinned memory, and the indices it holds
         self._kept: list[int] = []
         self._singles: dict[int, Any] = {}  # index -> a host copy made alone (the slow path)
         self._values: list[Any] | None = None
 
     def query(self) -> bool:
-        ev = self.event
-        return ev is not None and bool(ev.query())
+        if not self._landed:
+            ev = self.event
+            self._landed = ev is not None and bool(ev.query())
+        return self._landed
 
     def value(self, index: int) -> Any:
         """A step's loss (sink thread, after `query`): a float, a host tensor the sink reads,
