@@ -7,7 +7,8 @@ loop, right after a training step) and the same call repeated in a tight loop, s
 
 Each method of the recorder's parts that the step path calls is wrapped with a timer (the
 wrappers add about a microsecond each). `in loop` is its median per step inside the loop;
-`tight` the median of the same call made 50 times in a row right after, where the caches are
+`mean` spreads the calls made on some steps only (a device step's) over every step; `tight`
+the median of the same call made 50 times in a row right after, where the caches are
 warm and nothing else runs: the gap between the two columns is what running after a
 training step costs (caches and branch predictors cold, the sink thread holding the GIL when
 a call that released it returns). `--sink idle` keeps the sink thread asleep (records pile up
@@ -41,6 +42,9 @@ WRAPPED = [
     ("device", "end"),
     ("device", "to_host"),
     ("device", "loss_to_host"),
+    ("device", "hold_loss"),
+    ("device", "flush"),
+    ("device", "_copy_out"),
     ("device", "snapshot"),
     ("device", "_memory"),
     ("routing", "collect"),
@@ -180,9 +184,10 @@ def main() -> None:
     )
     print(
         "hook host time per step (span + step enter + step exit): "
-        f"median {statistics.median(hook_s) * 1e6:.1f} us over {len(hook_s)} steps"
+        f"median {statistics.median(hook_s) * 1e6:.1f} us, mean "
+        f"{statistics.fmean(hook_s) * 1e6:.1f} us over {len(hook_s)} steps"
     )
-    print(f"{'part':22s} {'calls/step':>10s} {'in loop us':>11s} {'tight us':>9s}")
+    print(f"{'part':22s} {'calls/step':>10s} {'in loop us':>11s} {'mean us':>8s} {'tight us':>9s}")
     for label, t in timers.items():
         if not t.per_step or not t.count:
             continue
@@ -191,7 +196,8 @@ def main() -> None:
             warm = f"{tight(partial(t.fn, *t.args)) * 1e6:9.1f}"
         print(
             f"{label:22s} {t.count / len(t.per_step):10.1f} "
-            f"{statistics.median(t.per_step) * 1e6:11.1f} {warm:>9s}"
+            f"{statistics.median(t.per_step) * 1e6:11.1f} "
+            f"{statistics.fmean(t.per_step) * 1e6:8.1f} {warm:>9s}"
         )
     rec.close()
 
