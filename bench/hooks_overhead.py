@@ -40,21 +40,15 @@ import time
 from typing import Any
 
 import torch
+from hooks_model import add_model_args, build, device_name
 
-from moe_core.config import ModelConfig
-from moe_core.loop import NullRecorder, TrainConfig, setup, train_step
+from moe_core.loop import NullRecorder, TrainConfig, train_step
 from trainer_hooks import Recorder, SpoolSink
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--pattern", default="AE")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-experts", type=int, default=4)
-    p.add_argument("--dispatch", default="auto")
+    add_model_args(p)
     p.add_argument("--blocks", type=int, default=10, help="on/off blocks of each kind")
     p.add_argument("--steps-per-block", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
@@ -135,25 +129,7 @@ def run_block(
 def main() -> None:
     args = parse()
     device = torch.device(args.device)
-    model_cfg = ModelConfig(
-        pattern=args.pattern,
-        d_model=args.d_model,
-        seq_len=args.seq_len,
-        num_experts=args.num_experts,
-        n_heads=max(2, args.d_model // 64),
-        ffn_hidden=2 * args.d_model,
-        expert_hidden=args.d_model,
-    )
-    total = args.warmup + 2 * args.blocks * args.steps_per_block
-    cfg = TrainConfig(
-        steps=total,
-        batch_size=args.batch_size,
-        dispatch=args.dispatch,
-        device=args.device,
-        eval_every=0,
-    )
-    st = setup(model_cfg, cfg, "bench", None, None)
-    batches = st.corpus.batches("train", args.batch_size, args.seq_len, seed=0)
+    st, cfg, batches = build(args, args.warmup + 2 * args.blocks * args.steps_per_block)
     spool = tempfile.mkdtemp(prefix="hooks-bench-")
     every = {} if args.routing_every is None else {"routing_every": args.routing_every}
     if args.device_every is not None:
@@ -185,7 +161,7 @@ def main() -> None:
     stats = rec.close()
     us = (statistics.median(on_hook) - statistics.median(off_hook)) * 1e6
     ratio = statistics.median(on_wall) / statistics.median(off_wall)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    name = device_name(device)
     print(
         f"device {name}, torch {torch.__version__}, pattern {args.pattern}, "
         f"d_model {args.d_model}, tokens/step {args.batch_size * args.seq_len}"

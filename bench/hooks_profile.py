@@ -27,9 +27,9 @@ from functools import partial
 from typing import Any
 
 import torch
+from hooks_model import add_model_args, build, device_name
 
-from moe_core.config import ModelConfig
-from moe_core.loop import TrainConfig, setup, train_step
+from moe_core.loop import train_step
 from trainer_hooks import Recorder, SpoolSink
 
 # (object name, method): what the step path calls, old and new versions alike
@@ -55,12 +55,7 @@ WRAPPED = [
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--pattern", default="E*12")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-experts", type=int, default=128)
+    add_model_args(p, pattern="E*12", num_experts=128)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--drain", action="store_true", help="CUDA: synchronize before hook calls")
@@ -119,20 +114,7 @@ def main() -> None:
     args = parse()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model_cfg = ModelConfig(
-        pattern=args.pattern,
-        d_model=args.d_model,
-        seq_len=args.seq_len,
-        num_experts=args.num_experts,
-        n_heads=max(2, args.d_model // 64),
-        ffn_hidden=2 * args.d_model,
-        expert_hidden=args.d_model,
-    )
-    cfg = TrainConfig(
-        steps=args.steps + args.warmup, batch_size=args.batch_size, device=args.device, eval_every=0
-    )
-    st = setup(model_cfg, cfg, "bench", None, None)
-    batches = st.corpus.batches("train", args.batch_size, args.seq_len, seed=0)
+    st, cfg, batches = build(args, args.steps + args.warmup)
     interval = 3600.0 if args.sink == "idle" else 0.1
     sink = SpoolSink(tempfile.mkdtemp(prefix="hooks-prof-"), None, flush_interval_s=interval)
     rec = Recorder(run_name="hooks-profile", sink=sink, device=device, environment={})
@@ -177,7 +159,7 @@ def main() -> None:
             t.close_step(keep)
     if cuda:
         torch.cuda.synchronize()
-    name = torch.cuda.get_device_name() if cuda else "cpu"
+    name = device_name(device)
     print(
         f"device {name}, torch {torch.__version__}, pattern {args.pattern}, d_model "
         f"{args.d_model}, experts {args.num_experts}, drain {args.drain}, sink {args.sink}"

@@ -20,19 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from hooks_model import add_model_args, build, device_name
 
-from moe_core.config import ModelConfig
-from moe_core.loop import TrainConfig, setup, train_step
+from moe_core.loop import train_step
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--pattern", default="AE*12")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-experts", type=int, default=128)
+    add_model_args(p, device="cuda", pattern="AE*12", d_model=256, seq_len=1024, num_experts=128)
     p.add_argument("--steps", type=int, default=25)
     return p.parse_args()
 
@@ -41,18 +36,7 @@ def main() -> None:
     args = parse()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model_cfg = ModelConfig(
-        pattern=args.pattern,
-        d_model=args.d_model,
-        seq_len=args.seq_len,
-        num_experts=args.num_experts,
-        n_heads=max(2, args.d_model // 64),
-        ffn_hidden=2 * args.d_model,
-        expert_hidden=args.d_model,
-    )
-    cfg = TrainConfig(steps=10**6, batch_size=args.batch_size, device=args.device, eval_every=0)
-    st = setup(model_cfg, cfg, "bench", None, None)
-    batches = st.corpus.batches("train", args.batch_size, args.seq_len, seed=0)
+    st, cfg, batches = build(args, 10**6)
     state: dict[str, Any] = {"step": 0, "loss": None}
 
     def sync() -> None:
@@ -135,7 +119,7 @@ def main() -> None:
                 "two event records": lambda: (ev_pool[1].record(), ev_pool[2].record()),
             }
         )
-    name = torch.cuda.get_device_name() if cuda else "cpu"
+    name = device_name(device)
     print(f"device {name}, torch {torch.__version__}, pattern {args.pattern}, d {args.d_model}")
     print(f"{'operation':46s} {'after a step us':>15s} {'tight us':>9s}")
     for label, fn in ops.items():
