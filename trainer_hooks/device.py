@@ -2,14 +2,16 @@
 steps.
 
 Every CUDA call costs the training thread tens of microseconds on a busy host, the first one
-after a step most (on the lent H100, 70-80 us for an event record or a one-element copy right
+after a step most (on a lent H100, 68-83 us for an event record or a one-element copy right
 after a step of 12 E layers, 5-10 us in a tight loop: `bench/hooks_step_ops.py`). So the
-hooks touch the device on one step in `every` (`DEVICE_EVERY`, 10), at least once a second
-(`MAX_DEFER_S`), and on the first step: a *device step*. The steps between are *quiet*:
-their loss is held on the device, as the tensor the loop returned, and nothing else is asked
-of the device or of torch (not even a `detach()`, which alone costs 10-15 us right after a
-step there). What such a tensor keeps alive is small: after `backward()` its autograd graph
-holds no saved activations, and it is released at the next device step.
+hooks touch the device on *device steps* only: the first step, one in `every`
+(`DEVICE_EVERY`, 10), each step that ends a routing window (the parts ask for it), and at
+least one a second (`MAX_DEFER_S`). The steps between are *quiet*: their loss is held on
+the device, as the tensor the loop returned, and nothing else is asked of the device or of
+torch but the tensor's address (not even a `detach()`: with the `data_ptr()` it still makes,
+17 us right after such a step, 1 us in a tight loop). What such a tensor keeps alive is
+small, until the next device step releases it: after `backward()` its autograd graph holds no
+saved activations (a loss handed over without a backward keeps them that long).
 
 A device step:
 - is bracketed by two CUDA events (its `device_time_s`; quiet steps have none);
@@ -26,8 +28,8 @@ window is also closed at a checkpoint's commit, at a failed step and at close.
 
 Holding the loop's own loss tensor is safe while the loop makes a new one each step (eager,
 torch.compile). A loop that writes one tensor again (CUDA graphs, whose outputs are static; an
-accumulator zeroed each step) would overwrite a held value. The first window therefore copies
-each loss (one small kernel a step) while it watches the losses' addresses; a loop whose
+accumulator zeroed each step) would overwrite a held value. The first `every` losses are
+therefore copied (one small kernel a step) while their addresses are watched; a loop whose
 losses share an address keeps copying for the rest of the run. A loop that starts reusing one
 later is caught at the second step that reuses it: the one value already overwritten is
 reported as missing (`loss` absent, the attempt's `losses_unread` counter, a warning), the
@@ -55,8 +57,8 @@ LOSS_AT = "_loss_at"  # the step's index in its LossWindow (READY)
 DEVICE_EVERY = 10  # steps per device step (the recorder's `device_every`)
 MAX_DEFER_S = 1.0  # and at least one device step a second: records never wait longer
 
-# how the losses of a window are held: copied while the first window watches their addresses,
-# then the loop's own tensors, or copied for good once the loop was seen writing one again
+# how a window holds its losses: copies while the first `every` losses' addresses are watched,
+# then the loop's own tensors, or copies for good once the loop was seen writing one again
 PROBE, REFERENCE, COPY = "probe", "reference", "copy"
 
 
@@ -70,7 +72,6 @@ class LossWindow:
     __slots__ = (
         "held",
         "addresses",
-        "lost",
         "event",
         "_landed",
         "_host",
@@ -82,7 +83,6 @@ class LossWindow:
     def __init__(self) -> None:
         self.held: list[Any] = []  # per step: a device tensor, or None for a value lost
         self.addresses: dict[int, int] = {}  # data_ptr -> the latest index held there
-        self.lost = 0  # values the loop overwrote before they were read
         self.event: Any = None  # recorded after the copy: set once the window is closed
         self._landed = False  # the event was seen done: its records ask no CUDA query more
         self._host: Any = None  # the stacked copy in pinned memory, and the indices it holds
@@ -126,7 +126,7 @@ class DeviceProbe:
         self.mode = PROBE
         self.losses_unread = 0
         self._window = LossWindow()
-        self._probe_left = every  # losses the first window watches before holding any
+        self._probe_left = every  # losses watched (and copied) before any is held as given
         self._probe_refs: list[Any] = []  # those losses as the loop gave them, and where
         self._probe_addresses: set[int] = set()
         self._events: deque[Any] = deque()  # settled events, to record again
@@ -136,11 +136,6 @@ class DeviceProbe:
 
     def is_device_tensor(self, value: Any) -> bool:
         return isinstance(value, self.torch.Tensor) and value.is_cuda
-
-    def due(self, now_pc: float) -> bool:
-        """Whether a step starting at perf_counter time `now_pc` is a device step by count
-        or by time (the parts add routing reads)."""
-        return self.since + 1 >= self.every or now_pc >= self.flush_by
 
     def begin(self) -> Any:
         """At a device step's start: its start event."""
@@ -239,7 +234,6 @@ class DeviceProbe:
         by reference are copied now, before the loop writes them again."""
         if self.mode == REFERENCE:
             w.held[earlier] = None  # overwritten in stream order before it was read
-            w.lost += 1
             self.losses_unread += 1
             log.warning(
                 "goodput: the training loop wrote its loss tensor again before the hooks "
@@ -305,7 +299,6 @@ class DeviceProbe:
                 try:
                     w._singles[i] = self.to_host(w.held[i])
                 except Exception:  # e.g. an output CUDA graph trees invalidated: lost, said
-                    w.lost += 1
                     self.losses_unread += 1
                     log.warning("goodput: a held loss could not be read", exc_info=True)
         w.held = [None] * len(w.held)  # the loop's tensors are free again; only the count stays
