@@ -179,26 +179,33 @@ def mfu(
 
 
 def device_vs_host(
-    points: Sequence[Point], axis: XAxis = "step", ends: Ends = None, device: str | None = None
+    points: Sequence[Point],
+    axis: XAxis = "step",
+    ends: Ends = None,
+    device: str | None = None,
+    timed: Sequence[Point] | None = None,
 ) -> go.Figure:
     """The step's device time (CUDA events) beside its wall time on the host. The hooks time
     one step in `device_every` (10 by default) on the device: the device line joins those
-    steps, a marker on each, and leaves the others out rather than drawing them as zero."""
+    steps, a marker on each, and leaves the others out rather than drawing them as zero.
+    `timed`: those steps, downsampled on their own device times (a long run's `points`,
+    downsampled on step time, keep few of them); by default the timed ones of `points`."""
     title = "Device vs host time"
     if not points:
         return empty(title, "no steps recorded yet")
-    if all(p.get("device_time_s") is None for p in points):
+    if timed is None:
+        timed = [p for p in points if p.get("device_time_s") is not None]
+    if not timed:
         where = f"this run ran on {escape(device)}" if device else "none was recorded"
         return empty(title, f"no device time: it is measured with CUDA events, and {where}")
     fig = go.Figure()
     bounds = attempt_traces(fig, points, _ms("step_time_s"), "host (wall)", axis)
-    timed = [p for p in points if p.get("device_time_s") is not None]
     attempt_traces(
         fig, timed, _ms("device_time_s"), "device", axis, mode="lines+markers", dash="dot"
     )
     mark_boundaries(fig, bounds, ends)
-    ys = [_ms(k)(p) for p in points for k in ("step_time_s", "device_time_s")]
-    frame(fig, title, "ms", axis, [x_of(p, axis) for p in points], ys)
+    ys = [_ms("step_time_s")(p) for p in points] + [_ms("device_time_s")(p) for p in timed]
+    frame(fig, title, "ms", axis, [x_of(p, axis) for p in [*points, *timed]], ys)
     return fig
 
 

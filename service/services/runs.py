@@ -151,11 +151,15 @@ def steps(
     max_points: int = 2000,
     start_step: int | None = None,
     end_step: int | None = None,
+    metric: Literal["step_time_s", "device_time_s"] = "step_time_s",
 ) -> StepSeries:
     """One rank's steps by step then attempt, downsampled past `max_points` (each bucket of
-    step numbers keeps its fastest and slowest step)."""
+    step numbers keeps its fastest and slowest step; by `device_time_s`: of the steps timed
+    on the device, the lowest and highest device time)."""
     peak = peak_of(run_or_404(session, run_id).environment)
-    total, rows = rollup_series.step_series(session, run_id, rank, start_step, end_step, max_points)
+    total, rows = rollup_series.step_series(
+        session, run_id, rank, start_step, end_step, max_points, metric=metric
+    )
     points = []
     for row in rows:
         s = StepIn(*row)
@@ -177,7 +181,7 @@ def steps(
 def metric_series(
     session: Session,
     run_id: str,
-    metric: Literal["step_time_s", "loss"],
+    metric: Literal["step_time_s", "loss", "device_time_s"],
     rank: int = 0,
     max_points: int = 2000,
     start_step: int | None = None,

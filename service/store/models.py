@@ -407,6 +407,11 @@ class StepBlock(Base):
     loss_low_step: Mapped[int | None] = mapped_column(BigInteger)
     loss_high: Mapped[float | None] = mapped_column(Double)
     loss_high_step: Mapped[int | None] = mapped_column(BigInteger)
+    dev_n: Mapped[int] = mapped_column(BigInteger)  # steps with a device time (the hooks time
+    dev_low: Mapped[float | None] = mapped_column(Double)  # one in device_every); the lowest
+    dev_low_step: Mapped[int | None] = mapped_column(BigInteger)  # and highest, their steps
+    dev_high: Mapped[float | None] = mapped_column(Double)
+    dev_high_step: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         Index("ix_step_blocks_last_end", "run_id", "rank", "level", "last_end"),

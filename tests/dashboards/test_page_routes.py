@@ -64,3 +64,25 @@ def test_a_bad_parameter_on_a_page_names_it(stored: Any) -> None:
     assert page.status_code == 422 and "x: Input should be" in page.text
     data = stored.get("/ui/data/runs/run-a/goodput", params={"x": "sideways"})
     assert data.status_code == 422 and data.json()["detail"][0]["field"] == "x"
+
+
+def test_a_long_runs_device_line_holds_its_timed_steps_not_the_step_time_picks(
+    client: Any,
+) -> None:
+    """4,500 steps, one in ten timed on the device: the host line is downsampled on step
+    time (its picks rarely timed ones), the device line on the timed steps' own device times,
+    so all 450 of them are drawn."""
+    records = [f.run(), f.attempt_start()]
+    for n in range(4500):
+        timed = {"device_time_s": 0.2 + (n % 7) / 100} if n % 10 == 9 else {}
+        records.append(f.step(n, dur=0.3 + (n % 13) / 100, **timed))
+    for i in range(0, len(records), 2000):
+        got = client.post("/api/v1/ingest", json={"records": records[i : i + 2000]})
+        assert got.status_code == 200
+    body = client.get("/ui/data/runs/run-a/performance").json()
+    traces = body["figures"]["device_host"]["data"]
+    host = [t for t in traces if t["name"].startswith("host")]
+    device = [t for t in traces if t["name"].startswith("device")]
+    assert len(host[0]["x"]) <= 2000
+    assert device[0]["x"] == list(range(9, 4500, 10))
+    assert device[0]["y"] == [1000 * (0.2 + (n % 7) / 100) for n in range(9, 4500, 10)]

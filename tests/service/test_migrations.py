@@ -226,3 +226,43 @@ def test_runs_stored_before_0004_get_their_rollups_from_goodput_db_upgrade(
     finally:
         engine.dispose()
     assert client.get("/api/v1/runs/run-a/goodput").json() == before
+
+
+def test_0009_fills_the_device_time_extremes_of_blocks_stored_before_it(
+    client: Any, migrated_url: str
+) -> None:
+    """Steps stored at 0008 (one in three with a device time, ties among them): 0009's
+    backfill gives every block the count, lowest and highest device time and their steps
+    that the definition gives on the rows (ties to the lower step), at both levels."""
+    import random
+
+    rng = random.Random(9)
+    records = [f.run(), f.attempt_start()]
+    for n in range(0, 4200):
+        kw = {"device_time_s": rng.choice([0.5, 0.25, rng.uniform(0.1, 0.9)])} if n % 3 else {}
+        records.append(f.step(n, dur=0.5, **kw))
+    for i in range(0, len(records), 2000):
+        assert (
+            client.post("/api/v1/ingest", json={"records": records[i : i + 2000]}).status_code
+            == 200
+        )
+    downgrade(migrated_url, "0008")
+    upgrade(migrated_url)
+    engine = make_engine(migrated_url)
+    try:
+        with engine.connect() as conn:
+            blocks = conn.execute(
+                text(
+                    "SELECT level, block, dev_n, dev_low, dev_low_step, dev_high, dev_high_step "
+                    "FROM step_blocks WHERE run_id = 'run-a'"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    timed = {r["step"]: r["device_time_s"] for r in records[2:] if "device_time_s" in r}
+    assert {b[0] for b in blocks} == {64, 4096}
+    for level, block, n, low, low_at, high, high_at in blocks:
+        inside = [(v, s) for s, v in timed.items() if block * level <= s < (block + 1) * level]
+        want_low = min(inside)  # lowest value, then lowest step
+        want_high = min(inside, key=lambda vs: (-vs[0], vs[1]))  # highest, then lowest step
+        assert (n, low, low_at, high, high_at) == (len(inside), *want_low, *want_high)

@@ -185,6 +185,8 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
     for r in records:
         if r["kind"] == "step":
             r["loss"] = None if rng.random() < 0.1 else rng.uniform(1.0, 4.0)
+            if rng.random() < 0.3:  # the hooks time a step in device_every; ties too
+                r["device_time_s"] = rng.choice([0.25, rng.uniform(0.1, 0.9)])
     for n in [*range(0, 4500, 3), 4499]:
         for layer in (0, 1) if n < 4499 else (0,):
             tokens = [0, 0, 0, 0] if rng.random() < 0.05 else [rng.randint(1, 90) for _ in range(4)]
@@ -199,6 +201,11 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         ).all()
         losses = session.execute(
             select(Step.step, Step.attempt, Step.loss).where(Step.rank == 0, Step.loss.isnot(None))
+        ).all()
+        devs = session.execute(
+            select(Step.step, Step.attempt, Step.device_time_s).where(
+                Step.rank == 0, Step.device_time_s.isnot(None)
+            )
         ).all()
         routing_all = session.execute(
             select(
@@ -238,6 +245,14 @@ def test_downsampled_series_from_rollups_equal_the_definition_on_rows(
         assert got["total"] == sum(1 for r in losses if a <= r[0] <= b)
         loss_of = {(s, at): v for s, at, v in losses}  # the values too, from the blocks
         assert got["value"] == [loss_of[k] for k in zip(got["step"], got["attempt"], strict=True)]
+        dev = client.get(
+            "/api/v1/runs/run-a/series", params={**params, "metric": "device_time_s"}
+        ).json()
+        want_dev = minmax_keys([tuple(r) for r in devs], a, b, max_points, ROLLUP_LEVELS)
+        assert list(zip(dev["step"], dev["attempt"], strict=True)) == want_dev, params
+        assert dev["total"] == sum(1 for r in devs if a <= r[0] <= b)
+        dev_of = {(s, at): v for s, at, v in devs}
+        assert dev["value"] == [dev_of[k] for k in zip(dev["step"], dev["attempt"], strict=True)]
         times = client.get(
             "/api/v1/runs/run-a/series", params={**params, "metric": "step_time_s"}
         ).json()

@@ -43,6 +43,7 @@ def performance_data(
     grid = performance.step_grid(session, run_id, x)
     rank = grid.ranks[0] if grid.ranks else 0  # the lowest rank with steps
     points = [p.model_dump() for p in runs.steps(session, run_id, rank, MAX_POINTS).points]
+    timed = runs.steps(session, run_id, rank, MAX_POINTS, metric="device_time_s").points
     device = run.environment.get("device")
     device = str(device) if device is not None else None
     recompiles = performance.recompiles(session, run_id).plain()
@@ -57,7 +58,9 @@ def performance_data(
                 "tokens_per_s": figures.tokens_per_s(points, x, ends),
                 "tflops": figures.tflops(points, x, ends),
                 "mfu": figures.mfu(points, x, ends, performance.peak_note(run.environment)),
-                "device_host": figures.device_vs_host(points, x, ends, device),
+                "device_host": figures.device_vs_host(
+                    points, x, ends, device, [p.model_dump() for p in timed]
+                ),
                 "memory": figures.memory(grid.plain(), rank, ends, device),
                 "heatmap": figures.rank_heatmap(
                     grid.plain(), ends, [s.rank for s in summary.stragglers]

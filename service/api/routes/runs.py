@@ -113,7 +113,10 @@ def get_steps(
 def get_series(
     run_id: RunIdPath,
     session: SessionDep,
-    metric: Annotated[Literal["step_time_s", "loss"], Query(description="which scalar")],
+    metric: Annotated[
+        Literal["step_time_s", "loss", "device_time_s"],
+        Query(description="which scalar (device_time_s: the steps the hooks timed)"),
+    ],
     rank: Annotated[int, Query(ge=0, le=MAX_RANK)] = 0,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
     start_step: Annotated[int | None, Query(ge=0, le=MAX_COUNT)] = None,
@@ -121,7 +124,8 @@ def get_series(
 ) -> Response:
     """One scalar of one rank's steps as columns (step, attempt, value), ordered by step then
     attempt; past `max_points`, downsampled like /steps, each bucket keeping the lowest and
-    highest value of this scalar. A loss series holds the steps that have a loss."""
+    highest value of this scalar. A loss series holds the steps that have a loss, a
+    device-time series the steps the hooks timed on the device (one in `device_every`)."""
     series = runs.metric_series(session, run_id, metric, rank, max_points, start_step, end_step)
     return Response(series.model_dump_json(), media_type="application/json")
 

@@ -39,6 +39,7 @@ STEP_INPUT = (  # what add_steps reads of a step, besides its blocked_s
     Step.loss,
     Step.mem_allocated_peak,
     Step.hook_overhead_s,
+    Step.device_time_s,
 )
 ROLLED_SPAN = (
     Span.run_id,
@@ -73,7 +74,6 @@ ROUTING_POINT = (RoutingRow.layer, RoutingRow.step, RoutingRow.attempt, *POINT_C
 # Rows as the bulk inserts write them (service/store/bulk.py): what the rollups read first.
 STEP_COLUMNS = (
     *(c.key for c in STEP_INPUT),
-    "device_time_s",
     "flops",
     "mem_reserved_peak",
     "alloc_retries",

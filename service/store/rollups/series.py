@@ -54,6 +54,15 @@ _LOSS_SERIES = _Series(
     Step.loss,
     Step.loss.isnot(None),
 )
+_DEVICE_SERIES = _Series(
+    StepBlock,
+    Step,
+    "dev_n",
+    ("dev_low", "dev_low_step"),
+    ("dev_high", "dev_high_step"),
+    Step.device_time_s,
+    Step.device_time_s.isnot(None),
+)
 _ROUTING_SERIES = _Series(
     RoutingBlock,
     RoutingRow,
@@ -169,8 +178,8 @@ def step_series(
 ) -> tuple[int, list[Picked]]:
     """(steps in the range, the kept rows ordered by step then attempt): rows of `columns`
     (default STEP_IN_COLUMNS), buckets keeping the extremes of `metric` (STEP_METRICS; a loss
-    series holds the steps that have a loss). `metric_only`: the columns are (step, attempt,
-    the metric's value)."""
+    or device-time series holds the steps that have one). `metric_only`: the columns are
+    (step, attempt, the metric's value)."""
     spec = STEP_METRICS[metric]
     where_blocks: Where = [StepBlock.run_id == run_id, StepBlock.rank == rank]
     attempts = attempts_with(session, spec.blocks, where_blocks)
@@ -193,7 +202,11 @@ def step_series(
     return pick.total, list(rows)
 
 
-STEP_METRICS = {"step_time_s": _STEP_SERIES, "loss": _LOSS_SERIES}
+STEP_METRICS = {
+    "step_time_s": _STEP_SERIES,
+    "loss": _LOSS_SERIES,
+    "device_time_s": _DEVICE_SERIES,
+}
 
 
 def metric_series(

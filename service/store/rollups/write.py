@@ -86,7 +86,7 @@ from service.store.rollups.common import (
     table_of,
 )
 
-# A row laid out as STEP_COLUMNS (or at least its first ten: STEP_INPUT) or ROUTING_COLUMNS
+# A row laid out as STEP_COLUMNS (or at least its first eleven: STEP_INPUT) or ROUTING_COLUMNS
 # (at least through POINT_FIELDS): ingest hands plain tuples, built for the bulk insert, and
 # rebuild_run Rows. Read through the positions of their columns' names, so that the bulk
 # paths build no object per row.
@@ -99,7 +99,16 @@ _RUN_ID, _ATTEMPT, _RANK, _STEP, _START, _END = map(
 _STEP_FIGURES = itemgetter(  # what a step adds to its blocks
     *map(
         STEP_COLUMNS.index,
-        ("step", "start", "end", "tokens", "loss", "mem_allocated_peak", "hook_overhead_s"),
+        (
+            "step",
+            "start",
+            "end",
+            "tokens",
+            "loss",
+            "mem_allocated_peak",
+            "hook_overhead_s",
+            "device_time_s",
+        ),
     )
 )
 _R_RUN_ID, _R_ATTEMPT, _R_RANK, _R_LAYER, _R_STEP, _R_MAX_VIO = map(
@@ -107,7 +116,7 @@ _R_RUN_ID, _R_ATTEMPT, _R_RANK, _R_LAYER, _R_STEP, _R_MAX_VIO = map(
 )
 _R_POINT = slice(ROUTING_COLUMNS.index(POINT_FIELDS[0]), _R_STEP + 1 + len(POINT_FIELDS))
 assert ROUTING_COLUMNS[_R_POINT] == POINT_FIELDS, "ROUTING_COLUMNS: POINT_FIELDS in a row"
-assert len(STEP_INPUT) == 10 and STEP_COLUMNS[:10] == tuple(c.key for c in STEP_INPUT)
+assert len(STEP_INPUT) == 11 and STEP_COLUMNS[:11] == tuple(c.key for c in STEP_INPUT)
 
 
 class SpanLike(Protocol):
@@ -287,21 +296,28 @@ class _StepAcc:
     loss_low_step: int | None
     loss_high: float | None
     loss_high_step: int | None
+    dev_n: int
+    dev_low: float | None
+    dev_low_step: int | None
+    dev_high: float | None
+    dev_high_step: int | None
 
     @classmethod
     def of(cls, row: StepLike, blocked: float) -> _StepAcc:
         """One step (a row laid out as STEP_COLUMNS)."""
-        step, start, end, tokens, loss, mem, hook = _STEP_FIGURES(row)
+        step, start, end, tokens, loss, mem, hook, dev = _STEP_FIGURES(row)
         t = end - start
         at = None if loss is None else step
+        dev_at = None if dev is None else step
         return cls(
             1, t, blocked, tokens, hook or 0.0, start, end, t, step, t, step, mem,
             0 if at is None else 1, loss, at, loss, at,
+            0 if dev_at is None else 1, dev, dev_at, dev, dev_at,
         )  # fmt: skip
 
     def add(self, row: StepLike, blocked: float) -> None:
         """Fold one more step in: `merge` of `of(row, blocked)`, without building it."""
-        step, start, end, tokens, loss, mem, hook = _STEP_FIGURES(row)
+        step, start, end, tokens, loss, mem, hook, dev = _STEP_FIGURES(row)
         t = end - start
         self.n += 1
         self.busy_s += t
@@ -325,6 +341,12 @@ class _StepAcc:
                 self._add_losses(1, loss, step, loss, step)
             else:
                 self.loss_n += 1
+        if dev is not None:
+            low, high = self.dev_low, self.dev_high
+            if low is None or high is None or not low < dev < high:
+                self._add_devs(1, dev, step, dev, step)
+            else:
+                self.dev_n += 1
 
     def merge(self, o: _StepAcc) -> _StepAcc:
         """Fold another block's figures into this one."""
@@ -347,17 +369,40 @@ class _StepAcc:
             low, low_at = cast(float, o.loss_low), cast(int, o.loss_low_step)
             high, high_at = cast(float, o.loss_high), cast(int, o.loss_high_step)
             self._add_losses(o.loss_n, low, low_at, high, high_at)
+        if o.dev_n:  # likewise for device times
+            low, low_at = cast(float, o.dev_low), cast(int, o.dev_low_step)
+            high, high_at = cast(float, o.dev_high), cast(int, o.dev_high_step)
+            self._add_devs(o.dev_n, low, low_at, high, high_at)
         return self
 
     def _add_losses(self, n: int, low: float, low_at: int, high: float, high_at: int) -> None:
-        """Fold in `n` losses, the lowest and the highest at these steps."""
-        self.loss_n += n
-        mine, mine_at = self.loss_low, self.loss_low_step
-        if mine is None or lower_first(low, low_at, mine, cast(int, mine_at)):
-            self.loss_low, self.loss_low_step = low, low_at
-        mine, mine_at = self.loss_high, self.loss_high_step
-        if mine is None or higher_first(high, high_at, mine, cast(int, mine_at)):
-            self.loss_high, self.loss_high_step = high, high_at
+        self._add_extremes(_LOSS_FIELDS, n, low, low_at, high, high_at)
+
+    def _add_devs(self, n: int, low: float, low_at: int, high: float, high_at: int) -> None:
+        self._add_extremes(_DEV_FIELDS, n, low, low_at, high, high_at)
+
+    def _add_extremes(
+        self, names: tuple[str, ...], n: int, low: float, low_at: int, high: float, high_at: int
+    ) -> None:
+        """Fold in `n` values of one optional figure (its fields `names`: count, lowest and
+        its step, highest and its step), the lowest and the highest at these steps."""
+        count, lo, lo_at, hi, hi_at = names
+        setattr(self, count, getattr(self, count) + n)
+        mine = getattr(self, lo)
+        if mine is None or lower_first(low, low_at, mine, getattr(self, lo_at)):
+            setattr(self, lo, low)
+            setattr(self, lo_at, low_at)
+        mine = getattr(self, hi)
+        if mine is None or higher_first(high, high_at, mine, getattr(self, hi_at)):
+            setattr(self, hi, high)
+            setattr(self, hi_at, high_at)
+
+
+def _extreme_fields(name: str) -> tuple[str, ...]:
+    return tuple(f"{name}{s}" for s in ("_n", "_low", "_low_step", "_high", "_high_step"))
+
+
+_LOSS_FIELDS, _DEV_FIELDS = _extreme_fields("loss"), _extreme_fields("dev")
 
 
 _STEP_ACC_FIELDS = tuple(_StepAcc.__dataclass_fields__)
@@ -389,7 +434,7 @@ _STEP_BLOCK_COLUMNS = (*_STEP_BLOCK_KEY, *_STEP_ACC_FIELDS)
 
 
 def add_steps(session: Session, steps: Sequence[StepLike], blocked: Sequence[float]) -> None:
-    """Fold newly inserted steps (rows laid out as STEP_COLUMNS, or at least its first ten)
+    """Fold newly inserted steps (rows laid out as STEP_COLUMNS, or at least its first eleven)
     and their `blocked_s` into step_micro_blocks, and those into step_blocks."""
     if not steps:
         return
@@ -418,21 +463,6 @@ def _step_blocks_upsert(insert: Callable[[Table], Any]) -> Any:
     new, old = stmt.excluded, table_of(StepBlock).c
     fast = lower_first(new.fast_s, new.fast_step, old.fast_s, old.fast_step)
     slow = higher_first(new.slow_s, new.slow_step, old.slow_s, old.slow_step)
-    # A block's loss extremes are NULL until one of its steps has a loss.
-    loss_low = and_(
-        new.loss_low.isnot(None),
-        or_(
-            old.loss_low.is_(None),
-            lower_first(new.loss_low, new.loss_low_step, old.loss_low, old.loss_low_step),
-        ),
-    )
-    loss_high = and_(
-        new.loss_high.isnot(None),
-        or_(
-            old.loss_high.is_(None),
-            higher_first(new.loss_high, new.loss_high_step, old.loss_high, old.loss_high_step),
-        ),
-    )
     return stmt.on_conflict_do_update(
         index_elements=list(_STEP_BLOCK_KEY),
         set_={
@@ -444,13 +474,32 @@ def _step_blocks_upsert(insert: Callable[[Table], Any]) -> Any:
             "mem_peak": _pick(
                 or_(old.mem_peak.is_(None), new.mem_peak > old.mem_peak), new.mem_peak, old.mem_peak
             ),
-            "loss_n": old.loss_n + new.loss_n,
-            "loss_low": _pick(loss_low, new.loss_low, old.loss_low),
-            "loss_low_step": _pick(loss_low, new.loss_low_step, old.loss_low_step),
-            "loss_high": _pick(loss_high, new.loss_high, old.loss_high),
-            "loss_high_step": _pick(loss_high, new.loss_high_step, old.loss_high_step),
+            **_extremes_merged(new, old, "loss"),
+            **_extremes_merged(new, old, "dev"),
         },
     )
+
+
+def _extremes_merged(new: Any, old: Any, name: str) -> dict[str, ColumnElement[Any]]:
+    """The SET of a block's count, lowest and highest of one optional figure (`loss`,
+    `dev`: `<name>_n`, `<name>_low`, `<name>_low_step`, ...), NULL until one of its steps
+    has it."""
+    n, lo, lo_at, hi, hi_at = _extreme_fields(name)
+    low = and_(
+        new[lo].isnot(None),
+        or_(old[lo].is_(None), lower_first(new[lo], new[lo_at], old[lo], old[lo_at])),
+    )
+    high = and_(
+        new[hi].isnot(None),
+        or_(old[hi].is_(None), higher_first(new[hi], new[hi_at], old[hi], old[hi_at])),
+    )
+    return {
+        n: old[n] + new[n],
+        lo: _pick(low, new[lo], old[lo]),
+        lo_at: _pick(low, new[lo_at], old[lo_at]),
+        hi: _pick(high, new[hi], old[hi]),
+        hi_at: _pick(high, new[hi_at], old[hi_at]),
+    }
 
 
 _STEP_SUMS = ("n", "busy_s", "blocked_s", "tokens", "hook_s")  # summed per block of steps
