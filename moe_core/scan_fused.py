@@ -67,6 +67,17 @@ def available(x: Tensor, d_state: int = 16) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row(ptr, row, mask, live):
+        """One step's row of a [B, T, ...] input at flat offsets `row`, in fp32; 0 past the
+        sequence's end (`live` false) or outside the block (`mask`)."""
+        return tl.load(ptr + row, mask=mask & live, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _advance(h, A, x, dt, Bt):
+        """The state after one step: h_t = exp(dt A) h_{t-1} + dt x B_t (dt = x = 0 leaves h)."""
+        return tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
+
+    @triton.jit
     def _scan_fwd(
         x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, hs_ptr,
         T, W,
@@ -90,11 +101,11 @@ if triton is not None:
                 live = t < T  # past the end: dt = x = 0 loaded, so h stays as it is
                 row_w = (b * T + t) * W + offs_w
                 row_n = (b * T + t) * N + offs_n
-                x = tl.load(x_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                dt = tl.load(dt_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptr + row_n, mask=mask_n & live, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptr + row_n, mask=mask_n & live, other=0.0).to(tl.float32)
-                h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
+                x = _row(x_ptr, row_w, mask_w, live)
+                dt = _row(dt_ptr, row_w, mask_w, live)
+                Bt = _row(B_ptr, row_n, mask_n, live)
+                Ct = _row(C_ptr, row_n, mask_n, live)
+                h = _advance(h, A, x, dt, Bt)
                 y = tl.sum(h * Ct[None, :], axis=1) + D * x
                 tl.store(y_ptr + row_w, y, mask=mask_w & live)
 
@@ -128,10 +139,10 @@ if triton is not None:
                 live = t < T
                 row_w = (b * T + t) * W + offs_w
                 row_n = (b * T + t) * N + offs_n
-                x = tl.load(x_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                dt = tl.load(dt_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptr + row_n, mask=mask_n & live, other=0.0).to(tl.float32)
-                h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
+                x = _row(x_ptr, row_w, mask_w, live)
+                dt = _row(dt_ptr, row_w, mask_w, live)
+                Bt = _row(B_ptr, row_n, mask_n, live)
+                h = _advance(h, A, x, dt, Bt)
                 slot = ((b * CH + i) * W + offs_w[:, None]) * N + offs_n[None, :]
                 tl.store(scratch_ptr + slot, h, mask=mask_wn)
             for ii in range(0, CH):  # then backwards through it
@@ -140,11 +151,11 @@ if triton is not None:
                 live = t < T
                 row_w = (b * T + t) * W + offs_w
                 row_n = (b * T + t) * N + offs_n
-                x = tl.load(x_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                dt = tl.load(dt_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + row_w, mask=mask_w & live, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptr + row_n, mask=mask_n & live, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptr + row_n, mask=mask_n & live, other=0.0).to(tl.float32)
+                x = _row(x_ptr, row_w, mask_w, live)
+                dt = _row(dt_ptr, row_w, mask_w, live)
+                dy = _row(dy_ptr, row_w, mask_w, live)
+                Bt = _row(B_ptr, row_n, mask_n, live)
+                Ct = _row(C_ptr, row_n, mask_n, live)
                 slot = ((b * CH + i) * W + offs_w[:, None]) * N + offs_n[None, :]
                 h_t = tl.load(scratch_ptr + slot, mask=mask_wn, other=0.0)
                 if i > 0:
