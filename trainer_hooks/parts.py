@@ -34,7 +34,6 @@ class Parts:
     ) -> None:
         self.rec = rec
         self.device = DeviceProbe(device, device_every)
-        self.holds_losses = self.device.cuda  # a quiet step's end still holds its loss
         self.flops = FlopCounter()
         self.flops_by_key = self.flops.by_key  # read by the recorder at every step's end
         # A sink that expands routing batches itself (SpoolSink) gets one per window in the

@@ -563,7 +563,7 @@ class Recorder:
             parts.steps += 1
             if parts.steps >= parts.next_look or h._start_event is not None:
                 parts.step_exit(h, fields)
-            elif parts.holds_losses:  # a quiet step on CUDA: its loss waits on the device
+            elif parts.device.cuda:  # a quiet step on CUDA: its loss waits on the device
                 parts.device.hold_loss(h.loss, fields)
             self.sink.emit("step", fields)
         except Exception:

@@ -111,7 +111,6 @@ def recorder(tmp_path: Path, **kw: Any) -> tuple[Recorder, FakeTorch]:
         **kw,
     )
     fake = fake_cuda(rec._parts.device)
-    rec._parts.holds_losses = True
     return rec, fake
 
 

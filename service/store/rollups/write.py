@@ -338,13 +338,13 @@ class _StepAcc:
         if loss is not None:
             low, high = self.loss_low, self.loss_high
             if low is None or high is None or not low < loss < high:
-                self._add_losses(1, loss, step, loss, step)
+                self._add_extremes(_LOSS_FIELDS, 1, loss, step, loss, step)
             else:
                 self.loss_n += 1
         if dev is not None:
             low, high = self.dev_low, self.dev_high
             if low is None or high is None or not low < dev < high:
-                self._add_devs(1, dev, step, dev, step)
+                self._add_extremes(_DEV_FIELDS, 1, dev, step, dev, step)
             else:
                 self.dev_n += 1
 
@@ -368,18 +368,12 @@ class _StepAcc:
         if o.loss_n:  # a block with a loss has both extremes and their steps
             low, low_at = cast(float, o.loss_low), cast(int, o.loss_low_step)
             high, high_at = cast(float, o.loss_high), cast(int, o.loss_high_step)
-            self._add_losses(o.loss_n, low, low_at, high, high_at)
+            self._add_extremes(_LOSS_FIELDS, o.loss_n, low, low_at, high, high_at)
         if o.dev_n:  # likewise for device times
             low, low_at = cast(float, o.dev_low), cast(int, o.dev_low_step)
             high, high_at = cast(float, o.dev_high), cast(int, o.dev_high_step)
-            self._add_devs(o.dev_n, low, low_at, high, high_at)
+            self._add_extremes(_DEV_FIELDS, o.dev_n, low, low_at, high, high_at)
         return self
-
-    def _add_losses(self, n: int, low: float, low_at: int, high: float, high_at: int) -> None:
-        self._add_extremes(_LOSS_FIELDS, n, low, low_at, high, high_at)
-
-    def _add_devs(self, n: int, low: float, low_at: int, high: float, high_at: int) -> None:
-        self._add_extremes(_DEV_FIELDS, n, low, low_at, high, high_at)
 
     def _add_extremes(
         self, names: tuple[str, ...], n: int, low: float, low_at: int, high: float, high_at: int
